@@ -1,0 +1,30 @@
+# megatron-mesh: `make demo` and `make test` set everything up in .venv on a fresh machine.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check
+STAMP  := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: setup test demo stats clean
+
+setup: $(STAMP)
+
+$(STAMP): setup.py requirements/cpu.txt requirements/megatron.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q -r requirements/cpu.txt
+	$(PIP) install -q --no-deps --ignore-requires-python -r requirements/megatron.txt
+	$(PIP) install -q --no-deps -e .
+	touch $@
+
+test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+demo: setup
+	$(PY) tools/demo.py
+
+stats: setup
+	$(PY) tools/model_stats.py --config configs/pythia-1.4b-4+8R2+4-mesh.yml
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,117 @@
+"""RecursiveMeshTransformerBlock: prelude -> loop(core, state scheme) -> coda -> final norm.
+
+The core's layers exist once (tied layouts) and are applied K times; untied layouts
+(``4+8+8+4``) build one core per loop step. Between loop steps the state scheme of
+``megatron_mesh.mesh`` decides h(t+1) (for MeSH: the buffer write/read of Algorithm 2).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Tuple
+
+from torch import Tensor, nn
+
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import build_module
+from megatron.core.utils import make_viewless_tensor
+
+from megatron_mesh.config import MeshConfig
+from megatron_mesh.layers import RecursiveBlockSubmodules, default_block_spec
+from megatron_mesh.mesh import build_scheme
+
+StateList = Optional[List[Tuple[str, Tensor]]]
+
+
+class RecursiveMeshTransformerBlock(MegatronModule):
+    """The transformer stack of a Prelude-Recurrent-Coda model. Input and output are [s, b, h]."""
+
+    def __init__(
+        self,
+        config: MeshConfig,
+        spec: Optional[RecursiveBlockSubmodules] = None,
+        pg_collection: Optional[ProcessGroupCollection] = None,
+    ):
+        super().__init__(config=config)
+        spec = spec or default_block_spec()
+        self.pg_collection = pg_collection or ProcessGroupCollection.use_mpu_process_groups()
+        layout = config.parsed_layout
+        numbers = iter(range(1, layout.unique_layers + 1))
+
+        def stack(num_layers: int) -> nn.ModuleList:
+            # each layer that owns weights gets its own layer_number (1-based, unique)
+            return nn.ModuleList(
+                build_module(
+                    spec.layer,
+                    config=config,
+                    layer_number=next(numbers),
+                    add_layer_offset=False,
+                    pg_collection=self.pg_collection,
+                )
+                for _ in range(num_layers)
+            )
+
+        self.prelude = stack(layout.prelude)
+        self.cores = nn.ModuleList(stack(n) for n in layout.core_modules)
+        self.coda = stack(layout.coda)
+        self.scheme = build_scheme(
+            config.state_scheme,
+            config.hidden_size,
+            layout.num_loops,
+            config.buffer_slots or 0,
+            config.init_method,
+        )
+        self.final_layernorm = build_module(
+            spec.final_layernorm,
+            config=config,
+            hidden_size=config.hidden_size,
+            eps=config.layernorm_epsilon,
+        )
+
+    def core_for_step(self, t: int) -> nn.ModuleList:
+        return self.cores[0] if self.config.parsed_layout.tied else self.cores[t]
+
+    def forward(
+        self,
+        hidden_states: Tensor,
+        attention_mask: Optional[Tensor] = None,
+        rotary_pos_emb: Optional[Tensor] = None,
+        num_loops: Optional[int] = None,
+        states: StateList = None,
+    ) -> Tensor:
+        """Run the unrolled graph on the (scaled) embeddings ``hidden_states`` [s, b, h].
+
+        ``num_loops`` reads out after fewer (or, for tied cores, more) loop steps than the layout
+        trains with. ``states``, if a list, receives (name, tensor) for h_emb, the prelude output,
+        every loop state h(t) and the coda output, for probes and tests.
+        """
+        K = self.config.num_loops if num_loops is None else num_loops
+
+        def run(layers: nn.ModuleList, h: Tensor) -> Tensor:
+            for layer in layers:
+                h, _ = layer(h, attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb)
+            return h
+
+        def record(name: str, h: Tensor) -> None:
+            if states is not None:
+                states.append((name, h))
+
+        h_emb = hidden_states
+        record("h_emb", h_emb)
+        h = run(self.prelude, h_emb)
+        record("prelude", h)
+        if self.scheme is not None:
+            h, loop_state = self.scheme.begin(h_emb, h)
+            record("h0", h)
+            for t in range(K):
+                h_core = run(self.core_for_step(t), h)
+                h, loop_state = self.scheme.step(t, h, h_core, loop_state)
+                record(f"h{t + 1}", h)
+        h = run(self.coda, h)
+        record("coda", h)
+        h = self.final_layernorm(h)
+        return make_viewless_tensor(h, requires_grad=h.requires_grad, keep_graph=True)
+
+    def embedding_scale(self) -> float:
+        return math.sqrt(self.config.hidden_size) if self.config.scale_embeddings else 1.0

@@ -1,0 +1,136 @@
+"""megatron-core shims for machines without CUDA (CPU tests, laptops, CI).
+
+Written against megatron-core 0.19.2 and torch 2.13 (CPU build). Every shim names the
+megatron-core line it works around. ``apply()`` does nothing when CUDA is available, so none of
+this can change behaviour on a GPU. Import order matters: ``apply()`` must run before
+``megatron.core`` is imported (``megatron_mesh/__init__.py`` does that).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import types
+
+import torch
+
+_APPLIED = False
+
+
+def _stub_paged_stash() -> None:
+    # megatron/core/transformer/moe/ops/paged_stash.py:4 does `import triton` at import time, and
+    # pipeline_parallel/schedules.py:27 imports it via moe/paged_stash.py:12, so `import
+    # megatron.core` fails without triton (which has no CPU wheel). MoE paged stashing is
+    # CUDA-only; the stub raises if anything ever calls it.
+    name = "megatron.core.transformer.moe.ops.paged_stash"
+    if name in sys.modules:
+        return
+    stub = types.ModuleType(name)
+
+    def _unavailable(*_args, **_kwargs):
+        raise RuntimeError("MoE paged stash kernels need CUDA and triton")
+
+    stub.GLOBAL_BLOCK_SIZE = 0
+    stub.paged_stash_copy_kernel = _unavailable
+    stub.paged_stash_pop_kernel = _unavailable
+    stub.__all__ = ["GLOBAL_BLOCK_SIZE", "paged_stash_copy_kernel", "paged_stash_pop_kernel"]
+    sys.modules[name] = stub
+
+
+def _cpu_current_device() -> None:
+    # models/common/embeddings/rotary_pos_embedding.py:162 moves inv_freq to
+    # `torch.cuda.current_device()`, and pipeline_parallel/p2p_communication.py allocates its
+    # receive buffers there. On a CPU machine the current device is the CPU.
+    torch.cuda.current_device = lambda: "cpu"
+
+
+def _cpu_rng_tracker() -> None:
+    # tensor_parallel/random.py:303-308 (CudaRNGStatesTracker.add) calls torch.cuda.get_rng_state
+    # and torch.cuda.manual_seed, and random.py:135 (_set_cuda_rng_state) / _get_cuda_rng_state
+    # drive the CUDA default generator. The tracker is entered by attention even with dropout 0
+    # (transformer/dot_product_attention.py). On CPU the device generator *is* the CPU
+    # generator, so map the CUDA RNG calls onto it; forks then give reproducible dropout masks.
+    from megatron.core.tensor_parallel import random as mp_random
+
+    def get_state(*_args, **_kwargs):
+        return torch.get_rng_state()
+
+    def set_state(new_state, *_args, **_kwargs):
+        torch.set_rng_state(new_state)
+
+    torch.cuda.get_rng_state = get_state
+    torch.cuda.set_rng_state = set_state
+    torch.cuda.manual_seed = lambda seed: torch.manual_seed(seed)
+    mp_random._get_cuda_rng_state = get_state
+    mp_random._set_cuda_rng_state = set_state
+
+
+def _cpu_synchronize() -> None:
+    # optimizer/, distributed/ and training/ call torch.cuda.synchronize() and use
+    # torch.cuda.Stream / stream contexts for overlap; on CPU there is nothing to synchronise.
+    torch.cuda.synchronize = lambda *_args, **_kwargs: None
+    torch.cuda.current_stream = lambda *_args, **_kwargs: _NullStream()
+    torch.cuda.stream = lambda *_args, **_kwargs: contextlib.nullcontext()
+
+
+def _is_cuda(device) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    return isinstance(device, str) and device.startswith("cuda")
+
+
+class _CudaToCpuMode(torch.overrides.TorchFunctionMode):
+    """Maps ``device="cuda"`` (factory kwargs, ``.to(...)``, ``.cuda()``) to the CPU.
+
+    megatron-core allocates with a literal CUDA device in many places, e.g.
+    transformer/utils.py:39 (get_default_causal_mask), optimizer/distrib_optimizer.py,
+    distributed/param_and_grad_buffer.py and pipeline_parallel/schedules.py.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if _is_cuda(kwargs.get("device")):
+            kwargs["device"] = "cpu"
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.to:
+            args = tuple("cpu" if _is_cuda(a) else a for a in args)
+        return func(*args, **kwargs)
+
+
+def _cpu_device_mode() -> None:
+    # Entered once for the life of the process (see _CudaToCpuMode for the lines it serves).
+    _CudaToCpuMode().__enter__()
+
+
+class _NullStream:
+    """Stands in for torch.cuda.Stream on CPU: every operation completes immediately."""
+
+    def wait_stream(self, _other):
+        return None
+
+    def synchronize(self):
+        return None
+
+    def record_event(self, *_args, **_kwargs):
+        return None
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def apply() -> bool:
+    """Install the shims once when CUDA is absent. Returns True when shims are active."""
+    global _APPLIED
+    if cuda_available():
+        return False
+    if _APPLIED:
+        return True
+    _stub_paged_stash()
+    _cpu_current_device()
+    _cpu_device_mode()
+    _cpu_synchronize()
+    _cpu_rng_tracker()
+    _APPLIED = True
+    return True

@@ -1,0 +1,133 @@
+"""Typed model configuration: megatron-core's TransformerConfig plus the recursive layout.
+
+``num_layers`` is the depth of the *unrolled* graph (N_compute). megatron-core derives its
+output-projection init from it (``scaled_init_method_normal(std, num_layers)``, i.e.
+std / sqrt(2 * N_compute)), which is exactly the paper's depth-aware initialisation (App. B).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_mesh.layout import Layout, parse_layout
+from megatron_mesh.mesh import normalize_scheme
+
+GELU_APPROXIMATIONS = ("none", "tanh")
+
+
+@dataclass
+class MeshConfig(TransformerConfig):
+    """A Prelude-Recurrent-Coda GPT-NeoX model. Defaults follow Pythia (GPT-NeoX) and the paper."""
+
+    layout: str = ""
+    """'N' (vanilla), 'P+CRK+D' (tied core looped K times) or 'P+C1+...+CK+D' (untied cores)."""
+
+    state_scheme: str = "mesh"
+    """How state passes between loop steps: vanilla, base, residual, anchor, anchor_star, mesh,
+    static_comb, dynamic_comb, or a '+'-sum of residual/anchor/anchor_star."""
+
+    buffer_slots: Optional[int] = None
+    """MeSH buffer length B; default K + 3 (paper App. E.1). Only for state_scheme='mesh'."""
+
+    scale_embeddings: bool = True
+    """Multiply the input embeddings by sqrt(hidden_size) before the first layer (App. B)."""
+
+    vocab_size: int = 50304
+    """Padded vocabulary size (GPT-NeoX-20B tokenizer: 50277 ids padded to 50304)."""
+
+    max_sequence_length: int = 4096
+    """Longest sequence the rotary tables are built for."""
+
+    rotary_percent: float = 0.25
+    """Fraction of each attention head that gets rotary embeddings (GPT-NeoX: 25%)."""
+
+    rotary_base: int = 10000
+    """Rotary embedding base period."""
+
+    gelu_approximation: str = "tanh"
+    """'tanh' (what GPT-NeoX trained Pythia with, and megatron's fused bias-GELU) or 'none' (erf).
+    The Hugging Face export declares the same activation."""
+
+    # Pythia / GPT-NeoX values for fields megatron-core defaults differently.
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    layernorm_epsilon: float = 1e-5
+
+    def __post_init__(self):
+        self.parsed_layout: Layout = parse_layout(self.layout) if self.layout else None
+        self._validate_mesh_fields()
+        self.num_layers = self.parsed_layout.n_compute
+        if self.gelu_approximation == "tanh":
+            # megatron's fused bias-GELU (fusions/fused_bias_gelu.py) is the tanh form
+            self.activation_func = functools.partial(F.gelu, approximate="tanh")
+        else:
+            self.activation_func = F.gelu
+            self.bias_activation_fusion = False
+        if not torch.cuda.is_available():
+            # megatron allocates parameters on the current CUDA device unless told otherwise
+            self.use_cpu_initialization = True
+        super().__post_init__()
+
+    @property
+    def num_loops(self) -> int:
+        return self.parsed_layout.num_loops
+
+    def _validate_mesh_fields(self) -> None:
+        if self.parsed_layout is None:
+            raise ValueError("layout is required: expected e.g. '24', '4+8R2+4' or '4+8+8+4'")
+        layout = self.parsed_layout
+        self.state_scheme = normalize_scheme(self.state_scheme)
+        if layout.recursive == (self.state_scheme == "vanilla"):
+            allowed = "'vanilla'" if not layout.recursive else "any scheme but 'vanilla'"
+            raise ValueError(
+                f"state_scheme={self.state_scheme!r} does not fit layout={self.layout!r}: "
+                f"expected {allowed}"
+            )
+        if self.num_layers and self.num_layers != layout.n_compute:
+            raise ValueError(
+                f"num_layers={self.num_layers} disagrees with layout={self.layout!r}, whose "
+                f"unrolled depth N_compute is {layout.n_compute}: drop num_layers or set it to "
+                f"{layout.n_compute}"
+            )
+        self._validate_slots()
+        if self.hidden_size <= 0 or self.num_attention_heads <= 0:
+            raise ValueError(
+                f"hidden_size={self.hidden_size}, num_attention_heads={self.num_attention_heads}: "
+                "both must be positive"
+            )
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size={self.hidden_size} is not divisible by num_attention_heads="
+                f"{self.num_attention_heads}"
+            )
+        if self.gelu_approximation not in GELU_APPROXIMATIONS:
+            raise ValueError(
+                f"gelu_approximation={self.gelu_approximation!r}: expected one of "
+                f"{list(GELU_APPROXIMATIONS)}"
+            )
+        if not 0.0 < self.rotary_percent <= 1.0:
+            raise ValueError(f"rotary_percent={self.rotary_percent}: expected 0 < value <= 1")
+
+    def _validate_slots(self) -> None:
+        if self.state_scheme != "mesh":
+            if self.buffer_slots is not None:
+                raise ValueError(
+                    f"buffer_slots={self.buffer_slots} is only used by state_scheme='mesh', "
+                    f"not {self.state_scheme!r}: remove it"
+                )
+            return
+        if self.buffer_slots is None:
+            self.buffer_slots = self.num_loops + 3
+        if not isinstance(self.buffer_slots, int) or self.buffer_slots < 2:
+            raise ValueError(
+                f"buffer_slots={self.buffer_slots!r} is invalid: expected an integer >= 2 "
+                f"(default K+3 = {self.num_loops + 3})"
+            )
+

@@ -1,0 +1,1 @@
+"""Hugging Face interop: weight-name mapping (and, later, the exported model code)."""

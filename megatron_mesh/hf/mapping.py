@@ -1,0 +1,59 @@
+"""Parameter-name mapping between megatron-mesh and Hugging Face GPT-NeoX.
+
+With parallel residual, 25% rotary and untied embeddings, a megatron-core layer and an HF
+``GPTNeoXLayer`` hold the same tensors under different names; no QKV permutation is needed
+(both lay out query_key_value per head as [q, k, v]).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List
+
+from torch import Tensor
+
+from megatron_mesh.layout import Layout
+
+LAYER_NAMES = {  # megatron-core TransformerLayer suffix -> HF GPTNeoXLayer suffix
+    "input_layernorm.weight": "input_layernorm.weight",
+    "input_layernorm.bias": "input_layernorm.bias",
+    "self_attention.linear_qkv.weight": "attention.query_key_value.weight",
+    "self_attention.linear_qkv.bias": "attention.query_key_value.bias",
+    "self_attention.linear_proj.weight": "attention.dense.weight",
+    "self_attention.linear_proj.bias": "attention.dense.bias",
+    "pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
+    "pre_mlp_layernorm.bias": "post_attention_layernorm.bias",
+    "mlp.linear_fc1.weight": "mlp.dense_h_to_4h.weight",
+    "mlp.linear_fc1.bias": "mlp.dense_h_to_4h.bias",
+    "mlp.linear_fc2.weight": "mlp.dense_4h_to_h.weight",
+    "mlp.linear_fc2.bias": "mlp.dense_4h_to_h.bias",
+}
+
+
+def megatron_layer_prefixes(layout: Layout) -> List[str]:
+    """Module paths of the layers that own weights, in execution order of first use."""
+    prefixes = [f"decoder.prelude.{i}" for i in range(layout.prelude)]
+    for c, num_layers in enumerate(layout.core_modules):
+        prefixes += [f"decoder.cores.{c}.{i}" for i in range(num_layers)]
+    return prefixes + [f"decoder.coda.{i}" for i in range(layout.coda)]
+
+
+def gpt_neox_to_megatron(
+    hf_state: Dict[str, Tensor], layout: Layout, embedding_scale: float = 1.0
+) -> Dict[str, Tensor]:
+    """Map a GPTNeoXForCausalLM state dict onto a vanilla MeshGPTModel's names.
+
+    HF GPT-NeoX does not scale its embeddings; a model that multiplies them by
+    ``embedding_scale`` gets the HF table divided by it, so both produce the same h_emb.
+    """
+    if layout.recursive:
+        raise ValueError(f"layout={layout}: GPT-NeoX checkpoints map onto vanilla layouts only")
+    out = {
+        "embedding.word_embeddings.weight": hf_state["gpt_neox.embed_in.weight"] / embedding_scale,
+        "decoder.final_layernorm.weight": hf_state["gpt_neox.final_layer_norm.weight"],
+        "decoder.final_layernorm.bias": hf_state["gpt_neox.final_layer_norm.bias"],
+        "output_layer.weight": hf_state["embed_out.weight"],
+    }
+    for i, prefix in enumerate(megatron_layer_prefixes(layout)):
+        for ours, theirs in LAYER_NAMES.items():
+            out[f"{prefix}.{ours}"] = hf_state[f"gpt_neox.layers.{i}.{theirs}"]
+    return out

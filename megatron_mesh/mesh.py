@@ -1,0 +1,191 @@
+"""State passing between loop iterations: the heuristic schemes and the MeSH buffer.
+
+Pure tensor math, no parallelism (paper Sec. 3.1-3.2, Algorithms 1 and 2 in Appendix C, and the
+learnable combinations of Appendix E.2). Hidden states are [s, b, h]; routing weights are
+[s, b, B] (softmax over the B slots, per token); the MeSH buffer is [B, s, b, h].
+
+A scheme is driven by the block in two calls:
+    h0, state = scheme.begin(h_emb, h_pre)        # h_pre = prelude output
+    h_next, state = scheme.step(t, h, h_core, state)   # h_core = f_core(h), t = 0..K-1
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Callable, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+SUPPLEMENTS = ("residual", "anchor", "anchor_star")
+"""What the additive schemes of Eq. 1 add to the core output: h(t), h(0) or h_emb."""
+
+LEARNED_SCHEMES = ("mesh", "static_comb", "dynamic_comb")
+SCHEME_NAMES = ("vanilla", "base", *SUPPLEMENTS, *LEARNED_SCHEMES)
+"""Single scheme names; additive supplements also combine with '+', e.g. 'anchor+anchor_star'."""
+
+COMB_INIT = (1.0, 1.0, 1.0)
+"""Initial (alpha_core, alpha_h0, alpha_emb) of the E.2 combinations. The paper does not give an
+init; all ones starts both at the fixed '+anchor+anchor*' sum, the best heuristic of Table 4."""
+
+InitMethod = Callable[[Tensor], None]
+
+
+@dataclass
+class LoopState:
+    """What a scheme carries from one loop step to the next (and across pipeline stages)."""
+
+    h_emb: Tensor  # [s, b, h] scaled token embeddings
+    h0: Optional[Tensor] = None  # [s, b, h] first loop state (anchor schemes)
+    buffer: Optional[Tensor] = None  # [B, s, b, h] MeSH memory
+
+
+def normalize_scheme(name: str) -> str:
+    """Canonical scheme name ('anchor*' -> 'anchor_star', combos sorted); ValueError if unknown."""
+    parts = [p.strip().replace("anchor*", "anchor_star") for p in str(name).split("+")]
+    if len(parts) == 1 and parts[0] in SCHEME_NAMES:
+        return parts[0]
+    if len(parts) > 1 and all(p in SUPPLEMENTS for p in parts) and len(set(parts)) == len(parts):
+        return "+".join(sorted(parts, key=SUPPLEMENTS.index))
+    raise ValueError(
+        f"state_scheme={name!r} is not a known scheme: expected one of {list(SCHEME_NAMES)} "
+        f"or a '+'-combination of distinct {list(SUPPLEMENTS)} (e.g. 'anchor+anchor_star')"
+    )
+
+
+class StateScheme(nn.Module):
+    """Base class: the recurrence h(t+1) = rule(h(t), f_core(h(t)), history)."""
+
+    def begin(self, h_emb: Tensor, h_pre: Tensor) -> Tuple[Tensor, LoopState]:
+        return h_pre, LoopState(h_emb=h_emb, h0=h_pre)
+
+    def step(self, t: int, h: Tensor, h_core: Tensor, state: LoopState) -> Tuple[Tensor, LoopState]:
+        raise NotImplementedError
+
+
+class AdditiveScheme(StateScheme):
+    """Eq. 1: h(t+1) = f_core(h(t)) + sum of supplements (none: 'base')."""
+
+    def __init__(self, supplements: Sequence[str] = ()):
+        super().__init__()
+        self.supplements = tuple(supplements)
+
+    def step(self, t, h, h_core, state):
+        sources = {"residual": h, "anchor": state.h0, "anchor_star": state.h_emb}
+        for name in self.supplements:
+            h_core = h_core + sources[name]
+        return h_core, state
+
+
+class Router(nn.Module):
+    """Linear(h -> B) with bias, softmax over slots, per token (Eq. 3)."""
+
+    def __init__(self, hidden_size: int, num_slots: int, init_method: InitMethod):
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, num_slots, bias=True)
+        init_method(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, h: Tensor) -> Tensor:
+        logits = self.linear(h)  # [s, b, B]
+        # softmax in fp32 so bf16 weights still sum to 1 over the slots
+        return torch.softmax(logits.float(), dim=-1).to(h.dtype)
+
+
+class StepRouters(nn.Module):
+    """The write and read router of one step t (t = -1 is the transitional pair)."""
+
+    def __init__(self, hidden_size: int, num_slots: int, init_method: InitMethod):
+        super().__init__()
+        self.write = Router(hidden_size, num_slots, init_method)
+        self.read = Router(hidden_size, num_slots, init_method)
+
+
+def buffer_write(buffer: Tensor, h: Tensor, w_write: Tensor) -> Tensor:
+    """Eq. 5: m_b <- m_b + h * w_write[b] for every slot b. [B,s,b,h], [s,b,h], [s,b,B]."""
+    return buffer + w_write.permute(2, 0, 1).unsqueeze(-1) * h.unsqueeze(0)
+
+
+def buffer_read(buffer: Tensor, w_read: Tensor) -> Tensor:
+    """h = sum_b m_b * w_read[b]. [B,s,b,h], [s,b,B] -> [s,b,h]."""
+    return (buffer * w_read.permute(2, 0, 1).unsqueeze(-1)).sum(dim=0)
+
+
+def initial_buffer(h_emb: Tensor, num_slots: int) -> Tensor:
+    """Eq. 2: slot 0 holds h_emb, the other slots are zero. -> [B, s, b, h]."""
+    zeros = h_emb.new_zeros((num_slots - 1, *h_emb.shape))
+    return torch.cat([h_emb.unsqueeze(0), zeros], dim=0)
+
+
+class MeshScheme(StateScheme):
+    """Algorithm 2: a B-slot buffer with per-step write/read routers.
+
+    ``routers[0]`` is the transitional pair (t = -1) applied to the prelude output;
+    ``routers[t + 1]`` serves loop step t and reads h(t), the core's input.
+    """
+
+    def __init__(self, hidden_size: int, num_loops: int, num_slots: int, init_method: InitMethod):
+        super().__init__()
+        self.num_slots = num_slots
+        self.routers = nn.ModuleList(
+            StepRouters(hidden_size, num_slots, init_method) for _ in range(num_loops + 1)
+        )
+
+    def _cycle(self, routers: StepRouters, route_from: Tensor, written: Tensor, buffer: Tensor):
+        buffer = buffer_write(buffer, written, routers.write(route_from))
+        return buffer_read(buffer, routers.read(route_from)), buffer
+
+    def begin(self, h_emb, h_pre):
+        buffer = initial_buffer(h_emb, self.num_slots)
+        h0, buffer = self._cycle(self.routers[0], h_pre, h_pre, buffer)
+        return h0, LoopState(h_emb=h_emb, h0=h0, buffer=buffer)
+
+    def step(self, t, h, h_core, state):
+        h_next, buffer = self._cycle(self.routers[t + 1], h, h_core, state.buffer)
+        return h_next, replace(state, buffer=buffer)
+
+
+class StaticCombScheme(StateScheme):
+    """E.2 static combination: h(t+1) = a1 f_core(h) + a2 h(0) + a3 h_emb, scalars per step."""
+
+    def __init__(self, num_loops: int):
+        super().__init__()
+        self.coefficients = nn.Parameter(torch.tensor([COMB_INIT] * num_loops))  # [K, 3]
+
+    def step(self, t, h, h_core, state):
+        a = self.coefficients[t].to(h_core.dtype)
+        return a[0] * h_core + a[1] * state.h0 + a[2] * state.h_emb, state
+
+
+class DynamicCombScheme(StateScheme):
+    """E.2 dynamic combination: the three coefficients are Linear_t(h(t)) per token.
+
+    The weights start at zero and the bias at COMB_INIT, so at init it equals the static scheme.
+    """
+
+    def __init__(self, hidden_size: int, num_loops: int):
+        super().__init__()
+        self.coefficient_proj = nn.ModuleList(nn.Linear(hidden_size, 3) for _ in range(num_loops))
+        for proj in self.coefficient_proj:
+            nn.init.zeros_(proj.weight)
+            with torch.no_grad():
+                proj.bias.copy_(torch.tensor(COMB_INIT))
+
+    def step(self, t, h, h_core, state):
+        a = self.coefficient_proj[t](h).unsqueeze(-1)  # [s, b, 3, 1]
+        return a[..., 0, :] * h_core + a[..., 1, :] * state.h0 + a[..., 2, :] * state.h_emb, state
+
+
+def build_scheme(
+    name: str, hidden_size: int, num_loops: int, num_slots: int, init_method: InitMethod
+) -> Optional[StateScheme]:
+    """The scheme module for a canonical scheme name; None for 'vanilla' (no loop)."""
+    if name == "vanilla":
+        return None
+    if name == "mesh":
+        return MeshScheme(hidden_size, num_loops, num_slots, init_method)
+    if name == "static_comb":
+        return StaticCombScheme(num_loops)
+    if name == "dynamic_comb":
+        return DynamicCombScheme(hidden_size, num_loops)
+    return AdditiveScheme(() if name == "base" else name.split("+"))

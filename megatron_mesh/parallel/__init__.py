@@ -1,0 +1,1 @@
+"""Parallelism applied around the model: process groups, TP/SP tagging, pipeline partitioning."""

@@ -1,0 +1,44 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+sys.path.insert(0, str(REPO))
+
+import megatron_mesh  # noqa: E402,F401  (CPU shims before megatron.core)
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def megatron_world():
+    """One-process torch.distributed + megatron model-parallel state (TP = PP = 1)."""
+    from megatron_mesh.parallel.process_groups import initialize_single_process
+
+    initialize_single_process(seed=1234)
+
+
+def tiny_config(layout="1+2R2+1", scheme="mesh", **overrides):
+    from megatron_mesh.config import MeshConfig
+
+    fields = dict(
+        layout=layout,
+        state_scheme=scheme,
+        hidden_size=64,
+        num_attention_heads=4,
+        vocab_size=96,
+        max_sequence_length=64,
+    )
+    fields.update(overrides)
+    return MeshConfig(**fields)
+
+
+def random_batch(cfg, batch=2, seq=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, cfg.vocab_size, (batch, seq), generator=g)
+    positions = torch.arange(seq).unsqueeze(0).expand(batch, seq)
+    return tokens, positions

@@ -1,0 +1,61 @@
+"""A vanilla megatron-mesh model with weights from a random HF GPTNeoXForCausalLM: same logits."""
+
+import math
+
+import pytest
+import torch
+from transformers import GPTNeoXForCausalLM
+
+from conftest import random_batch, tiny_config
+from reference import hf_config
+
+
+@pytest.mark.parametrize("gelu, hf_act", [("tanh", "gelu_pytorch_tanh"), ("none", "gelu")])
+def test_vanilla_logits_equal_hf_gpt_neox(megatron_world, gelu, hf_act):
+    from megatron_mesh.hf.mapping import gpt_neox_to_megatron
+    from megatron_mesh.model import MeshGPTModel
+
+    cfg = tiny_config("3", "vanilla", gelu_approximation=gelu)
+    torch.manual_seed(0)
+    hf = GPTNeoXForCausalLM(
+        hf_config(cfg.hidden_size, cfg.num_attention_heads, cfg.vocab_size, hf_act, cfg.num_layers)
+    )
+    hf.eval()
+    assert hf.config.use_parallel_residual and not hf.config.tie_word_embeddings
+    model = MeshGPTModel(cfg).eval()
+    state = gpt_neox_to_megatron(hf.state_dict(), cfg.parsed_layout, math.sqrt(cfg.hidden_size))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and all(k.endswith("_extra_state") for k in missing)
+
+    tokens, positions = random_batch(cfg, seq=24)
+    with torch.no_grad():
+        ours = model(tokens, positions)
+        theirs = hf(tokens).logits
+    diff = (ours - theirs).abs().max().item()
+    assert diff < 1e-4, diff
+
+
+def test_mismatched_activation_is_detected(megatron_world):
+    """The comparison is sensitive: erf-GELU weights in a tanh-GELU model do not match."""
+    from megatron_mesh.hf.mapping import gpt_neox_to_megatron
+    from megatron_mesh.model import MeshGPTModel
+
+    cfg = tiny_config("2", "vanilla", gelu_approximation="tanh")
+    torch.manual_seed(0)
+    hf = GPTNeoXForCausalLM(
+        hf_config(cfg.hidden_size, cfg.num_attention_heads, cfg.vocab_size, "gelu", cfg.num_layers)
+    ).eval()
+    model = MeshGPTModel(cfg).eval()
+    state = gpt_neox_to_megatron(hf.state_dict(), cfg.parsed_layout, math.sqrt(cfg.hidden_size))
+    model.load_state_dict(state, strict=False)
+    tokens, positions = random_batch(cfg)
+    with torch.no_grad():
+        assert (model(tokens, positions) - hf(tokens).logits).abs().max() > 1e-6
+
+
+def test_recursive_layouts_are_refused():
+    from megatron_mesh.hf.mapping import gpt_neox_to_megatron
+    from megatron_mesh.layout import parse_layout
+
+    with pytest.raises(ValueError, match="vanilla layouts only"):
+        gpt_neox_to_megatron({}, parse_layout("1+2R2+1"))

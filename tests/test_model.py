@@ -1,0 +1,111 @@
+"""Structure of the recursive model: weight sharing, gradient flow, routing weights."""
+
+import pytest
+import torch
+
+from conftest import random_batch, tiny_config
+
+ALL_SCHEMES = ["base", "residual", "anchor", "anchor_star", "mesh", "static_comb", "dynamic_comb"]
+
+
+def build(cfg):
+    from megatron_mesh.model import MeshGPTModel
+
+    torch.manual_seed(0)
+    return MeshGPTModel(cfg)
+
+
+@pytest.mark.parametrize("scheme", ALL_SCHEMES)
+def test_gradients_reach_every_parameter(megatron_world, scheme):
+    cfg = tiny_config("1+2R2+1", scheme)
+    model = build(cfg)
+    tokens, positions = random_batch(cfg)
+    model(tokens, positions, labels=torch.roll(tokens, -1, 1)).mean().backward()
+    for name, param in model.named_parameters():
+        assert param.grad is not None, f"no gradient reached {name}"
+        assert param.grad.abs().sum() > 0, f"zero gradient at {name}"
+
+
+def test_core_parameters_exist_once_and_are_applied_k_times(megatron_world):
+    from megatron_mesh.layout import parse_layout
+
+    cfg = tiny_config("1+2R3+1", "mesh")
+    model = build(cfg)
+    names = [n for n, _ in model.named_parameters()]
+    assert len(names) == len(set(names))
+    core_layers = {n.split(".")[3] for n in names if n.startswith("decoder.cores.")}
+    assert {n.split(".")[2] for n in names if n.startswith("decoder.cores.")} == {"0"}
+    assert core_layers == {"0", "1"}
+    assert len(model.decoder.cores) == 1
+
+    calls = []
+    hooks = [l.register_forward_hook(lambda *a: calls.append(1)) for l in model.decoder.cores[0]]
+    tokens, positions = random_batch(cfg)
+    model(tokens, positions)
+    for h in hooks:
+        h.remove()
+    assert len(calls) == 2 * 3  # 2 core layers x K=3 applications
+    assert parse_layout(cfg.layout).unique_layers == 4
+
+
+def test_untied_layout_has_a_core_per_step(megatron_world):
+    model = build(tiny_config("1+1+2+1", "mesh"))
+    assert [len(c) for c in model.decoder.cores] == [1, 2]
+    assert len(model.decoder.scheme.routers) == 3  # K + 1 pairs
+
+
+def test_mesh_router_shapes_and_bias(megatron_world):
+    cfg = tiny_config("1+2R2+1", "mesh", buffer_slots=6)
+    model = build(cfg)
+    routers = model.decoder.scheme.routers
+    assert len(routers) == cfg.num_loops + 1
+    for pair in routers:
+        for r in (pair.write, pair.read):
+            assert r.linear.weight.shape == (6, cfg.hidden_size)
+            assert r.linear.bias.shape == (6,)
+
+
+def test_read_and_write_weights_sum_to_one_per_token(megatron_world):
+    cfg = tiny_config("1+2R2+1", "mesh")
+    model = build(cfg)
+    seen = []
+    for pair in model.decoder.scheme.routers:
+        for r in (pair.write, pair.read):
+            r.register_forward_hook(lambda m, i, out: seen.append(out))
+    tokens, positions = random_batch(cfg)
+    with torch.no_grad():
+        model(tokens, positions)
+    assert len(seen) == 2 * (cfg.num_loops + 1)
+    for w in seen:
+        assert w.shape == (tokens.shape[1], tokens.shape[0], cfg.buffer_slots)  # [s, b, B]
+        assert torch.all(w >= 0)
+        torch.testing.assert_close(w.sum(-1), torch.ones(w.shape[:2]), atol=1e-6, rtol=0)
+
+
+def test_buffer_slot_zero_starts_as_the_embeddings(megatron_world):
+    from megatron_mesh.mesh import initial_buffer
+
+    h_emb = torch.randn(5, 2, 8)
+    buf = initial_buffer(h_emb, 4)
+    assert buf.shape == (4, 5, 2, 8)
+    assert torch.equal(buf[0], h_emb) and not buf[1:].any()
+
+
+def test_states_are_recorded_for_probes(megatron_world):
+    cfg = tiny_config("1+2R3+1", "anchor")
+    model = build(cfg)
+    tokens, positions = random_batch(cfg)
+    states = []
+    with torch.no_grad():
+        model(tokens, positions, states=states)
+    assert [n for n, _ in states] == ["h_emb", "prelude", "h0", "h1", "h2", "h3", "coda"]
+
+
+def test_fewer_loops_at_inference_changes_the_output(megatron_world):
+    cfg = tiny_config("1+2R3+1", "anchor")
+    model = build(cfg).eval()
+    tokens, positions = random_batch(cfg)
+    with torch.no_grad():
+        full = model(tokens, positions)
+        assert torch.equal(full, model(tokens, positions, num_loops=3))
+        assert not torch.allclose(full, model(tokens, positions, num_loops=1))
