@@ -24,6 +24,23 @@ from megatron_mesh.mesh import build_scheme
 StateList = Optional[List[Tuple[str, Tensor]]]
 
 
+def _refuse_unsupported(config: MeshConfig) -> None:
+    """Settings megatron-core accepts but this block does not implement yet: fail loudly."""
+    unsupported = {
+        "pipeline_model_parallel_size": (config.pipeline_model_parallel_size, 1),
+        "virtual_pipeline_model_parallel_size": (config.virtual_pipeline_model_parallel_size, None),
+        "sequence_parallel": (config.sequence_parallel, False),
+        "context_parallel_size": (config.context_parallel_size, 1),
+        "recompute_granularity": (config.recompute_granularity, None),
+    }
+    for name, (value, supported) in unsupported.items():
+        if value != supported:
+            raise ValueError(
+                f"{name}={value!r} is not supported by RecursiveMeshTransformerBlock yet "
+                f"(expected {supported!r})"
+            )
+
+
 class RecursiveMeshTransformerBlock(MegatronModule):
     """The transformer stack of a Prelude-Recurrent-Coda model. Input and output are [s, b, h]."""
 
@@ -34,6 +51,7 @@ class RecursiveMeshTransformerBlock(MegatronModule):
         pg_collection: Optional[ProcessGroupCollection] = None,
     ):
         super().__init__(config=config)
+        _refuse_unsupported(config)
         spec = spec or default_block_spec()
         self.pg_collection = pg_collection or ProcessGroupCollection.use_mpu_process_groups()
         layout = config.parsed_layout

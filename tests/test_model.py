@@ -109,3 +109,30 @@ def test_fewer_loops_at_inference_changes_the_output(megatron_world):
         full = model(tokens, positions)
         assert torch.equal(full, model(tokens, positions, num_loops=3))
         assert not torch.allclose(full, model(tokens, positions, num_loops=1))
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
+        dict(pipeline_model_parallel_size=2, pipeline_dtype=torch.float32),
+        dict(context_parallel_size=2),
+    ],
+)
+def test_unsupported_parallel_settings_fail_loudly(megatron_world, overrides):
+    field = next(iter(overrides))
+    with pytest.raises(ValueError, match=f"{field}={overrides[field]!r} is not supported"):
+        build(tiny_config(**overrides))
+
+
+def test_local_spec_is_used_without_transformer_engine():
+    from megatron_mesh.layers import (
+        ParallelResidualTransformerLayer,
+        default_block_spec,
+        transformer_engine_available,
+    )
+
+    assert not transformer_engine_available()
+    spec = default_block_spec()
+    assert spec.layer.module is ParallelResidualTransformerLayer
+    assert spec.final_layernorm is spec.layer.submodules.input_layernorm

@@ -47,6 +47,12 @@ def gpt_neox_to_megatron(
     """
     if layout.recursive:
         raise ValueError(f"layout={layout}: GPT-NeoX checkpoints map onto vanilla layouts only")
+    hf_layers = len({k.split(".")[2] for k in hf_state if k.startswith("gpt_neox.layers.")})
+    if hf_layers != layout.n_compute:
+        raise ValueError(
+            f"the GPT-NeoX checkpoint has {hf_layers} layers, layout={layout} expects "
+            f"{layout.n_compute}"
+        )
     out = {
         "embedding.word_embeddings.weight": hf_state["gpt_neox.embed_in.weight"] / embedding_scale,
         "decoder.final_layernorm.weight": hf_state["gpt_neox.final_layer_norm.weight"],

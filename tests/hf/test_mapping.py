@@ -59,3 +59,12 @@ def test_recursive_layouts_are_refused():
 
     with pytest.raises(ValueError, match="vanilla layouts only"):
         gpt_neox_to_megatron({}, parse_layout("1+2R2+1"))
+
+
+def test_layer_count_mismatch_is_refused():
+    from megatron_mesh.hf.mapping import gpt_neox_to_megatron
+    from megatron_mesh.layout import parse_layout
+
+    hf = GPTNeoXForCausalLM(hf_config(32, 2, 50, num_layers=3))
+    with pytest.raises(ValueError, match="has 3 layers, layout=2 expects 2"):
+        gpt_neox_to_megatron(hf.state_dict(), parse_layout("2"))
