@@ -7,9 +7,11 @@ The core's layers exist once (tied layouts) and are applied K times; untied layo
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import List, Optional, Tuple
 
+import torch
 from torch import Tensor, nn
 
 from megatron.core.process_groups_config import ProcessGroupCollection
@@ -39,6 +41,13 @@ def _refuse_unsupported(config: MeshConfig) -> None:
                 f"{name}={value!r} is not supported by RecursiveMeshTransformerBlock yet "
                 f"(expected {supported!r})"
             )
+
+
+def _param_device(config: MeshConfig):
+    """Where megatron-core puts parameters: the current GPU unless use_cpu_initialization."""
+    if config.use_cpu_initialization:
+        return contextlib.nullcontext()  # default device (or an enclosing torch.device("meta"))
+    return torch.device("cuda", torch.cuda.current_device())
 
 
 class RecursiveMeshTransformerBlock(MegatronModule):
@@ -73,13 +82,14 @@ class RecursiveMeshTransformerBlock(MegatronModule):
         self.prelude = stack(layout.prelude)
         self.cores = nn.ModuleList(stack(n) for n in layout.core_modules)
         self.coda = stack(layout.coda)
-        self.scheme = build_scheme(
-            config.state_scheme,
-            config.hidden_size,
-            layout.num_loops,
-            config.buffer_slots or 0,
-            config.init_method,
-        )
+        with _param_device(config):
+            self.scheme = build_scheme(
+                config.state_scheme,
+                config.hidden_size,
+                layout.num_loops,
+                config.buffer_slots or 0,
+                config.init_method,
+            )
         self.final_layernorm = build_module(
             spec.final_layernorm,
             config=config,
@@ -104,7 +114,7 @@ class RecursiveMeshTransformerBlock(MegatronModule):
         trains with. ``states``, if a list, receives (name, tensor) for h_emb, the prelude output,
         every loop state h(t) and the coda output, for probes and tests.
         """
-        K = self.config.num_loops if num_loops is None else num_loops
+        K = self.config.num_loops if num_loops is None else self._check_num_loops(num_loops)
 
         def run(layers: nn.ModuleList, h: Tensor) -> Tensor:
             for layer in layers:
@@ -130,6 +140,19 @@ class RecursiveMeshTransformerBlock(MegatronModule):
         record("coda", h)
         h = self.final_layernorm(h)
         return make_viewless_tensor(h, requires_grad=h.requires_grad, keep_graph=True)
+
+    def _check_num_loops(self, num_loops: int) -> int:
+        trained = self.config.num_loops
+        # per-step parameters (routers, coefficients, untied cores) exist for K steps only
+        per_step = self.config.state_scheme in ("mesh", "static_comb", "dynamic_comb")
+        limit = trained if per_step or not self.config.parsed_layout.tied else None
+        if num_loops < 0 or (limit is not None and num_loops > limit):
+            allowed = f"0..{limit}" if limit is not None else ">= 0"
+            raise ValueError(
+                f"num_loops={num_loops} is out of range for layout={self.config.layout!r} with "
+                f"state_scheme={self.config.state_scheme!r}: expected {allowed}"
+            )
+        return num_loops
 
     def embedding_scale(self) -> float:
         return math.sqrt(self.config.hidden_size) if self.config.scale_embeddings else 1.0

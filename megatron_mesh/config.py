@@ -105,7 +105,8 @@ class MeshConfig(TransformerConfig):
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"hidden_size={self.hidden_size} is not divisible by num_attention_heads="
-                f"{self.num_attention_heads}"
+                f"{self.num_attention_heads}: expected a multiple of the head count, e.g. "
+                f"{self.num_attention_heads * max(1, self.hidden_size // self.num_attention_heads)}"
             )
         if self.gelu_approximation not in GELU_APPROXIMATIONS:
             raise ValueError(

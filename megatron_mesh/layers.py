@@ -21,7 +21,30 @@ from megatron.core.transformer.transformer_layer import TransformerLayer
 
 
 class ParallelResidualTransformerLayer(TransformerLayer):
-    """A TransformerLayer whose MLP reads ln2(x) of the layer input, not of x + attn."""
+    """A TransformerLayer whose MLP reads ln2(x) of the layer input, not of x + attn.
+
+    Only ``forward`` is reordered. Paths of megatron-core that bypass it and would silently
+    compute the sequential residual (TE CUDA-graph capture/replay), or that this forward does
+    not reproduce (MLP recompute and chunking, MoE, activation offloading, fused-TP inference),
+    are refused at construction.
+    """
+
+    def __init__(self, config, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        unsupported = {
+            "cuda_graph_impl": (config.cuda_graph_impl, "none"),
+            "mlp_chunks_for_training": (config.mlp_chunks_for_training, 1),
+            "num_moe_experts": (config.num_moe_experts, None),
+            "fine_grained_activation_offloading": (config.fine_grained_activation_offloading, False),
+            "inference_fuse_tp_communication": (config.inference_fuse_tp_communication, False),
+            "recompute_modules with 'mlp'": (self.recompute_mlp, False),
+        }
+        for name, (value, supported) in unsupported.items():
+            if value != supported:
+                raise ValueError(
+                    f"{name}={value!r} is not supported by the GPT-NeoX parallel-residual layer "
+                    f"(expected {supported!r})"
+                )
 
     def forward(self, hidden_states, *args, **kwargs):
         # [s, b, h] -> [s, b, h]

@@ -136,3 +136,30 @@ def test_local_spec_is_used_without_transformer_engine():
     spec = default_block_spec()
     assert spec.layer.module is ParallelResidualTransformerLayer
     assert spec.final_layernorm is spec.layer.submodules.input_layernorm
+
+
+def test_num_loops_out_of_range_is_a_clear_error(megatron_world):
+    cfg = tiny_config("1+2R2+1", "mesh")
+    model = build(cfg)
+    tokens, positions = random_batch(cfg)
+    with pytest.raises(ValueError, match=r"num_loops=3 is out of range .* expected 0..2"):
+        model(tokens, positions, num_loops=3)
+    # a tied heuristic scheme has no per-step parameters: more loops than trained are defined
+    anchor = build(tiny_config("1+2R2+1", "anchor"))
+    assert anchor(tokens, positions, num_loops=4).shape == (2, 16, cfg.vocab_size)
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (dict(mlp_chunks_for_training=2), "mlp_chunks_for_training"),
+        (dict(recompute_granularity="selective", recompute_modules=["mlp"]), "recompute_modules"),
+    ],
+)
+def test_layer_refuses_paths_that_bypass_parallel_residual(megatron_world, overrides, field):
+    from megatron_mesh.layers import local_block_spec
+    from megatron.core.transformer.spec_utils import build_module
+
+    cfg = tiny_config(**overrides)
+    with pytest.raises(ValueError, match=f"{field}.* is not supported by the GPT-NeoX parallel-residual layer"):
+        build_module(local_block_spec().layer, config=cfg, layer_number=1)

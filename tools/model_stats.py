@@ -31,15 +31,20 @@ def parse_args(argv=None):
 def build_stats(config_path, overrides=(), seq_length=None):
     import torch
 
+    from megatron_mesh.layers import local_block_spec
     from megatron_mesh.model import MeshGPTModel
     from megatron_mesh.parallel.process_groups import initialize_single_process
     from megatron_mesh.stats import model_stats
     from megatron_mesh.yaml_config import load_model_config
 
-    cfg = load_model_config(config_path, overrides, perform_initialization=False)
+    # CPU initialisation and the local spec, or megatron/TE would allocate on the GPU despite
+    # the meta device; the parameter shapes are the same under every spec.
+    cfg = load_model_config(
+        config_path, overrides, perform_initialization=False, use_cpu_initialization=True
+    )
     initialize_single_process()
     with torch.device("meta"):
-        model = MeshGPTModel(cfg)
+        model = MeshGPTModel(cfg, spec=local_block_spec())
     return model_stats(model, seq_length or cfg.max_sequence_length)
 
 

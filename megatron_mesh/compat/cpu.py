@@ -9,6 +9,8 @@ this can change behaviour on a GPU. Import order matters: ``apply()`` must run b
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib
 import sys
 import types
 
@@ -50,6 +52,7 @@ def _cpu_rng_tracker() -> None:
     # drive the CUDA default generator. The tracker is entered by attention even with dropout 0
     # (transformer/dot_product_attention.py). On CPU the device generator *is* the CPU
     # generator, so map the CUDA RNG calls onto it; forks then give reproducible dropout masks.
+    # Consequence: model_parallel_cuda_manual_seed (random.py:490) also reseeds the CPU RNG.
     from megatron.core.tensor_parallel import random as mp_random
 
     def get_state(*_args, **_kwargs):
@@ -82,9 +85,8 @@ def _is_cuda(device) -> bool:
 class _CudaToCpuMode(torch.overrides.TorchFunctionMode):
     """Maps ``device="cuda"`` (factory kwargs, ``.to(...)``, ``.cuda()``) to the CPU.
 
-    megatron-core allocates with a literal CUDA device in many places, e.g.
-    transformer/utils.py:39 (get_default_causal_mask), optimizer/distrib_optimizer.py,
-    distributed/param_and_grad_buffer.py and pipeline_parallel/schedules.py.
+    Entered only around the megatron-core functions listed in ``_CUDA_LITERAL_SITES``: a
+    process-wide mode would add Python dispatch to every tensor op (about 2x on small ops).
     """
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -98,9 +100,29 @@ class _CudaToCpuMode(torch.overrides.TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def _cpu_device_mode() -> None:
-    # Entered once for the life of the process (see _CudaToCpuMode for the lines it serves).
-    _CudaToCpuMode().__enter__()
+_CUDA_LITERAL_SITES = [
+    # (module, function, other modules that imported the function by name)
+    # transformer/utils.py:39 and :44 allocate the default causal / sliding-window masks with a
+    # literal device="cuda"; fusions/fused_softmax.py:8 imports both by name.
+    ("megatron.core.transformer.utils", "get_default_causal_mask", ["megatron.core.fusions.fused_softmax"]),
+    ("megatron.core.transformer.utils", "get_sliding_window_causal_mask", ["megatron.core.fusions.fused_softmax"]),
+    # tensor_parallel/data.py:37 (broadcast_data) sizes its metadata with device='cuda'
+    ("megatron.core.tensor_parallel.data", "_build_key_size_numel_dictionaries", []),
+]
+
+
+def _scope_cuda_literals_to_cpu() -> None:
+    for module_name, attr, importers in _CUDA_LITERAL_SITES:
+        module = importlib.import_module(module_name)
+        original = getattr(module, attr)
+
+        @functools.wraps(original)
+        def on_cpu(*args, _original=original, **kwargs):
+            with _CudaToCpuMode():
+                return _original(*args, **kwargs)
+
+        for name in (module_name, *importers):
+            setattr(importlib.import_module(name), attr, on_cpu)
 
 
 class _NullStream:
@@ -129,7 +151,7 @@ def apply() -> bool:
         return True
     _stub_paged_stash()
     _cpu_current_device()
-    _cpu_device_mode()
+    _scope_cuda_literals_to_cpu()
     _cpu_synchronize()
     _cpu_rng_tracker()
     _APPLIED = True

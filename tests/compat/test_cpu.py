@@ -14,9 +14,15 @@ def test_shims_active_without_cuda():
     assert not torch.cuda.is_available()
     assert cpu.apply() is True
     assert torch.cuda.current_device() == "cpu"
-    # literal device="cuda" allocations land on the CPU
-    assert torch.ones(2, device="cuda").device.type == "cpu"
-    assert torch.zeros(2).to("cuda").device.type == "cpu"
+    # megatron's literal device="cuda" allocations land on the CPU ...
+    from megatron.core.fusions import fused_softmax
+    from megatron.core.transformer import utils
+
+    mask = fused_softmax.get_default_causal_mask(4)
+    assert mask.device.type == "cpu" and mask[0, 1] and not mask[1, 0]
+    assert utils.get_default_causal_mask is fused_softmax.get_default_causal_mask
+    # ... without a process-wide mode that would slow every op or rewrite user code
+    assert torch.overrides._get_current_function_mode_stack() == []
 
 
 def test_rng_tracker_forks_are_reproducible(megatron_world):
