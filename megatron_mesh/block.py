@@ -97,6 +97,12 @@ class RecursiveMeshTransformerBlock(MegatronModule):
             eps=config.layernorm_epsilon,
         )
 
+    @property
+    def layers(self) -> List[nn.Module]:
+        """Every layer that owns weights, once, in order (megatron-core code that walks
+        ``decoder.layers``, e.g. schedules' set_current_microbatch, sees each layer once)."""
+        return [*self.prelude, *(layer for core in self.cores for layer in core), *self.coda]
+
     def core_for_step(self, t: int) -> nn.ModuleList:
         return self.cores[0] if self.config.parsed_layout.tied else self.cores[t]
 

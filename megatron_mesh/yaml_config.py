@@ -40,8 +40,51 @@ MODEL_KEYS = (
 )
 """The model section: the MeshConfig fields an experiment chooses (parallelism lives elsewhere)."""
 
-SCHEMA: Dict[str, Tuple[str, ...]] = {"model": MODEL_KEYS}
-"""Top-level sections and their keys. ``extends`` and ``description`` are also allowed."""
+SCHEMA: Dict[str, Tuple[str, ...]] = {
+    "model": MODEL_KEYS,
+    "data": ("path", "split", "mock", "num_workers", "cache_path"),
+    "tokenizer": ("type", "model", "vocab_size"),
+    "training": (
+        "seq_length",
+        "micro_batch_size",
+        "global_batch_size",
+        "train_iters",
+        "train_tokens",
+        "seed",
+        "eval_interval",
+        "eval_iters",
+        "exit_interval",
+    ),
+    "optimizer": ("name", "lr", "betas", "eps", "weight_decay", "clip_grad"),
+    "schedule": ("style", "warmup_fraction", "warmup_iters", "min_lr_ratio", "decay_iters"),
+    "precision": ("dtype",),
+    "parallelism": (
+        "tensor",
+        "pipeline",
+        "sequence_parallel",
+        "distributed_optimizer",
+        "overlap_grad_reduce",
+        "overlap_param_gather",
+        "recompute_granularity",
+        "recompute_method",
+        "recompute_num_layers",
+        "transformer_impl",
+    ),
+    "checkpointing": ("save", "interval", "load", "format", "save_on_signal", "async_save"),
+    "logging": (
+        "interval",
+        "tensorboard_dir",
+        "wandb_project",
+        "wandb_entity",
+        "wandb_name",
+        "wandb_dir",
+        "wandb_mode",
+        "throughput",
+        "peak_tflops",
+    ),
+}
+"""Top-level sections and their keys (one schema for every file); ``extends`` and
+``description`` are also allowed. ``megatron_mesh.training.arguments`` maps them to Megatron."""
 
 META_KEYS = ("extends", "description")
 

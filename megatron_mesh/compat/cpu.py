@@ -71,7 +71,11 @@ def _cpu_rng_tracker() -> None:
 def _cpu_synchronize() -> None:
     # optimizer/, distributed/ and training/ call torch.cuda.synchronize() and use
     # torch.cuda.Stream / stream contexts for overlap; on CPU there is nothing to synchronise.
+    # training/training.py:1876 (get_model) and distributed/distributed_data_parallel.py:297
+    # create side streams; param_and_grad_buffer.py:632-814 waits on them.
     torch.cuda.synchronize = lambda *_args, **_kwargs: None
+    torch.cuda.Stream = _NullStream
+    torch.cuda.Event = _NullEvent
     torch.cuda.current_stream = lambda *_args, **_kwargs: _NullStream()
     torch.cuda.stream = lambda *_args, **_kwargs: contextlib.nullcontext()
 
@@ -97,6 +101,11 @@ class _CudaToCpuMode(torch.overrides.TorchFunctionMode):
             return args[0]
         if func is torch.Tensor.to:
             args = tuple("cpu" if _is_cuda(a) else a for a in args)
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            # optimizer/clip_grads.py:174, optimizer/optimizer.py:1009-1028 and
+            # distrib_optimizer.py:401-466, :758 dispatch on 'torch.cuda.FloatTensor' etc.
+            name = func(*args)
+            return name.replace("torch.", "torch.cuda.", 1) if ".cuda." not in name else name
         return func(*args, **kwargs)
 
 
@@ -128,6 +137,12 @@ def _scope_cuda_literals_to_cpu() -> None:
 class _NullStream:
     """Stands in for torch.cuda.Stream on CPU: every operation completes immediately."""
 
+    def __init__(self, *_args, **_kwargs):
+        pass
+
+    def wait_event(self, _event):
+        return None
+
     def wait_stream(self, _other):
         return None
 
@@ -136,6 +151,25 @@ class _NullStream:
 
     def record_event(self, *_args, **_kwargs):
         return None
+
+
+class _NullEvent:
+    """Stands in for torch.cuda.Event on CPU."""
+
+    def __init__(self, *_args, **_kwargs):
+        pass
+
+    def record(self, *_args, **_kwargs):
+        return None
+
+    def wait(self, *_args, **_kwargs):
+        return None
+
+    def synchronize(self):
+        return None
+
+    def query(self):
+        return True
 
 
 def cuda_available() -> bool:
@@ -156,3 +190,72 @@ def apply() -> bool:
     _cpu_rng_tracker()
     _APPLIED = True
     return True
+
+
+# ---------------------------------------------------------------------------------------------
+# megatron.training (the Megatron-LM trainer shipped in the wheel)
+# ---------------------------------------------------------------------------------------------
+
+CPU_TRAINER_ARGS = [
+    # training/arguments.py: --distributed-backend defaults to nccl, which needs CUDA
+    "--distributed-backend", "gloo",
+    # gradient_accumulation_fusion (tensor_parallel/layers.py) needs the fused CUDA wgrad kernel
+    "--no-gradient-accumulation-fusion",
+    # fused softmax / bias-GELU / bias-dropout / rope kernels are CUDA (or TE) only
+    "--no-masked-softmax-fusion",
+    "--no-bias-gelu-fusion",
+    "--no-bias-dropout-fusion",
+    "--no-rope-fusion",
+    # without CUDA megatron would allocate parameters on `cuda.current_device()`
+    "--use-cpu-initialization",
+]
+
+
+def trainer_args() -> list:
+    """Megatron flags a run without CUDA needs (empty with CUDA)."""
+    return [] if cuda_available() else list(CPU_TRAINER_ARGS)
+
+
+@contextlib.contextmanager
+def _one_pretend_device():
+    saved = torch.cuda.device_count, torch.cuda.set_device
+    torch.cuda.device_count = lambda: 1
+    torch.cuda.set_device = lambda *_args, **_kwargs: None
+    try:
+        yield
+    finally:
+        torch.cuda.device_count, torch.cuda.set_device = saved
+
+
+def _trainer_initialize_without_cuda() -> None:
+    # training/initialize.py:66 asserts CUDA unless allow_no_cuda=True, which training.py:1091
+    # (pretrain) does not pass. Inside initialize_megatron, model-parallel groups
+    # (initialize.py:354) and the model-parallel RNG tracker seed (initialize.py:447) are only
+    # set up when torch.cuda.device_count() > 0: report one device there (and make
+    # torch.cuda.set_device, initialize.py:282, a no-op), so both happen as on a GPU.
+    from megatron.training import initialize, training
+
+    original = initialize.initialize_megatron
+
+    @functools.wraps(original)
+    def initialize_megatron(*args, **kwargs):
+        kwargs["allow_no_cuda"] = True
+        with _one_pretend_device():
+            return original(*args, **kwargs)
+
+    training.initialize_megatron = initialize_megatron
+
+
+def apply_trainer() -> bool:
+    """Shims for megatron.training; call after ``apply()`` and before ``pretrain``."""
+    if cuda_available():
+        return False
+    _trainer_initialize_without_cuda()
+    return True
+
+
+def trainer_context():
+    """Context for running megatron.training on CPU: maps its literal device="cuda" allocations
+    (training.py:1128 start-time tensors, schedules.py:749, the optimizer and DDP buffers, ...)
+    to the CPU. Nothing (a null context) with CUDA."""
+    return contextlib.nullcontext() if cuda_available() else _CudaToCpuMode()

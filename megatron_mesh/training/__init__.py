@@ -1,0 +1,1 @@
+"""Training on Megatron's trainer: YAML -> Megatron arguments, providers, throughput logging."""

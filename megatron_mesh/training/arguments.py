@@ -1,0 +1,207 @@
+"""The experiment YAML (see ``yaml_config.SCHEMA``) as Megatron-LM command-line arguments.
+
+``megatron_argv`` is the one place where configuration becomes Megatron's arguments. The model
+section also travels whole, as JSON in ``--mesh-model``, so the model provider (and every
+checkpoint's saved args) can rebuild the exact ``MeshConfig``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, Dict, List
+
+from megatron_mesh.yaml_config import ConfigError, model_config
+
+CHOICES = {
+    ("precision", "dtype"): ("bf16", "fp16", "fp32"),
+    ("schedule", "style"): ("cosine", "linear", "constant", "inverse-square-root", "WSD"),
+    ("optimizer", "name"): ("adamw",),
+    ("checkpointing", "format"): ("torch_dist", "torch"),
+    ("logging", "wandb_mode"): ("online", "offline", "disabled"),
+    ("parallelism", "transformer_impl"): ("auto", "local", "transformer_engine"),
+    ("parallelism", "recompute_granularity"): ("full", "selective"),
+    ("parallelism", "recompute_method"): ("uniform", "block"),
+}
+
+REQUIRED = (
+    ("training", "seq_length"),
+    ("training", "micro_batch_size"),
+    ("training", "global_batch_size"),
+    ("optimizer", "lr"),
+)
+
+
+def _get(tree: dict, section: str, key: str, default: Any = None) -> Any:
+    return (tree.get(section) or {}).get(key, default)
+
+
+def _check(tree: dict, origins: Dict[str, str]) -> None:
+    for section, key in REQUIRED:
+        if _get(tree, section, key) is None:
+            raise ConfigError(f"missing required key '{section}.{key}'")
+    for (section, key), allowed in CHOICES.items():
+        value = _get(tree, section, key)
+        if value is not None and value not in allowed:
+            raise ConfigError(
+                f"{origins.get(f'{section}.{key}', '?')}: {section}.{key}={value!r}: "
+                f"expected one of {list(allowed)}"
+            )
+    training = tree["training"]
+    if ("train_iters" in training) == ("train_tokens" in training):
+        raise ConfigError("set exactly one of 'training.train_iters' and 'training.train_tokens'")
+    betas = _get(tree, "optimizer", "betas", [0.9, 0.95])
+    if not (isinstance(betas, list) and len(betas) == 2):
+        raise ConfigError(
+            f"{origins.get('optimizer.betas', '?')}: optimizer.betas={betas!r}: expected [beta1, beta2]"
+        )
+
+
+def train_iters(tree: dict) -> int:
+    """training.train_iters, or training.train_tokens rounded up to whole global batches."""
+    training = tree["training"]
+    if "train_iters" in training:
+        return int(training["train_iters"])
+    tokens_per_iter = training["global_batch_size"] * training["seq_length"]
+    return math.ceil(training["train_tokens"] / tokens_per_iter)
+
+
+def _flag(name: str, value: Any) -> List[str]:
+    """--name value; booleans are bare flags (False: omitted); lists expand."""
+    if value is None or value is False:
+        return []
+    if value is True:
+        return [f"--{name}"]
+    if isinstance(value, list):
+        return [f"--{name}", *[str(v) for v in value]]
+    return [f"--{name}", str(value)]
+
+
+def _model_args(tree: dict, origins: Dict[str, str]) -> List[str]:
+    cfg = model_config(tree, origins, use_cpu_initialization=True)  # validates the section
+    model = tree["model"]
+    return [
+        *_flag("num-layers", cfg.num_layers),  # N_compute: every core application
+        *_flag("hidden-size", cfg.hidden_size),
+        *_flag("ffn-hidden-size", cfg.ffn_hidden_size),
+        *_flag("num-attention-heads", cfg.num_attention_heads),
+        *_flag("max-position-embeddings", cfg.max_sequence_length),
+        *_flag("position-embedding-type", "rope"),
+        *_flag("rotary-percent", cfg.rotary_percent),
+        *_flag("rotary-base", cfg.rotary_base),
+        *_flag("normalization", "LayerNorm"),
+        *_flag("norm-epsilon", cfg.layernorm_epsilon),
+        *_flag("init-method-std", cfg.init_method_std),
+        *_flag("hidden-dropout", cfg.hidden_dropout),
+        *_flag("attention-dropout", cfg.attention_dropout),
+        *_flag("untie-embeddings-and-output-weights", True),
+        *_flag("padded-vocab-size", cfg.vocab_size),
+        *_flag("mesh-model", json.dumps(model, sort_keys=True)),
+    ]
+
+
+def _data_args(tree: dict) -> List[str]:
+    data = tree.get("data") or {}
+    tok = tree.get("tokenizer") or {}
+    if not data.get("mock") and not data.get("path"):
+        raise ConfigError("no training data: set 'data.path' (indexed dataset prefixes) or 'data.mock: true'")
+    paths = data.get("path")
+    return [
+        *_flag("mock-data", bool(data.get("mock"))),
+        *_flag("data-path", [paths] if isinstance(paths, str) else paths),
+        *_flag("split", data.get("split", "969,30,1")),
+        *_flag("num-workers", data.get("num_workers", 2)),
+        *_flag("data-cache-path", data.get("cache_path")),
+        *_flag("tokenizer-type", tok.get("type", "HuggingFaceTokenizer")),
+        *_flag("tokenizer-model", tok.get("model")),
+        *_flag("vocab-size", tok.get("vocab_size")),
+        *_flag("no-create-attention-mask-in-dataloader", True),  # causal mask made in attention
+    ]
+
+
+def _training_args(tree: dict) -> List[str]:
+    t, opt, sch = tree["training"], tree.get("optimizer") or {}, tree.get("schedule") or {}
+    beta1, beta2 = opt.get("betas", [0.9, 0.95])
+    iters = train_iters(tree)
+    warmup = (
+        _flag("lr-warmup-iters", sch["warmup_iters"])
+        if "warmup_iters" in sch
+        else _flag("lr-warmup-fraction", sch.get("warmup_fraction", 0.01))
+    )
+    return [
+        *_flag("seq-length", t["seq_length"]),
+        *_flag("micro-batch-size", t["micro_batch_size"]),
+        *_flag("global-batch-size", t["global_batch_size"]),
+        *_flag("train-iters", iters),
+        *_flag("seed", t.get("seed", 1234)),
+        *_flag("eval-interval", t.get("eval_interval", 1000)),
+        *_flag("eval-iters", t.get("eval_iters", 0)),
+        *_flag("exit-interval", t.get("exit_interval")),
+        *_flag("optimizer", "adam"),  # Megatron's adam is AdamW (decoupled weight decay)
+        *_flag("lr", opt["lr"]),
+        *_flag("min-lr", opt["lr"] * sch.get("min_lr_ratio", 0.1)),
+        *_flag("adam-beta1", beta1),
+        *_flag("adam-beta2", beta2),
+        *_flag("adam-eps", opt.get("eps", 1e-8)),
+        *_flag("weight-decay", opt.get("weight_decay", 0.01)),
+        *_flag("clip-grad", opt.get("clip_grad", 1.0)),
+        *_flag("lr-decay-style", sch.get("style", "cosine")),
+        *_flag("lr-decay-iters", sch.get("decay_iters", iters)),
+        *warmup,
+    ]
+
+
+def _system_args(tree: dict) -> List[str]:
+    par, ckpt, log = (tree.get(s) or {} for s in ("parallelism", "checkpointing", "logging"))
+    dtype = _get(tree, "precision", "dtype", "bf16")
+    impl = par.get("transformer_impl", "auto")
+    return [
+        *_flag("bf16", dtype == "bf16"),
+        *_flag("fp16", dtype == "fp16"),
+        *_flag("tensor-model-parallel-size", par.get("tensor", 1)),
+        *_flag("pipeline-model-parallel-size", par.get("pipeline", 1)),
+        *_flag("sequence-parallel", par.get("sequence_parallel", False)),
+        *_flag("use-distributed-optimizer", par.get("distributed_optimizer", False)),
+        *_flag("overlap-grad-reduce", par.get("overlap_grad_reduce", False)),
+        *_flag("overlap-param-gather", par.get("overlap_param_gather", False)),
+        *_flag("recompute-granularity", par.get("recompute_granularity")),
+        *_flag("recompute-method", par.get("recompute_method")),
+        *_flag("recompute-num-layers", par.get("recompute_num_layers")),
+        *_flag("transformer-impl", "local" if impl == "auto" else impl),
+        # the local spec's torch LayerNorm refuses apex's persistent-LN flag (torch_norm.py:48)
+        *_flag("no-persist-layer-norm", impl in ("auto", "local")),
+        *_flag("save", ckpt.get("save")),
+        *_flag("save-interval", ckpt.get("interval")),
+        *_flag("load", ckpt.get("load", ckpt.get("save"))),
+        *_flag("ckpt-format", ckpt.get("format", "torch_dist")),
+        *_flag("exit-signal-handler", ckpt.get("save_on_signal", True)),
+        *_flag("async-save", ckpt.get("async_save", False)),
+        *_flag("log-interval", log.get("interval", 10)),
+        *_flag("tensorboard-dir", log.get("tensorboard_dir")),
+        *_flag("log-timers-to-tensorboard", bool(log.get("tensorboard_dir"))),
+        *_flag("log-validation-ppl-to-tensorboard", bool(log.get("tensorboard_dir"))),
+        *_flag("wandb-project", log.get("wandb_project") if log.get("wandb_mode") != "disabled" else None),
+        *_flag("wandb-entity", log.get("wandb_entity")),
+        *_flag("wandb-exp-name", log.get("wandb_name")),
+        *_flag("wandb-save-dir", log.get("wandb_dir")),
+        *_flag("log-throughput", log.get("throughput", True)),
+        *_flag("mesh-peak-tflops", log.get("peak_tflops")),
+    ]
+
+
+def megatron_argv(tree: dict, origins: Dict[str, str]) -> List[str]:
+    """Megatron-LM arguments for a loaded experiment tree (``yaml_config.load_config_tree``)."""
+    _check(tree, origins)
+    return _model_args(tree, origins) + _data_args(tree) + _training_args(tree) + _system_args(tree)
+
+
+def add_mesh_arguments(parser):
+    """Megatron ``extra_args_provider``: the flags megatron-mesh adds to Megatron's parser."""
+    group = parser.add_argument_group("megatron-mesh")
+    group.add_argument("--mesh-model", type=str, required=True,
+                       help="JSON of the YAML model section (layout, state_scheme, ...)")
+    group.add_argument("--mesh-config-file", type=str, default=None,
+                       help="the experiment YAML this run was started from (for the record)")
+    group.add_argument("--mesh-peak-tflops", type=float, default=None,
+                       help="peak dense TFLOP/s of one device for MFU (default: known GPUs)")
+    return parser

@@ -1,0 +1,97 @@
+"""The model, data and forward-step providers that megatron.training.pretrain calls."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import fields
+from functools import partial
+
+import torch
+
+from megatron.core import parallel_state
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.training import get_args, get_tokenizer
+from megatron.training.arguments import core_transformer_config_from_args
+from megatron.training.utils import get_blend_and_blend_per_split
+
+from megatron_mesh.config import MeshConfig
+from megatron_mesh.layers import local_block_spec, te_block_spec
+from megatron_mesh.model import MeshGPTModel
+
+# TransformerConfig fields a MeshConfig derives itself from the model section.
+_DERIVED = {"num_layers", "activation_func", "init_method", "output_layer_init_method",
+            "embedding_init_method", "bias_activation_fusion"}
+
+
+def mesh_config_from_args(args) -> MeshConfig:
+    """Megatron's TransformerConfig fields (parallelism, precision, fusions) + the model section."""
+    base = core_transformer_config_from_args(args)
+    kwargs = {f.name: getattr(base, f.name) for f in fields(TransformerConfig)
+              if f.init and f.name not in _DERIVED}
+    kwargs.update(json.loads(args.mesh_model))
+    return MeshConfig(**kwargs)
+
+
+def model_provider(pre_process=True, post_process=True, vp_stage=None, config=None,
+                   pg_collection=None) -> MeshGPTModel:
+    args = get_args()
+    cfg = mesh_config_from_args(args)
+    spec = te_block_spec() if args.transformer_impl == "transformer_engine" else local_block_spec()
+    return MeshGPTModel(cfg, spec=spec, pg_collection=pg_collection)
+
+
+def get_batch(data_iterator):
+    """tokens, labels, loss_mask, position_ids of the next micro-batch ([b, s] each)."""
+    batch = next(data_iterator)
+    device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+    keys = ("tokens", "labels", "loss_mask", "position_ids")
+    return tuple(batch[k].to(device, non_blocking=True) for k in keys)
+
+
+def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    """Sum of masked token losses, the token count, and the 'lm loss' report for the log."""
+    losses = output_tensor.view(-1).float()
+    mask = loss_mask.view(-1).float()
+    loss = torch.sum(losses * mask)
+    num_tokens = mask.sum().clone().detach().to(torch.int)
+    report = torch.cat([loss.clone().detach().view(1), num_tokens.view(1)])
+    return loss, num_tokens, {"lm loss": report}
+
+
+def forward_step(data_iterator, model: MeshGPTModel):
+    tokens, labels, loss_mask, position_ids = get_batch(data_iterator)
+    output = model(tokens, position_ids, None, labels=labels)  # [b, s] per-token loss
+    return output, partial(loss_func, loss_mask)
+
+
+def _dataset_config(args) -> GPTDatasetConfig:
+    blend, blend_per_split = get_blend_and_blend_per_split(args)
+    return GPTDatasetConfig(
+        random_seed=args.seed,
+        sequence_length=args.seq_length,
+        blend=blend,
+        blend_per_split=blend_per_split,
+        split=args.split,
+        path_to_cache=args.data_cache_path,
+        tokenizer=get_tokenizer(),
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=False,
+    )
+
+
+def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None):
+    args = get_args()
+    dataset_type = MockGPTDataset if args.mock_data else GPTDataset
+    return BlendedMegatronDatasetBuilder(
+        dataset_type,
+        train_val_test_num_samples,
+        lambda: parallel_state.get_tensor_model_parallel_rank() == 0,
+        _dataset_config(args),
+    ).build()
+
+
+train_valid_test_datasets_provider.is_distributed = True

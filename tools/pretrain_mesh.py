@@ -1,0 +1,98 @@
+#!/usr/bin/env python
+"""Pretrain a megatron-mesh model with Megatron-LM's trainer (megatron.training.pretrain).
+
+    torchrun --nproc-per-node 8 tools/pretrain_mesh.py --config configs/pythia-1.4b-4+8R2+4-mesh.yml \
+        [--set training.train_iters=1000 ...] [-- --raw-megatron-flag value ...]
+
+The YAML (see configs/README.md) becomes Megatron's arguments in one function
+(megatron_mesh.training.arguments.megatron_argv); flags after `--` are passed to Megatron as
+they are and win over the YAML. Launch with torchrun (single- or multi-node); the usual
+environment (MASTER_ADDR, MASTER_PORT, WORLD_SIZE, RANK, LOCAL_RANK) is read by Megatron.
+"""
+
+import argparse
+import os
+import sys
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import megatron_mesh  # noqa: E402  (CPU shims before megatron.core)
+from megatron_mesh.compat import cpu, wheel  # noqa: E402
+
+
+def split_passthrough(argv):
+    if "--" in argv:
+        i = argv.index("--")
+        return argv[:i], argv[i + 1 :]
+    return argv, []
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="experiment YAML file")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set training.train_iters=100")
+    parser.add_argument("--print-args", action="store_true",
+                        help="print the Megatron arguments the config maps to and exit")
+    return parser.parse_args(argv)
+
+
+def build_megatron_argv(config, overrides, passthrough):
+    from megatron_mesh.training.arguments import megatron_argv
+    from megatron_mesh.yaml_config import load_config_tree
+
+    tree, origins = load_config_tree(config, overrides)
+    mode = (tree.get("logging") or {}).get("wandb_mode")
+    if mode:
+        os.environ.setdefault("WANDB_MODE", mode)
+    return megatron_argv(tree, origins) + cpu.trainer_args() + [
+        "--mesh-config-file", str(Path(config).resolve())
+    ] + passthrough
+
+
+def run(megatron_args):
+    wheel.apply()
+    cpu.apply_trainer()
+    from megatron.core.enums import ModelType
+    from megatron.training import pretrain
+    from megatron.training.argument_utils import pretrain_cfg_container_from_args
+    from megatron.training.arguments import parse_and_validate_args
+
+    from megatron_mesh.training import providers, throughput
+    from megatron_mesh.training.arguments import add_mesh_arguments
+
+    sys.argv = [sys.argv[0], *megatron_args]
+    with cpu.trainer_context():
+        args = parse_and_validate_args(extra_args_provider=add_mesh_arguments)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*recommended to use a ModelConfig.*")
+            cfg = pretrain_cfg_container_from_args(args)
+        throughput.install(providers.mesh_config_from_args(args), args)
+        pretrain(
+            cfg,
+            providers.train_valid_test_datasets_provider,
+            ModelType.encoder_or_decoder,
+            providers.forward_step,
+            model_provider=providers.model_provider,
+        )
+
+
+def main(argv=None):
+    from megatron_mesh.yaml_config import ConfigError
+
+    ours, passthrough = split_passthrough(sys.argv[1:] if argv is None else argv)
+    args = parse_args(ours)
+    try:
+        megatron_args = build_megatron_argv(args.config, args.overrides, passthrough)
+    except ConfigError as err:
+        sys.exit(f"error: {err}")
+    if args.print_args:
+        print(" ".join(megatron_args))
+        return
+    run(megatron_args)
+
+
+if __name__ == "__main__":
+    main()
