@@ -20,4 +20,5 @@ setup(
         "transformers>=4.57,<5",
         "safetensors",
     ],
+    extras_require={"logging": ["tensorboard", "wandb"]},
 )

@@ -42,3 +42,11 @@ def random_batch(cfg, batch=2, seq=16, seed=0):
     tokens = torch.randint(0, cfg.vocab_size, (batch, seq), generator=g)
     positions = torch.arange(seq).unsqueeze(0).expand(batch, seq)
     return tokens, positions
+
+
+def model_configs():
+    """Every shipped config file that defines a model (train/ holds training-only fragments)."""
+    from megatron_mesh.yaml_config import load_config_tree
+
+    files = sorted(Path(REPO, "configs").rglob("*.yml"))
+    return [p for p in files if "model" in load_config_tree(p)[0]]

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, model_configs
 
 from megatron_mesh.yaml_config import ConfigError, load_config_tree, load_model_config, parse_value
 
@@ -79,7 +79,7 @@ def test_missing_file_cycle_and_bad_yaml(tmp_path):
 
 
 def test_every_shipped_config_parses():
-    files = sorted(Path(REPO, "configs").rglob("*.yml"))
+    files = model_configs()
     assert len(files) > 30
     for path in files:
         load_model_config(path)

@@ -48,7 +48,7 @@ def _check(tree: dict, origins: Dict[str, str]) -> None:
                 f"expected one of {list(allowed)}"
             )
     training = tree["training"]
-    if ("train_iters" in training) == ("train_tokens" in training):
+    if (training.get("train_iters") is None) == (training.get("train_tokens") is None):
         raise ConfigError("set exactly one of 'training.train_iters' and 'training.train_tokens'")
     betas = _get(tree, "optimizer", "betas", [0.9, 0.95])
     if not (isinstance(betas, list) and len(betas) == 2):
@@ -60,7 +60,7 @@ def _check(tree: dict, origins: Dict[str, str]) -> None:
 def train_iters(tree: dict) -> int:
     """training.train_iters, or training.train_tokens rounded up to whole global batches."""
     training = tree["training"]
-    if "train_iters" in training:
+    if training.get("train_iters") is not None:
         return int(training["train_iters"])
     tokens_per_iter = training["global_batch_size"] * training["seq_length"]
     return math.ceil(training["train_tokens"] / tokens_per_iter)
@@ -171,7 +171,8 @@ def _system_args(tree: dict) -> List[str]:
         # the local spec's torch LayerNorm refuses apex's persistent-LN flag (torch_norm.py:48)
         *_flag("no-persist-layer-norm", impl in ("auto", "local")),
         *_flag("save", ckpt.get("save")),
-        *_flag("save-interval", ckpt.get("interval")),
+        # Megatron requires an interval with --save; by default save only at the end
+        *_flag("save-interval", ckpt.get("interval") or (train_iters(tree) if ckpt.get("save") else None)),
         *_flag("load", ckpt.get("load", ckpt.get("save"))),
         *_flag("ckpt-format", ckpt.get("format", "torch_dist")),
         *_flag("exit-signal-handler", ckpt.get("save_on_signal", True)),

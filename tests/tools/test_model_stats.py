@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, model_configs
 
 TOOL = REPO / "tools" / "model_stats.py"
 
@@ -52,7 +52,7 @@ def test_all_configs_build_on_meta_device():
     sys.path.insert(0, str(REPO / "tools"))
     from model_stats import build_stats
 
-    for path in sorted(Path(REPO, "configs").rglob("*.yml")):
+    for path in model_configs():
         stats = build_stats(path)
         assert stats.non_embedding_params > 0, path
 

@@ -1,0 +1,126 @@
+"""YAML -> Megatron arguments: every config maps, the paper configs hold the paper's numbers."""
+
+import argparse
+import json
+
+import pytest
+
+from conftest import REPO, model_configs
+
+from megatron_mesh.yaml_config import ConfigError, load_config_tree
+
+
+def megatron_parser():
+    from megatron_mesh.compat import wheel
+
+    wheel.apply()
+    from megatron.training.arguments import add_megatron_arguments
+
+    from megatron_mesh.training.arguments import add_mesh_arguments
+
+    return add_mesh_arguments(add_megatron_arguments(argparse.ArgumentParser(allow_abbrev=False)))
+
+
+def parsed(path, overrides=()):
+    from megatron_mesh.training.arguments import megatron_argv
+
+    return megatron_parser().parse_args(megatron_argv(*load_config_tree(path, overrides)))
+
+
+def training_configs():
+    return [p for p in model_configs() if "training" in load_config_tree(p)[0]]
+
+
+def test_every_training_config_maps_to_megatron_arguments():
+    from megatron_mesh.training.arguments import megatron_argv
+
+    parser = megatron_parser()
+    files = training_configs()
+    assert len(files) > 30
+    for path in files:
+        args = parser.parse_args(megatron_argv(*load_config_tree(path)))
+        assert json.loads(args.mesh_model)["layout"]
+
+
+def test_paper_1_4b_mesh_has_the_papers_numbers():
+    args = parsed(REPO / "configs/pythia-1.4b-4+8R2+4-mesh.yml")
+    assert args.train_iters * args.global_batch_size * args.seq_length == 120_818 * 512 * 4096
+    assert 120_818 * 512 * 4096 == 253_373_710_336
+    assert (args.seq_length, args.global_batch_size) == (4096, 512)
+    assert args.lr == 2e-4 and args.min_lr == pytest.approx(2e-5)
+    assert (args.adam_beta1, args.adam_beta2, args.adam_eps) == (0.9, 0.95, 1e-8)
+    assert args.weight_decay == 0.01 and args.clip_grad == 1.0
+    assert args.lr_decay_style == "cosine" and args.lr_warmup_fraction == 0.01
+    assert args.bf16 and not args.fp16
+    assert args.num_layers == 24 and args.hidden_size == 2048 and args.num_attention_heads == 16
+    assert args.untie_embeddings_and_output_weights and args.rotary_percent == 0.25
+    assert args.padded_vocab_size == 50304 and args.ckpt_format == "torch_dist"
+    assert json.loads(args.mesh_model)["state_scheme"] == "mesh"
+
+
+@pytest.mark.parametrize("size, lr", [("160m", 6e-4), ("410m", 3e-4), ("1b", 2.5e-4), ("1.4b", 2e-4)])
+def test_peak_learning_rate_per_size(size, lr):
+    path = next((REPO / "configs").glob(f"pythia-{size}-*-mesh.yml"))
+    assert parsed(path).lr == lr
+
+
+def test_train_tokens_round_up_to_whole_batches():
+    args = parsed(
+        REPO / "configs/tiny-cpu.yml", ["training.train_iters=null", "training.train_tokens=10000"]
+    )
+    assert args.train_iters == 20  # ceil(10000 / (8 * 64))
+
+
+def test_passthrough_wins_and_yaml_floats_are_numbers(tmp_path):
+    from megatron_mesh.training.arguments import megatron_argv
+
+    argv = megatron_argv(*load_config_tree(REPO / "configs/tiny-cpu.yml", ["optimizer.lr=6e-4"]))
+    args = megatron_parser().parse_args(argv + ["--lr", "1e-3"])
+    assert args.lr == 1e-3
+    assert megatron_parser().parse_args(argv).lr == 6e-4
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("precision.dtype=bf8", "precision.dtype='bf8': expected one of ['bf16', 'fp16', 'fp32']"),
+        ("schedule.style=cosin", "schedule.style='cosin': expected one of"),
+        ("optimizer.lr=null", "missing required key 'optimizer.lr'"),
+        ("training.train_tokens=1000", "exactly one of 'training.train_iters' and 'training.train_tokens'"),
+        ("optimizer.betas=[0.9]", "optimizer.betas=[0.9]: expected [beta1, beta2]"),
+        ("data.mock=false", "no training data"),
+        ("logging.wandb_mod=offline", "unknown key 'logging.wandb_mod'; did you mean 'logging.wandb_mode'"),
+        ("model.layout=4+8R0+4", "K must be >= 1"),
+    ],
+)
+def test_bad_values_fail_clearly(override, message):
+    from megatron_mesh.training.arguments import megatron_argv
+
+    with pytest.raises(ConfigError) as err:
+        megatron_argv(*load_config_tree(REPO / "configs/tiny-cpu.yml", [override]))
+    assert message in str(err.value)
+
+
+def test_flops_in_the_log_agree_with_model_stats():
+    import sys
+
+    sys.path.insert(0, str(REPO / "tools"))
+    from model_stats import build_stats
+
+    from megatron_mesh.training.throughput import ThroughputLogger
+    from megatron_mesh.yaml_config import load_model_config
+
+    path = REPO / "configs/pythia-1.4b-4+8R2+4-mesh.yml"
+    stats = build_stats(path, seq_length=4096)
+    from megatron_mesh.stats import train_flops_per_token
+
+    logger = ThroughputLogger(train_flops_per_token(load_model_config(path), 4096), peak_tflops=989.0)
+    args = argparse.Namespace(seq_length=4096, global_batch_size=512, world_size=8,
+                              consumed_train_samples=0, train_iters=10)
+    assert logger.num_floating_point_operations(args, 512) == 512 * 4096 * stats.train_flops_per_token
+    logger.line(args, 0, 0.0)
+    line = logger.line(args, 10, 100.0)  # 10 iterations in 100 s
+    tokens_per_s = 512 * 4096 / 10.0
+    assert line["tokens-per-sec"] == pytest.approx(tokens_per_s)
+    assert line["tflops-per-device"] == pytest.approx(tokens_per_s * stats.train_flops_per_token / 1e12 / 8)
+    assert line["mfu"] == pytest.approx(line["tflops-per-device"] / 989.0)
