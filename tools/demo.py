@@ -1,15 +1,19 @@
 #!/usr/bin/env python
-"""The smallest real run: a tiny MeSH model (configs/tiny-cpu.yml) trained for a few steps on CPU.
+"""`make demo`: train a small MeSH model on CPU from nothing but what ships with Python.
 
-The data is synthetic and learnable: each sequence counts upwards (modulo --task-vocab) from a
-random start, so after the first token every next token is determined and the loss should fall
-from ln(vocab) ~ 10.8 towards zero. The full
-Pythia-style trainer (tools/pretrain_mesh.py) replaces this once it exists.
+1. builds an English corpus from Python's own documentation (pydoc topics + stdlib docstrings),
+2. trains a 4096-entry byte-level BPE tokenizer on it (saved as a Hugging Face directory),
+3. writes a Megatron indexed dataset (.bin/.idx),
+4. trains configs/demo-cpu.yml with tools/pretrain_mesh.py under torchrun (Megatron's trainer),
+   saving torch_dist checkpoints and TensorBoard events,
+5. prints where everything is.
 
-    python tools/demo.py [--config configs/tiny-cpu.yml] [--steps 40]
+    python tools/demo.py [--out runs/demo] [--iters 300]
 """
 
 import argparse
+import re
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -19,51 +23,72 @@ sys.path.insert(0, str(REPO))
 
 import megatron_mesh  # noqa: E402,F401  (CPU shims before megatron.core)
 
+SHOW = re.compile(r"^ \[mesh\]|saving checkpoint|successfully saved|Error|error:")
+LOSS = re.compile(r"iteration\s+(\d+)/\s*(\d+) \|.*?learning rate: ([0-9.eE+-]+).*?lm loss: ([0-9.eE+-]+)"
+                  r".*?grad norm: ([0-9.]+)")
 
-def counting_batch(generator, batch, seq, vocab):
-    import torch
 
-    start = torch.randint(0, vocab, (batch, 1), generator=generator)
-    tokens = (start + torch.arange(seq + 1)) % vocab + 2  # [b, s+1]; ids 0/1 are EOD/pad
-    return tokens[:, :-1], tokens[:, 1:]
+def build_data(out: Path, vocab_size: int):
+    from megatron_mesh.data.indexed import train_bpe_tokenizer, write_indexed_dataset
+    from megatron_mesh.data.local_corpus import python_docs_corpus
+    from transformers import AutoTokenizer
+
+    docs = python_docs_corpus()
+    print(f"corpus: {len(docs)} documents, {sum(map(len, docs)):,} characters of Python documentation")
+    tok_dir = train_bpe_tokenizer(docs, vocab_size, out / "tokenizer")
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    eod = tok.eos_token_id
+    prefix = out / "data" / "python_docs_text_document"
+    tokens = write_indexed_dataset((tok.encode(d) + [eod] for d in docs), prefix, len(tok))
+    print(f"tokenizer: {tok_dir} ({len(tok)} ids)   dataset: {prefix}.bin/.idx ({tokens:,} tokens)")
+    return tok_dir, prefix
+
+
+def train(out: Path, tok_dir: str, prefix: Path, iters: int, extra):
+    sets = {
+        "data.path": f"[{prefix}]",
+        "tokenizer.model": tok_dir,
+        "training.train_iters": iters,
+        "checkpointing.save": out / "checkpoints",
+        "logging.tensorboard_dir": out / "tensorboard",
+    }
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
+           str(REPO / "tools" / "pretrain_mesh.py"), "--config", str(REPO / "configs" / "demo-cpu.yml"),
+           *[f"--set={k}={v}" for k, v in sets.items()], *extra]
+    log_path = out / "train.log"
+    losses = {}
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+        for line in proc.stdout:
+            log.write(line)
+            match = LOSS.search(line)
+            if match:
+                it, total, lr, loss, grad = match.groups()
+                losses[int(it)] = float(loss)
+                print(f" iteration {int(it):5d}/{total} | lm loss {float(loss):.4f} | lr {float(lr):.2e} | "
+                      f"grad norm {grad}", flush=True)
+            elif SHOW.search(line):
+                print(line.rstrip(), flush=True)
+        code = proc.wait()
+    if code != 0:
+        sys.exit(f"training failed (exit {code}); full log: {log_path}")
+    return losses, log_path
 
 
 def main(argv=None):
-    import torch
-
-    from megatron_mesh.model import MeshGPTModel
-    from megatron_mesh.parallel.process_groups import initialize_single_process
-    from megatron_mesh.yaml_config import load_model_config
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default=str(REPO / "configs" / "tiny-cpu.yml"))
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq-length", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=1e-2)
-    parser.add_argument("--task-vocab", type=int, default=1000, help="token ids used by the task")
-    args = parser.parse_args(argv)
-
-    torch.set_num_threads(2)
-    initialize_single_process(seed=1234)
-    cfg = load_model_config(args.config)
-    model = MeshGPTModel(cfg)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.01)
-    gen = torch.Generator().manual_seed(0)
-    positions = torch.arange(args.seq_length).unsqueeze(0).expand(args.batch, -1)
-    print(f"model {cfg.parsed_layout} ({cfg.state_scheme}, B={cfg.buffer_slots}), hidden {cfg.hidden_size}, "
-          f"{sum(p.numel() for p in model.parameters()):,} parameters")
+    parser.add_argument("--out", default=str(REPO / "runs" / "demo"))
+    parser.add_argument("--iters", type=int, default=300)
+    parser.add_argument("--vocab-size", type=int, default=4096)
+    args, extra = parser.parse_known_args(argv)
+    out = Path(args.out)
     start = time.time()
-    for step in range(1, args.steps + 1):
-        inputs, labels = counting_batch(gen, args.batch, args.seq_length, args.task_vocab)
-        loss = model(inputs, positions, labels=labels)  # [b, s]
-        optimizer.zero_grad()
-        loss.mean().backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        if step == 1 or step % 5 == 0:
-            print(f"step {step:4d}  loss {loss.mean().item():.4f}  "
-                  f"{(time.time() - start) / step:.3f} s/step")
+    tok_dir, prefix = build_data(out, args.vocab_size)
+    losses, log_path = train(out, tok_dir, prefix, args.iters, extra)
+    first, last = losses[min(losses)], losses[max(losses)]
+    print(f"\nloss {first:.3f} (iteration {min(losses)}) -> {last:.3f} (iteration {max(losses)}) "
+          f"in {time.time() - start:.0f} s")
+    print(f"checkpoints: {out / 'checkpoints'}\ntensorboard: {out / 'tensorboard'}\nlog:         {log_path}")
 
 
 if __name__ == "__main__":

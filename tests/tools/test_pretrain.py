@@ -46,14 +46,17 @@ def tracker(save_dir):
 
 
 def test_tiny_run_learns_logs_and_checkpoints(tmp_path):
-    save, tb = tmp_path / "ckpt", tmp_path / "tb"
+    save, tb, wandb = tmp_path / "ckpt", tmp_path / "tb", tmp_path / "wandb"
     log, losses = train(tmp_path, ckpt_overrides(save, **{
-        "training.train_iters": 40, "checkpointing.interval": 20, "logging.tensorboard_dir": tb}))
+        "training.train_iters": 40, "checkpointing.interval": 20, "logging.tensorboard_dir": tb,
+        "logging.wandb_project": "mesh-test", "logging.wandb_mode": "offline",
+        "logging.wandb_dir": wandb}))
     assert sorted(losses) == list(range(1, 41))
     first, last = sum(losses[i] for i in range(1, 6)) / 5, sum(losses[i] for i in range(36, 41)) / 5
     assert last < first - 1.0, (first, last)
     assert "[mesh] iteration" in log and "tokens/s" in log and "ETA" in log
     assert list(tb.glob("events.out.tfevents.*")), "no TensorBoard event file"
+    assert list(wandb.glob("wandb/offline-run-*")), "no offline W&B run"
     assert tracker(save) == 40
     assert (save / "iter_0000020").is_dir() and (save / "iter_0000040").is_dir()
 

@@ -124,3 +124,13 @@ def test_flops_in_the_log_agree_with_model_stats():
     assert line["tokens-per-sec"] == pytest.approx(tokens_per_s)
     assert line["tflops-per-device"] == pytest.approx(tokens_per_s * stats.train_flops_per_token / 1e12 / 8)
     assert line["mfu"] == pytest.approx(line["tflops-per-device"] / 989.0)
+
+
+def test_wandb_disabled_never_reaches_megatron():
+    from megatron_mesh.training.arguments import megatron_argv
+
+    sets = ["logging.wandb_project=p", "logging.wandb_mode=disabled"]
+    argv = megatron_argv(*load_config_tree(REPO / "configs/tiny-cpu.yml", sets))
+    assert "--wandb-project" not in argv  # Megatron only imports wandb when a project is set
+    argv = megatron_argv(*load_config_tree(REPO / "configs/tiny-cpu.yml", sets[:1]))
+    assert argv[argv.index("--wandb-project") + 1] == "p"
