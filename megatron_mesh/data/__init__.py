@@ -1,0 +1,1 @@
+"""Data: indexed datasets, tokenizers and corpora."""
