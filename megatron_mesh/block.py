@@ -19,7 +19,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import build_module
 from megatron.core.utils import make_viewless_tensor
 
-from megatron_mesh.config import MeshConfig
+from megatron_mesh.config import MeshConfig, refuse_unsupported
 from megatron_mesh.layers import RecursiveBlockSubmodules, default_block_spec
 from megatron_mesh.mesh import build_scheme
 
@@ -35,12 +35,7 @@ def _refuse_unsupported(config: MeshConfig) -> None:
         "context_parallel_size": (config.context_parallel_size, 1),
         "recompute_granularity": (config.recompute_granularity, None),
     }
-    for name, (value, supported) in unsupported.items():
-        if value != supported:
-            raise ValueError(
-                f"{name}={value!r} is not supported by RecursiveMeshTransformerBlock yet "
-                f"(expected {supported!r})"
-            )
+    refuse_unsupported(unsupported, "RecursiveMeshTransformerBlock yet")
 
 
 def _param_device(config: MeshConfig):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +20,13 @@ from megatron_mesh.layout import Layout, parse_layout
 from megatron_mesh.mesh import normalize_scheme
 
 GELU_APPROXIMATIONS = ("none", "tanh")
+
+
+def refuse_unsupported(settings: Dict[str, Tuple[Any, Any]], owner: str) -> None:
+    """Raise for the first ``name: (value, supported_value)`` whose value is not supported."""
+    for name, (value, supported) in settings.items():
+        if value != supported:
+            raise ValueError(f"{name}={value!r} is not supported by {owner} (expected {supported!r})")
 
 
 @dataclass

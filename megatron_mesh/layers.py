@@ -19,6 +19,8 @@ from megatron.core.typed_torch import apply_module
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
+from megatron_mesh.config import refuse_unsupported
+
 
 class ParallelResidualTransformerLayer(TransformerLayer):
     """A TransformerLayer whose MLP reads ln2(x) of the layer input, not of x + attn.
@@ -39,12 +41,7 @@ class ParallelResidualTransformerLayer(TransformerLayer):
             "inference_fuse_tp_communication": (config.inference_fuse_tp_communication, False),
             "recompute_modules with 'mlp'": (self.recompute_mlp, False),
         }
-        for name, (value, supported) in unsupported.items():
-            if value != supported:
-                raise ValueError(
-                    f"{name}={value!r} is not supported by the GPT-NeoX parallel-residual layer "
-                    f"(expected {supported!r})"
-                )
+        refuse_unsupported(unsupported, "the GPT-NeoX parallel-residual layer")
 
     def forward(self, hidden_states, *args, **kwargs):
         # [s, b, h] -> [s, b, h]
