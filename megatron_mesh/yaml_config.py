@@ -42,7 +42,18 @@ MODEL_KEYS = (
 
 SCHEMA: Dict[str, Tuple[str, ...]] = {
     "model": MODEL_KEYS,
-    "data": ("path", "split", "mock", "num_workers", "cache_path"),
+    "data": (
+        "format",
+        "path",
+        "valid_path",
+        "test_path",
+        "split",
+        "mock",
+        "num_workers",
+        "cache_path",
+        "pythia_boundary",
+        "mask_eod_loss",
+    ),
     "tokenizer": ("type", "model", "vocab_size"),
     "training": (
         "seq_length",

@@ -31,10 +31,16 @@ def write_indexed_dataset(documents: Iterable[List[int]], prefix: str, vocab_siz
     tmp = f"{prefix}.tmp{os.getpid()}"
     builder = IndexedDatasetBuilder(f"{tmp}.bin", dtype=token_dtype(vocab_size))
     tokens = 0
-    for doc in documents:
-        builder.add_document(torch.tensor(doc), [len(doc)])
-        tokens += len(doc)
-    builder.finalize(f"{tmp}.idx")
+    try:
+        for doc in documents:
+            builder.add_document(torch.tensor(doc, dtype=torch.int64), [len(doc)])
+            tokens += len(doc)
+        builder.finalize(f"{tmp}.idx")
+    except BaseException:
+        builder.data_file.close()
+        for suffix in (".bin", ".idx"):
+            Path(f"{tmp}{suffix}").unlink(missing_ok=True)
+        raise
     os.replace(f"{tmp}.bin", f"{prefix}.bin")
     os.replace(f"{tmp}.idx", f"{prefix}.idx")
     return tokens

@@ -22,6 +22,8 @@ CHOICES = {
     ("parallelism", "transformer_impl"): ("auto", "local", "transformer_engine"),
     ("parallelism", "recompute_granularity"): ("full", "selective"),
     ("parallelism", "recompute_method"): ("uniform", "block"),
+    ("data", "format"): ("gpt", "pythia_preshuffled"),
+    ("data", "pythia_boundary"): ("per_row", "contiguous", "contiguous_masked"),
 }
 
 REQUIRED = (
@@ -100,16 +102,34 @@ def _model_args(tree: dict, origins: Dict[str, str]) -> List[str]:
     ]
 
 
+def _as_list(value):
+    return [value] if isinstance(value, str) else value
+
+
+def _data_paths(data: dict) -> List[str]:
+    """One blend split by data.split, or separate train/valid/test blends."""
+    if data.get("valid_path") or data.get("test_path"):
+        return [*_flag("train-data-path", _as_list(data["path"])),
+                *_flag("valid-data-path", _as_list(data.get("valid_path"))),
+                *_flag("test-data-path", _as_list(data.get("test_path")))]
+    return [*_flag("data-path", _as_list(data.get("path"))), *_flag("split", data.get("split", "969,30,1"))]
+
+
 def _data_args(tree: dict) -> List[str]:
     data = tree.get("data") or {}
     tok = tree.get("tokenizer") or {}
     if not data.get("mock") and not data.get("path"):
         raise ConfigError("no training data: set 'data.path' (indexed dataset prefixes) or 'data.mock: true'")
-    paths = data.get("path")
+    fmt = data.get("format", "gpt")
+    if fmt == "pythia_preshuffled" and (data.get("mock") or len(_as_list(data["path"])) != 1):
+        raise ConfigError("data.format=pythia_preshuffled reads exactly one merged file: "
+                          f"expected one data.path prefix, got {data.get('path')!r}")
     return [
         *_flag("mock-data", bool(data.get("mock"))),
-        *_flag("data-path", [paths] if isinstance(paths, str) else paths),
-        *_flag("split", data.get("split", "969,30,1")),
+        *(_data_paths(data) if data.get("path") else []),
+        *_flag("mesh-data-format", fmt),
+        *_flag("mesh-pythia-boundary", data.get("pythia_boundary", "per_row")),
+        *_flag("eod-mask-loss", data.get("mask_eod_loss", False)),
         *_flag("num-workers", data.get("num_workers", 2)),
         *_flag("data-cache-path", data.get("cache_path")),
         *_flag("tokenizer-type", tok.get("type", "HuggingFaceTokenizer")),
@@ -203,6 +223,10 @@ def add_mesh_arguments(parser):
                        help="JSON of the YAML model section (layout, state_scheme, ...)")
     group.add_argument("--mesh-config-file", type=str, default=None,
                        help="the experiment YAML this run was started from (for the record)")
+    group.add_argument("--mesh-data-format", choices=["gpt", "pythia_preshuffled"], default="gpt",
+                       help="gpt: megatron-core GPTDataset blends; pythia_preshuffled: rows in order")
+    group.add_argument("--mesh-pythia-boundary", default="per_row",
+                       choices=["per_row", "contiguous", "contiguous_masked"])
     group.add_argument("--mesh-peak-tflops", type=float, default=None,
                        help="peak dense TFLOP/s of one device for MFU (default: known GPUs)")
     return parser

@@ -66,6 +66,38 @@ def forward_step(data_iterator, model: MeshGPTModel):
     return output, partial(loss_func, loss_mask)
 
 
+def _check_data(args) -> None:
+    """Integrity checks on open: index/bin consistency, token range, tokenizer vocabulary."""
+    from megatron_mesh.data.integrity import (check_indexed_dataset, check_token_range,
+                                              check_tokenizer_vocab)
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    check_tokenizer_vocab(get_tokenizer().vocab_size, args.padded_vocab_size,
+                          args.tokenizer_model or args.tokenizer_type)
+    for paths in (args.data_path, args.train_data_path, args.valid_data_path, args.test_data_path):
+        for prefix in (p for p in (paths or []) if not _is_weight(p)):
+            check_indexed_dataset(prefix)
+            check_token_range(IndexedDataset(prefix), prefix, args.padded_vocab_size)
+
+
+def _is_weight(item: str) -> bool:
+    try:
+        float(item)
+        return True
+    except ValueError:
+        return False
+
+
+def _pythia_datasets(args):
+    from megatron_mesh.data.pythia import PythiaPreshuffledDataset
+
+    prefix = (args.data_path or args.train_data_path)[-1]
+    train = PythiaPreshuffledDataset(prefix, args.seq_length, args.mesh_pythia_boundary,
+                                     eod_id=get_tokenizer().eod, mask_eod_loss=args.eod_mask_loss,
+                                     vocab_size=args.padded_vocab_size)
+    return train, None, None
+
+
 def _dataset_config(args) -> GPTDatasetConfig:
     blend, blend_per_split = get_blend_and_blend_per_split(args)
     return GPTDatasetConfig(
@@ -78,13 +110,17 @@ def _dataset_config(args) -> GPTDatasetConfig:
         tokenizer=get_tokenizer(),
         reset_position_ids=False,
         reset_attention_mask=False,
-        eod_mask_loss=False,
+        eod_mask_loss=args.eod_mask_loss,
         create_attention_mask=False,
     )
 
 
 def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None):
     args = get_args()
+    if not args.mock_data:
+        _check_data(args)
+    if args.mesh_data_format == "pythia_preshuffled":
+        return _pythia_datasets(args)
     dataset_type = MockGPTDataset if args.mock_data else GPTDataset
     return BlendedMegatronDatasetBuilder(
         dataset_type,

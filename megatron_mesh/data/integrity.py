@@ -1,0 +1,90 @@
+"""Checks run when an indexed dataset is opened: each failure names the file and the numbers.
+
+Layout of ``.idx`` (Megatron/NeoX "MMIDIDX"): 9-byte magic ``MMIDIDX\\x00\\x00``, uint64 version
+(1), uint8 dtype code, uint64 sequence count, uint64 document count, then int32 sizes,
+int64 byte pointers into ``.bin``, int64 document indices.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy
+
+MAGIC = b"MMIDIDX\x00\x00"
+DTYPES = {1: numpy.uint8, 2: numpy.int8, 3: numpy.int16, 4: numpy.int32, 5: numpy.int64,
+          6: numpy.float64, 7: numpy.float32, 8: numpy.uint16}
+
+
+class DatasetIntegrityError(ValueError):
+    """An indexed dataset or its tokenizer does not match what it claims or what is configured."""
+
+
+@dataclass
+class IndexHeader:
+    dtype: type
+    sequences: int
+    documents: int
+    header_bytes: int
+
+
+def read_header(prefix: str) -> IndexHeader:
+    idx = f"{prefix}.idx"
+    if not Path(idx).is_file() or not Path(f"{prefix}.bin").is_file():
+        raise DatasetIntegrityError(f"{prefix}: expected {prefix}.bin and {prefix}.idx")
+    with open(idx, "rb") as f:
+        magic = f.read(9)
+        if magic != MAGIC:
+            raise DatasetIntegrityError(f"{idx}: bad magic {magic!r}, expected {MAGIC!r}")
+        (version,) = struct.unpack("<Q", f.read(8))
+        if version != 1:
+            raise DatasetIntegrityError(f"{idx}: index version {version}, expected 1")
+        (code,) = struct.unpack("<B", f.read(1))
+        if code not in DTYPES:
+            raise DatasetIntegrityError(f"{idx}: unknown dtype code {code}, expected one of {sorted(DTYPES)}")
+        sequences, documents = struct.unpack("<QQ", f.read(16))
+    return IndexHeader(DTYPES[code], sequences, documents, 34)
+
+
+def check_indexed_dataset(prefix: str) -> IndexHeader:
+    """Magic, version, dtype, index length and .bin length agree."""
+    header = read_header(prefix)
+    idx, binfile = f"{prefix}.idx", f"{prefix}.bin"
+    expected_idx = header.header_bytes + header.sequences * 12 + header.documents * 8
+    if os.path.getsize(idx) < expected_idx:
+        raise DatasetIntegrityError(
+            f"{idx}: {os.path.getsize(idx)} bytes, but {header.sequences} sequences and "
+            f"{header.documents} document indices need {expected_idx}")
+    tokens = 0
+    if header.sequences:
+        index = numpy.memmap(idx, mode="r", offset=header.header_bytes, dtype=numpy.uint8)
+        sizes = index[: 4 * header.sequences].view(numpy.int32)
+        pointers = index[4 * header.sequences : 12 * header.sequences].view(numpy.int64)
+        tokens = int(pointers[-1] // numpy.dtype(header.dtype).itemsize + sizes[-1])
+    expected_bin = tokens * numpy.dtype(header.dtype).itemsize
+    if os.path.getsize(binfile) != expected_bin:
+        raise DatasetIntegrityError(
+            f"{binfile}: {os.path.getsize(binfile):,} bytes, but {idx} describes {tokens:,} "
+            f"{numpy.dtype(header.dtype).name} tokens = {expected_bin:,} bytes")
+    return header
+
+
+def check_token_range(dataset, prefix: str, vocab_size: int, samples: int = 64) -> None:
+    """Token ids below ``vocab_size`` in up to ``samples`` evenly spread documents."""
+    n = len(dataset)
+    for i in sorted({int(j) for j in numpy.linspace(0, n - 1, num=min(samples, n))} if n else ()):
+        top = int(numpy.max(dataset[i])) if len(dataset[i]) else -1
+        if top >= vocab_size:
+            raise DatasetIntegrityError(
+                f"{prefix}: sequence {i} holds token id {top}, at or above the model's padded "
+                f"vocabulary size {vocab_size}")
+
+
+def check_tokenizer_vocab(tokenizer_vocab: int, model_vocab: int, source: str) -> None:
+    if tokenizer_vocab > model_vocab:
+        raise DatasetIntegrityError(
+            f"tokenizer {source} has {tokenizer_vocab} ids but the model's vocab_size is "
+            f"{model_vocab}: set model.vocab_size >= {tokenizer_vocab} (padded, e.g. 50304 for GPT-NeoX-20B)")

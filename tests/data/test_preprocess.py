@@ -1,0 +1,112 @@
+"""tools/preprocess_data.py: round trip with the GPT-NeoX-20B tokenizer, workers, bad records."""
+
+import gzip
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, SHARED
+
+NEOX = SHARED / "data" / "20B_tokenizer.json"
+needs_neox = pytest.mark.skipif(not NEOX.is_file(), reason="GPT-NeoX-20B tokenizer not beside the repo")
+
+DOCS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Unicode: naïve café, über, 日本語, emoji 🙂 and tabs\tand\nnewlines.",
+    "def f(x):\n    return x ** 2  # code survives too\n",
+    "",
+    "A longer document. " * 200,
+]
+
+
+def write_inputs(tmp_path):
+    import zstandard
+
+    lines = [json.dumps({"text": d, "meta": i}) + "\n" for i, d in enumerate(DOCS)]
+    (tmp_path / "a.jsonl").write_text("".join(lines[:2]))
+    with gzip.open(tmp_path / "b.jsonl.gz", "wt") as f:
+        f.write(lines[2])
+    (tmp_path / "c.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(lines[3].encode()))
+    (tmp_path / "d.txt").write_text(DOCS[4])
+    return [tmp_path / n for n in ("a.jsonl", "b.jsonl.gz", "c.jsonl.zst", "d.txt")]
+
+
+def decode_all(prefix, tokenizer):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    ds = IndexedDataset(str(prefix))
+    out = []
+    for i in range(len(ds)):
+        ids = ds[i].tolist()
+        assert ids[-1] == 0  # <|endoftext|> after every document
+        out.append(tokenizer.decode(ids[:-1]))
+    return out, ds
+
+
+@needs_neox
+def test_round_trip_and_worker_count_independence(tmp_path):
+    from transformers import PreTrainedTokenizerFast
+
+    from megatron_mesh.data.preprocess import preprocess
+
+    inputs = write_inputs(tmp_path)
+    one = preprocess(inputs, tmp_path / "w1", str(NEOX), workers=1, progress=False)
+    three = preprocess(inputs, tmp_path / "w3", str(NEOX), workers=3, progress=False)
+    assert one.documents == three.documents == len(DOCS) and not one.bad
+    for suffix in (".bin", ".idx"):
+        assert (tmp_path / f"w1{suffix}").read_bytes() == (tmp_path / f"w3{suffix}").read_bytes()
+    texts, ds = decode_all(tmp_path / "w1", PreTrainedTokenizerFast(tokenizer_file=str(NEOX)))
+    assert texts == DOCS
+    import numpy
+
+    assert ds.index.dtype == numpy.uint16  # 50277 ids fit
+
+
+def test_bad_records_are_reported_with_lines_and_strict_fails_without_output(tmp_path):
+    from megatron_mesh.data.indexed import train_bpe_tokenizer
+    from megatron_mesh.data.preprocess import BadRecordError, preprocess
+
+    tok = train_bpe_tokenizer(DOCS * 5, 300, tmp_path / "tok")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"text": "fine"}\n{"text": broken\n{"body": "no text key"}\n'
+                    b'{"text": 17}\n{"text": "bad \xff utf8"}\n\n{"text": "also fine"}\n')
+    report = preprocess([bad], tmp_path / "out", tok, progress=False)
+    assert report.documents == 2
+    got = [(b.line, b.reason.split(" ")[0]) for b in report.bad]
+    assert got == [(2, "invalid"), (3, "missing"), (4, "key"), (5, "invalid")]
+    assert "invalid JSON" in report.bad[0].reason and "invalid UTF-8" in report.bad[3].reason
+    assert f"{bad}:3: missing key 'text'" in report.summary()
+
+    with pytest.raises(BadRecordError, match=r"bad.jsonl:2: invalid JSON"):
+        preprocess([bad], tmp_path / "strict", tok, strict=True, progress=False)
+    assert not list(tmp_path.glob("strict*")), "strict failure left files behind"
+
+
+def test_sentencepiece_model(tmp_path):
+    import sentencepiece
+
+    from megatron_mesh.data.preprocess import preprocess
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(DOCS[:3] * 50))
+    sentencepiece.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "sp"),
+                                             vocab_size=120, model_type="bpe", eos_id=1, unk_id=0,
+                                             bos_id=-1, pad_id=-1, minloglevel=2)
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(tmp_path / "sp.model"))
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"content": d}) + "\n" for d in DOCS[:1]))
+    preprocess([docs], tmp_path / "sp_out", str(tmp_path / "sp.model"), json_key="content", progress=False)
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    ds = IndexedDataset(str(tmp_path / "sp_out"))
+    ids = ds[0].tolist()
+    assert ids[-1] == sp.eos_id() and sp.decode(ids[:-1]) == DOCS[0]
+
+
+def test_cli_reports_and_exits_nonzero_on_missing_input(tmp_path):
+    out = subprocess.run([sys.executable, str(REPO / "tools/preprocess_data.py"), "--input",
+                          str(tmp_path / "nope.jsonl"), "--output-prefix", str(tmp_path / "x"),
+                          "--tokenizer", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "nope.jsonl: input file not found" in out.stderr

@@ -1,0 +1,64 @@
+#!/usr/bin/env python
+"""Merge indexed-dataset shards into one .bin/.idx (e.g. Pythia's pre-shuffled shards, in order).
+
+    python tools/merge_datasets.py --inputs shards/document-00000-of-00020 ... \
+        --output-prefix data/pile-deduped-pythia-preshuffled/document
+
+Every shard is checked first (magic, version, dtype, .bin length against the .idx); all shards
+must share a dtype. The result is written under temporary names and renamed at the end, so an
+interrupted merge never leaves a file pair that looks complete.
+"""
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import megatron_mesh  # noqa: E402,F401
+
+
+def merge(inputs, output_prefix):
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    from megatron_mesh.data.integrity import DatasetIntegrityError, check_indexed_dataset
+
+    headers = [check_indexed_dataset(p) for p in inputs]
+    dtypes = {h.dtype for h in headers}
+    if len(dtypes) != 1:
+        raise DatasetIntegrityError(f"shards have different token dtypes: {sorted(d.__name__ for d in dtypes)}")
+    Path(output_prefix).parent.mkdir(parents=True, exist_ok=True)
+    tmp = f"{output_prefix}.tmp{os.getpid()}"
+    builder = IndexedDatasetBuilder(f"{tmp}.bin", dtype=dtypes.pop())
+    try:
+        for prefix in inputs:
+            builder.add_index(prefix)
+        builder.finalize(f"{tmp}.idx")
+        check_indexed_dataset(tmp)
+    except BaseException:
+        builder.data_file.close()
+        for suffix in (".bin", ".idx"):
+            Path(f"{tmp}{suffix}").unlink(missing_ok=True)
+        raise
+    os.replace(f"{tmp}.bin", f"{output_prefix}.bin")
+    os.replace(f"{tmp}.idx", f"{output_prefix}.idx")
+    return sum(h.sequences for h in headers)
+
+
+def main(argv=None):
+    from megatron_mesh.data.integrity import DatasetIntegrityError
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--inputs", nargs="+", required=True, help="shard prefixes, in order")
+    parser.add_argument("--output-prefix", required=True)
+    args = parser.parse_args(argv)
+    try:
+        rows = merge(args.inputs, args.output_prefix)
+    except DatasetIntegrityError as err:
+        sys.exit(f"error: {err}")
+    print(f"merged {len(args.inputs)} shards, {rows:,} sequences -> {args.output_prefix}.bin/.idx")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+#!/usr/bin/env python
+"""Tokenize text corpora into a Megatron indexed dataset (.bin/.idx), EOD after each document.
+
+    python tools/preprocess_data.py --input corpus.jsonl.zst more.jsonl.gz notes.txt \
+        --output-prefix data/corpus_text_document --tokenizer ../shared/data/20B_tokenizer.json \
+        --workers 4 [--json-key text] [--strict]
+
+--tokenizer: a tokenizer.json file, a local Hugging Face directory, a SentencePiece .model, or a
+hub name (where the hub is reachable). Output is uint16 when the vocabulary fits, and is
+byte-identical for any --workers. Bad records are reported with file:line; --strict makes the
+first one fatal. Output files appear only when everything succeeded.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from megatron_mesh.data.preprocess import BadRecordError, preprocess  # noqa: E402
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--input", nargs="+", required=True, help="jsonl[.gz|.zst] or .txt files")
+    parser.add_argument("--output-prefix", required=True)
+    parser.add_argument("--tokenizer", required=True)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--json-key", default="text")
+    parser.add_argument("--strict", action="store_true", help="fail on the first bad record")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        report = preprocess(args.input, args.output_prefix, args.tokenizer, args.workers,
+                            args.json_key, args.strict, progress=not args.no_progress)
+    except (BadRecordError, FileNotFoundError, ValueError) as err:
+        sys.exit(f"error: {err}")
+    print(report.summary())
+    print(f"wrote {args.output_prefix}.bin and {args.output_prefix}.idx")
+
+
+if __name__ == "__main__":
+    main()
