@@ -1,12 +1,15 @@
 """megatron-mesh: recursive (looped) transformers with the MeSH state buffer on megatron-core.
 
 Importing the package installs the CPU shims for megatron-core when CUDA is absent (they are
-no-ops on a GPU machine), so ``import megatron_mesh`` must come before ``import megatron.core``
+no-ops on a GPU machine) and the shims for the packaged wheel (Python 3.11, prebuilt dataset
+helpers), so ``import megatron_mesh`` must come before ``import megatron.core``
 in entry points that may run without a GPU.
 """
 
 from megatron_mesh.compat import cpu as _cpu
+from megatron_mesh.compat import wheel as _wheel
 
 _cpu.apply()
+_wheel.apply()
 
 __version__ = "0.1.0"

@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import megatron_mesh  # noqa: E402  (CPU shims before megatron.core)
-from megatron_mesh.compat import cpu, wheel  # noqa: E402
+from megatron_mesh.compat import cpu  # noqa: E402
 
 
 def split_passthrough(argv):
@@ -53,7 +53,6 @@ def build_megatron_argv(config, overrides, passthrough):
 
 
 def run(megatron_args):
-    wheel.apply()
     cpu.apply_trainer()
     from megatron.core.enums import ModelType
     from megatron.training import pretrain

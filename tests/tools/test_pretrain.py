@@ -113,3 +113,17 @@ def test_sigterm_saves_a_loadable_checkpoint_and_half_written_ones_are_ignored(t
         "training.train_iters": 2000, "training.exit_interval": stopped_at + 2}))
     assert f"iteration {stopped_at:8d}" in log or f"at iteration {stopped_at}" in log
     assert sorted(resumed) == [stopped_at + 1, stopped_at + 2]
+
+
+def test_trains_on_pythia_preshuffled_rows(tmp_path):
+    from megatron_mesh.data.indexed import write_indexed_dataset
+
+    rows = ([(r * 31 + k) % 3000 + 1 for k in range(2049)] for r in range(32))
+    write_indexed_dataset(rows, tmp_path / "document", vocab_size=4096)
+    log, losses = train(tmp_path, [
+        "data.mock=false", "data.format=pythia_preshuffled", f"data.path=[{tmp_path / 'document'}]",
+        "model.max_sequence_length=2048", "training.seq_length=2048", "training.micro_batch_size=1",
+        "training.global_batch_size=2", "training.train_iters=3", "logging.interval=1",
+    ])
+    assert sorted(losses) == [1, 2, 3]
+    assert "consumed samples:            6" in log

@@ -11,9 +11,6 @@ from megatron_mesh.yaml_config import ConfigError, load_config_tree
 
 
 def megatron_parser():
-    from megatron_mesh.compat import wheel
-
-    wheel.apply()
     from megatron.training.arguments import add_megatron_arguments
 
     from megatron_mesh.training.arguments import add_mesh_arguments
