@@ -10,7 +10,6 @@ interrupted merge never leaves a file pair that looks complete.
 """
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -20,29 +19,17 @@ import megatron_mesh  # noqa: E402,F401
 
 
 def merge(inputs, output_prefix):
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
+    from megatron_mesh.data.indexed import atomic_indexed_builder
     from megatron_mesh.data.integrity import DatasetIntegrityError, check_indexed_dataset
 
     headers = [check_indexed_dataset(p) for p in inputs]
     dtypes = {h.dtype for h in headers}
     if len(dtypes) != 1:
         raise DatasetIntegrityError(f"shards have different token dtypes: {sorted(d.__name__ for d in dtypes)}")
-    Path(output_prefix).parent.mkdir(parents=True, exist_ok=True)
-    tmp = f"{output_prefix}.tmp{os.getpid()}"
-    builder = IndexedDatasetBuilder(f"{tmp}.bin", dtype=dtypes.pop())
-    try:
+    with atomic_indexed_builder(output_prefix, dtypes.pop()) as builder:
         for prefix in inputs:
             builder.add_index(prefix)
-        builder.finalize(f"{tmp}.idx")
-        check_indexed_dataset(tmp)
-    except BaseException:
-        builder.data_file.close()
-        for suffix in (".bin", ".idx"):
-            Path(f"{tmp}{suffix}").unlink(missing_ok=True)
-        raise
-    os.replace(f"{tmp}.bin", f"{output_prefix}.bin")
-    os.replace(f"{tmp}.idx", f"{output_prefix}.idx")
+    check_indexed_dataset(output_prefix)
     return sum(h.sequences for h in headers)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -18,23 +19,18 @@ def token_dtype(vocab_size: int):
     return numpy.uint16 if vocab_size <= 65536 else numpy.int32
 
 
-def write_indexed_dataset(documents: Iterable[List[int]], prefix: str, vocab_size: int) -> int:
-    """Write token documents to ``prefix.bin/.idx``; returns the token count.
-
-    Written to temporary names and renamed at the end, so an interrupted write never leaves a
-    pair of files that looks like a dataset.
-    """
+@contextlib.contextmanager
+def atomic_indexed_builder(prefix, dtype):
+    """An IndexedDatasetBuilder writing to temporary names; ``prefix.bin/.idx`` appear (by
+    rename) only if the block finishes, so an interrupted write never looks like a dataset."""
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
     prefix = str(prefix)
     Path(prefix).parent.mkdir(parents=True, exist_ok=True)
     tmp = f"{prefix}.tmp{os.getpid()}"
-    builder = IndexedDatasetBuilder(f"{tmp}.bin", dtype=token_dtype(vocab_size))
-    tokens = 0
+    builder = IndexedDatasetBuilder(f"{tmp}.bin", dtype=dtype)
     try:
-        for doc in documents:
-            builder.add_document(torch.tensor(doc, dtype=torch.int64), [len(doc)])
-            tokens += len(doc)
+        yield builder
         builder.finalize(f"{tmp}.idx")
     except BaseException:
         builder.data_file.close()
@@ -43,6 +39,15 @@ def write_indexed_dataset(documents: Iterable[List[int]], prefix: str, vocab_siz
         raise
     os.replace(f"{tmp}.bin", f"{prefix}.bin")
     os.replace(f"{tmp}.idx", f"{prefix}.idx")
+
+
+def write_indexed_dataset(documents: Iterable[List[int]], prefix: str, vocab_size: int) -> int:
+    """Write token documents to ``prefix.bin/.idx`` (atomically); returns the token count."""
+    tokens = 0
+    with atomic_indexed_builder(prefix, token_dtype(vocab_size)) as builder:
+        for doc in documents:
+            builder.add_document(torch.tensor(doc, dtype=torch.int64), [len(doc)])
+            tokens += len(doc)
     return tokens
 
 
