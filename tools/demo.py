@@ -53,7 +53,7 @@ def train(out: Path, tok_dir: str, prefix: Path, iters: int, extra):
         "logging.tensorboard_dir": out / "tensorboard",
     }
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
-           str(REPO / "tools" / "pretrain_mesh.py"), "--config", str(REPO / "configs" / "demo-cpu.yml"),
+           str(REPO / "tools" / "pretrain_mesh.py"), "--config", str(REPO / "configs" / "demo-cpu.yml"), "--cpu",
            *[f"--set={k}={v}" for k, v in sets.items()], *extra]
     log_path = out / "train.log"
     losses = {}

@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import megatron_mesh  # noqa: E402  (CPU shims before megatron.core)
-from megatron_mesh.compat import cpu  # noqa: E402
+from megatron_mesh.compat import cpu, wheel  # noqa: E402
 
 
 def split_passthrough(argv):
@@ -34,12 +34,15 @@ def parse_args(argv):
     parser.add_argument("--config", required=True, help="experiment YAML file")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set training.train_iters=100")
+    parser.add_argument("--cpu", action="store_true",
+                        help="train on the CPU with gloo (tests, demos); required when no GPU is visible, "
+                             "so a GPU node with a broken driver fails instead of silently using CPUs")
     parser.add_argument("--print-args", action="store_true",
                         help="print the Megatron arguments the config maps to and exit")
     return parser.parse_args(argv)
 
 
-def build_megatron_argv(config, overrides, passthrough):
+def build_megatron_argv(config, overrides, passthrough, cpu_run=False):
     from megatron_mesh.training.arguments import megatron_argv
     from megatron_mesh.yaml_config import load_config_tree
 
@@ -47,12 +50,13 @@ def build_megatron_argv(config, overrides, passthrough):
     mode = (tree.get("logging") or {}).get("wandb_mode")
     if mode:
         os.environ.setdefault("WANDB_MODE", mode)
-    return megatron_argv(tree, origins) + cpu.trainer_args() + [
+    return megatron_argv(tree, origins) + (cpu.trainer_args() if cpu_run else []) + [
         "--mesh-config-file", str(Path(config).resolve())
     ] + passthrough
 
 
 def run(megatron_args):
+    wheel.apply_trainer()
     cpu.apply_trainer()
     from megatron.core.enums import ModelType
     from megatron.training import pretrain
@@ -83,8 +87,10 @@ def main(argv=None):
 
     ours, passthrough = split_passthrough(sys.argv[1:] if argv is None else argv)
     args = parse_args(ours)
+    if not (args.cpu or cpu.cuda_available()):
+        sys.exit("error: no CUDA device is visible; pass --cpu to train on the CPU (tests, demos)")
     try:
-        megatron_args = build_megatron_argv(args.config, args.overrides, passthrough)
+        megatron_args = build_megatron_argv(args.config, args.overrides, passthrough, args.cpu)
     except ConfigError as err:
         sys.exit(f"error: {err}")
     if args.print_args:

@@ -246,11 +246,33 @@ def _trainer_initialize_without_cuda() -> None:
     training.initialize_megatron = initialize_megatron
 
 
+def _trainer_rng_neutral_data_iterators() -> None:
+    # training.py:1362 builds the data iterators after load_checkpoint restored the RNG states.
+    # Creating a DataLoader iterator draws its base seed from torch's default generator
+    # (torch/utils/data/dataloader.py, _BaseDataLoaderIter). On a GPU that generator is not the
+    # one dropout uses; on CPU it is the same one, so the draw would shift every dropout mask of
+    # a resumed run. Keep the draw out of the dropout stream, as on a GPU.
+    from megatron.training import training
+
+    original = training.build_train_valid_test_data_iterators
+
+    @functools.wraps(original)
+    def build_train_valid_test_data_iterators(*args, **kwargs):
+        state = torch.get_rng_state()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            torch.set_rng_state(state)
+
+    training.build_train_valid_test_data_iterators = build_train_valid_test_data_iterators
+
+
 def apply_trainer() -> bool:
     """Shims for megatron.training; call after ``apply()`` and before ``pretrain``."""
     if cuda_available():
         return False
     _trainer_initialize_without_cuda()
+    _trainer_rng_neutral_data_iterators()
     return True
 
 

@@ -39,6 +39,10 @@ def _prebuilt_dataset_helpers() -> None:
 
 
 def apply() -> None:
-    """Install before importing megatron.training."""
+    """Import-free shims, installed with the package (before anything imports megatron)."""
     _typing_override()
+
+
+def apply_trainer() -> None:
+    """Shims for megatron.training.pretrain (imports megatron.core); call before pretrain."""
     _prebuilt_dataset_helpers()

@@ -54,15 +54,21 @@ def check_indexed_dataset(prefix: str) -> IndexHeader:
     header = read_header(prefix)
     idx, binfile = f"{prefix}.idx", f"{prefix}.bin"
     expected_idx = header.header_bytes + header.sequences * 12 + header.documents * 8
-    if os.path.getsize(idx) < expected_idx:
+    if os.path.getsize(idx) != expected_idx:
         raise DatasetIntegrityError(
             f"{idx}: {os.path.getsize(idx)} bytes, but {header.sequences} sequences and "
             f"{header.documents} document indices need {expected_idx}")
     tokens = 0
     if header.sequences:
         index = numpy.memmap(idx, mode="r", offset=header.header_bytes, dtype=numpy.uint8)
-        sizes = index[: 4 * header.sequences].view(numpy.int32)
-        pointers = index[4 * header.sequences : 12 * header.sequences].view(numpy.int64)
+        n = header.sequences
+        sizes = index[: 4 * n].view(numpy.int32)
+        pointers = index[4 * n : 12 * n].view(numpy.int64)
+        documents = index[12 * n :].view(numpy.int64)
+        _check_pointers(idx, sizes, pointers, numpy.dtype(header.dtype).itemsize)
+        if documents[-1] != n:
+            raise DatasetIntegrityError(
+                f"{idx}: the last document index is {documents[-1]}, expected {n} (the sequence count)")
         tokens = int(pointers[-1] // numpy.dtype(header.dtype).itemsize + sizes[-1])
     expected_bin = tokens * numpy.dtype(header.dtype).itemsize
     if os.path.getsize(binfile) != expected_bin:
@@ -70,6 +76,21 @@ def check_indexed_dataset(prefix: str) -> IndexHeader:
             f"{binfile}: {os.path.getsize(binfile):,} bytes, but {idx} describes {tokens:,} "
             f"{numpy.dtype(header.dtype).name} tokens = {expected_bin:,} bytes")
     return header
+
+
+def _check_pointers(idx: str, sizes, pointers, itemsize: int, chunk: int = 1 << 24) -> None:
+    """pointers[0] == 0 and each pointer = previous + previous size (checked in chunks)."""
+    if pointers[0] != 0:
+        raise DatasetIntegrityError(f"{idx}: the first sequence starts at byte {pointers[0]}, expected 0")
+    for start in range(1, len(pointers), chunk):
+        stop = min(start + chunk, len(pointers))
+        expected = pointers[start - 1 : stop - 1] + sizes[start - 1 : stop - 1].astype(numpy.int64) * itemsize
+        bad = numpy.flatnonzero(pointers[start:stop] != expected)
+        if len(bad):
+            i = start + int(bad[0])
+            raise DatasetIntegrityError(
+                f"{idx}: sequence {i} starts at byte {pointers[i]}, expected {expected[bad[0]]} "
+                f"(previous start + previous size)")
 
 
 def check_token_range(dataset, prefix: str, vocab_size: int, samples: int = 64) -> None:

@@ -10,6 +10,7 @@ written).
 
 from __future__ import annotations
 
+import collections
 import gzip
 import io
 import json
@@ -151,7 +152,7 @@ def preprocess(
     tasks = _chunks(iter_records(inputs), json_key)
     if workers > 1:
         pool = multiprocessing.get_context("fork").Pool(workers, _init_worker, (tokenizer,))
-        results = pool.imap(_encode_chunk, tasks)  # ordered: same bytes for any worker count
+        results = _ordered_bounded(pool, tasks, window=4 * workers)
     else:
         pool = None
         _init_worker(tokenizer)
@@ -182,6 +183,18 @@ def preprocess(
             bar.close()
     report.seconds = time.time() - start
     return report
+
+
+def _ordered_bounded(pool, tasks, window: int):
+    """Results in task order (same bytes for any worker count) with at most ``window`` chunks
+    in flight: Pool.imap would read the whole input ahead into its task queue."""
+    pending = collections.deque()
+    for task in tasks:
+        pending.append(pool.apply_async(_encode_chunk, (task,)))
+        if len(pending) >= window:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
 
 
 def _progress_bar(enabled: bool):

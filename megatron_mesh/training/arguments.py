@@ -26,6 +26,27 @@ CHOICES = {
     ("data", "pythia_boundary"): ("per_row", "contiguous", "contiguous_masked"),
 }
 
+INT, FLOAT, BOOL = int, float, bool
+TYPES = {
+    "training": dict(seq_length=INT, micro_batch_size=INT, global_batch_size=INT, train_iters=INT,
+                     train_tokens=FLOAT, seed=INT, eval_interval=INT, eval_iters=INT, exit_interval=INT),
+    "optimizer": dict(lr=FLOAT, eps=FLOAT, weight_decay=FLOAT, clip_grad=FLOAT),
+    "schedule": dict(warmup_fraction=FLOAT, warmup_iters=INT, min_lr_ratio=FLOAT, decay_iters=INT),
+    "parallelism": dict(tensor=INT, pipeline=INT, sequence_parallel=BOOL, distributed_optimizer=BOOL,
+                        overlap_grad_reduce=BOOL, overlap_param_gather=BOOL, recompute_num_layers=INT),
+    "data": dict(mock=BOOL, mask_eod_loss=BOOL, num_workers=INT),
+    "tokenizer": dict(vocab_size=INT),
+    "checkpointing": dict(interval=INT, save_on_signal=BOOL, async_save=BOOL),
+    "logging": dict(interval=INT, throughput=BOOL, peak_tflops=FLOAT),
+}
+"""Value types of non-model keys (the model section is typed by MeshConfig)."""
+
+NOT_YET = {  # accepted by the schema, refused until the recursive block implements them
+    ("parallelism", "pipeline"): 1,
+    ("parallelism", "sequence_parallel"): False,
+    ("parallelism", "recompute_granularity"): None,
+}
+
 REQUIRED = (
     ("training", "seq_length"),
     ("training", "micro_batch_size"),
@@ -38,7 +59,32 @@ def _get(tree: dict, section: str, key: str, default: Any = None) -> Any:
     return (tree.get(section) or {}).get(key, default)
 
 
+def _type_ok(value: Any, expected: type) -> bool:
+    if value is None or expected is BOOL:
+        return value is None or isinstance(value, bool)
+    if expected is FLOAT:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_types(tree: dict, origins: Dict[str, str]) -> None:
+    for section, types in TYPES.items():
+        for key, expected in types.items():
+            value = _get(tree, section, key)
+            if not _type_ok(value, expected):
+                raise ConfigError(
+                    f"{origins.get(f'{section}.{key}', '?')}: {section}.{key}={value!r} has type "
+                    f"{type(value).__name__}, expected {expected.__name__}")
+
+
 def _check(tree: dict, origins: Dict[str, str]) -> None:
+    _check_types(tree, origins)
+    for (section, key), supported in NOT_YET.items():
+        value = _get(tree, section, key, supported)
+        if value != supported:
+            raise ConfigError(
+                f"{origins.get(f'{section}.{key}', '?')}: {section}.{key}={value!r} is not supported "
+                f"by the recursive block yet (expected {supported!r}); tensor and data parallelism are")
     for section, key in REQUIRED:
         if _get(tree, section, key) is None:
             raise ConfigError(f"missing required key '{section}.{key}'")
@@ -174,7 +220,7 @@ def _training_args(tree: dict) -> List[str]:
 def _system_args(tree: dict) -> List[str]:
     par, ckpt, log = (tree.get(s) or {} for s in ("parallelism", "checkpointing", "logging"))
     dtype = _get(tree, "precision", "dtype", "bf16")
-    impl = par.get("transformer_impl", "auto")
+    impl = _transformer_impl(par.get("transformer_impl", "auto"))
     return [
         *_flag("bf16", dtype == "bf16"),
         *_flag("fp16", dtype == "fp16"),
@@ -187,9 +233,9 @@ def _system_args(tree: dict) -> List[str]:
         *_flag("recompute-granularity", par.get("recompute_granularity")),
         *_flag("recompute-method", par.get("recompute_method")),
         *_flag("recompute-num-layers", par.get("recompute_num_layers")),
-        *_flag("transformer-impl", "local" if impl == "auto" else impl),
+        *_flag("transformer-impl", impl),
         # the local spec's torch LayerNorm refuses apex's persistent-LN flag (torch_norm.py:48)
-        *_flag("no-persist-layer-norm", impl in ("auto", "local")),
+        *_flag("no-persist-layer-norm", impl == "local"),
         *_flag("save", ckpt.get("save")),
         # Megatron requires an interval with --save; by default save only at the end
         *_flag("save-interval", ckpt.get("interval") or (train_iters(tree) if ckpt.get("save") else None)),
@@ -208,6 +254,17 @@ def _system_args(tree: dict) -> List[str]:
         *_flag("log-throughput", log.get("throughput", True)),
         *_flag("mesh-peak-tflops", log.get("peak_tflops")),
     ]
+
+
+def _transformer_impl(choice: str) -> str:
+    """'auto': TransformerEngine when a GPU and TE are present, else the local spec."""
+    if choice != "auto":
+        return choice
+    import torch
+
+    from megatron_mesh.layers import transformer_engine_available
+
+    return "transformer_engine" if torch.cuda.is_available() and transformer_engine_available() else "local"
 
 
 def megatron_argv(tree: dict, origins: Dict[str, str]) -> List[str]:

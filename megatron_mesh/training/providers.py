@@ -8,7 +8,6 @@ from functools import partial
 
 import torch
 
-from megatron.core import parallel_state
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -125,7 +124,7 @@ def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None
     return BlendedMegatronDatasetBuilder(
         dataset_type,
         train_val_test_num_samples,
-        lambda: parallel_state.get_tensor_model_parallel_rank() == 0,
+        lambda: True,  # every rank reads its batches itself (no TP broadcast of batches)
         _dataset_config(args),
     ).build()
 

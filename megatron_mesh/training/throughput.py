@@ -83,14 +83,16 @@ def install(config: MeshConfig, args) -> ThroughputLogger:
 
     def training_log(loss_dict, total_loss_dict, learning_rate, iteration, *rest, **kwargs):
         result = original(loss_dict, total_loss_dict, learning_rate, iteration, *rest, **kwargs)
-        if iteration % args.log_interval == 0:
+        if logger.last is None:  # first iteration of this run (or resume): start the clock
+            logger.line(args, iteration, time.time())
+        elif iteration % args.log_interval == 0:
             stats = logger.line(args, iteration, time.time())
             if stats:
                 print_rank_last(_format(iteration, stats))
-                for writer in (get_tensorboard_writer(),):
-                    if writer:
-                        for key, value in stats.items():
-                            writer.add_scalar(f"mesh/{key}", value, iteration)
+                writer = get_tensorboard_writer()
+                if writer:
+                    for key, value in stats.items():
+                        writer.add_scalar(f"mesh/{key}", value, iteration)
                 wandb = get_wandb_writer()
                 if wandb:
                     wandb.log({f"mesh/{k}": v for k, v in stats.items()}, iteration)

@@ -90,3 +90,15 @@ def test_pythia_rows_must_hold_2049_tokens(tmp_path):
         PythiaPreshuffledDataset(str(tmp_path / "big"), 2048, vocab_size=50304)
     with pytest.raises(ValueError, match="multiple of 2048"):
         PythiaPreshuffledDataset(str(tmp_path / "big"), 3000)
+
+
+def test_trailing_bytes_and_bad_pointers(good):
+    idx = good.with_suffix(".idx")
+    original = idx.read_bytes()
+    idx.write_bytes(original + b"\x00" * 8)
+    with pytest.raises(DatasetIntegrityError, match="ok.idx: .* bytes, but 3 sequences"):
+        check_indexed_dataset(str(good))
+    idx.write_bytes(original)
+    patch(idx, 34 + 3 * 4 + 8, struct.pack("<q", 6))  # sequence 1 should start at byte 8
+    with pytest.raises(DatasetIntegrityError, match="sequence 1 starts at byte 6, expected 8"):
+        check_indexed_dataset(str(good))

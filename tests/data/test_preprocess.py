@@ -52,13 +52,16 @@ def test_round_trip_and_worker_count_independence(tmp_path):
     from megatron_mesh.data.preprocess import preprocess
 
     inputs = write_inputs(tmp_path)
+    many = [json.dumps({"text": f"document {i}: " + DOCS[i % 3]}) + "\n" for i in range(700)]
+    (tmp_path / "many.jsonl").write_text("".join(many))  # > 10 chunks: worker ordering matters
+    inputs.append(tmp_path / "many.jsonl")
     one = preprocess(inputs, tmp_path / "w1", str(NEOX), workers=1, progress=False)
     three = preprocess(inputs, tmp_path / "w3", str(NEOX), workers=3, progress=False)
-    assert one.documents == three.documents == len(DOCS) and not one.bad
+    assert one.documents == three.documents == len(DOCS) + 700 and not one.bad
     for suffix in (".bin", ".idx"):
         assert (tmp_path / f"w1{suffix}").read_bytes() == (tmp_path / f"w3{suffix}").read_bytes()
     texts, ds = decode_all(tmp_path / "w1", PreTrainedTokenizerFast(tokenizer_file=str(NEOX)))
-    assert texts == DOCS
+    assert texts == DOCS + [json.loads(m)["text"] for m in many]
     import numpy
 
     assert ds.index.dtype == numpy.uint16  # 50277 ids fit

@@ -118,7 +118,7 @@ def test_merge_shards_equals_one_file(tmp_path, preshuffled):
     for s, rows in enumerate([range(0, 700), range(700, 2100)]):
         write_indexed_dataset((row(r) for r in rows), tmp_path / f"shard{s}", vocab_size=50304)
     assert merge([str(tmp_path / "shard0"), str(tmp_path / "shard1")], str(tmp_path / "merged")) == 2100
-    for suffix in (".bin",):
+    for suffix in (".bin", ".idx"):
         assert (tmp_path / f"merged{suffix}").read_bytes() == open(preshuffled + suffix, "rb").read()
     merged = PythiaPreshuffledDataset(str(tmp_path / "merged"), 2048)
     assert row_number(merged[1500]["tokens"]) == 1500

@@ -19,7 +19,7 @@ def command(tmp_path, overrides=(), nproc=1, passthrough=()):
     sets = [f"--set={o}" for o in overrides]
     return [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-        str(REPO / "tools" / "pretrain_mesh.py"), "--config", str(CONFIG), *sets,
+        str(REPO / "tools" / "pretrain_mesh.py"), "--config", str(CONFIG), "--cpu", *sets,
         *(["--", *passthrough] if passthrough else []),
     ]
 
@@ -62,7 +62,8 @@ def test_tiny_run_learns_logs_and_checkpoints(tmp_path):
 
 
 def test_resume_continues_the_exact_same_run(tmp_path):
-    straight = {"training.train_iters": 16}
+    # dropout on: a resume that lost the RNG state would draw other masks and other losses
+    straight = {"training.train_iters": 16, "model.hidden_dropout": 0.1, "model.attention_dropout": 0.1}
     _, full = train(tmp_path, ckpt_overrides(tmp_path / "a", **straight))
     _, first = train(tmp_path, ckpt_overrides(tmp_path / "b", **straight, **{"training.exit_interval": 8}))
     assert sorted(first) == list(range(1, 9)) and tracker(tmp_path / "b") == 8
@@ -127,3 +128,9 @@ def test_trains_on_pythia_preshuffled_rows(tmp_path):
     ])
     assert sorted(losses) == [1, 2, 3]
     assert "consumed samples:            6" in log
+
+
+def test_refuses_to_fall_back_to_cpu_silently(tmp_path):
+    out = subprocess.run([sys.executable, str(REPO / "tools" / "pretrain_mesh.py"), "--config",
+                          str(CONFIG)], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.returncode != 0 and "no CUDA device is visible; pass --cpu" in out.stderr

@@ -131,3 +131,27 @@ def test_wandb_disabled_never_reaches_megatron():
     assert "--wandb-project" not in argv  # Megatron only imports wandb when a project is set
     argv = megatron_argv(*load_config_tree(REPO / "configs/tiny-cpu.yml", sets[:1]))
     assert argv[argv.index("--wandb-project") + 1] == "p"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ('optimizer.lr="6e-4"', "optimizer.lr='6e-4' has type str, expected float"),
+        ("data.mask_eod_loss=maybe", "data.mask_eod_loss='maybe' has type str, expected bool"),
+        ("training.micro_batch_size=2.5", "training.micro_batch_size=2.5 has type float, expected int"),
+        ("parallelism.pipeline=2", "parallelism.pipeline=2 is not supported by the recursive block yet"),
+        ("parallelism.recompute_granularity=full", "recompute_granularity='full' is not supported"),
+    ],
+)
+def test_types_and_not_yet_supported_settings(override, message):
+    from megatron_mesh.training.arguments import megatron_argv
+
+    with pytest.raises(ConfigError) as err:
+        megatron_argv(*load_config_tree(REPO / "configs/tiny-cpu.yml", [override]))
+    assert message in str(err.value)
+
+
+def test_paper_configs_read_pythia_order():
+    args = parsed(REPO / "configs/pythia-410m-4+8R2+4-mesh.yml")
+    assert args.mesh_data_format == "pythia_preshuffled" and args.mesh_pythia_boundary == "per_row"
+    assert args.data_path == ["data/pile-deduped-pythia-preshuffled/document"]
