@@ -63,3 +63,44 @@ def gpt_neox_to_megatron(
         for ours, theirs in LAYER_NAMES.items():
             out[f"{prefix}.{ours}"] = hf_state[f"gpt_neox.layers.{i}.{theirs}"]
     return out
+
+
+def megatron_to_hf_mesh(state: Dict[str, Tensor]) -> Dict[str, Tensor]:
+    """A MeshGPTModel state dict in ``modeling_megatron_mesh`` names (any layout and scheme)."""
+    out = {}
+    for name, tensor in state.items():
+        if name.endswith("_extra_state"):
+            continue
+        if name == "embedding.word_embeddings.weight":
+            out["model.embed_in.weight"] = tensor
+        elif name == "output_layer.weight":
+            out["embed_out.weight"] = tensor
+        elif name.startswith("decoder.final_layernorm."):
+            out["model.final_layer_norm." + name.rsplit(".", 1)[1]] = tensor
+        elif name.startswith("decoder.scheme."):
+            out["model.scheme." + name[len("decoder.scheme."):]] = tensor
+        else:  # decoder.{prelude.i | cores.c.i | coda.i}.<layer suffix>
+            parts = name.split(".")
+            depth = 4 if parts[1] == "cores" else 3
+            prefix, suffix = ".".join(parts[1:depth]), ".".join(parts[depth:])
+            out[f"model.{prefix}.{LAYER_NAMES[suffix]}"] = tensor
+    return out
+
+
+def hf_mesh_config_kwargs(config) -> Dict[str, object]:
+    """``MegatronMeshConfig`` arguments for a ``MeshConfig`` (the activation the model used)."""
+    return dict(
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        num_attention_heads=config.num_attention_heads,
+        intermediate_size=config.ffn_hidden_size,
+        layout=str(config.parsed_layout),
+        state_scheme=config.state_scheme,
+        buffer_slots=config.buffer_slots,
+        scale_embeddings=config.scale_embeddings,
+        rotary_pct=config.rotary_percent,
+        rotary_emb_base=config.rotary_base,
+        max_position_embeddings=config.max_sequence_length,
+        layer_norm_eps=config.layernorm_epsilon,
+        hidden_act="gelu_pytorch_tanh" if config.gelu_approximation == "tanh" else "gelu",
+    )

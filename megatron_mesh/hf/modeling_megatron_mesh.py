@@ -1,0 +1,259 @@
+"""Hugging Face model of a megatron-mesh Prelude-Recurrent-Coda transformer (MeSH and baselines).
+
+Self-contained: torch + transformers only, copied into every export. The math equals
+``megatron_mesh`` (paper Algorithms 1 and 2): GPT-NeoX parallel-residual layers with 25% rotary,
+embeddings x sqrt(d), a tied (or untied) core applied K times, and between steps the state
+scheme (base / residual / anchor / anchor_star sums, MeSH buffer with per-step routers, or the
+E.2 combinations). The KV cache keeps one slot per (loop step, layer) application.
+"""
+
+import math
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .configuration_megatron_mesh import MegatronMeshConfig, parse_layout
+
+SUPPLEMENTS = ("residual", "anchor", "anchor_star")
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Rotary(nn.Module):
+    def __init__(self, dim: int, base: float):
+        super().__init__()
+        self.register_buffer("inv_freq", 1.0 / (base ** (torch.arange(0, dim, 2).float() / dim)), persistent=False)
+
+    def forward(self, positions):  # [b, s] -> cos, sin [b, 1, s, dim]
+        freqs = positions[..., None].float() * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+        return emb.cos(), emb.sin()
+
+
+class Attention(nn.Module):
+    def __init__(self, config: MegatronMeshConfig):
+        super().__init__()
+        self.heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // self.heads
+        self.rot = int(self.head_dim * config.rotary_pct)
+        self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size)
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, x, cos, sin, mask, cache: Optional[Cache], slot: int):
+        b, s, _ = x.shape
+        qkv = self.query_key_value(x).view(b, s, self.heads, 3 * self.head_dim).transpose(1, 2)
+        q, k, v = qkv.split(self.head_dim, dim=-1)  # [b, nh, s, hd], per head [q, k, v]
+        r = self.rot
+        q = torch.cat((q[..., :r] * cos + rotate_half(q[..., :r]) * sin, q[..., r:]), dim=-1)
+        k = torch.cat((k[..., :r] * cos + rotate_half(k[..., :r]) * sin, k[..., r:]), dim=-1)
+        if cache is not None:
+            k, v = cache.update(k, v, slot)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.dense(out.transpose(1, 2).reshape(b, s, -1))
+
+
+class Layer(nn.Module):
+    """GPT-NeoX parallel residual: x + attn(ln1(x)) + mlp(ln2(x))."""
+
+    def __init__(self, config: MegatronMeshConfig):
+        super().__init__()
+        h, eps = config.hidden_size, config.layer_norm_eps
+        self.input_layernorm = nn.LayerNorm(h, eps=eps)
+        self.post_attention_layernorm = nn.LayerNorm(h, eps=eps)
+        self.attention = Attention(config)
+        self.mlp = nn.Sequential()
+        self.mlp.dense_h_to_4h = nn.Linear(h, config.intermediate_size)
+        self.mlp.act = ACT2FN[config.hidden_act]
+        self.mlp.dense_4h_to_h = nn.Linear(config.intermediate_size, h)
+
+    def forward(self, x, cos, sin, mask, cache, slot):
+        attn = self.attention(self.input_layernorm(x), cos, sin, mask, cache, slot)
+        return x + attn + self.mlp(self.post_attention_layernorm(x))
+
+
+class Router(nn.Module):
+    def __init__(self, hidden: int, slots: int):
+        super().__init__()
+        self.linear = nn.Linear(hidden, slots)
+
+    def forward(self, h):  # [b, s, h] -> [b, s, B]
+        return torch.softmax(self.linear(h).float(), dim=-1).to(h.dtype)
+
+
+class StepRouters(nn.Module):
+    def __init__(self, hidden: int, slots: int):
+        super().__init__()
+        self.write, self.read = Router(hidden, slots), Router(hidden, slots)
+
+
+class Scheme(nn.Module):
+    """State passing between loop steps; parameter names match megatron-mesh's."""
+
+    def __init__(self, config: MegatronMeshConfig, loops: int):
+        super().__init__()
+        self.name, h = config.state_scheme, config.hidden_size
+        if self.name == "mesh":
+            self.slots = config.buffer_slots or loops + 3
+            self.routers = nn.ModuleList(StepRouters(h, self.slots) for _ in range(loops + 1))
+        elif self.name == "static_comb":
+            self.coefficients = nn.Parameter(torch.ones(loops, 3))
+        elif self.name == "dynamic_comb":
+            self.coefficient_proj = nn.ModuleList(nn.Linear(h, 3) for _ in range(loops))
+
+    def _cycle(self, routers, route_from, written, buffer):  # buffer [B, b, s, h]
+        w = routers.write(route_from).permute(2, 0, 1).unsqueeze(-1)
+        buffer = buffer + w * written.unsqueeze(0)
+        r = routers.read(route_from).permute(2, 0, 1).unsqueeze(-1)
+        return (buffer * r).sum(0), buffer
+
+    def begin(self, h_emb, h_pre):
+        state = {"h_emb": h_emb, "h0": h_pre}
+        if self.name == "mesh":
+            buffer = torch.cat([h_emb.unsqueeze(0), h_emb.new_zeros((self.slots - 1, *h_emb.shape))])
+            h0, state["buffer"] = self._cycle(self.routers[0], h_pre, h_pre, buffer)
+            state["h0"] = h0
+            return h0, state
+        return h_pre, state
+
+    def step(self, t, h, h_core, state):
+        if self.name == "mesh":
+            h_next, state["buffer"] = self._cycle(self.routers[t + 1], h, h_core, state["buffer"])
+            return h_next
+        if self.name in ("static_comb", "dynamic_comb"):
+            a = self.coefficients[t] if self.name == "static_comb" else self.coefficient_proj[t](h)
+            a = a.to(h_core.dtype)
+            return a[..., 0:1] * h_core + a[..., 1:2] * state["h0"] + a[..., 2:3] * state["h_emb"]
+        sources = {"residual": h, "anchor": state["h0"], "anchor_star": state["h_emb"]}
+        for name in ([] if self.name == "base" else self.name.split("+")):
+            h_core = h_core + sources[name]
+        return h_core
+
+
+class MegatronMeshPreTrainedModel(PreTrainedModel):
+    config_class = MegatronMeshConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _no_split_modules = ["Layer"]
+
+    def _init_weights(self, module):
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            module.weight.data.normal_(0.0, std)
+            if module.bias is not None:
+                module.bias.data.zero_()
+        elif isinstance(module, nn.Embedding):
+            module.weight.data.normal_(0.0, std)
+        elif isinstance(module, nn.LayerNorm):
+            module.weight.data.fill_(1.0)
+            module.bias.data.zero_()
+
+
+class MegatronMeshModel(MegatronMeshPreTrainedModel):
+    def __init__(self, config: MegatronMeshConfig):
+        super().__init__(config)
+        prelude, core, coda, tied = parse_layout(config.layout)
+        self.loops, self.tied = len(core), tied
+        self.embed_in = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.prelude = nn.ModuleList(Layer(config) for _ in range(prelude))
+        cores = core[:1] if tied and core else core
+        self.cores = nn.ModuleList(nn.ModuleList(Layer(config) for _ in range(n)) for n in cores)
+        self.coda = nn.ModuleList(Layer(config) for _ in range(coda))
+        self.scheme = Scheme(config, self.loops) if self.loops else None
+        self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        head_dim = config.hidden_size // config.num_attention_heads
+        self.rotary = Rotary(int(head_dim * config.rotary_pct), config.rotary_emb_base)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def _run(self, layers, h, ctx, slots: List[int]):
+        for layer in layers:
+            if self.gradient_checkpointing and self.training:
+                h = self._gradient_checkpointing_func(layer.__call__, h, *ctx[:3], None, 0)
+            else:
+                h = layer(h, *ctx, slots[0])
+            slots[0] += 1
+        return h
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None,
+                use_cache=False, num_loops=None, output_hidden_states=False):
+        b, s = input_ids.shape
+        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past, past + s, device=input_ids.device).expand(b, s)
+        cos, sin = self.rotary(position_ids)
+        mask = self._mask(attention_mask, b, s, past, input_ids.device)
+        ctx = (cos, sin, mask, past_key_values if use_cache else None)
+        loops = self.loops if num_loops is None else num_loops
+        if self.scheme is not None and self.scheme.name in ("mesh", "static_comb", "dynamic_comb") or not self.tied:
+            if not 0 <= loops <= self.loops:
+                raise ValueError(f"num_loops={loops}: expected 0..{self.loops} for this layout and scheme")
+        scale = math.sqrt(self.config.hidden_size) if self.config.scale_embeddings else 1.0
+        h_emb = self.embed_in(input_ids) * scale  # [b, s, h]
+        states, slot = [h_emb], [0]
+        h = self._run(self.prelude, h_emb, ctx, slot)
+        states.append(h)
+        if self.scheme is not None:
+            h, loop_state = self.scheme.begin(h_emb, h)
+            states.append(h)
+            for t in range(loops):
+                core = self.cores[0 if self.tied else t]
+                h = self.scheme.step(t, h, self._run(core, h, ctx, slot), loop_state)
+                states.append(h)
+        h = self._run(self.coda, h, ctx, slot)
+        states.append(h)
+        return self.final_layer_norm(h), (tuple(states) if output_hidden_states else None)
+
+    @staticmethod
+    def _mask(attention_mask, b, s, past, device):
+        """Boolean [b, 1, s, past+s]: causal, and padding from a 2D attention_mask."""
+        if attention_mask is None and (s == 1 or past == 0):
+            causal = torch.ones(s, past + s, dtype=torch.bool, device=device).tril(past)
+            return None if s == 1 else causal
+        causal = torch.ones(s, past + s, dtype=torch.bool, device=device).tril(past)[None, None]
+        if attention_mask is not None:
+            causal = causal & attention_mask[:, None, None, -(past + s):].bool()
+        return causal.expand(b, 1, s, past + s)
+
+
+class MegatronMeshForCausalLM(MegatronMeshPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = []
+
+    def __init__(self, config: MegatronMeshConfig):
+        super().__init__(config)
+        self.model = MegatronMeshModel(config)
+        self.embed_out = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_in
+
+    def get_output_embeddings(self):
+        return self.embed_out
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                use_cache=None, labels=None, output_hidden_states=None, return_dict=True,
+                num_loops=None, cache_position=None, **kwargs):
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache()
+        h, states = self.model(input_ids, attention_mask, position_ids, past_key_values, use_cache,
+                               num_loops if num_loops is not None else self.config.num_loops,
+                               bool(output_hidden_states))
+        logits = self.embed_out(h)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                                   labels[:, 1:].reshape(-1), ignore_index=-100)
+        return CausalLMOutputWithPast(loss=loss, logits=logits,
+                                      past_key_values=past_key_values if use_cache else None,
+                                      hidden_states=states)

@@ -1,0 +1,77 @@
+"""The Hugging Face model code equals the megatron model, and its KV cache equals no cache."""
+
+import pytest
+import torch
+
+from conftest import random_batch, tiny_config
+
+SCHEMES = ["base", "residual", "anchor", "anchor_star", "anchor+anchor_star", "mesh",
+           "static_comb", "dynamic_comb"]
+
+
+def megatron_and_hf(cfg):
+    from megatron_mesh.hf.configuration_megatron_mesh import MegatronMeshConfig
+    from megatron_mesh.hf.mapping import hf_mesh_config_kwargs, megatron_to_hf_mesh
+    from megatron_mesh.hf.modeling_megatron_mesh import MegatronMeshForCausalLM
+    from megatron_mesh.model import MeshGPTModel
+
+    torch.manual_seed(0)
+    ours = MeshGPTModel(cfg).eval()
+    with torch.no_grad():
+        for p in ours.decoder.scheme.parameters() if ours.decoder.scheme else []:
+            p.normal_(0.0, 0.5)
+    hf = MegatronMeshForCausalLM(MegatronMeshConfig(**hf_mesh_config_kwargs(cfg))).eval()
+    missing, unexpected = hf.load_state_dict(megatron_to_hf_mesh(ours.state_dict()), strict=True)
+    assert not missing and not unexpected
+    return ours, hf
+
+
+@pytest.mark.parametrize("layout", ["1+2R2+1", "1+1+2+1"])
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_hf_logits_equal_megatron(megatron_world, scheme, layout):
+    ours, hf = megatron_and_hf(tiny_config(layout, scheme))
+    tokens, positions = random_batch(ours.config, seq=20)
+    with torch.no_grad():
+        diff = (ours(tokens, positions) - hf(tokens, use_cache=False).logits).abs().max().item()
+    assert diff < 1e-4, diff
+
+
+def test_vanilla_and_fewer_loops(megatron_world):
+    ours, hf = megatron_and_hf(tiny_config("3", "vanilla"))
+    tokens, positions = random_batch(ours.config)
+    with torch.no_grad():
+        assert (ours(tokens, positions) - hf(tokens).logits).abs().max() < 1e-4
+    ours, hf = megatron_and_hf(tiny_config("1+2R3+1", "anchor"))
+    with torch.no_grad():
+        assert (ours(tokens, positions, num_loops=1) - hf(tokens, num_loops=1).logits).abs().max() < 1e-4
+    hidden = hf(tokens, output_hidden_states=True).hidden_states
+    assert len(hidden) == 1 + 1 + 1 + 3 + 1  # h_emb, prelude, h(0), h(1..3), coda
+
+
+@pytest.mark.parametrize("scheme", ["mesh", "anchor"])
+def test_cached_greedy_generation_equals_full_forward_argmax(megatron_world, scheme):
+    _, hf = megatron_and_hf(tiny_config("1+2R2+1", scheme))
+    prompt = torch.tensor([[5, 17, 42, 8, 9]])
+    generated = hf.generate(prompt, max_new_tokens=12, do_sample=False, use_cache=True,
+                            pad_token_id=0, eos_token_id=None)
+    tokens = prompt
+    with torch.no_grad():
+        for _ in range(12):
+            next_token = hf(tokens, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            tokens = torch.cat([tokens, next_token], dim=1)
+    assert generated.tolist() == tokens.tolist()
+
+
+def test_saved_directory_loads_with_auto_classes_offline(megatron_world, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    ours, hf = megatron_and_hf(tiny_config("1+2R2+1", "mesh"))
+    hf.config.register_for_auto_class()
+    hf.register_for_auto_class("AutoModelForCausalLM")
+    hf.save_pretrained(tmp_path / "export")
+    assert (tmp_path / "export" / "modeling_megatron_mesh.py").is_file()
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "export", trust_remote_code=True).eval()
+    tokens, positions = random_batch(ours.config)
+    with torch.no_grad():
+        assert (loaded(tokens).logits - ours(tokens, positions)).abs().max() < 1e-4
