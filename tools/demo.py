@@ -6,7 +6,8 @@
 3. writes a Megatron indexed dataset (.bin/.idx),
 4. trains configs/demo-cpu.yml with tools/pretrain_mesh.py under torchrun (Megatron's trainer),
    saving torch_dist checkpoints and TensorBoard events,
-5. prints where everything is.
+5. exports the checkpoint to Hugging Face (tools/convert.py) and samples from it,
+6. prints where everything is.
 
     python tools/demo.py [--out runs/demo] [--iters 300]
 """
@@ -75,6 +76,23 @@ def train(out: Path, tok_dir: str, prefix: Path, iters: int, extra):
     return losses, log_path
 
 
+def sample(out: Path, prompt: str = "The for statement") -> Path:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from megatron_mesh.hf.export import export
+
+    hf_dir = export(str(out / "checkpoints"), str(out / "hf"), force=True)
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, trust_remote_code=True).eval()
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+    ids = tok(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out_ids = model.generate(ids, max_new_tokens=40, do_sample=True, top_k=20, temperature=0.8,
+                                 pad_token_id=tok.pad_token_id)
+    print(f"\nsample from the HF export (top-k 20, T 0.8):\n{tok.decode(out_ids[0])!r}\n")
+    return hf_dir
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=str(REPO / "runs" / "demo"))
@@ -88,7 +106,9 @@ def main(argv=None):
     first, last = losses[min(losses)], losses[max(losses)]
     print(f"\nloss {first:.3f} (iteration {min(losses)}) -> {last:.3f} (iteration {max(losses)}) "
           f"in {time.time() - start:.0f} s")
+    hf_dir = sample(out)
     print(f"checkpoints: {out / 'checkpoints'}\ntensorboard: {out / 'tensorboard'}\nlog:         {log_path}")
+    print(f"hf export:   {hf_dir}  (AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True))")
 
 
 if __name__ == "__main__":

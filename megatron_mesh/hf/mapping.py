@@ -65,6 +65,20 @@ def gpt_neox_to_megatron(
     return out
 
 
+def gpt_neox_names(state: Dict[str, Tensor], layout: Layout, embedding_scale: float = 1.0) -> Dict[str, Tensor]:
+    """A vanilla MeshGPTModel state dict as GPTNeoXForCausalLM names (scale folded into embed_in)."""
+    out = {
+        "gpt_neox.embed_in.weight": state["embedding.word_embeddings.weight"] * embedding_scale,
+        "gpt_neox.final_layer_norm.weight": state["decoder.final_layernorm.weight"],
+        "gpt_neox.final_layer_norm.bias": state["decoder.final_layernorm.bias"],
+        "embed_out.weight": state["output_layer.weight"],
+    }
+    for i, prefix in enumerate(megatron_layer_prefixes(layout)):
+        for ours, theirs in LAYER_NAMES.items():
+            out[f"gpt_neox.layers.{i}.{theirs}"] = state[f"{prefix}.{ours}"]
+    return out
+
+
 def megatron_to_hf_mesh(state: Dict[str, Tensor]) -> Dict[str, Tensor]:
     """A MeshGPTModel state dict in ``modeling_megatron_mesh`` names (any layout and scheme)."""
     out = {}

@@ -1,0 +1,171 @@
+"""Megatron torch_dist checkpoint -> Hugging Face directory, on one CPU process.
+
+torch_dist checkpoints store every tensor whole (whatever TP layout saved them), so one process
+reads the model tensors it needs through ``torch.distributed.checkpoint`` without a process
+group, and never the optimizer state.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from megatron_mesh.config import MeshConfig
+
+MODEL_PREFIXES = ("embedding.", "decoder.", "output_layer.")
+COMMON_STATE = "common_state/shard_0_1"
+
+
+class CheckpointError(ValueError):
+    """Not a checkpoint, or one that disagrees with its config."""
+
+
+def iteration_dir(path: str, iteration: Optional[int] = None) -> Path:
+    """The iter_XXXXXXX directory for a save directory (latest or ``iteration``) or itself."""
+    path = Path(path)
+    if (path / "metadata.json").is_file():
+        return path
+    tracker = path / "latest_checkpointed_iteration.txt"
+    if iteration is None:
+        if not tracker.is_file():
+            raise CheckpointError(f"{path}: not a Megatron checkpoint (no {tracker.name} and no metadata.json)")
+        iteration = int(tracker.read_text().strip())
+    found = path / f"iter_{iteration:07d}"
+    if not (found / "metadata.json").is_file():
+        raise CheckpointError(f"{found}: no torch_dist checkpoint for iteration {iteration}")
+    return found
+
+
+def load_checkpoint(path: str, iteration: Optional[int] = None) -> Tuple[Dict[str, torch.Tensor], dict]:
+    """Model tensors and the saved common state (args, iteration) of a torch_dist checkpoint."""
+    from torch.distributed.checkpoint import FileSystemReader, load
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    ckpt = iteration_dir(path, iteration)
+    reader = FileSystemReader(str(ckpt))
+    metadata = reader.read_metadata()
+    state = {k: torch.empty(m.size, dtype=m.properties.dtype)
+             for k, m in metadata.state_dict_metadata.items()
+             if isinstance(m, TensorStorageMetadata) and k.startswith(MODEL_PREFIXES)}
+    if COMMON_STATE not in metadata.state_dict_metadata:
+        raise CheckpointError(f"{ckpt}: no Megatron common state (args) in the checkpoint")
+    state[COMMON_STATE] = None
+    load(state, storage_reader=reader, no_dist=True)
+    common = state.pop(COMMON_STATE)[0]
+    return state, common
+
+
+def mesh_config_from_args(args) -> MeshConfig:
+    """The MeshConfig a megatron-mesh run saved (its --mesh-model JSON + precision-free fields)."""
+    model = getattr(args, "mesh_model", None)
+    if not model:
+        raise CheckpointError("the checkpoint was not written by tools/pretrain_mesh.py (no mesh_model arg)")
+    return MeshConfig(**json.loads(model), perform_initialization=False, use_cpu_initialization=True)
+
+
+def check_shapes(state: Dict[str, torch.Tensor], config: MeshConfig) -> None:
+    """The checkpoint's tensors are exactly those of the model its config builds."""
+    from megatron_mesh.layers import local_block_spec
+    from megatron_mesh.model import MeshGPTModel
+    from megatron_mesh.parallel.process_groups import initialize_single_process
+
+    initialize_single_process()
+    with torch.device("meta"):
+        expected = {k: v.shape for k, v in MeshGPTModel(config, spec=local_block_spec()).state_dict().items()
+                    if not k.endswith("_extra_state")}
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    if missing or extra:
+        raise CheckpointError(f"checkpoint and config disagree: missing {missing[:5]}, unexpected {extra[:5]}")
+    for name, shape in expected.items():
+        if tuple(state[name].shape) != tuple(shape):
+            raise CheckpointError(f"{name}: checkpoint shape {tuple(state[name].shape)}, config expects {tuple(shape)}")
+
+
+def build_hf_model(state: Dict[str, torch.Tensor], config: MeshConfig):
+    """GPTNeoXForCausalLM for vanilla layouts (sqrt(d) folded into embed_in), else the
+    megatron-mesh remote-code model; both in fp32 with the trained activation declared."""
+    from megatron_mesh.hf.mapping import gpt_neox_names, hf_mesh_config_kwargs, megatron_to_hf_mesh
+
+    kwargs = hf_mesh_config_kwargs(config)
+    if config.state_scheme == "vanilla":
+        from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+        hf_config = GPTNeoXConfig(
+            vocab_size=kwargs["vocab_size"], hidden_size=kwargs["hidden_size"],
+            num_hidden_layers=config.num_layers, num_attention_heads=kwargs["num_attention_heads"],
+            intermediate_size=kwargs["intermediate_size"], hidden_act=kwargs["hidden_act"],
+            rotary_pct=kwargs["rotary_pct"], rotary_emb_base=kwargs["rotary_emb_base"],
+            max_position_embeddings=kwargs["max_position_embeddings"],
+            layer_norm_eps=kwargs["layer_norm_eps"], use_parallel_residual=True,
+            tie_word_embeddings=False, bos_token_id=0, eos_token_id=0)
+        model = GPTNeoXForCausalLM(hf_config)
+        scale = math.sqrt(config.hidden_size) if config.scale_embeddings else 1.0
+        model.load_state_dict(gpt_neox_names(state, config.parsed_layout, scale), strict=True)
+        return model
+    from megatron_mesh.hf.configuration_megatron_mesh import MegatronMeshConfig
+    from megatron_mesh.hf.modeling_megatron_mesh import MegatronMeshForCausalLM
+
+    model = MegatronMeshForCausalLM(MegatronMeshConfig(**kwargs))
+    model.load_state_dict(megatron_to_hf_mesh(state), strict=True)
+    model.config.register_for_auto_class()
+    model.register_for_auto_class("AutoModelForCausalLM")
+    return model
+
+
+def model_card(config: MeshConfig, common: dict) -> str:
+    args = common.get("args")
+    tokens = getattr(args, "consumed_train_samples", 0) * getattr(args, "seq_length", 0)
+    return (f"# megatron-mesh export\n\n- layout: `{config.parsed_layout}` (N_compute {config.num_layers})\n"
+            f"- state scheme: `{config.state_scheme}`"
+            + (f" (B = {config.buffer_slots})" if config.state_scheme == "mesh" else "") + "\n"
+            f"- hidden {config.hidden_size}, heads {config.num_attention_heads}, vocab {config.vocab_size}\n"
+            f"- iteration {common.get('iteration')}, training tokens {tokens:,}\n"
+            f"- activation: {'GELU (tanh)' if config.gelu_approximation == 'tanh' else 'GELU (erf)'}\n")
+
+
+def export(checkpoint: str, output: str, dtype: str = "fp32", tokenizer: Optional[str] = None,
+           iteration: Optional[int] = None, force: bool = False) -> Path:
+    out = Path(output)
+    if out.exists() and any(out.iterdir()) and not force:
+        raise CheckpointError(f"{out}: exists and is not empty (use --force to replace it)")
+    state, common = load_checkpoint(checkpoint, iteration)
+    config = mesh_config_from_args(common["args"])
+    check_shapes(state, config)
+    model = build_hf_model(state, config)
+    if dtype == "bf16":
+        model = model.to(torch.bfloat16)
+    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True, max_shard_size="2GB")
+        tok = tokenizer or getattr(common["args"], "tokenizer_model", None)
+        if tok:
+            _save_tokenizer(tok, tmp)
+        (tmp / "README.md").write_text(model_card(config, common))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+def _save_tokenizer(spec: str, out: Path) -> None:
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    path = Path(spec)
+    tok = (PreTrainedTokenizerFast(tokenizer_file=str(path), eos_token="<|endoftext|>")
+           if path.is_file() else AutoTokenizer.from_pretrained(spec))
+    tok.save_pretrained(out)
+    config_file = out / "tokenizer_config.json"
+    data = json.loads(config_file.read_text())
+    data.setdefault("tokenizer_class", "PreTrainedTokenizerFast")  # needed for custom model types
+    config_file.write_text(json.dumps(data, indent=2))
