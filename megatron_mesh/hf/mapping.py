@@ -7,7 +7,7 @@ With parallel residual, 25% rotary and untied embeddings, a megatron-core layer 
 
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 from torch import Tensor
 
@@ -53,29 +53,29 @@ def gpt_neox_to_megatron(
             f"the GPT-NeoX checkpoint has {hf_layers} layers, layout={layout} expects "
             f"{layout.n_compute}"
         )
-    out = {
-        "embedding.word_embeddings.weight": hf_state["gpt_neox.embed_in.weight"] / embedding_scale,
-        "decoder.final_layernorm.weight": hf_state["gpt_neox.final_layer_norm.weight"],
-        "decoder.final_layernorm.bias": hf_state["gpt_neox.final_layer_norm.bias"],
-        "output_layer.weight": hf_state["embed_out.weight"],
-    }
-    for i, prefix in enumerate(megatron_layer_prefixes(layout)):
-        for ours, theirs in LAYER_NAMES.items():
-            out[f"{prefix}.{ours}"] = hf_state[f"gpt_neox.layers.{i}.{theirs}"]
+    names = gpt_neox_name_pairs(layout)
+    out = {ours: hf_state[theirs] for ours, theirs in names}
+    out["embedding.word_embeddings.weight"] = out["embedding.word_embeddings.weight"] / embedding_scale
     return out
+
+
+def gpt_neox_name_pairs(layout: Layout) -> List[Tuple[str, str]]:
+    """(megatron-mesh name, GPTNeoXForCausalLM name) for every tensor of a vanilla layout."""
+    pairs = [
+        ("embedding.word_embeddings.weight", "gpt_neox.embed_in.weight"),
+        ("decoder.final_layernorm.weight", "gpt_neox.final_layer_norm.weight"),
+        ("decoder.final_layernorm.bias", "gpt_neox.final_layer_norm.bias"),
+        ("output_layer.weight", "embed_out.weight"),
+    ]
+    for i, prefix in enumerate(megatron_layer_prefixes(layout)):
+        pairs += [(f"{prefix}.{ours}", f"gpt_neox.layers.{i}.{theirs}") for ours, theirs in LAYER_NAMES.items()]
+    return pairs
 
 
 def gpt_neox_names(state: Dict[str, Tensor], layout: Layout, embedding_scale: float = 1.0) -> Dict[str, Tensor]:
     """A vanilla MeshGPTModel state dict as GPTNeoXForCausalLM names (scale folded into embed_in)."""
-    out = {
-        "gpt_neox.embed_in.weight": state["embedding.word_embeddings.weight"] * embedding_scale,
-        "gpt_neox.final_layer_norm.weight": state["decoder.final_layernorm.weight"],
-        "gpt_neox.final_layer_norm.bias": state["decoder.final_layernorm.bias"],
-        "embed_out.weight": state["output_layer.weight"],
-    }
-    for i, prefix in enumerate(megatron_layer_prefixes(layout)):
-        for ours, theirs in LAYER_NAMES.items():
-            out[f"gpt_neox.layers.{i}.{theirs}"] = state[f"{prefix}.{ours}"]
+    out = {theirs: state[ours] for ours, theirs in gpt_neox_name_pairs(layout)}
+    out["gpt_neox.embed_in.weight"] = out["gpt_neox.embed_in.weight"] * embedding_scale
     return out
 
 
