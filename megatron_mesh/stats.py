@@ -39,7 +39,8 @@ def _numel(module: nn.Module) -> int:
 
 
 def _matmul_weights(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters() if p.dim() == 2)
+    # linear-layer weights; not e.g. static_comb's [K, 3] coefficients, which multiply nothing
+    return sum(p.numel() for n, p in module.named_parameters() if p.dim() == 2 and n.endswith("weight"))
 
 
 def applied_matmul_weights(model: MeshGPTModel) -> int:

@@ -216,9 +216,8 @@ class MegatronMeshModel(MegatronMeshPreTrainedModel):
     @staticmethod
     def _mask(attention_mask, b, s, past, device):
         """Boolean [b, 1, s, past+s]: causal, and padding from a 2D attention_mask."""
-        if attention_mask is None and (s == 1 or past == 0):
-            causal = torch.ones(s, past + s, dtype=torch.bool, device=device).tril(past)
-            return None if s == 1 else causal
+        if attention_mask is None and s == 1:
+            return None  # one new token attends to everything cached
         causal = torch.ones(s, past + s, dtype=torch.bool, device=device).tril(past)[None, None]
         if attention_mask is not None:
             causal = causal & attention_mask[:, None, None, -(past + s):].bool()
