@@ -5,6 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
+HF5    := $(VENV)/transformers5
 
 .PHONY: setup test demo stats clean
 
@@ -17,7 +18,13 @@ $(STAMP): setup.py requirements/cpu.txt requirements/megatron.txt
 	$(PIP) install -q --no-deps -e .
 	touch $@
 
-test: setup
+# transformers 5 beside the pinned 4.x, for the export-compatibility test only
+$(HF5)/.installed: requirements/transformers5.txt $(STAMP)
+	rm -rf $(HF5)
+	$(PIP) install -q --target $(HF5) -r requirements/transformers5.txt
+	touch $@
+
+test: setup $(HF5)/.installed
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 demo: setup

@@ -14,9 +14,11 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from megatron.core.dist_checkpointing.mapping import ShardedStateDict
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import build_module
+from megatron.core.transformer.utils import sharded_state_dict_default
 from megatron.core.utils import make_viewless_tensor
 
 from megatron_mesh.config import MeshConfig, refuse_unsupported
@@ -154,6 +156,30 @@ class RecursiveMeshTransformerBlock(MegatronModule):
                 f"state_scheme={self.config.state_scheme!r}: expected {allowed}"
             )
         return num_loops
+
+    def sharded_state_dict(
+        self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None
+    ) -> ShardedStateDict:
+        """Each layer's own sharded state dict under its fixed key (``prelude.i``, ``cores.c.i``,
+        ``coda.i``), whatever the parallel layout.
+
+        MegatronModule's default would hand the ``nn.ModuleList``s to megatron-core's fallback,
+        which treats every tensor as replicated across tensor-parallel ranks (wrong for the
+        split QKV/FC1/FC2 weights) and skips TransformerLayer's key map (so local-spec
+        checkpoints would not use the TransformerEngine names megatron-core checkpoints share).
+        """
+        out: ShardedStateDict = {}
+
+        def visit(module: nn.Module, path: str) -> None:
+            if isinstance(module, nn.ModuleList):
+                for i, child in enumerate(module):
+                    visit(child, f"{path}{i}.")
+            else:
+                out.update(sharded_state_dict_default(module, path, sharded_offsets, metadata))
+
+        for name, child in self.named_children():
+            visit(child, f"{prefix}{name}.")
+        return out
 
     def embedding_scale(self) -> float:
         return math.sqrt(self.config.hidden_size) if self.config.scale_embeddings else 1.0

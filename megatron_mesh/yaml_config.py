@@ -81,7 +81,7 @@ SCHEMA: Dict[str, Tuple[str, ...]] = {
         "recompute_num_layers",
         "transformer_impl",
     ),
-    "checkpointing": ("save", "interval", "load", "format", "save_on_signal", "async_save"),
+    "checkpointing": ("save", "interval", "load", "pretrained", "format", "save_on_signal", "async_save"),
     "logging": (
         "interval",
         "tensorboard_dir",

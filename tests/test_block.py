@@ -76,3 +76,27 @@ def test_vanilla_matches_reference(megatron_world):
 def test_mesh_with_non_default_slots_and_no_prelude(megatron_world):
     layout = dict(prelude=0, cores=(2,), coda=1, loops=2, tied=True)
     assert_matches_reference(tiny_config("0+2R2+1", "mesh", buffer_slots=2), layout, slots=2)
+
+
+def test_checkpoint_keys_follow_megatron_core_gpt(megatron_world):
+    """Each layer's sharded keys are those megatron-core's own GPTModel (local spec) saves for a
+    layer: TransformerLayer's sharded_state_dict ran (TE norm names, TP axes), not a fallback."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from megatron_mesh.model import MeshGPTModel
+
+    ours = MeshGPTModel(tiny_config("1+1R2+1", "base")).sharded_state_dict()
+    gpt = GPTModel(TransformerConfig(num_layers=1, hidden_size=64, num_attention_heads=4,
+                                     use_cpu_initialization=True, add_bias_linear=True),
+                   get_gpt_layer_local_spec(), vocab_size=96, max_sequence_length=64,
+                   position_embedding_type="rope").sharded_state_dict()
+
+    def layer_keys(sd, prefix):
+        return {v.key[len(prefix):] for v in sd.values() if v.key.startswith(prefix)}
+
+    reference = layer_keys(gpt, "decoder.layers.")
+    assert "self_attention.linear_qkv.layer_norm_weight" in reference
+    for prefix in ("decoder.prelude.0.", "decoder.cores.0.0.", "decoder.coda.0."):
+        assert layer_keys(ours, prefix) == reference

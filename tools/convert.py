@@ -1,13 +1,25 @@
 #!/usr/bin/env python
-"""Convert megatron-mesh checkpoints to Hugging Face.
+"""Convert checkpoints between megatron-mesh (torch_dist) and Hugging Face.
 
     python tools/convert.py megatron-to-hf --load CHECKPOINT_DIR --output HF_DIR \
         [--iteration N] [--dtype fp32|bf16] [--tokenizer PATH_OR_NAME] [--force]
 
-Reads a torch_dist checkpoint saved at any TP layout on one CPU process (no GPU, no
-torch.distributed job). Vanilla layouts become plain GPTNeoXForCausalLM; recursive ones load
-with AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True). The output directory
-appears only when complete. (HF -> Megatron is not implemented yet.)
+    python tools/convert.py hf-to-megatron --hf HF_DIR --output CHECKPOINT_DIR \
+        [--layout 4+8R2+4 --state-scheme mesh --core-init average|lower|stepwise] \
+        [--buffer-slots B] [--scale-embeddings | --no-scale-embeddings] [--force]
+
+megatron-to-hf reads a torch_dist checkpoint saved at any TP/PP layout on one CPU process (no
+GPU, no torch.distributed job). Vanilla layouts become plain GPTNeoXForCausalLM; recursive ones
+load with AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True).
+
+hf-to-megatron reads a megatron-mesh export or a GPT-NeoX/Pythia model and writes a Megatron
+release checkpoint: `tools/pretrain_mesh.py` with checkpointing.load (or .pretrained) pointing
+at it starts from these weights at iteration 0 with a fresh optimizer, at any TP/PP size. With
+--layout/--state-scheme a vanilla model seeds a recursive one of the same depth (rules in
+megatron_mesh/hf/importer.py). The checkpoint's model section is written to model.yml; train
+with the same one.
+
+Either output directory appears only when complete; a non-empty one is replaced only with --force.
 """
 
 import argparse
@@ -19,22 +31,46 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import megatron_mesh  # noqa: E402,F401
 
 
-def main(argv=None):
-    from megatron_mesh.hf.export import CheckpointError, export
-
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="direction", required=True)
-    m2h = sub.add_parser("megatron-to-hf")
+    m2h = sub.add_parser("megatron-to-hf", help="torch_dist checkpoint -> HF directory")
     m2h.add_argument("--load", required=True)
     m2h.add_argument("--output", required=True)
     m2h.add_argument("--iteration", type=int, default=None)
     m2h.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     m2h.add_argument("--tokenizer", default=None, help="default: the tokenizer the run trained with")
     m2h.add_argument("--force", action="store_true", help="replace a non-empty output directory")
-    args = parser.parse_args(argv)
+
+    h2m = sub.add_parser("hf-to-megatron", help="HF directory -> torch_dist release checkpoint")
+    h2m.add_argument("--hf", required=True, help="HF model directory (megatron-mesh export or GPT-NeoX)")
+    h2m.add_argument("--output", required=True)
+    h2m.add_argument("--layout", default=None, help="re-shape a vanilla model, e.g. 4+8R2+4")
+    h2m.add_argument("--state-scheme", default=None, help="scheme of the re-shaped model (default base)")
+    h2m.add_argument("--core-init", choices=["average", "lower", "stepwise"], default="average")
+    h2m.add_argument("--buffer-slots", type=int, default=None)
+    h2m.add_argument("--scale-embeddings", action=argparse.BooleanOptionalAction, default=None,
+                     help="multiply embeddings by sqrt(d) in the model (table rescaled to match)")
+    h2m.add_argument("--tokenizer", default=None, help="default: the HF directory, if it has one")
+    h2m.add_argument("--seed", type=int, default=1234, help="init of new state-scheme parameters")
+    h2m.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    from megatron_mesh.hf.export import export
+
+    args = parse_args(argv)
     try:
-        out = export(args.load, args.output, args.dtype, args.tokenizer, args.iteration, args.force)
-    except CheckpointError as err:
+        if args.direction == "megatron-to-hf":
+            out = export(args.load, args.output, args.dtype, args.tokenizer, args.iteration, args.force)
+        else:
+            from megatron_mesh.hf.importer import hf_to_megatron
+
+            out = hf_to_megatron(args.hf, args.output, args.layout, args.state_scheme, args.core_init,
+                                 args.buffer_slots, args.scale_embeddings, args.tokenizer,
+                                 args.force, args.seed)
+    except ValueError as err:  # CheckpointError, OutputExistsError, invalid layout or scheme
         sys.exit(f"error: {err}")
     print(f"wrote {out}")
 

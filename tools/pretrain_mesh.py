@@ -63,7 +63,7 @@ def run(megatron_args):
     from megatron.training.argument_utils import pretrain_cfg_container_from_args
     from megatron.training.arguments import parse_and_validate_args
 
-    from megatron_mesh.training import providers, throughput
+    from megatron_mesh.training import providers, resume, throughput
     from megatron_mesh.training.arguments import add_mesh_arguments
 
     sys.argv = [sys.argv[0], *megatron_args]
@@ -72,6 +72,10 @@ def run(megatron_args):
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*recommended to use a ModelConfig.*")
             cfg = pretrain_cfg_container_from_args(args)
+        try:
+            resume.check_resume_model(args)
+        except ValueError as err:
+            sys.exit(f"error: {err}")
         throughput.install(providers.mesh_config_from_args(args), args)
         pretrain(
             cfg,

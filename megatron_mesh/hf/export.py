@@ -9,41 +9,27 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
+import warnings
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
 import torch
 
+from megatron_mesh.checkpoints import CheckpointError, iteration_dir
 from megatron_mesh.config import MeshConfig
+from megatron_mesh.fs import OutputExistsError, atomic_directory, check_writable
+from megatron_mesh.hf.mapping import module_names
 
 MODEL_PREFIXES = ("embedding.", "decoder.", "output_layer.")
 COMMON_STATE = "common_state/shard_0_1"
 
 
-class CheckpointError(ValueError):
-    """Not a checkpoint, or one that disagrees with its config."""
-
-
-def iteration_dir(path: str, iteration: Optional[int] = None) -> Path:
-    """The iter_XXXXXXX directory for a save directory (latest or ``iteration``) or itself."""
-    path = Path(path)
-    if (path / "metadata.json").is_file():
-        return path
-    tracker = path / "latest_checkpointed_iteration.txt"
-    if iteration is None:
-        if not tracker.is_file():
-            raise CheckpointError(f"{path}: not a Megatron checkpoint (no {tracker.name} and no metadata.json)")
-        iteration = int(tracker.read_text().strip())
-    found = path / f"iter_{iteration:07d}"
-    if not (found / "metadata.json").is_file():
-        raise CheckpointError(f"{found}: no torch_dist checkpoint for iteration {iteration}")
-    return found
+__all__ = ["CheckpointError", "OutputExistsError", "export", "load_checkpoint"]
 
 
 def load_checkpoint(path: str, iteration: Optional[int] = None) -> Tuple[Dict[str, torch.Tensor], dict]:
-    """Model tensors and the saved common state (args, iteration) of a torch_dist checkpoint."""
+    """Model tensors (under the local spec's module names, whichever spec saved them) and the
+    saved common state (args, iteration) of a torch_dist checkpoint."""
     from torch.distributed.checkpoint import FileSystemReader, load
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
@@ -56,9 +42,11 @@ def load_checkpoint(path: str, iteration: Optional[int] = None) -> Tuple[Dict[st
     if COMMON_STATE not in metadata.state_dict_metadata:
         raise CheckpointError(f"{ckpt}: no Megatron common state (args) in the checkpoint")
     state[COMMON_STATE] = None
-    load(state, storage_reader=reader, no_dist=True)
+    with warnings.catch_warnings():  # one process without torch.distributed is the point here
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        load(state, storage_reader=reader, no_dist=True)
     common = state.pop(COMMON_STATE)[0]
-    return state, common
+    return module_names(state), common
 
 
 def mesh_config_from_args(args) -> MeshConfig:
@@ -132,33 +120,23 @@ def model_card(config: MeshConfig, common: dict) -> str:
 
 def export(checkpoint: str, output: str, dtype: str = "fp32", tokenizer: Optional[str] = None,
            iteration: Optional[int] = None, force: bool = False) -> Path:
-    out = Path(output)
-    if out.exists() and any(out.iterdir()) and not force:
-        raise CheckpointError(f"{out}: exists and is not empty (use --force to replace it)")
+    check_writable(Path(output), force)
     state, common = load_checkpoint(checkpoint, iteration)
     config = mesh_config_from_args(common["args"])
     check_shapes(state, config)
     model = build_hf_model(state, config)
     if dtype == "bf16":
         model = model.to(torch.bfloat16)
-    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_directory(output, force) as tmp:
         model.save_pretrained(tmp, safe_serialization=True, max_shard_size="2GB")
         tok = tokenizer or getattr(common["args"], "tokenizer_model", None)
         if tok:
-            _save_tokenizer(tok, tmp)
+            save_tokenizer(tok, tmp)
         (tmp / "README.md").write_text(model_card(config, common))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return out
+    return Path(output)
 
 
-def _save_tokenizer(spec: str, out: Path) -> None:
+def save_tokenizer(spec: str, out: Path) -> None:
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     path = Path(spec)

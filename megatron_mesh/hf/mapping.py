@@ -79,25 +79,52 @@ def gpt_neox_names(state: Dict[str, Tensor], layout: Layout, embedding_scale: fl
     return out
 
 
+def hf_mesh_name(name: str) -> str:
+    """The ``modeling_megatron_mesh`` name of a MeshGPTModel state-dict entry (any layout)."""
+    if name == "embedding.word_embeddings.weight":
+        return "model.embed_in.weight"
+    if name == "output_layer.weight":
+        return "embed_out.weight"
+    if name.startswith("decoder.final_layernorm."):
+        return "model.final_layer_norm." + name.rsplit(".", 1)[1]
+    if name.startswith("decoder.scheme."):
+        return "model.scheme." + name[len("decoder.scheme."):]
+    parts = name.split(".")  # decoder.{prelude.i | cores.c.i | coda.i}.<layer suffix>
+    depth = 4 if parts[1] == "cores" else 3
+    prefix, suffix = ".".join(parts[1:depth]), ".".join(parts[depth:])
+    return f"model.{prefix}.{LAYER_NAMES[suffix]}"
+
+
 def megatron_to_hf_mesh(state: Dict[str, Tensor]) -> Dict[str, Tensor]:
     """A MeshGPTModel state dict in ``modeling_megatron_mesh`` names (any layout and scheme)."""
+    return {hf_mesh_name(k): v for k, v in state.items() if not k.endswith("_extra_state")}
+
+
+def hf_mesh_to_megatron(hf_state: Dict[str, Tensor], names: List[str]) -> Dict[str, Tensor]:
+    """The inverse: ``names`` are the MeshGPTModel entries wanted (its state-dict keys)."""
+    missing = [hf_mesh_name(n) for n in names if hf_mesh_name(n) not in hf_state]
+    if missing:
+        raise KeyError(f"the Hugging Face weights lack {missing[:5]} ({len(missing)} in all)")
+    return {n: hf_state[hf_mesh_name(n)] for n in names}
+
+
+# megatron-core checkpoints name the layer norms as TransformerEngine fuses them, whichever
+# spec saved them (TransformerLayer's sharded_state_dict_keys_map, set by
+# gpt_layer_specs.get_gpt_layer_local_submodules); module state dicts of the local spec use
+# the norm modules' own names.
+CHECKPOINT_NORM_NAMES = {
+    "self_attention.linear_qkv.layer_norm_": "input_layernorm.",
+    "mlp.linear_fc1.layer_norm_": "pre_mlp_layernorm.",
+}
+
+
+def module_names(checkpoint_state: Dict[str, Tensor]) -> Dict[str, Tensor]:
+    """Checkpoint keys (TE norm names) -> local-spec module state-dict names."""
     out = {}
-    for name, tensor in state.items():
-        if name.endswith("_extra_state"):
-            continue
-        if name == "embedding.word_embeddings.weight":
-            out["model.embed_in.weight"] = tensor
-        elif name == "output_layer.weight":
-            out["embed_out.weight"] = tensor
-        elif name.startswith("decoder.final_layernorm."):
-            out["model.final_layer_norm." + name.rsplit(".", 1)[1]] = tensor
-        elif name.startswith("decoder.scheme."):
-            out["model.scheme." + name[len("decoder.scheme."):]] = tensor
-        else:  # decoder.{prelude.i | cores.c.i | coda.i}.<layer suffix>
-            parts = name.split(".")
-            depth = 4 if parts[1] == "cores" else 3
-            prefix, suffix = ".".join(parts[1:depth]), ".".join(parts[depth:])
-            out[f"model.{prefix}.{LAYER_NAMES[suffix]}"] = tensor
+    for key, tensor in checkpoint_state.items():
+        for fused, own in CHECKPOINT_NORM_NAMES.items():
+            key = key.replace(f".{fused}", f".{own}")
+        out[key] = tensor
     return out
 
 

@@ -29,12 +29,16 @@ def rotate_half(x):
 
 
 class Rotary(nn.Module):
+    # The frequencies are recomputed per call rather than held in a non-persistent buffer:
+    # transformers 5 builds models on the meta device and leaves such buffers uninitialised.
     def __init__(self, dim: int, base: float):
         super().__init__()
-        self.register_buffer("inv_freq", 1.0 / (base ** (torch.arange(0, dim, 2).float() / dim)), persistent=False)
+        self.dim, self.base = dim, base
 
     def forward(self, positions):  # [b, s] -> cos, sin [b, 1, s, dim]
-        freqs = positions[..., None].float() * self.inv_freq
+        steps = torch.arange(0, self.dim, 2, device=positions.device).float()
+        inv_freq = 1.0 / (self.base ** (steps / self.dim))
+        freqs = positions[..., None].float() * inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]
         return emb.cos(), emb.sin()
 
@@ -241,7 +245,7 @@ class MegatronMeshForCausalLM(MegatronMeshPreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 use_cache=None, labels=None, output_hidden_states=None, return_dict=True,
-                num_loops=None, cache_position=None, **kwargs):
+                num_loops=None, **kwargs):
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache()

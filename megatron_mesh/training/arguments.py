@@ -240,6 +240,8 @@ def _system_args(tree: dict) -> List[str]:
         # Megatron requires an interval with --save; by default save only at the end
         *_flag("save-interval", ckpt.get("interval") or (train_iters(tree) if ckpt.get("save") else None)),
         *_flag("load", ckpt.get("load", ckpt.get("save"))),
+        # weights to start from when `load` holds no checkpoint yet (a converted model)
+        *_flag("pretrained-checkpoint", ckpt.get("pretrained")),
         *_flag("ckpt-format", ckpt.get("format", "torch_dist")),
         *_flag("exit-signal-handler", ckpt.get("save_on_signal", True)),
         *_flag("async-save", ckpt.get("async_save", False)),

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import REPO, random_batch, tiny_config
-from test_pretrain import ckpt_overrides, train
+from test_pretrain import ckpt_overrides, command, env, train
 
 
 @pytest.fixture(scope="module")
@@ -60,15 +60,51 @@ def test_vanilla_exports_as_plain_gpt_neox(megatron_world):
 
 
 def test_errors(checkpoint, tmp_path):
-    from megatron_mesh.hf.export import CheckpointError, export
+    from megatron_mesh.hf.export import CheckpointError, OutputExistsError, export
 
     with pytest.raises(CheckpointError, match="not a Megatron checkpoint"):
         export(str(tmp_path), str(tmp_path / "out"))
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "keep.txt").write_text("x")
-    with pytest.raises(CheckpointError, match="exists and is not empty"):
+    with pytest.raises(OutputExistsError, match="exists and is not empty"):
         export(str(checkpoint), str(busy))
     assert (busy / "keep.txt").exists()
     with pytest.raises(CheckpointError, match="no torch_dist checkpoint for iteration 7"):
         export(str(checkpoint), str(tmp_path / "x"), iteration=7)
+
+
+def test_trainer_starts_from_a_converted_pythia_model(tmp_path, megatron_world):
+    """hf-to-megatron (CLI) seeds tiny-cpu.yml's 1+2R2+1 mesh model from a 6-layer GPT-NeoX; the
+    trainer loads it (lr 0: the weights it saves are the converted ones) and refuses a config
+    whose model differs."""
+    from transformers import GPTNeoXForCausalLM
+
+    from megatron_mesh.hf.export import load_checkpoint
+    from reference import hf_config
+
+    torch.manual_seed(0)
+    GPTNeoXForCausalLM(hf_config(64, 4, 4096, num_layers=6)).save_pretrained(tmp_path / "pythia")
+    out = subprocess.run([sys.executable, str(REPO / "tools/convert.py"), "hf-to-megatron", "--hf",
+                          str(tmp_path / "pythia"), "--output", str(tmp_path / "seed"), "--layout",
+                          "1+2R2+1", "--state-scheme", "mesh", "--scale-embeddings"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+
+    run = tmp_path / "run"
+    overrides = ckpt_overrides(run, **{"checkpointing.pretrained": tmp_path / "seed",
+                                       "training.train_iters": 2, "optimizer.lr": 0.0,
+                                       "model.max_sequence_length": 2048})
+    log, losses = train(tmp_path, overrides)
+    assert "release" in log and sorted(losses) == [1, 2]
+    seeded, _ = load_checkpoint(str(tmp_path / "seed"))
+    trained, _ = load_checkpoint(str(run))
+    assert seeded.keys() == trained.keys()
+    assert all(torch.equal(seeded[k], trained[k]) for k in seeded)
+
+    bad = subprocess.run(command(tmp_path, ckpt_overrides(tmp_path / "other", **{
+        "checkpointing.pretrained": tmp_path / "seed", "model.state_scheme": "base",
+        "model.max_sequence_length": 2048})), capture_output=True, text=True, cwd=REPO, env=env(),
+        timeout=300)
+    assert bad.returncode != 0
+    assert "state_scheme: checkpoint 'mesh', config 'base'" in bad.stderr + bad.stdout

@@ -1,0 +1,1 @@
+"""Evaluation: downstream tasks through lm-evaluation-harness (and, later, perplexity)."""

@@ -1,0 +1,273 @@
+"""Hugging Face directory -> a torch_dist checkpoint that ``tools/pretrain_mesh.py`` starts from.
+
+Sources: megatron-mesh exports (``model_type: megatron_mesh``) and GPT-NeoX models such as
+Pythia (``model_type: gpt_neox``). The checkpoint is a Megatron *release* checkpoint
+(``latest_checkpointed_iteration.txt`` says ``release``): the trainer loads its weights and
+starts at iteration 0 with a fresh optimizer and schedule. torch_dist stores every tensor whole,
+so the same checkpoint loads at any tensor/pipeline-parallel size.
+
+A vanilla GPT-NeoX model can seed a recursive layout of the same compute depth
+(``recursive_from_vanilla``): the prelude takes the first P layers, the coda the last D, and
+core layer j takes, by ``core_init``,
+  - ``average``: the mean of the K layers it replaces in the unrolled order, P + k*C + j;
+  - ``lower``: layer P + j (the first loop's layers);
+  - ``stepwise``: layer P + j*K (every K-th layer of the middle section).
+(The Average / Lower / Stepwise rules of Bae et al., 2024, "Relaxed Recursive Transformers".)
+Untied layouts take every layer exactly. State-scheme parameters (routers, coefficients) start
+from the config's initialisation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from argparse import Namespace
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from megatron_mesh.config import MeshConfig
+from megatron_mesh.fs import atomic_directory, check_writable
+from megatron_mesh.checkpoints import CheckpointError
+from megatron_mesh.hf.mapping import gpt_neox_to_megatron, hf_mesh_to_megatron
+from megatron_mesh.layout import Layout, parse_layout
+
+CORE_INIT_RULES = ("average", "lower", "stepwise")
+# HF activations -> MeshConfig.gelu_approximation
+HF_GELU = {"gelu": "none", "gelu_pytorch_tanh": "tanh", "gelu_new": "tanh", "gelu_fast": "tanh"}
+
+
+def read_hf_directory(path) -> Tuple[dict, Dict[str, Tensor]]:
+    """config.json and every weight of an HF model directory (safetensors or .bin, sharded or not)."""
+    path = Path(path)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"{path}: not a Hugging Face model directory (no config.json)")
+    config = json.loads(config_file.read_text())
+    return config, _read_weights(path)
+
+
+def _read_weights(path: Path) -> Dict[str, Tensor]:
+    from safetensors.torch import load_file
+
+    for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
+                               ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        index = path / index_name
+        files = (sorted(set(json.loads(index.read_text())["weight_map"].values()))
+                 if index.is_file() else [single] if (path / single).is_file() else [])
+        if not files:
+            continue
+        state: Dict[str, Tensor] = {}
+        for name in files:
+            if name.endswith(".safetensors"):
+                state.update(load_file(str(path / name)))
+            else:
+                state.update(torch.load(path / name, map_location="cpu", weights_only=True))
+        return state
+    raise CheckpointError(f"{path}: no model.safetensors, pytorch_model.bin or their index files")
+
+
+def model_section_from_hf(config: dict) -> dict:
+    """The YAML ``model:`` section (MeshConfig fields) of an HF config."""
+    kind = config.get("model_type")
+    if kind == "megatron_mesh":
+        return _from_mesh_config(config)
+    if kind == "gpt_neox":
+        return _from_gpt_neox_config(config)
+    raise CheckpointError(f"config.json: model_type={kind!r}: expected 'gpt_neox' or 'megatron_mesh'")
+
+
+def _shared_fields(config: dict) -> dict:
+    act = config.get("hidden_act", "gelu")
+    if act not in HF_GELU:
+        raise CheckpointError(f"config.json: hidden_act={act!r}: expected one of {sorted(HF_GELU)}")
+    return dict(
+        hidden_size=config["hidden_size"],
+        num_attention_heads=config["num_attention_heads"],
+        ffn_hidden_size=config["intermediate_size"],
+        vocab_size=config["vocab_size"],
+        max_sequence_length=config["max_position_embeddings"],
+        rotary_percent=config.get("rotary_pct", 0.25),
+        rotary_base=config.get("rotary_emb_base", 10000),
+        layernorm_epsilon=config.get("layer_norm_eps", 1e-5),
+        init_method_std=config.get("initializer_range", 0.02),
+        gelu_approximation=HF_GELU[act],
+    )
+
+
+def _from_gpt_neox_config(config: dict) -> dict:
+    # megatron-mesh's GPT-NeoX is Pythia's: parallel residual, untied output layer, biases,
+    # unscaled rotary; anything else would load but compute something different.
+    expected = {"use_parallel_residual": True, "tie_word_embeddings": False,
+                "attention_bias": True, "rope_scaling": None}
+    for key, want in expected.items():
+        if config.get(key, want) != want:
+            raise CheckpointError(f"config.json: {key}={config[key]!r}: megatron-mesh supports {want!r}")
+    return dict(_shared_fields(config), layout=str(config["num_hidden_layers"]),
+                state_scheme="vanilla", scale_embeddings=False)
+
+
+def _from_mesh_config(config: dict) -> dict:
+    section = dict(_shared_fields(config), layout=config["layout"],
+                   state_scheme=config["state_scheme"], scale_embeddings=config["scale_embeddings"])
+    if config.get("buffer_slots") is not None:
+        section["buffer_slots"] = config["buffer_slots"]
+    return section
+
+
+def megatron_state_from_hf(config: dict, hf_state: Dict[str, Tensor], section: dict) -> Dict[str, Tensor]:
+    """The HF weights under MeshGPTModel state-dict names."""
+    if config["model_type"] == "gpt_neox":
+        return gpt_neox_to_megatron(hf_state, parse_layout(section["layout"]))
+    names = _parameter_names(section)
+    try:
+        return hf_mesh_to_megatron(hf_state, names)
+    except KeyError as err:
+        raise CheckpointError(f"config.json and the weights disagree: {err.args[0]}") from None
+
+
+def recursive_from_vanilla(state: Dict[str, Tensor], vanilla: Layout, target: Layout,
+                           core_init: str = "average") -> Dict[str, Tensor]:
+    """A vanilla model's layers arranged into ``target`` (same depth); see the module docstring."""
+    if core_init not in CORE_INIT_RULES:
+        raise CheckpointError(f"core_init={core_init!r}: expected one of {CORE_INIT_RULES}")
+    if target.n_compute != vanilla.n_compute:
+        raise CheckpointError(f"layout={target}: N_compute {target.n_compute} differs from the source "
+                           f"model's {vanilla.n_compute} layers")
+    out = {k: v for k, v in state.items() if not k.startswith("decoder.prelude.")}
+
+    def copy(dst: str, sources: List[int]) -> None:
+        for src_name, tensor in state.items():
+            if src_name.startswith(f"decoder.prelude.{sources[0]}."):
+                suffix = src_name[len(f"decoder.prelude.{sources[0]}."):]
+                stack = [state[f"decoder.prelude.{i}.{suffix}"] for i in sources]
+                out[f"{dst}.{suffix}"] = torch.stack(stack).mean(0) if len(stack) > 1 else tensor
+
+    P, K = target.prelude, target.num_loops
+    for j in range(P):
+        copy(f"decoder.prelude.{j}", [j])
+    for j in range(target.coda):
+        copy(f"decoder.coda.{j}", [vanilla.n_compute - target.coda + j])
+    if target.tied:
+        C = target.core[0]
+        rule = {"average": lambda j: [P + k * C + j for k in range(K)],
+                "lower": lambda j: [P + j], "stepwise": lambda j: [P + j * K]}[core_init]
+        for j in range(C):
+            copy(f"decoder.cores.0.{j}", rule(j))
+    else:
+        start = P
+        for c, layers in enumerate(target.core):
+            for j in range(layers):
+                copy(f"decoder.cores.{c}.{j}", [start + j])
+            start += layers
+    return out
+
+
+def _parameter_names(section: dict) -> List[str]:
+    from megatron_mesh.layers import local_block_spec
+    from megatron_mesh.model import MeshGPTModel
+    from megatron_mesh.parallel.process_groups import initialize_single_process
+
+    initialize_single_process()
+    with torch.device("meta"):
+        model = MeshGPTModel(MeshConfig(**section, use_cpu_initialization=True), spec=local_block_spec())
+    return [k for k in model.state_dict() if not k.endswith("_extra_state")]
+
+
+def build_model(section: dict, state: Dict[str, Tensor], fresh_prefixes: Tuple[str, ...] = (),
+                seed: int = 1234):
+    """A MeshGPTModel holding ``state``; only names under ``fresh_prefixes`` may be left at init."""
+    from megatron_mesh.layers import local_block_spec
+    from megatron_mesh.model import MeshGPTModel
+    from megatron_mesh.parallel.process_groups import initialize_single_process
+
+    initialize_single_process(seed)
+    torch.manual_seed(seed)
+    model = MeshGPTModel(MeshConfig(**section, use_cpu_initialization=True), spec=local_block_spec())
+    expected = {k: v.shape for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    missing = [k for k in expected if k not in state and not k.startswith(fresh_prefixes)]
+    extra = [k for k in state if k not in expected]
+    if missing or extra:
+        raise CheckpointError(f"weights and config disagree: missing {missing[:5]}, unexpected {extra[:5]}")
+    for name, tensor in state.items():
+        if tuple(tensor.shape) != tuple(expected[name]):
+            raise CheckpointError(f"{name}: weights have shape {tuple(tensor.shape)}, config.json "
+                               f"implies {tuple(expected[name])}")
+    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+    return model
+
+
+def checkpoint_args(section: dict, tokenizer: Optional[str]) -> Namespace:
+    """The 'args' a Megatron checkpoint carries: what check_checkpoint_args compares, what
+    tools/convert.py megatron-to-hf reads back, and the model section as the trainer writes it."""
+    config = MeshConfig(**section, use_cpu_initialization=True)
+    return Namespace(
+        num_layers=config.num_layers, hidden_size=config.hidden_size,
+        num_attention_heads=config.num_attention_heads, add_position_embedding=True,
+        max_position_embeddings=config.max_sequence_length, padded_vocab_size=config.vocab_size,
+        tensor_model_parallel_size=1, pipeline_model_parallel_size=1, world_size=1,
+        data_parallel_size=1, ckpt_format="torch_dist", consumed_train_samples=0, seq_length=0,
+        tokenizer_type="HuggingFaceTokenizer" if tokenizer else None, tokenizer_model=tokenizer,
+        mesh_model=json.dumps(section, sort_keys=True),
+    )
+
+
+def save_release_checkpoint(model, args: Namespace, output, force: bool = False) -> Path:
+    """``output/release`` + the tracker file, written the way megatron.training saves."""
+    from megatron.core import dist_checkpointing
+
+    out = Path(output)
+    with atomic_directory(out, force) as tmp:
+        state = {"args": args, "checkpoint_version": 3.0, "iteration": 0,
+                 "model": model.sharded_state_dict()}
+        (tmp / "release").mkdir()
+        dist_checkpointing.save(state, str(tmp / "release"))
+        (tmp / "latest_checkpointed_iteration.txt").write_text("release")
+        (tmp / "model.yml").write_text(_model_yaml(json.loads(args.mesh_model)))
+    return out
+
+
+def _model_yaml(section: dict) -> str:
+    import yaml
+
+    return ("# The model section of this checkpoint: train with the same one (extends: or copy).\n"
+            + yaml.safe_dump({"model": section}, sort_keys=False))
+
+
+def hf_to_megatron(source, output, layout: Optional[str] = None, state_scheme: Optional[str] = None,
+                   core_init: str = "average", buffer_slots: Optional[int] = None,
+                   scale_embeddings: Optional[bool] = None, tokenizer: Optional[str] = None,
+                   force: bool = False, seed: int = 1234) -> Path:
+    """Convert an HF directory; ``layout``/``state_scheme`` re-shape a vanilla source (module doc)."""
+    check_writable(Path(output), force)
+    config, hf_state = read_hf_directory(source)
+    section = model_section_from_hf(config)
+    state = megatron_state_from_hf(config, hf_state, section)
+    fresh: Tuple[str, ...] = ()
+    if layout is not None or state_scheme is not None:
+        section, state = _reshape(section, state, layout, state_scheme, core_init, buffer_slots)
+        fresh = ("decoder.scheme.",)
+    if scale_embeddings is not None and scale_embeddings != section["scale_embeddings"]:
+        # same h_emb either way: the table absorbs the sqrt(d) factor the model now applies
+        factor = math.sqrt(section["hidden_size"])
+        table = state["embedding.word_embeddings.weight"]
+        state["embedding.word_embeddings.weight"] = table / factor if scale_embeddings else table * factor
+        section["scale_embeddings"] = scale_embeddings
+    model = build_model(section, state, fresh, seed)
+    tok = tokenizer or (str(Path(source).resolve()) if (Path(source) / "tokenizer.json").is_file() else None)
+    return save_release_checkpoint(model, checkpoint_args(section, tok), output, force)
+
+
+def _reshape(section, state, layout, state_scheme, core_init, buffer_slots):
+    if section["state_scheme"] != "vanilla":
+        raise CheckpointError(f"--layout/--state-scheme re-shape vanilla models only; the source is "
+                           f"layout={section['layout']!r} state_scheme={section['state_scheme']!r}")
+    target = parse_layout(layout or section["layout"])
+    scheme = state_scheme or ("base" if target.recursive else "vanilla")
+    state = recursive_from_vanilla(state, parse_layout(section["layout"]), target, core_init)
+    section = dict(section, layout=str(target), state_scheme=scheme)
+    if buffer_slots is not None:
+        section["buffer_slots"] = buffer_slots
+    return section, state
