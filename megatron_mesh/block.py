@@ -8,12 +8,14 @@ The core's layers exist once (tied layouts) and are applied K times; untied layo
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
+from megatron.core import tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedStateDict
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.module import MegatronModule
@@ -33,11 +35,18 @@ def _refuse_unsupported(config: MeshConfig) -> None:
     unsupported = {
         "pipeline_model_parallel_size": (config.pipeline_model_parallel_size, 1),
         "virtual_pipeline_model_parallel_size": (config.virtual_pipeline_model_parallel_size, None),
-        "sequence_parallel": (config.sequence_parallel, False),
         "context_parallel_size": (config.context_parallel_size, 1),
-        "recompute_granularity": (config.recompute_granularity, None),
     }
     refuse_unsupported(unsupported, "RecursiveMeshTransformerBlock yet")
+
+
+def _mark_sequence_parallel(scheme: Optional[nn.Module], sequence_parallel: bool) -> None:
+    """Routers and combination weights are replicated over tensor-parallel ranks. Under sequence
+    parallelism each rank feeds them its own tokens, so their gradients are partial sums:
+    megatron-core all-reduces the gradients of parameters flagged ``sequence_parallel`` over the
+    tensor-parallel group (distributed/finalize_model_grads.py), as for its layer norms."""
+    for param in scheme.parameters() if scheme is not None else ():
+        setattr(param, "sequence_parallel", sequence_parallel)
 
 
 def _param_device(config: MeshConfig):
@@ -45,6 +54,14 @@ def _param_device(config: MeshConfig):
     if config.use_cpu_initialization:
         return contextlib.nullcontext()  # default device (or an enclosing torch.device("meta"))
     return torch.device("cuda", torch.cuda.current_device())
+
+
+def _apply_layers(layers, h: Tensor, attention_mask: Optional[Tensor],
+                  rotary_pos_emb: Optional[Tensor]) -> Tensor:
+    """Consecutive layers as one function of (h, mask, rotary): the unit of full recompute."""
+    for layer in layers:
+        h, _ = layer(h, attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb)
+    return h
 
 
 class RecursiveMeshTransformerBlock(MegatronModule):
@@ -87,6 +104,7 @@ class RecursiveMeshTransformerBlock(MegatronModule):
                 config.buffer_slots or 0,
                 config.init_method,
             )
+        _mark_sequence_parallel(self.scheme, config.sequence_parallel)
         self.final_layernorm = build_module(
             spec.final_layernorm,
             config=config,
@@ -118,10 +136,18 @@ class RecursiveMeshTransformerBlock(MegatronModule):
         every loop state h(t) and the coda output, for probes and tests.
         """
         K = self.config.num_loops if num_loops is None else self._check_num_loops(num_loops)
+        applied = 0  # layer applications so far in the unrolled graph (for recompute 'block')
 
         def run(layers: nn.ModuleList, h: Tensor) -> Tensor:
-            for layer in layers:
-                h, _ = layer(h, attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb)
+            nonlocal applied
+            for begin, end, recompute in self._recompute_chunks(len(layers), applied):
+                chunk = functools.partial(_apply_layers, layers[begin:end])
+                if recompute:
+                    h = tensor_parallel.checkpoint(chunk, self.config.distribute_saved_activations,
+                                                   h, attention_mask, rotary_pos_emb)
+                else:
+                    h = chunk(h, attention_mask, rotary_pos_emb)
+            applied += len(layers)
             return h
 
         def record(name: str, h: Tensor) -> None:
@@ -143,6 +169,22 @@ class RecursiveMeshTransformerBlock(MegatronModule):
         record("coda", h)
         h = self.final_layernorm(h)
         return make_viewless_tensor(h, requires_grad=h.requires_grad, keep_graph=True)
+
+    def _recompute_chunks(self, num_layers: int, start: int) -> List[Tuple[int, int, bool]]:
+        """(begin, end, recompute) runs of a segment of ``num_layers`` layers whose first layer
+        is application ``start`` of the unrolled graph. Full recompute, as megatron-core's
+        TransformerBlock defines it but over layer *applications*: 'uniform' checkpoints every
+        ``recompute_num_layers`` consecutive layers of a segment (prelude, one core application,
+        coda; = one chunk per loop iteration when it equals the core size), 'block' the first
+        ``recompute_num_layers`` applications of the graph."""
+        cfg = self.config
+        if cfg.recompute_granularity != "full" or not self.training:
+            return [(0, num_layers, False)]
+        n = cfg.recompute_num_layers
+        if cfg.recompute_method == "uniform":
+            return [(i, min(i + n, num_layers), True) for i in range(0, num_layers, n)]
+        split = max(0, min(num_layers, n - start))
+        return [run for run in ((0, split, True), (split, num_layers, False)) if run[0] < run[1]]
 
     def _check_num_loops(self, num_loops: int) -> int:
         trained = self.config.num_loops
@@ -175,7 +217,9 @@ class RecursiveMeshTransformerBlock(MegatronModule):
                 for i, child in enumerate(module):
                     visit(child, f"{path}{i}.")
             else:
-                out.update(sharded_state_dict_default(module, path, sharded_offsets, metadata))
+                # the explicit group gives replicated tensors (routers) a per-TP-rank replica id
+                out.update(sharded_state_dict_default(module, path, sharded_offsets, metadata,
+                                                      tp_group=self.pg_collection.tp))
 
         for name, child in self.named_children():
             visit(child, f"{prefix}{name}.")

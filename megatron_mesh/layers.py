@@ -8,13 +8,18 @@ layers, bias-dropout-add, layernorm recompute) is megatron-core's.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Union
 
+import torch
+
+from megatron.core.models.gpt import gpt_layer_specs
 from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_local_spec,
     get_gpt_layer_with_transformer_engine_spec,
 )
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.typed_torch import apply_module
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import TransformerLayer
@@ -55,6 +60,27 @@ class ParallelResidualTransformerLayer(TransformerLayer):
         return self._forward_post_mlp(mlp_output_with_bias, attn_residual), context
 
 
+class SequenceParallelLayerNorm(torch.nn.LayerNorm):
+    """torch LayerNorm that also works under sequence parallelism.
+
+    Under SP each tensor-parallel rank normalises its own tokens, so the weight and bias
+    gradients are per-rank partial sums; flagging them ``sequence_parallel`` makes megatron-core
+    all-reduce them over the TP group (distributed/finalize_model_grads.py), which is what
+    apex's FusedLayerNorm does. megatron-core's torch fallback (transformer/torch_norm.py:51,
+    WrappedTorchNorm) refuses SP instead, which would leave CPU runs without it.
+    """
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **_unused):
+        refuse_unsupported({
+            "normalization": (config.normalization, "LayerNorm"),
+            "layernorm_zero_centered_gamma": (config.layernorm_zero_centered_gamma, False),
+            "memory_efficient_layer_norm": (config.memory_efficient_layer_norm, False),
+        }, "the torch LayerNorm of the local spec")
+        super().__init__(hidden_size, eps=eps)
+        for param in self.parameters():
+            setattr(param, "sequence_parallel", config.sequence_parallel)
+
+
 @dataclass
 class RecursiveBlockSubmodules:
     """What the recursive block is built from."""
@@ -70,9 +96,14 @@ def _with_parallel_residual(spec: ModuleSpec) -> ModuleSpec:
 
 
 def local_block_spec() -> RecursiveBlockSubmodules:
-    """Pure-PyTorch megatron-core modules: runs on CPU and GPU."""
-    layer = _with_parallel_residual(get_gpt_layer_local_spec())
-    return RecursiveBlockSubmodules(layer=layer, final_layernorm=layer.submodules.input_layernorm)
+    """Pure-PyTorch megatron-core modules: runs on CPU and GPU (apex's fused LayerNorm when
+    installed, else ``SequenceParallelLayerNorm``)."""
+    submodules = get_gpt_layer_local_spec().submodules
+    if gpt_layer_specs.LNImpl is WrappedTorchNorm:
+        submodules = dataclasses.replace(submodules, input_layernorm=SequenceParallelLayerNorm,
+                                         pre_mlp_layernorm=SequenceParallelLayerNorm)
+    layer = ModuleSpec(module=ParallelResidualTransformerLayer, submodules=submodules)
+    return RecursiveBlockSubmodules(layer=layer, final_layernorm=submodules.input_layernorm)
 
 
 def te_block_spec() -> RecursiveBlockSubmodules:

@@ -114,7 +114,6 @@ def test_fewer_loops_at_inference_changes_the_output(megatron_world):
 @pytest.mark.parametrize(
     "overrides",
     [
-        dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
         dict(pipeline_model_parallel_size=2, pipeline_dtype=torch.float32),
         dict(context_parallel_size=2),
     ],

@@ -267,12 +267,26 @@ def _trainer_rng_neutral_data_iterators() -> None:
     training.build_train_valid_test_data_iterators = build_train_valid_test_data_iterators
 
 
+def _trainer_no_device_arch() -> None:
+    # training/arguments.py:1414 (validate_args) asks get_device_arch_version() (a CUDA device
+    # query) whenever tensor or context parallelism is on, then asserts
+    # CUDA_DEVICE_MAX_CONNECTIONS=1 (a CUDA kernel-ordering setting). Without CUDA there is no
+    # architecture and no kernel queue: report a pre-Blackwell one and satisfy the assertion.
+    import os
+
+    from megatron.training import arguments
+
+    arguments.get_device_arch_version = lambda: 0
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+
+
 def apply_trainer() -> bool:
     """Shims for megatron.training; call after ``apply()`` and before ``pretrain``."""
     if cuda_available():
         return False
     _trainer_initialize_without_cuda()
     _trainer_rng_neutral_data_iterators()
+    _trainer_no_device_arch()
     return True
 
 

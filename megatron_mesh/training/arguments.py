@@ -43,8 +43,6 @@ TYPES = {
 
 NOT_YET = {  # accepted by the schema, refused until the recursive block implements them
     ("parallelism", "pipeline"): 1,
-    ("parallelism", "sequence_parallel"): False,
-    ("parallelism", "recompute_granularity"): None,
 }
 
 REQUIRED = (

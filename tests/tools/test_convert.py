@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import REPO, random_batch, tiny_config
-from test_pretrain import ckpt_overrides, command, env, train
+from trainer import ckpt_overrides, command, env, train
 
 
 @pytest.fixture(scope="module")

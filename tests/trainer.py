@@ -1,0 +1,41 @@
+"""Running tools/pretrain_mesh.py under real torchrun processes (CPU, gloo) from tests."""
+
+import os
+import re
+import subprocess
+import sys
+
+from conftest import REPO
+
+CONFIG = REPO / "configs" / "tiny-cpu.yml"
+LOSS = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*?lm loss: ([0-9.eE+-]+)")
+
+
+def command(tmp_path, overrides=(), nproc=1, passthrough=()):
+    sets = [f"--set={o}" for o in overrides]
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+        str(REPO / "tools" / "pretrain_mesh.py"), "--config", str(CONFIG), "--cpu", *sets,
+        *(["--", *passthrough] if passthrough else []),
+    ]
+
+
+def env(threads=1):
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
+
+
+def train(tmp_path, overrides=(), nproc=1, passthrough=(), timeout=400):
+    out = subprocess.run(command(tmp_path, overrides, nproc, passthrough), capture_output=True,
+                         text=True, cwd=REPO, env=env(), timeout=timeout)
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, log[-4000:]
+    return log, {int(i): float(v) for i, v in LOSS.findall(log)}
+
+
+def ckpt_overrides(save_dir, **extra):
+    items = {"checkpointing.save": str(save_dir), "logging.interval": 1, **extra}
+    return [f"{k}={v}" for k, v in items.items()]
+
+
+def tracker(save_dir):
+    return int((save_dir / "latest_checkpointed_iteration.txt").read_text().strip())
