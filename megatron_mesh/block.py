@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -26,6 +26,8 @@ from megatron.core.utils import make_viewless_tensor
 from megatron_mesh.config import MeshConfig, refuse_unsupported
 from megatron_mesh.layers import RecursiveBlockSubmodules, default_block_spec
 from megatron_mesh.mesh import build_scheme
+from megatron_mesh.parallel.pipeline import holder_index
+from megatron_mesh.unrolled import Op, stage_ops, unrolled_ops
 
 StateList = Optional[List[Tuple[str, Tensor]]]
 
@@ -33,7 +35,6 @@ StateList = Optional[List[Tuple[str, Tensor]]]
 def _refuse_unsupported(config: MeshConfig) -> None:
     """Settings megatron-core accepts but this block does not implement yet: fail loudly."""
     unsupported = {
-        "pipeline_model_parallel_size": (config.pipeline_model_parallel_size, 1),
         "virtual_pipeline_model_parallel_size": (config.virtual_pipeline_model_parallel_size, None),
         "context_parallel_size": (config.context_parallel_size, 1),
     }
@@ -47,6 +48,16 @@ def _mark_sequence_parallel(scheme: Optional[nn.Module], sequence_parallel: bool
     tensor-parallel group (distributed/finalize_model_grads.py), as for its layer norms."""
     for param in scheme.parameters() if scheme is not None else ():
         setattr(param, "sequence_parallel", sequence_parallel)
+
+
+def _layer_number(layout, op: Op) -> int:
+    """megatron-core's 1-based layer_number, unique per layer that owns weights (not per
+    application) and the same whichever pipeline stage builds the layer."""
+    if op.segment == "prelude":
+        return op.index + 1
+    if op.segment == "core":
+        return layout.prelude + sum(layout.core_modules[:op.module]) + op.index + 1
+    return layout.prelude + sum(layout.core_modules) + op.index + 1
 
 
 def _param_device(config: MeshConfig):
@@ -64,119 +75,161 @@ def _apply_layers(layers, h: Tensor, attention_mask: Optional[Tensor],
     return h
 
 
+Carry = Dict[str, object]
+"""What flows along the unrolled graph: 'h' (current state), before the loop 'h_emb', in the loop
+'h_loop' (h(t), the core's input) and 'state' (the scheme's LoopState)."""
+
+
 class RecursiveMeshTransformerBlock(MegatronModule):
-    """The transformer stack of a Prelude-Recurrent-Coda model. Input and output are [s, b, h]."""
+    """The transformer stack of a Prelude-Recurrent-Coda model. Input and output are [s, b, h].
+
+    ``stage`` = (start, end) builds only the layer applications [start, end) of the unrolled graph
+    (a pipeline stage): the layers they use, the state scheme if they run any of its steps, and
+    the final norm on the last stage. Layers keep their full-model names (``prelude.i``,
+    ``cores.c.j``, ``coda.i``) so checkpoints are the same for every split.
+    """
 
     def __init__(
         self,
         config: MeshConfig,
         spec: Optional[RecursiveBlockSubmodules] = None,
         pg_collection: Optional[ProcessGroupCollection] = None,
+        stage: Optional[Tuple[int, int]] = None,
     ):
         super().__init__(config=config)
         _refuse_unsupported(config)
         spec = spec or default_block_spec()
         self.pg_collection = pg_collection or ProcessGroupCollection.use_mpu_process_groups()
         layout = config.parsed_layout
-        numbers = iter(range(1, layout.unique_layers + 1))
+        self.stage = stage or (0, layout.n_compute)
+        self.ops = stage_ops(unrolled_ops(layout), *self.stage)
+        layer_ops = [op for op in self.ops if op.kind == "layer"]
 
-        def stack(num_layers: int) -> nn.ModuleList:
-            # each layer that owns weights gets its own layer_number (1-based, unique)
-            return nn.ModuleList(
-                build_module(
-                    spec.layer,
-                    config=config,
-                    layer_number=next(numbers),
-                    add_layer_offset=False,
-                    pg_collection=self.pg_collection,
-                )
-                for _ in range(num_layers)
-            )
+        def build(op: Op) -> nn.Module:
+            return build_module(spec.layer, config=config, layer_number=_layer_number(layout, op),
+                                add_layer_offset=False, pg_collection=self.pg_collection)
 
-        self.prelude = stack(layout.prelude)
-        self.cores = nn.ModuleList(stack(n) for n in layout.core_modules)
-        self.coda = stack(layout.coda)
-        with _param_device(config):
-            self.scheme = build_scheme(
-                config.state_scheme,
-                config.hidden_size,
-                layout.num_loops,
-                config.buffer_slots or 0,
-                config.init_method,
-            )
-        _mark_sequence_parallel(self.scheme, config.sequence_parallel)
-        self.final_layernorm = build_module(
-            spec.final_layernorm,
-            config=config,
-            hidden_size=config.hidden_size,
-            eps=config.layernorm_epsilon,
-        )
+        def held(segment: str, module: int = 0) -> nn.ModuleDict:
+            ops = {op.index: op for op in layer_ops if op.segment == segment and op.module == module}
+            return nn.ModuleDict({str(i): build(ops[i]) for i in sorted(ops)})
+
+        self.prelude = held("prelude")
+        self.cores = nn.ModuleList(held("core", c) for c in range(len(layout.core_modules)))
+        self.coda = held("coda")
+        self.scheme = None
+        if any(op.kind != "layer" for op in self.ops):
+            with _param_device(config):
+                self.scheme = build_scheme(config.state_scheme, config.hidden_size,
+                                           layout.num_loops, config.buffer_slots or 0,
+                                           config.init_method)
+            _mark_sequence_parallel(self.scheme, config.sequence_parallel)
+        self.final_layernorm = None
+        if self.is_last_stage:
+            self.final_layernorm = build_module(spec.final_layernorm, config=config,
+                                                hidden_size=config.hidden_size,
+                                                eps=config.layernorm_epsilon)
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.stage[0] == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.stage[1] == self.config.parsed_layout.n_compute
 
     @property
     def layers(self) -> List[nn.Module]:
         """Every layer that owns weights, once, in order (megatron-core code that walks
         ``decoder.layers``, e.g. schedules' set_current_microbatch, sees each layer once)."""
-        return [*self.prelude, *(layer for core in self.cores for layer in core), *self.coda]
+        cores = (layer for core in self.cores for layer in core.values())
+        return [*self.prelude.values(), *cores, *self.coda.values()]
 
-    def core_for_step(self, t: int) -> nn.ModuleList:
-        return self.cores[0] if self.config.parsed_layout.tied else self.cores[t]
+    def core_for_step(self, t: int) -> List[nn.Module]:
+        return list(self.cores[0 if self.config.parsed_layout.tied else t].values())
+
+    def _layer(self, op: Op) -> nn.Module:
+        if op.segment == "core":
+            return self.cores[op.module][str(op.index)]
+        return (self.prelude if op.segment == "prelude" else self.coda)[str(op.index)]
 
     def forward(
         self,
-        hidden_states: Tensor,
+        hidden_states: Optional[Tensor],
         attention_mask: Optional[Tensor] = None,
         rotary_pos_emb: Optional[Tensor] = None,
         num_loops: Optional[int] = None,
         states: StateList = None,
-    ) -> Tensor:
-        """Run the unrolled graph on the (scaled) embeddings ``hidden_states`` [s, b, h].
+        carry: Optional[Carry] = None,
+    ):
+        """Run this block's share of the unrolled graph.
 
-        ``num_loops`` reads out after fewer (or, for tied cores, more) loop steps than the layout
-        trains with. ``states``, if a list, receives (name, tensor) for h_emb, the prelude output,
-        every loop state h(t) and the coda output, for probes and tests.
+        The first stage starts from the (scaled) embeddings ``hidden_states`` [s, b, h]; a later
+        pipeline stage from the ``carry`` of the one before. The last stage returns the final
+        normed state [s, b, h], others their carry. ``num_loops`` reads out after fewer (or, for
+        tied cores, more) loop steps than the layout trains with. ``states``, if a list,
+        receives (name, tensor) for h_emb, the prelude output, every loop state h(t) and the
+        coda output, for probes and tests.
         """
-        K = self.config.num_loops if num_loops is None else self._check_num_loops(num_loops)
-        applied = 0  # layer applications so far in the unrolled graph (for recompute 'block')
-
-        def run(layers: nn.ModuleList, h: Tensor) -> Tensor:
-            nonlocal applied
-            for begin, end, recompute in self._recompute_chunks(len(layers), applied):
-                chunk = functools.partial(_apply_layers, layers[begin:end])
-                if recompute:
-                    h = tensor_parallel.checkpoint(chunk, self.config.distribute_saved_activations,
-                                                   h, attention_mask, rotary_pos_emb)
-                else:
-                    h = chunk(h, attention_mask, rotary_pos_emb)
-            applied += len(layers)
-            return h
+        ops = self.ops
+        if num_loops is not None:
+            if self.stage != (0, self.config.parsed_layout.n_compute):
+                raise ValueError("num_loops can only be changed when one stage holds the whole model")
+            ops = unrolled_ops(self.config.parsed_layout, self._check_num_loops(num_loops))
 
         def record(name: str, h: Tensor) -> None:
             if states is not None:
                 states.append((name, h))
 
-        h_emb = hidden_states
-        record("h_emb", h_emb)
-        h = run(self.prelude, h_emb)
-        record("prelude", h)
-        if self.scheme is not None:
-            h, loop_state = self.scheme.begin(h_emb, h)
-            record("h0", h)
-            for t in range(K):
-                h_core = run(self.core_for_step(t), h)
-                h, loop_state = self.scheme.step(t, h, h_core, loop_state)
-                record(f"h{t + 1}", h)
-        h = run(self.coda, h)
-        record("coda", h)
-        h = self.final_layernorm(h)
+        x: Carry = dict(carry) if carry is not None else {"h": hidden_states, "h_emb": hidden_states}
+        if carry is None:
+            record("h_emb", hidden_states)
+        pending: List[Op] = []  # consecutive layer applications not run yet
+
+        def flush() -> None:
+            if pending:
+                x["h"] = self._run_layers(pending, x["h"], attention_mask, rotary_pos_emb)
+                pending.clear()
+
+        for op in ops:
+            if op.kind == "layer":
+                pending.append(op)
+                continue
+            flush()
+            if op.kind == "begin":
+                record("prelude", x["h"])
+                h, loop_state = self.scheme.begin(x["h_emb"], x["h"])
+                record("h0", h)
+            else:
+                h, loop_state = self.scheme.step(op.index, x["h_loop"], x["h"], x["state"])
+                record(f"h{op.index + 1}", h)
+            x = {"h": h, "h_loop": h, "state": loop_state}
+        flush()
+        if not self.is_last_stage:
+            return x
+        if not self.config.parsed_layout.recursive:
+            record("prelude", x["h"])
+        record("coda", x["h"])
+        h = self.final_layernorm(x["h"])
         return make_viewless_tensor(h, requires_grad=h.requires_grad, keep_graph=True)
 
+    def _run_layers(self, ops: List[Op], h: Tensor, attention_mask, rotary_pos_emb) -> Tensor:
+        layers = [self._layer(op) for op in ops]
+        for begin, end, recompute in self._recompute_chunks(len(layers), ops[0].position):
+            chunk = functools.partial(_apply_layers, layers[begin:end])
+            if recompute:
+                h = tensor_parallel.checkpoint(chunk, self.config.distribute_saved_activations,
+                                               h, attention_mask, rotary_pos_emb)
+            else:
+                h = chunk(h, attention_mask, rotary_pos_emb)
+        return h
+
     def _recompute_chunks(self, num_layers: int, start: int) -> List[Tuple[int, int, bool]]:
-        """(begin, end, recompute) runs of a segment of ``num_layers`` layers whose first layer
-        is application ``start`` of the unrolled graph. Full recompute, as megatron-core's
-        TransformerBlock defines it but over layer *applications*: 'uniform' checkpoints every
-        ``recompute_num_layers`` consecutive layers of a segment (prelude, one core application,
-        coda; = one chunk per loop iteration when it equals the core size), 'block' the first
-        ``recompute_num_layers`` applications of the graph."""
+        """(begin, end, recompute) runs of ``num_layers`` consecutive layer applications, the
+        first being application ``start`` of the unrolled graph. Full recompute, as
+        megatron-core's TransformerBlock defines it but over layer *applications*: 'uniform'
+        checkpoints every ``recompute_num_layers`` consecutive layers of a segment (prelude, one
+        core application, coda; = one chunk per loop iteration when it equals the core size),
+        'block' the first ``recompute_num_layers`` applications of the graph."""
         cfg = self.config
         if cfg.recompute_granularity != "full" or not self.training:
             return [(0, num_layers, False)]
@@ -209,17 +262,24 @@ class RecursiveMeshTransformerBlock(MegatronModule):
         which treats every tensor as replicated across tensor-parallel ranks (wrong for the
         split QKV/FC1/FC2 weights) and skips TransformerLayer's key map (so local-spec
         checkpoints would not use the TransformerEngine names megatron-core checkpoints share).
+        Weights several pipeline stages hold are saved by the first holder only.
         """
         out: ShardedStateDict = {}
 
         def visit(module: nn.Module, path: str) -> None:
-            if isinstance(module, nn.ModuleList):
-                for i, child in enumerate(module):
-                    visit(child, f"{path}{i}.")
-            else:
-                # the explicit group gives replicated tensors (routers) a per-TP-rank replica id
-                out.update(sharded_state_dict_default(module, path, sharded_offsets, metadata,
-                                                      tp_group=self.pg_collection.tp))
+            if isinstance(module, (nn.ModuleList, nn.ModuleDict)):
+                for name, child in module.named_children():
+                    visit(child, f"{path}{name}.")
+                return
+            # the explicit group gives replicated tensors (routers) a per-TP-rank replica id
+            part = sharded_state_dict_default(module, path, sharded_offsets, metadata,
+                                              tp_group=self.pg_collection.tp)
+            first = next(module.parameters(), None)
+            copy = holder_index(first) if first is not None else 0
+            if copy:  # a later pipeline stage's copy of a replicated weight: not the main replica
+                for item in part.values():
+                    item.replica_id = (copy, *item.replica_id[1:])
+            out.update(part)
 
         for name, child in self.named_children():
             visit(child, f"{prefix}{name}.")

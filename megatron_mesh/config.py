@@ -62,6 +62,10 @@ class MeshConfig(TransformerConfig):
     """'tanh' (what GPT-NeoX trained Pythia with, and megatron's fused bias-GELU) or 'none' (erf).
     The Hugging Face export declares the same activation."""
 
+    pipeline_stage_layers: Optional[Tuple[int, ...]] = None
+    """Layer applications of the unrolled graph per pipeline stage (one count per stage, summing
+    to N_compute); default an even split. Lets the embedding and LM-head stages take fewer."""
+
     # Pythia / GPT-NeoX values for fields megatron-core defaults differently.
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0

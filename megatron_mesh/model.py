@@ -25,6 +25,7 @@ from megatron.core.transformer.enums import ModelType
 from megatron_mesh.block import RecursiveMeshTransformerBlock, StateList
 from megatron_mesh.config import MeshConfig
 from megatron_mesh.layers import RecursiveBlockSubmodules
+from megatron_mesh.parallel import pipeline
 
 
 class MeshGPTModel(LanguageModule):
@@ -40,20 +41,24 @@ class MeshGPTModel(LanguageModule):
         spec: Optional[RecursiveBlockSubmodules] = None,
         parallel_output: bool = True,
         pg_collection: Optional[ProcessGroupCollection] = None,
+        pre_process: bool = True,
+        post_process: bool = True,
     ):
         super().__init__(config=config, pg_collection=pg_collection)
         self.model_type = ModelType.encoder_or_decoder
-        self.pre_process = self.post_process = True
+        self.pre_process, self.post_process = pre_process, post_process
         self.share_embeddings_and_output_weights = False
         self.parallel_output = parallel_output
         self.vocab_size = config.vocab_size
-        self.embedding = LanguageModelEmbedding(
-            config=config,
-            vocab_size=config.vocab_size,
-            max_sequence_length=config.max_sequence_length,
-            position_embedding_type="rope",
-            tp_group=self.pg_collection.tp,
-        )
+        self.input_tensor: Optional[Tensor] = None
+        if pre_process:
+            self.embedding = LanguageModelEmbedding(
+                config=config,
+                vocab_size=config.vocab_size,
+                max_sequence_length=config.max_sequence_length,
+                position_embedding_type="rope",
+                tp_group=self.pg_collection.tp,
+            )
         self.rotary_pos_emb = RotaryEmbedding(
             kv_channels=config.kv_channels,
             rotary_percent=config.rotary_percent,
@@ -62,21 +67,26 @@ class MeshGPTModel(LanguageModule):
             use_cpu_initialization=config.use_cpu_initialization,
             cp_group=self.pg_collection.cp,
         )
-        self.decoder = RecursiveMeshTransformerBlock(config, spec, self.pg_collection)
-        self.output_layer = tensor_parallel.ColumnParallelLinear(
-            config.hidden_size,
-            config.vocab_size,
-            config=config,
-            init_method=config.init_method,
-            bias=False,
-            gather_output=not parallel_output,
-            tp_group=self.pg_collection.tp,
-        )
+        pp = self.pg_collection.pp
+        self.stage = pipeline.stage_of(config, pp.rank(), pp.size())
+        self.decoder = RecursiveMeshTransformerBlock(config, spec, self.pg_collection, self.stage)
+        if post_process:
+            self.output_layer = tensor_parallel.ColumnParallelLinear(
+                config.hidden_size,
+                config.vocab_size,
+                config=config,
+                init_method=config.init_method,
+                bias=False,
+                gather_output=not parallel_output,
+                tp_group=self.pg_collection.tp,
+            )
         self.setup_embeddings_and_output_layer()
 
     def set_input_tensor(self, input_tensor) -> None:
-        # megatron's schedules call this on every model; without pipeline stages it is unused
-        pass
+        """What the previous pipeline stage sent (megatron's schedules call this every step)."""
+        if isinstance(input_tensor, (list, tuple)):
+            input_tensor = input_tensor[0] if input_tensor else None
+        self.input_tensor = input_tensor
 
     def forward(
         self,
@@ -87,10 +97,20 @@ class MeshGPTModel(LanguageModule):
         num_loops: Optional[int] = None,
         states: StateList = None,
     ) -> Tensor:
-        h_emb = self.embedding(input_ids=input_ids, position_ids=position_ids)  # [s, b, h]
-        h_emb = h_emb * self.decoder.embedding_scale()
         rotary_pos_emb = self.rotary_pos_emb(input_ids.shape[1])
-        h = self.decoder(h_emb, attention_mask, rotary_pos_emb, num_loops=num_loops, states=states)
+        layout, mesh = self.config.parsed_layout, self.config.state_scheme == "mesh"
+        if self.pre_process:
+            h_emb = self.embedding(input_ids=input_ids, position_ids=position_ids)  # [s, b, h]
+            h_emb, carry = h_emb * self.decoder.embedding_scale(), None
+        else:  # a later pipeline stage: [s, b, n*h] from the previous one
+            phase = pipeline.boundary_phase(self.config, self.stage[0])
+            h_emb, carry = None, pipeline.unpack(self.input_tensor, phase, layout.recursive, mesh,
+                                                 self.config.hidden_size)
+        h = self.decoder(h_emb, attention_mask, rotary_pos_emb, num_loops=num_loops, states=states,
+                         carry=carry)
+        if not self.post_process:
+            phase = pipeline.boundary_phase(self.config, self.stage[1])
+            return pipeline.pack(h, phase, layout.recursive, mesh)
         logits, _ = self.output_layer(h)  # [s, b, V/tp]
         if labels is None:
             return logits.transpose(0, 1).contiguous()  # [b, s, V/tp]

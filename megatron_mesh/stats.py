@@ -47,8 +47,8 @@ def applied_matmul_weights(model: MeshGPTModel) -> int:
     """Matmul weights summed over every layer *application* of the unrolled graph."""
     block = model.decoder
     layout = model.config.parsed_layout
-    total = sum(_matmul_weights(layer) for layer in (*block.prelude, *block.coda))
-    total += sum(_matmul_weights(block.core_for_step(t)) for t in range(layout.num_loops))
+    total = sum(_matmul_weights(layer) for layer in (*block.prelude.values(), *block.coda.values()))
+    total += sum(_matmul_weights(layer) for t in range(layout.num_loops) for layer in block.core_for_step(t))
     if block.scheme is not None:
         total += _matmul_weights(block.scheme)
     return total

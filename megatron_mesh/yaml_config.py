@@ -79,6 +79,7 @@ SCHEMA: Dict[str, Tuple[str, ...]] = {
         "recompute_granularity",
         "recompute_method",
         "recompute_num_layers",
+        "pipeline_stage_layers",
         "transformer_impl",
     ),
     "checkpointing": ("save", "interval", "load", "pretrained", "format", "save_on_signal", "async_save"),

@@ -39,7 +39,7 @@ def test_core_parameters_exist_once_and_are_applied_k_times(megatron_world):
     assert len(model.decoder.cores) == 1
 
     calls = []
-    hooks = [l.register_forward_hook(lambda *a: calls.append(1)) for l in model.decoder.cores[0]]
+    hooks = [l.register_forward_hook(lambda *a: calls.append(1)) for l in model.decoder.cores[0].values()]
     tokens, positions = random_batch(cfg)
     model(tokens, positions)
     for h in hooks:
@@ -114,7 +114,8 @@ def test_fewer_loops_at_inference_changes_the_output(megatron_world):
 @pytest.mark.parametrize(
     "overrides",
     [
-        dict(pipeline_model_parallel_size=2, pipeline_dtype=torch.float32),
+        dict(virtual_pipeline_model_parallel_size=2, pipeline_model_parallel_size=2,
+             pipeline_dtype=torch.float32),
         dict(context_parallel_size=2),
     ],
 )

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
+from megatron_mesh.unrolled import stage_bounds
 from megatron_mesh.yaml_config import ConfigError, model_config
 
 CHOICES = {
@@ -41,9 +42,7 @@ TYPES = {
 }
 """Value types of non-model keys (the model section is typed by MeshConfig)."""
 
-NOT_YET = {  # accepted by the schema, refused until the recursive block implements them
-    ("parallelism", "pipeline"): 1,
-}
+NOT_YET: Dict[Tuple[str, str], Any] = {}  # schema keys the recursive block refuses for now
 
 REQUIRED = (
     ("training", "seq_length"),
@@ -75,6 +74,38 @@ def _check_types(tree: dict, origins: Dict[str, str]) -> None:
                     f"{type(value).__name__}, expected {expected.__name__}")
 
 
+def _check_pipeline(tree: dict, origins: Dict[str, str]) -> None:
+    """The stage split is valid, and no setting the replicated core weights cannot follow."""
+    par = tree.get("parallelism") or {}
+    stages, split = par.get("pipeline", 1), par.get("pipeline_stage_layers")
+    where = origins.get("parallelism.pipeline", "?")
+    if stages > 1 and par.get("overlap_grad_reduce"):
+        raise ConfigError(
+            f"{where}: parallelism.overlap_grad_reduce with pipeline={stages} is not supported: "
+            "core weights held by several stages sum their gradients over those stages before "
+            "the data-parallel reduction, which overlap would start during the backward pass")
+    if stages > 1 or split is not None:
+        try:
+            stage_bounds(model_config(tree, origins, use_cpu_initialization=True).num_layers,
+                         stages, split)
+        except ValueError as err:
+            raise ConfigError(f"{origins.get('parallelism.pipeline_stage_layers', where)}: {err}") from None
+
+
+def _pipeline_args(par: dict) -> List[str]:
+    """Pipeline flags. megatron's validate_args wants N_compute divisible by the stage count
+    unless first/last stage sizes are given; the model builds its stages itself, so an uneven
+    split passes its first and last counts (middle stages must then be equal)."""
+    stages, split = par.get("pipeline", 1), par.get("pipeline_stage_layers")
+    args = [*_flag("pipeline-model-parallel-size", stages)]
+    if stages > 1 and split is not None:
+        args += [*_flag("mesh-pipeline-stage-layers", split)]
+        if len(set(split)) > 1:
+            args += [*_flag("decoder-first-pipeline-num-layers", split[0]),
+                     *_flag("decoder-last-pipeline-num-layers", split[-1])]
+    return args
+
+
 def _check(tree: dict, origins: Dict[str, str]) -> None:
     _check_types(tree, origins)
     for (section, key), supported in NOT_YET.items():
@@ -83,6 +114,7 @@ def _check(tree: dict, origins: Dict[str, str]) -> None:
             raise ConfigError(
                 f"{origins.get(f'{section}.{key}', '?')}: {section}.{key}={value!r} is not supported "
                 f"by the recursive block yet (expected {supported!r}); tensor and data parallelism are")
+    _check_pipeline(tree, origins)
     for section, key in REQUIRED:
         if _get(tree, section, key) is None:
             raise ConfigError(f"missing required key '{section}.{key}'")
@@ -223,7 +255,7 @@ def _system_args(tree: dict) -> List[str]:
         *_flag("bf16", dtype == "bf16"),
         *_flag("fp16", dtype == "fp16"),
         *_flag("tensor-model-parallel-size", par.get("tensor", 1)),
-        *_flag("pipeline-model-parallel-size", par.get("pipeline", 1)),
+        *_pipeline_args(par),
         *_flag("sequence-parallel", par.get("sequence_parallel", False)),
         *_flag("use-distributed-optimizer", par.get("distributed_optimizer", False)),
         *_flag("overlap-grad-reduce", par.get("overlap_grad_reduce", False)),
@@ -276,6 +308,8 @@ def megatron_argv(tree: dict, origins: Dict[str, str]) -> List[str]:
 def add_mesh_arguments(parser):
     """Megatron ``extra_args_provider``: the flags megatron-mesh adds to Megatron's parser."""
     group = parser.add_argument_group("megatron-mesh")
+    group.add_argument("--mesh-pipeline-stage-layers", type=int, nargs="+", default=None,
+                       help="layer applications per pipeline stage (default: even split)")
     group.add_argument("--mesh-model", type=str, required=True,
                        help="JSON of the YAML model section (layout, state_scheme, ...)")
     group.add_argument("--mesh-config-file", type=str, default=None,

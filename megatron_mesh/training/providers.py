@@ -18,6 +18,7 @@ from megatron.training.utils import get_blend_and_blend_per_split
 from megatron_mesh.config import MeshConfig
 from megatron_mesh.layers import local_block_spec, te_block_spec
 from megatron_mesh.model import MeshGPTModel
+from megatron_mesh.parallel import pipeline
 
 # TransformerConfig fields a MeshConfig derives itself from the model section.
 _DERIVED = {"num_layers", "activation_func", "init_method", "output_layer_init_method",
@@ -30,7 +31,14 @@ def mesh_config_from_args(args) -> MeshConfig:
     kwargs = {f.name: getattr(base, f.name) for f in fields(TransformerConfig)
               if f.init and f.name not in _DERIVED}
     kwargs.update(json.loads(args.mesh_model))
-    return MeshConfig(**kwargs)
+    config = MeshConfig(**kwargs, pipeline_stage_layers=args.mesh_pipeline_stage_layers)
+    if args.pipeline_model_parallel_size > 1:
+        # stages hand over [s, b, n*h] carries whose n depends on the boundary, so the schedules
+        # must exchange shapes. megatron's validate_args resets the argument to False, and
+        # TransformerConfig.__post_init__ rejects it next to the (unused) MoE allgather
+        # dispatcher: set it after construction.
+        config.variable_seq_lengths = True
+    return config
 
 
 def model_provider(pre_process=True, post_process=True, vp_stage=None, config=None,
@@ -38,7 +46,21 @@ def model_provider(pre_process=True, post_process=True, vp_stage=None, config=No
     args = get_args()
     cfg = mesh_config_from_args(args)
     spec = te_block_spec() if args.transformer_impl == "transformer_engine" else local_block_spec()
-    return MeshGPTModel(cfg, spec=spec, pg_collection=pg_collection)
+    model = MeshGPTModel(cfg, spec=spec, pg_collection=pg_collection, pre_process=pre_process,
+                         post_process=post_process)
+    if args.pipeline_model_parallel_size > 1:
+        pipeline.connect_replicas(model.decoder, cfg, model.pg_collection.pp)
+        cfg.finalize_model_grads_func = _finalize_with_stage_replicas
+    return model
+
+
+def _finalize_with_stage_replicas(model, *args, **kwargs):
+    """megatron-core's finalize_model_grads, after summing the gradients of core layers (and
+    scheme weights) over the pipeline stages that hold copies of them."""
+    from megatron.core.distributed import finalize_model_grads
+
+    pipeline.sum_replica_grads(model)
+    return finalize_model_grads(model, *args, **kwargs)
 
 
 def get_batch(data_iterator):

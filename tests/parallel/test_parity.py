@@ -78,17 +78,25 @@ TP2 = {"parallelism.tensor": 2}
 SP = {"parallelism.tensor": 2, "parallelism.sequence_parallel": True}
 DISTOPT = {"parallelism.distributed_optimizer": True, "parallelism.overlap_grad_reduce": True,
            "parallelism.overlap_param_gather": True}
+PP2 = {"parallelism.pipeline": 2}
+# stage 0: prelude + the first layer of loop step 0; stage 1: the rest (the core is split, both
+# stages hold core layer 0, and the MeSH buffer crosses the boundary mid-loop)
+PP2_SPLIT_CORE = {"parallelism.pipeline": 2, "parallelism.pipeline_stage_layers": "[2,4]"}
+TP2_PP2 = {**SP, **PP2_SPLIT_CORE}
 FULL_RECOMPUTE = {"parallelism.recompute_granularity": "full", "parallelism.recompute_method": "uniform",
                   "parallelism.recompute_num_layers": 1}
 # Every setting for mesh; the anchor model (state carried without routers) under the two that
 # change how gradients are reduced. tests/parallel/test_tensor_parallel.py checks TP and SP
 # gradients tensor by tensor for more schemes.
 CASES = {"mesh": {"tp2": (2, TP2), "tp2-sp": (2, SP), "dp2-distopt-overlap": (2, DISTOPT),
-                  "recompute-full": (1, FULL_RECOMPUTE)},
-         "anchor": {"tp2-sp": (2, SP), "dp2-distopt-overlap": (2, DISTOPT)}}
+                  "recompute-full": (1, FULL_RECOMPUTE), "pp2": (2, PP2),
+                  "pp2-split-core": (2, PP2_SPLIT_CORE), "tp2-sp-pp2": (4, TP2_PP2)},
+         "anchor": {"tp2-sp": (2, SP), "dp2-distopt-overlap": (2, DISTOPT),
+                    "pp2-split-core": (2, PP2_SPLIT_CORE)}}
 
 
-@pytest.mark.parametrize("name", ["tp2", "tp2-sp", "dp2-distopt-overlap", "recompute-full"])
+@pytest.mark.parametrize("name", ["tp2", "tp2-sp", "dp2-distopt-overlap", "recompute-full", "pp2",
+                                  "pp2-split-core", "tp2-sp-pp2"])
 def test_parallel_run_matches_single_process(tmp_path, start, reference, name):
     if name not in CASES[start[0]]:
         pytest.skip(f"{name} runs for the mesh model only")
@@ -96,22 +104,41 @@ def test_parallel_run_matches_single_process(tmp_path, start, reference, name):
     assert_same_run(run(tmp_path, start, name, nproc, **settings), reference)
 
 
-def test_tp2_checkpoint_resumes_at_tp1_and_exports(tmp_path, start, reference):
-    """(mesh only)Save at TP=2 after two steps, resume at TP=1 (optimizer state resharded): step three is
-    the single-process run's step three; the TP=2 checkpoint exports the reference's weights."""
+@pytest.mark.parametrize("name, settings", [("tp2", TP2), ("pp2", PP2_SPLIT_CORE)])
+def test_checkpoint_resumes_unparallelized_and_exports(tmp_path, start, reference, name, settings):
+    """(mesh only) Save at TP=2 or PP=2 after two steps, resume at TP=PP=1 (optimizer state
+    resharded): step three is the single-process run's step three; the parallel checkpoint
+    exports the reference's weights."""
     from megatron_mesh.hf.export import load_checkpoint
 
     if start[0] != "mesh":
         pytest.skip("runs for the mesh model only")
-    run(tmp_path, start, "tp2", nproc=2, **{"parallelism.tensor": 2, "training.exit_interval": 2})
-    assert (tmp_path / "tp2" / "iter_0000002").is_dir()
-    resumed = run(tmp_path, start, "resumed", nproc=1, save="tp2")
+    run(tmp_path, start, name, nproc=2, **settings, **{"training.exit_interval": 2})
+    assert (tmp_path / name / "iter_0000002").is_dir()
+    resumed = run(tmp_path, start, "resumed", nproc=1, save=name)
     for tag in ("lm loss", "grad-norm"):
         assert sorted(resumed[tag]) == [3]
         assert resumed[tag][3] == pytest.approx(reference[tag][3], rel=1e-5 if tag == "lm loss" else 1e-4)
 
-    saved_tp2, _ = load_checkpoint(str(tmp_path / "tp2"), iteration=2)
+    saved, _ = load_checkpoint(str(tmp_path / name), iteration=2)
     saved_tp1, _ = load_checkpoint(str(reference["dir"]), iteration=2)
-    assert saved_tp2.keys() == saved_tp1.keys()
-    for name in saved_tp1:
-        torch.testing.assert_close(saved_tp2[name], saved_tp1[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert saved.keys() == saved_tp1.keys()
+    for key in saved_tp1:
+        torch.testing.assert_close(saved[key], saved_tp1[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_pipeline_replicas_stay_identical(tmp_path):
+    """From a fresh initialisation (tiny-cpu.yml, mesh), the copies of core layer 0 and of the
+    routers on both stages are equal after three steps (legacy per-rank checkpoints keep both
+    copies, where torch_dist saves one)."""
+    overrides = {"checkpointing.save": tmp_path / "ckpt", "checkpointing.format": "torch",
+                 "training.train_iters": STEPS, **PP2_SPLIT_CORE}
+    train(tmp_path, [f"{k}={v}" for k, v in overrides.items()], nproc=2)
+    stages = [torch.load(tmp_path / f"ckpt/iter_0000003/mp_rank_00_00{s}/model_optim_rng.pt",
+                         weights_only=False)["model"] for s in range(2)]
+    shared = sorted(k for k in stages[0] if k in stages[1] and torch.is_tensor(stages[0][k]))
+    assert any(k.startswith("decoder.cores.0.0.") for k in shared)
+    assert any(k.startswith("decoder.scheme.routers.") for k in shared)
+    assert not any(k.startswith(("decoder.cores.0.1.", "decoder.prelude.", "embedding.")) for k in shared)
+    for key in shared:
+        assert torch.equal(stages[0][key], stages[1][key]), key

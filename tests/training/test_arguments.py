@@ -91,8 +91,10 @@ def test_passthrough_wins_and_yaml_floats_are_numbers(tmp_path):
         ('optimizer.lr="6e-4"', "optimizer.lr='6e-4' has type str, expected float"),
         ("data.mask_eod_loss=maybe", "data.mask_eod_loss='maybe' has type str, expected bool"),
         ("training.micro_batch_size=2.5", "training.micro_batch_size=2.5 has type float, expected int"),
-        ("parallelism.pipeline=2", "parallelism.pipeline=2 is not supported by the recursive block yet"),
-        ("parallelism.recompute_granularity=full", "recompute_granularity='full' is not supported"),
+        ("parallelism.pipeline=4", "N_compute=6 layer applications do not split evenly over 4 "
+                                   "pipeline stages: set pipeline_stage_layers, e.g. [1, 1, 2, 2]"),
+        ("parallelism.pipeline_stage_layers=[3,4]",
+         "pipeline_stage_layers=[3, 4]: expected 1 positive counts summing to N_compute=6"),
     ],
 )
 def test_bad_values_fail_clearly(override, message):
@@ -101,6 +103,19 @@ def test_bad_values_fail_clearly(override, message):
     with pytest.raises(ConfigError) as err:
         megatron_argv(*load_config_tree(REPO / "configs/tiny-cpu.yml", [override]))
     assert message in str(err.value)
+
+
+def test_pipeline_split_maps_to_megatron():
+    args = parsed(REPO / "configs/tiny-cpu.yml",
+                  ["parallelism.pipeline=2", "parallelism.pipeline_stage_layers=[2,4]"])
+    assert args.pipeline_model_parallel_size == 2 and args.mesh_pipeline_stage_layers == [2, 4]
+    # megatron's own divisibility check is satisfied through its first/last-stage sizes
+    assert (args.decoder_first_pipeline_num_layers, args.decoder_last_pipeline_num_layers) == (2, 4)
+    from megatron_mesh.training.arguments import megatron_argv
+
+    with pytest.raises(ConfigError, match="overlap_grad_reduce with pipeline=2 is not supported"):
+        megatron_argv(*load_config_tree(REPO / "configs/tiny-cpu.yml", [
+            "parallelism.pipeline=2", "parallelism.overlap_grad_reduce=true"]))
 
 
 def test_flops_in_the_log_agree_with_model_stats():

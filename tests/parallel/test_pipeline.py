@@ -1,0 +1,58 @@
+"""Packing the carry that crosses a pipeline boundary, and which stages hold which weights."""
+
+import torch
+
+from conftest import tiny_config
+
+
+def carry_at(model, tokens, positions, position):
+    """Run the first ``position`` applications of a one-stage model and return its carry."""
+    from megatron_mesh.unrolled import stage_ops, unrolled_ops
+
+    block = model.decoder
+    h_emb = model.embedding(input_ids=tokens, position_ids=positions) * block.embedding_scale()
+    rotary = model.rotary_pos_emb(tokens.shape[1])
+    ops = stage_ops(unrolled_ops(block.config.parsed_layout), 0, position)
+    saved, block.ops, block.stage = (block.ops, block.stage), ops, (0, position)
+    try:
+        return block(h_emb, None, rotary)
+    finally:
+        block.ops, block.stage = saved
+
+
+def test_pack_then_unpack_is_the_identity_at_every_boundary(megatron_world):
+    from conftest import random_batch
+    from megatron_mesh.model import MeshGPTModel
+    from megatron_mesh.parallel import pipeline
+
+    for scheme in ("mesh", "anchor"):
+        config = tiny_config("1+2R2+1", scheme)
+        model = MeshGPTModel(config)
+        tokens, positions = random_batch(config)
+        for position in range(1, 6):
+            carry = carry_at(model, tokens, positions, position)
+            phase = pipeline.boundary_phase(config, position)
+            mesh = scheme == "mesh"
+            packed = pipeline.pack(carry, phase, True, mesh)
+            fields = pipeline.carried_fields(phase, True, mesh)
+            width = len(fields) - 1 + (config.buffer_slots if mesh and phase == "loop" else 1)
+            assert packed.shape[-1] == width * config.hidden_size
+            back = pipeline.unpack(packed, phase, True, mesh, config.hidden_size)
+            assert torch.equal(back["h"], carry["h"])
+            if phase == "pre":
+                assert torch.equal(back["h_emb"], carry["h_emb"])
+            if phase == "loop":
+                assert torch.equal(back["h_loop"], carry["h_loop"])
+                for name in ("h_emb", "h0") + (("buffer",) if mesh else ()):
+                    want, got = getattr(carry["state"], name), getattr(back["state"], name)
+                    assert torch.equal(got, want), (scheme, position, name)
+
+
+def test_weight_holders():
+    from megatron_mesh.parallel.pipeline import weight_holders
+
+    config = tiny_config("1+2R2+1", "mesh", pipeline_stage_layers=(2, 4))
+    holders = weight_holders(config, 2)
+    assert holders["prelude.0"] == {0} and holders["coda.0"] == {1}
+    assert holders["cores.0.0"] == {0, 1} and holders["cores.0.1"] == {1}
+    assert holders["scheme"] == {0, 1}
