@@ -130,10 +130,6 @@ class RecursiveMeshTransformerBlock(MegatronModule):
                                                 eps=config.layernorm_epsilon)
 
     @property
-    def is_first_stage(self) -> bool:
-        return self.stage[0] == 0
-
-    @property
     def is_last_stage(self) -> bool:
         return self.stage[1] == self.config.parsed_layout.n_compute
 

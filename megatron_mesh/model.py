@@ -70,6 +70,8 @@ class MeshGPTModel(LanguageModule):
         pp = self.pg_collection.pp
         self.stage = pipeline.stage_of(config, pp.rank(), pp.size())
         self.decoder = RecursiveMeshTransformerBlock(config, spec, self.pg_collection, self.stage)
+        # what the carry holds where this stage receives it and where it hands it on
+        self.carry_phases = tuple(pipeline.boundary_phase(config, q) for q in self.stage)
         if post_process:
             self.output_layer = tensor_parallel.ColumnParallelLinear(
                 config.hidden_size,
@@ -103,14 +105,12 @@ class MeshGPTModel(LanguageModule):
             h_emb = self.embedding(input_ids=input_ids, position_ids=position_ids)  # [s, b, h]
             h_emb, carry = h_emb * self.decoder.embedding_scale(), None
         else:  # a later pipeline stage: [s, b, n*h] from the previous one
-            phase = pipeline.boundary_phase(self.config, self.stage[0])
-            h_emb, carry = None, pipeline.unpack(self.input_tensor, phase, layout.recursive, mesh,
-                                                 self.config.hidden_size)
+            h_emb, carry = None, pipeline.unpack(self.input_tensor, self.carry_phases[0],
+                                                 layout.recursive, mesh, self.config.hidden_size)
         h = self.decoder(h_emb, attention_mask, rotary_pos_emb, num_loops=num_loops, states=states,
                          carry=carry)
         if not self.post_process:
-            phase = pipeline.boundary_phase(self.config, self.stage[1])
-            return pipeline.pack(h, phase, layout.recursive, mesh)
+            return pipeline.pack(h, self.carry_phases[1], layout.recursive, mesh)
         logits, _ = self.output_layer(h)  # [s, b, V/tp]
         if labels is None:
             return logits.transpose(0, 1).contiguous()  # [b, s, V/tp]

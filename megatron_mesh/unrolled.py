@@ -8,6 +8,7 @@ last layer of loop step t.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
@@ -35,9 +36,10 @@ def unrolled_ops(layout: Layout, num_loops: Optional[int] = None) -> List[Op]:
     K = layout.num_loops if num_loops is None else num_loops
     ops: List[Op] = []
 
+    positions = itertools.count()
+
     def layer(segment: str, index: int, module: int = 0) -> None:
-        position = sum(op.kind == "layer" for op in ops)
-        ops.append(Op("layer", segment, module, index, position))
+        ops.append(Op("layer", segment, module, index, next(positions)))
 
     for i in range(layout.prelude):
         layer("prelude", i)
@@ -100,8 +102,7 @@ def phase_before(ops: List[Op], start: int) -> str:
     """'pre' (loop not begun), 'loop' or 'post' (loop done) at the boundary before application
     ``start``: what the previous pipeline stage hands over. 'begin' runs with the application
     after it, 'step' with the one before it (as in ``stage_ops``)."""
-    done = [op for op in ops if op.kind != "layer"
-            and op in stage_ops(ops, 0, start)]
+    done = [op for op in stage_ops(ops, 0, start) if op.kind != "layer"]
     if not done:
         return "pre"
     last_step = [op for op in ops if op.kind == "step"][-1:]

@@ -57,16 +57,21 @@ def mesh_config_from_args(args) -> MeshConfig:
     return MeshConfig(**json.loads(model), perform_initialization=False, use_cpu_initialization=True)
 
 
-def check_shapes(state: Dict[str, torch.Tensor], config: MeshConfig) -> None:
-    """The checkpoint's tensors are exactly those of the model its config builds."""
+def parameter_shapes(config: MeshConfig) -> Dict[str, torch.Size]:
+    """Name -> shape of every tensor the model ``config`` builds (on the meta device, no memory)."""
     from megatron_mesh.layers import local_block_spec
     from megatron_mesh.model import MeshGPTModel
     from megatron_mesh.parallel.process_groups import initialize_single_process
 
     initialize_single_process()
     with torch.device("meta"):
-        expected = {k: v.shape for k, v in MeshGPTModel(config, spec=local_block_spec()).state_dict().items()
-                    if not k.endswith("_extra_state")}
+        model = MeshGPTModel(config, spec=local_block_spec())
+    return {k: v.shape for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+
+
+def check_shapes(state: Dict[str, torch.Tensor], config: MeshConfig) -> None:
+    """The checkpoint's tensors are exactly those of the model its config builds."""
+    expected = parameter_shapes(config)
     missing = sorted(set(expected) - set(state))
     extra = sorted(set(state) - set(expected))
     if missing or extra:

@@ -29,8 +29,9 @@ import torch
 from torch import Tensor
 
 from megatron_mesh.config import MeshConfig
-from megatron_mesh.fs import atomic_directory, check_writable
 from megatron_mesh.checkpoints import CheckpointError
+from megatron_mesh.fs import atomic_directory, check_writable
+from megatron_mesh.hf.export import parameter_shapes
 from megatron_mesh.hf.mapping import gpt_neox_to_megatron, hf_mesh_to_megatron
 from megatron_mesh.layout import Layout, parse_layout
 
@@ -121,7 +122,7 @@ def megatron_state_from_hf(config: dict, hf_state: Dict[str, Tensor], section: d
     """The HF weights under MeshGPTModel state-dict names."""
     if config["model_type"] == "gpt_neox":
         return gpt_neox_to_megatron(hf_state, parse_layout(section["layout"]))
-    names = _parameter_names(section)
+    names = list(parameter_shapes(MeshConfig(**section, use_cpu_initialization=True)))
     try:
         return hf_mesh_to_megatron(hf_state, names)
     except KeyError as err:
@@ -163,17 +164,6 @@ def recursive_from_vanilla(state: Dict[str, Tensor], vanilla: Layout, target: La
                 copy(f"decoder.cores.{c}.{j}", [start + j])
             start += layers
     return out
-
-
-def _parameter_names(section: dict) -> List[str]:
-    from megatron_mesh.layers import local_block_spec
-    from megatron_mesh.model import MeshGPTModel
-    from megatron_mesh.parallel.process_groups import initialize_single_process
-
-    initialize_single_process()
-    with torch.device("meta"):
-        model = MeshGPTModel(MeshConfig(**section, use_cpu_initialization=True), spec=local_block_spec())
-    return [k for k in model.state_dict() if not k.endswith("_extra_state")]
 
 
 def build_model(section: dict, state: Dict[str, Tensor], fresh_prefixes: Tuple[str, ...] = (),

@@ -17,27 +17,20 @@ percents and the losses from step 2 on by far more.
 import pytest
 import torch
 
-from conftest import REPO
-from trainer import CONFIG, train
+from batch import tiny_section
+from trainer import train
 
 STEPS = 3
 
 
 @pytest.fixture(scope="module", params=["mesh", "anchor"])
-def start(request, tmp_path_factory):
+def start(request, tmp_path_factory, megatron_world):
     """A release checkpoint of a random tiny-cpu.yml model with the given scheme."""
-    import subprocess
-    import sys
+    from megatron_mesh.hf.importer import build_model, checkpoint_args, save_release_checkpoint
 
-    scheme, out = request.param, tmp_path_factory.mktemp(f"start-{request.param}") / "ckpt"
-    code = ("import sys; sys.path.insert(0, %r); import megatron_mesh\n"
-            "from megatron_mesh.yaml_config import load_config_tree\n"
-            "from megatron_mesh.hf.importer import build_model, checkpoint_args, save_release_checkpoint\n"
-            "section = dict(load_config_tree(%r)[0]['model'], state_scheme=%r)\n"
-            "model = build_model(section, {}, fresh_prefixes=('',), seed=5)\n"
-            "save_release_checkpoint(model, checkpoint_args(section, None), %r)\n"
-            % (str(REPO), str(CONFIG), scheme, str(out)))
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+    scheme, section = request.param, tiny_section(request.param)
+    out = tmp_path_factory.mktemp(f"start-{scheme}") / "ckpt"
+    save_release_checkpoint(build_model(section, {}, ("",), seed=5), checkpoint_args(section, None), out)
     return scheme, out
 
 
