@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List
 
 from megatron_mesh.unrolled import stage_bounds
 from megatron_mesh.yaml_config import ConfigError, model_config
@@ -41,8 +41,6 @@ TYPES = {
     "logging": dict(interval=INT, throughput=BOOL, peak_tflops=FLOAT),
 }
 """Value types of non-model keys (the model section is typed by MeshConfig)."""
-
-NOT_YET: Dict[Tuple[str, str], Any] = {}  # schema keys the recursive block refuses for now
 
 REQUIRED = (
     ("training", "seq_length"),
@@ -90,12 +88,18 @@ def _check_pipeline(tree: dict, origins: Dict[str, str]) -> None:
                          stages, split)
         except ValueError as err:
             raise ConfigError(f"{origins.get('parallelism.pipeline_stage_layers', where)}: {err}") from None
+    if stages > 2 and split is not None and sum(split[1:-1]) % (stages - 2):
+        raise ConfigError(
+            f"{origins.get('parallelism.pipeline_stage_layers', where)}: pipeline_stage_layers="
+            f"{list(split)}: megatron's validate_args needs the middle stages' {sum(split[1:-1])} "
+            f"layer applications divisible by {stages - 2} stages (the model itself builds any split)")
 
 
 def _pipeline_args(par: dict) -> List[str]:
     """Pipeline flags. megatron's validate_args wants N_compute divisible by the stage count
     unless first/last stage sizes are given; the model builds its stages itself, so an uneven
-    split passes its first and last counts (middle stages must then be equal)."""
+    split passes its first and last counts (the middle ones must then sum to a multiple of
+    their number, which _check_pipeline checks)."""
     stages, split = par.get("pipeline", 1), par.get("pipeline_stage_layers")
     args = [*_flag("pipeline-model-parallel-size", stages)]
     if stages > 1 and split is not None:
@@ -108,12 +112,6 @@ def _pipeline_args(par: dict) -> List[str]:
 
 def _check(tree: dict, origins: Dict[str, str]) -> None:
     _check_types(tree, origins)
-    for (section, key), supported in NOT_YET.items():
-        value = _get(tree, section, key, supported)
-        if value != supported:
-            raise ConfigError(
-                f"{origins.get(f'{section}.{key}', '?')}: {section}.{key}={value!r} is not supported "
-                f"by the recursive block yet (expected {supported!r}); tensor and data parallelism are")
     _check_pipeline(tree, origins)
     for section, key in REQUIRED:
         if _get(tree, section, key) is None:

@@ -113,6 +113,9 @@ def test_pipeline_split_maps_to_megatron():
     assert (args.decoder_first_pipeline_num_layers, args.decoder_last_pipeline_num_layers) == (2, 4)
     from megatron_mesh.training.arguments import megatron_argv
 
+    with pytest.raises(ConfigError, match="middle stages' 3 layer applications divisible by 2"):
+        megatron_argv(*load_config_tree(REPO / "configs/tiny-cpu.yml", [
+            "parallelism.pipeline=4", "parallelism.pipeline_stage_layers=[1,2,1,2]"]))
     with pytest.raises(ConfigError, match="overlap_grad_reduce with pipeline=2 is not supported"):
         megatron_argv(*load_config_tree(REPO / "configs/tiny-cpu.yml", [
             "parallelism.pipeline=2", "parallelism.overlap_grad_reduce=true"]))
