@@ -26,7 +26,7 @@ from megatron.core.utils import make_viewless_tensor
 from megatron_mesh.config import MeshConfig, refuse_unsupported
 from megatron_mesh.layers import RecursiveBlockSubmodules, default_block_spec
 from megatron_mesh.mesh import build_scheme
-from megatron_mesh.parallel.pipeline import holder_index
+from megatron_mesh.parallel.pipeline import TIED_COPY, replica_index
 from megatron_mesh.unrolled import Op, stage_ops, unrolled_ops
 
 StateList = Optional[List[Tuple[str, Tensor]]]
@@ -34,11 +34,8 @@ StateList = Optional[List[Tuple[str, Tensor]]]
 
 def _refuse_unsupported(config: MeshConfig) -> None:
     """Settings megatron-core accepts but this block does not implement yet: fail loudly."""
-    unsupported = {
-        "virtual_pipeline_model_parallel_size": (config.virtual_pipeline_model_parallel_size, None),
-        "context_parallel_size": (config.context_parallel_size, 1),
-    }
-    refuse_unsupported(unsupported, "RecursiveMeshTransformerBlock yet")
+    refuse_unsupported({"context_parallel_size": (config.context_parallel_size, 1)},
+                       "RecursiveMeshTransformerBlock yet")
 
 
 def _mark_sequence_parallel(scheme: Optional[nn.Module], sequence_parallel: bool) -> None:
@@ -163,8 +160,9 @@ class RecursiveMeshTransformerBlock(MegatronModule):
         pipeline stage from the ``carry`` of the one before. The last stage returns the final
         normed state [s, b, h], others their carry. ``num_loops`` reads out after fewer (or, for
         tied cores, more) loop steps than the layout trains with. ``states``, if a list,
-        receives (name, tensor) for h_emb, the prelude output, every loop state h(t) and the
-        coda output, for probes and tests.
+        receives (name, tensor) in execution order for probes and tests: 'h_emb', 'prelude'
+        (its output), 'h0', then per loop step t 'core{t}' (f_core(h(t))) and 'h{t+1}', and
+        'coda' (its output, before the final norm).
         """
         ops = self.ops
         if num_loops is not None:
@@ -196,6 +194,7 @@ class RecursiveMeshTransformerBlock(MegatronModule):
                 h, loop_state = self.scheme.begin(x["h_emb"], x["h"])
                 record("h0", h)
             else:
+                record(f"core{op.index}", x["h"])  # f_core(h(t)), before the scheme mixes it
                 h, loop_state = self.scheme.step(op.index, x["h_loop"], x["h"], x["state"])
                 record(f"h{op.index + 1}", h)
             x = {"h": h, "h_loop": h, "state": loop_state}
@@ -258,11 +257,14 @@ class RecursiveMeshTransformerBlock(MegatronModule):
         which treats every tensor as replicated across tensor-parallel ranks (wrong for the
         split QKV/FC1/FC2 weights) and skips TransformerLayer's key map (so local-spec
         checkpoints would not use the TransformerEngine names megatron-core checkpoints share).
-        Weights several pipeline stages hold are saved by the first holder only.
+        Weights several pipeline stages hold are saved by the first holder only; a layer
+        computing with another chunk's weights (virtual pipelining) is left out.
         """
         out: ShardedStateDict = {}
 
         def visit(module: nn.Module, path: str) -> None:
+            if getattr(module, TIED_COPY, False):  # saved with the chunk owning its weights
+                return
             if isinstance(module, (nn.ModuleList, nn.ModuleDict)):
                 for name, child in module.named_children():
                     visit(child, f"{path}{name}.")
@@ -271,7 +273,7 @@ class RecursiveMeshTransformerBlock(MegatronModule):
             part = sharded_state_dict_default(module, path, sharded_offsets, metadata,
                                               tp_group=self.pg_collection.tp)
             first = next(module.parameters(), None)
-            copy = holder_index(first) if first is not None else 0
+            copy = replica_index(first) if first is not None else 0
             if copy:  # a later pipeline stage's copy of a replicated weight: not the main replica
                 for item in part.values():
                     item.replica_id = (copy, *item.replica_id[1:])

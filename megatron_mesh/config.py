@@ -64,7 +64,9 @@ class MeshConfig(TransformerConfig):
 
     pipeline_stage_layers: Optional[Tuple[int, ...]] = None
     """Layer applications of the unrolled graph per pipeline stage (one count per stage, summing
-    to N_compute); default an even split. Lets the embedding and LM-head stages take fewer."""
+    to N_compute; with virtual pipelining one per virtual stage, in execution order: chunk v of
+    rank r is stage v * pipeline_size + r); default an even split. Lets the embedding and
+    LM-head stages take fewer."""
 
     # Pythia / GPT-NeoX values for fields megatron-core defaults differently.
     hidden_dropout: float = 0.0

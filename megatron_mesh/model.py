@@ -31,6 +31,9 @@ from megatron_mesh.parallel import pipeline
 class MeshGPTModel(LanguageModule):
     """GPT-NeoX-style causal LM around the recursive block.
 
+    Under pipeline parallelism it is one stage of the unrolled graph: model chunk ``vp_stage``
+    (virtual pipelining) of this pipeline rank (``megatron_mesh.parallel.pipeline``).
+
     forward(input_ids [b, s], position_ids [b, s]) returns logits [b, s, V] (vocab-parallel
     unless ``parallel_output=False``), or, given labels [b, s], the per-token loss [b, s].
     """
@@ -43,6 +46,7 @@ class MeshGPTModel(LanguageModule):
         pg_collection: Optional[ProcessGroupCollection] = None,
         pre_process: bool = True,
         post_process: bool = True,
+        vp_stage: Optional[int] = None,
     ):
         super().__init__(config=config, pg_collection=pg_collection)
         self.model_type = ModelType.encoder_or_decoder
@@ -68,7 +72,11 @@ class MeshGPTModel(LanguageModule):
             cp_group=self.pg_collection.cp,
         )
         pp = self.pg_collection.pp
-        self.stage = pipeline.stage_of(config, pp.rank(), pp.size())
+        if pp.size() != config.pipeline_model_parallel_size:
+            raise ValueError(f"pipeline group of {pp.size()} ranks, but the config says "
+                             f"pipeline_model_parallel_size={config.pipeline_model_parallel_size}")
+        self.vp_stage = vp_stage
+        self.stage = pipeline.stage_of(config, pipeline.stage_index(config, pp.rank(), vp_stage))
         self.decoder = RecursiveMeshTransformerBlock(config, spec, self.pg_collection, self.stage)
         # what the carry holds where this stage receives it and where it hands it on
         self.carry_phases = tuple(pipeline.boundary_phase(config, q) for q in self.stage)

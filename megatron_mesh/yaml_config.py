@@ -72,6 +72,7 @@ SCHEMA: Dict[str, Tuple[str, ...]] = {
     "parallelism": (
         "tensor",
         "pipeline",
+        "virtual_pipeline",
         "sequence_parallel",
         "distributed_optimizer",
         "overlap_grad_reduce",
@@ -93,6 +94,7 @@ SCHEMA: Dict[str, Tuple[str, ...]] = {
         "wandb_mode",
         "throughput",
         "peak_tflops",
+        "router_metrics",
     ),
 }
 """Top-level sections and their keys (one schema for every file); ``extends`` and

@@ -33,12 +33,13 @@ TYPES = {
                      train_tokens=FLOAT, seed=INT, eval_interval=INT, eval_iters=INT, exit_interval=INT),
     "optimizer": dict(lr=FLOAT, eps=FLOAT, weight_decay=FLOAT, clip_grad=FLOAT),
     "schedule": dict(warmup_fraction=FLOAT, warmup_iters=INT, min_lr_ratio=FLOAT, decay_iters=INT),
-    "parallelism": dict(tensor=INT, pipeline=INT, sequence_parallel=BOOL, distributed_optimizer=BOOL,
+    "parallelism": dict(tensor=INT, pipeline=INT, virtual_pipeline=INT, sequence_parallel=BOOL,
+                        distributed_optimizer=BOOL,
                         overlap_grad_reduce=BOOL, overlap_param_gather=BOOL, recompute_num_layers=INT),
     "data": dict(mock=BOOL, mask_eod_loss=BOOL, num_workers=INT),
     "tokenizer": dict(vocab_size=INT),
     "checkpointing": dict(interval=INT, save_on_signal=BOOL, async_save=BOOL),
-    "logging": dict(interval=INT, throughput=BOOL, peak_tflops=FLOAT),
+    "logging": dict(interval=INT, throughput=BOOL, peak_tflops=FLOAT, router_metrics=BOOL),
 }
 """Value types of non-model keys (the model section is typed by MeshConfig)."""
 
@@ -75,11 +76,15 @@ def _check_types(tree: dict, origins: Dict[str, str]) -> None:
 def _check_pipeline(tree: dict, origins: Dict[str, str]) -> None:
     """The stage split is valid, and no setting the replicated core weights cannot follow."""
     par = tree.get("parallelism") or {}
-    stages, split = par.get("pipeline", 1), par.get("pipeline_stage_layers")
+    ranks, virtual = par.get("pipeline", 1), par.get("virtual_pipeline") or 1
+    stages, split = ranks * virtual, par.get("pipeline_stage_layers")
     where = origins.get("parallelism.pipeline", "?")
-    if stages > 1 and par.get("overlap_grad_reduce"):
+    if virtual > 1 and ranks < 2:
+        raise ConfigError(f"{origins.get('parallelism.virtual_pipeline', where)}: "
+                          f"parallelism.virtual_pipeline={virtual} needs pipeline >= 2 (got {ranks})")
+    if ranks > 1 and par.get("overlap_grad_reduce"):
         raise ConfigError(
-            f"{where}: parallelism.overlap_grad_reduce with pipeline={stages} is not supported: "
+            f"{where}: parallelism.overlap_grad_reduce with pipeline={ranks} is not supported: "
             "core weights held by several stages sum their gradients over those stages before "
             "the data-parallel reduction, which overlap would start during the backward pass")
     if stages > 1 or split is not None:
@@ -88,23 +93,27 @@ def _check_pipeline(tree: dict, origins: Dict[str, str]) -> None:
                          stages, split)
         except ValueError as err:
             raise ConfigError(f"{origins.get('parallelism.pipeline_stage_layers', where)}: {err}") from None
-    if stages > 2 and split is not None and sum(split[1:-1]) % (stages - 2):
+    if virtual == 1 and ranks > 2 and split is not None and sum(split[1:-1]) % (ranks - 2):
         raise ConfigError(
             f"{origins.get('parallelism.pipeline_stage_layers', where)}: pipeline_stage_layers="
             f"{list(split)}: megatron's validate_args needs the middle stages' {sum(split[1:-1])} "
-            f"layer applications divisible by {stages - 2} stages (the model itself builds any split)")
+            f"layer applications divisible by {ranks - 2} stages (the model itself builds any split)")
 
 
 def _pipeline_args(par: dict) -> List[str]:
     """Pipeline flags. megatron's validate_args wants N_compute divisible by the stage count
     unless first/last stage sizes are given; the model builds its stages itself, so an uneven
     split passes its first and last counts (the middle ones must then sum to a multiple of
-    their number, which _check_pipeline checks)."""
-    stages, split = par.get("pipeline", 1), par.get("pipeline_stage_layers")
-    args = [*_flag("pipeline-model-parallel-size", stages)]
-    if stages > 1 and split is not None:
+    their number, which _check_pipeline checks). With virtual stages megatron checks no layer
+    counts (given --num-virtual-stages-per-pipeline-rank), so only the split itself is passed."""
+    ranks, split = par.get("pipeline", 1), par.get("pipeline_stage_layers")
+    virtual = par.get("virtual_pipeline") or 1
+    args = [*_flag("pipeline-model-parallel-size", ranks)]
+    if virtual > 1:
+        args += [*_flag("num-virtual-stages-per-pipeline-rank", virtual)]
+    if ranks > 1 and split is not None:
         args += [*_flag("mesh-pipeline-stage-layers", split)]
-        if len(set(split)) > 1:
+        if virtual == 1 and len(set(split)) > 1:
             args += [*_flag("decoder-first-pipeline-num-layers", split[0]),
                      *_flag("decoder-last-pipeline-num-layers", split[-1])]
     return args
@@ -283,6 +292,7 @@ def _system_args(tree: dict) -> List[str]:
         *_flag("wandb-save-dir", log.get("wandb_dir")),
         *_flag("log-throughput", log.get("throughput", True)),
         *_flag("mesh-peak-tflops", log.get("peak_tflops")),
+        *_flag("mesh-router-metrics", log.get("router_metrics", True)),
     ]
 
 
@@ -307,7 +317,7 @@ def add_mesh_arguments(parser):
     """Megatron ``extra_args_provider``: the flags megatron-mesh adds to Megatron's parser."""
     group = parser.add_argument_group("megatron-mesh")
     group.add_argument("--mesh-pipeline-stage-layers", type=int, nargs="+", default=None,
-                       help="layer applications per pipeline stage (default: even split)")
+                       help="layer applications per pipeline stage, virtual stages in order (default: even split)")
     group.add_argument("--mesh-model", type=str, required=True,
                        help="JSON of the YAML model section (layout, state_scheme, ...)")
     group.add_argument("--mesh-config-file", type=str, default=None,
@@ -316,6 +326,8 @@ def add_mesh_arguments(parser):
                        help="gpt: megatron-core GPTDataset blends; pythia_preshuffled: rows in order")
     group.add_argument("--mesh-pythia-boundary", default="per_row",
                        choices=["per_row", "contiguous", "contiguous_masked"])
+    group.add_argument("--mesh-router-metrics", action="store_true",
+                       help="log MeSH router statistics to TensorBoard/W&B every log interval")
     group.add_argument("--mesh-peak-tflops", type=float, default=None,
                        help="peak dense TFLOP/s of one device for MFU (default: known GPUs)")
     return parser

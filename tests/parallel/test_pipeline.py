@@ -51,8 +51,25 @@ def test_pack_then_unpack_is_the_identity_at_every_boundary(megatron_world):
 def test_weight_holders():
     from megatron_mesh.parallel.pipeline import weight_holders
 
-    config = tiny_config("1+2R2+1", "mesh", pipeline_stage_layers=(2, 4))
-    holders = weight_holders(config, 2)
+    config = tiny_config("1+2R2+1", "mesh", pipeline_stage_layers=(2, 4),
+                         pipeline_model_parallel_size=2, pipeline_dtype=torch.float32)
+    holders = weight_holders(config)
     assert holders["prelude.0"] == {0} and holders["coda.0"] == {1}
     assert holders["cores.0.0"] == {0, 1} and holders["cores.0.1"] == {1}
     assert holders["scheme"] == {0, 1}
+
+
+def test_virtual_stages_interleave_over_ranks():
+    """2 ranks x 2 virtual stages: chunk v of rank r runs stage 2v + r, so core layer 0 is held
+    twice by rank 0 (stages 0 and 2) and core layer 1 by both ranks."""
+    from megatron_mesh.parallel.pipeline import stage_index, stage_of, weight_holders
+
+    config = tiny_config("1+2R2+1", "mesh", pipeline_stage_layers=(2, 1, 2, 1),
+                         pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2,
+                         pipeline_dtype=torch.float32)
+    stages = {(r, v): stage_index(config, r, v) for r in range(2) for v in range(2)}
+    assert stages == {(0, 0): 0, (1, 0): 1, (0, 1): 2, (1, 1): 3}
+    assert [stage_of(config, s) for s in range(4)] == [(0, 2), (2, 3), (3, 5), (5, 6)]
+    holders = weight_holders(config)
+    assert holders["cores.0.0"] == {0, 2} and holders["cores.0.1"] == {1, 2}
+    assert holders["scheme"] == {0, 1, 2} and holders["coda.0"] == {3}

@@ -95,6 +95,7 @@ def test_passthrough_wins_and_yaml_floats_are_numbers(tmp_path):
                                    "pipeline stages: set pipeline_stage_layers, e.g. [1, 1, 2, 2]"),
         ("parallelism.pipeline_stage_layers=[3,4]",
          "pipeline_stage_layers=[3, 4]: expected 1 positive counts summing to N_compute=6"),
+        ("parallelism.virtual_pipeline=2", "parallelism.virtual_pipeline=2 needs pipeline >= 2 (got 1)"),
     ],
 )
 def test_bad_values_fail_clearly(override, message):
@@ -119,6 +120,23 @@ def test_pipeline_split_maps_to_megatron():
     with pytest.raises(ConfigError, match="overlap_grad_reduce with pipeline=2 is not supported"):
         megatron_argv(*load_config_tree(REPO / "configs/tiny-cpu.yml", [
             "parallelism.pipeline=2", "parallelism.overlap_grad_reduce=true"]))
+
+
+def test_virtual_pipeline_maps_to_megatron():
+    """megatron validates no layer counts under VPP, so no first/last-stage sizes are passed;
+    the split lists every virtual stage."""
+    args = parsed(REPO / "configs/tiny-cpu.yml", [
+        "parallelism.pipeline=2", "parallelism.virtual_pipeline=2",
+        "parallelism.pipeline_stage_layers=[2,1,2,1]"])
+    assert args.num_virtual_stages_per_pipeline_rank == 2  # validate_args turns it into VPP=2
+    assert args.mesh_pipeline_stage_layers == [2, 1, 2, 1]
+    assert args.decoder_first_pipeline_num_layers is None
+    from megatron_mesh.training.arguments import megatron_argv
+
+    with pytest.raises(ConfigError, match="expected 4 positive counts summing to N_compute=6"):
+        megatron_argv(*load_config_tree(REPO / "configs/tiny-cpu.yml", [
+            "parallelism.pipeline=2", "parallelism.virtual_pipeline=2",
+            "parallelism.pipeline_stage_layers=[2,4]"]))
 
 
 def test_flops_in_the_log_agree_with_model_stats():
