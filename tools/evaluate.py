@@ -10,6 +10,24 @@ ARC-C, SciQ, continuation-MMLU), prints a table shaped like the paper's Table 2 
 percent; byte-length-normalised accuracy for PIQA, HellaSwag, ARC and SciQ) and saves JSON with
 lm-eval's full results. Datasets come from the Hugging Face cache (HF_DATASETS_OFFLINE=1 on
 machines without network); --include-path adds local task YAMLs.
+
+    python tools/evaluate.py ppl --model M [--model M2 ...] --data D [--data D2 ...] \
+        [--tokenizer T] [--seq-length L] [--batch-size B] [--max-documents N] [--output FILE.json]
+
+ppl prints the perplexity of every model (Megatron checkpoint directory, run as MeshGPTModel, or
+HF export / GPT-NeoX directory, run through transformers) on every dataset (indexed-dataset
+prefix, or jsonl tokenized with --tokenizer, else the model's own tokenizer). Context: each
+document is scored on its own; its tokens after the first are predicted once, in consecutive
+non-overlapping windows of at most L tokens (default: the model's max_sequence_length), each
+window conditioned only on itself (lm-eval's rolling loglikelihood without overlap). --output
+saves token counts, mean NLL (nats/token), perplexity and bits per token as JSON.
+
+    python tools/evaluate.py depth --model M --data D [--max-loops T] [--output-dir DIR] ...
+
+depth scores a recursive model after t = 0..T loop iterations (default T = the trained K; more
+only for tied cores without per-step parameters): the t-loop read-out, the coda lens (coda +
+final norm + output layer on h(t)) and the direct lens (final norm + output layer on h(t)),
+with the same windows as ppl. --output-dir writes depth.json and depth.png.
 """
 
 import argparse
@@ -33,21 +51,64 @@ def parse_args(argv=None) -> argparse.Namespace:
     lm.add_argument("--include-path", default=None, help="directory of extra task YAMLs")
     lm.add_argument("--name", default=None, help="row label (default: the model directory name)")
     lm.add_argument("--output", default=None, help="JSON report (default: MODEL/lm_eval.json)")
+
+    ppl = sub.add_parser("ppl", help="perplexity of models on datasets",
+                         description=CONTEXT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ppl.add_argument("--model", action="append", required=True,
+                     help="Megatron checkpoint or HF model directory (repeat for several)")
+    _data_args(ppl, many=True)
+    ppl.add_argument("--output", default=None, help="JSON report (default: print only)")
+
+    depth = sub.add_parser("depth", help="loss after each loop iteration, with logit lenses",
+                           description=CONTEXT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    depth.add_argument("--model", required=True, help="Megatron checkpoint or HF model directory")
+    _data_args(depth, many=False)
+    depth.add_argument("--max-loops", type=int, default=None,
+                       help="read out after 0..T iterations (default: the trained K)")
+    depth.add_argument("--output-dir", default=None,
+                       help="where depth.json and depth.png go (default: print only)")
     return parser.parse_args(argv)
 
 
+CONTEXT_HELP = """Context: each document is scored on its own. Its inputs (all tokens but the last) are
+cut into consecutive non-overlapping windows of at most --seq-length tokens (default: the
+model's max_sequence_length); each window predicts the next token at every position from its
+own tokens only, so every token but a document's first is predicted exactly once (lm-eval's
+rolling loglikelihood without overlap). Mean NLL is in nats per token."""
+
+
+def _data_args(parser: argparse.ArgumentParser, many: bool) -> None:
+    parser.add_argument("--data", action="append" if many else "store", required=True,
+                        help="indexed-dataset prefix (PREFIX.bin/.idx) or jsonl file"
+                        + (" (repeat for several)" if many else ""))
+    parser.add_argument("--tokenizer", default=None,
+                        help="for jsonl data (default: the model's own tokenizer)")
+    parser.add_argument("--json-key", default="text", help="jsonl field holding the text")
+    parser.add_argument("--append-eod", action="store_true",
+                        help="end each jsonl document with the end-of-document token, as "
+                        "preprocessing does for indexed datasets")
+    parser.add_argument("--seq-length", type=int, default=None,
+                        help="window length L (default: the model's max_sequence_length)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-documents", type=int, default=None,
+                        help="score only the first N documents of each dataset")
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+
+
 def main(argv=None):
+    args = parse_args(argv)
+    {"lm-eval": lm_eval_main, "ppl": ppl_main, "depth": depth_main}[args.command](args)
+
+
+def lm_eval_main(args):
     from megatron_mesh.evaluation import downstream
 
-    args = parse_args(argv)
     try:
         model = downstream.check_model_dir(args.model)
         shots = downstream.parse_shots(args.num_fewshot)
     except ValueError as err:
         sys.exit(f"error: {err}")
-    import torch
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = _device(args)
     tasks = [t for t in args.tasks.split(",") if t] if args.tasks else None
     report = downstream.evaluate(model, tasks, shots, args.batch_size, device, args.limit,
                                  args.include_path, args.dtype)
@@ -55,6 +116,87 @@ def main(argv=None):
     downstream.save(report, output)
     print(downstream.table(report, args.name))
     print(f"wrote {output}")
+
+
+def _device(args) -> str:
+    import torch
+
+    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _check_inputs(args, models, datasets) -> None:
+    """Model directories and data files exist, numbers make sense: exit naming the problem
+    before the (slow) imports of torch and megatron-core."""
+    for model in models:
+        if not Path(model).is_dir():
+            sys.exit(f"error: --model {model}: no such model directory")
+    for data in datasets:
+        indexed = Path(f"{data}.bin").is_file() and Path(f"{data}.idx").is_file()
+        if not indexed and not Path(data).is_file():
+            sys.exit(f"error: --data {data}: neither an indexed dataset prefix ({data}.bin/.idx) "
+                     f"nor a jsonl file")
+    if args.batch_size < 1 or (args.max_documents is not None and args.max_documents < 1):
+        sys.exit("error: --batch-size and --max-documents must be >= 1")
+    if args.seq_length is not None and args.seq_length < 1:
+        sys.exit(f"error: --seq-length {args.seq_length}: expected >= 1")
+
+
+def _documents(args, data: str, model_tokenizer):
+    """Token documents of ``data``: indexed as stored, jsonl tokenized (exit if no tokenizer)."""
+    from megatron_mesh.data.documents import is_indexed_prefix, read_documents
+
+    tokenizer = args.tokenizer or model_tokenizer
+    if not is_indexed_prefix(data) and tokenizer is None:
+        sys.exit(f"error: --data {data}: a jsonl file needs a tokenizer and the model names none; "
+                 f"pass --tokenizer")
+    return read_documents(data, tokenizer, key=args.json_key, append_eod=args.append_eod)
+
+
+def ppl_main(args):
+    _check_inputs(args, args.model, args.data)
+    from megatron_mesh.evaluation import downstream, perplexity
+
+    device, records = _device(args), []
+    for path in args.model:
+        try:
+            scorer = perplexity.load_scorer(path, device)
+            seq_length = perplexity.check_seq_length(args.seq_length, scorer.max_length, scorer.name)
+            for data in args.data:
+                result = perplexity.evaluate(scorer, _documents(args, data, scorer.tokenizer),
+                                             seq_length, args.batch_size, args.max_documents, data)
+                records.append({"model": str(path), "name": scorer.name, "backend": scorer.backend,
+                                "data": str(data), "seq_length": seq_length, **result.as_dict()})
+        except (ValueError, FileNotFoundError) as err:
+            sys.exit(f"error: {err}")
+    print(perplexity.table(records))
+    if args.output:
+        downstream.save({"context": CONTEXT_HELP.replace("\n", " "), "results": records}, args.output)
+        print(f"wrote {args.output}")
+
+
+def depth_main(args):
+    _check_inputs(args, [args.model], [args.data])
+    if args.max_loops is not None and args.max_loops < 0:
+        sys.exit(f"error: --max-loops {args.max_loops}: expected >= 0")
+    from megatron_mesh.evaluation import depth, downstream, perplexity
+    from megatron_mesh.evaluation.loading import load_model
+
+    try:
+        loaded = load_model(args.model, device=_device(args))
+        depth.trained_loops(loaded)
+        seq_length = perplexity.check_seq_length(args.seq_length, loaded.section["max_sequence_length"],
+                                                 loaded.name)
+        report = depth.study(loaded, _documents(args, args.data, loaded.tokenizer), seq_length,
+                             args.max_loops, args.batch_size, args.max_documents, args.data)
+    except (ValueError, FileNotFoundError) as err:
+        sys.exit(f"error: {err}")
+    print(depth.table(report))
+    if args.output_dir:
+        out = Path(args.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        downstream.save(report, out / "depth.json")
+        depth.plot(report, out / "depth.png")
+        print(f"wrote {out / 'depth.json'} and {out / 'depth.png'}")
 
 
 if __name__ == "__main__":

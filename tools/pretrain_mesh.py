@@ -65,6 +65,7 @@ def run(megatron_args):
 
     from megatron_mesh.training import providers, resume, throughput
     from megatron_mesh.training.arguments import add_mesh_arguments
+    from megatron_mesh.training.router_log import ROUTER_LOG
 
     sys.argv = [sys.argv[0], *megatron_args]
     with cpu.trainer_context():
@@ -77,6 +78,7 @@ def run(megatron_args):
         except ValueError as err:
             sys.exit(f"error: {err}")
         throughput.install(providers.mesh_config_from_args(args), args)
+        ROUTER_LOG.enabled = args.mesh_router_metrics
         pretrain(
             cfg,
             providers.train_valid_test_datasets_provider,

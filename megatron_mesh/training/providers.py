@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import fields
 from functools import partial
+from typing import List
 
 import torch
 
@@ -19,6 +20,7 @@ from megatron_mesh.config import MeshConfig
 from megatron_mesh.layers import local_block_spec, te_block_spec
 from megatron_mesh.model import MeshGPTModel
 from megatron_mesh.parallel import pipeline
+from megatron_mesh.training.router_log import ROUTER_LOG
 
 # TransformerConfig fields a MeshConfig derives itself from the model section.
 _DERIVED = {"num_layers", "activation_func", "init_method", "output_layer_init_method",
@@ -47,11 +49,27 @@ def model_provider(pre_process=True, post_process=True, vp_stage=None, config=No
     cfg = mesh_config_from_args(args)
     spec = te_block_spec() if args.transformer_impl == "transformer_engine" else local_block_spec()
     model = MeshGPTModel(cfg, spec=spec, pg_collection=pg_collection, pre_process=pre_process,
-                         post_process=post_process)
+                         post_process=post_process, vp_stage=vp_stage)
     if args.pipeline_model_parallel_size > 1:
-        pipeline.connect_replicas(model.decoder, cfg, model.pg_collection.pp)
+        _connect_when_all_chunks_built(model)
         cfg.finalize_model_grads_func = _finalize_with_stage_replicas
     return model
+
+
+_RANK_CHUNKS: List[MeshGPTModel] = []
+"""This rank's model chunks built so far (megatron's get_model builds chunk 0, 1, ... in turn)."""
+
+
+def _connect_when_all_chunks_built(model: MeshGPTModel) -> None:
+    """Replicated core weights can be tied only once every chunk of this rank exists: under
+    virtual pipelining two chunks of one rank may hold copies of the same layer."""
+    if not model.vp_stage:
+        _RANK_CHUNKS.clear()
+    _RANK_CHUNKS.append(model)
+    if len(_RANK_CHUNKS) == (model.config.virtual_pipeline_model_parallel_size or 1):
+        pipeline.connect_replicas([m.decoder for m in _RANK_CHUNKS], model.config,
+                                  model.pg_collection.pp)
+        _RANK_CHUNKS.clear()
 
 
 def _finalize_with_stage_replicas(model, *args, **kwargs):
@@ -83,7 +101,9 @@ def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
 
 def forward_step(data_iterator, model: MeshGPTModel):
     tokens, labels, loss_mask, position_ids = get_batch(data_iterator)
-    output = model(tokens, position_ids, None, labels=labels)  # [b, s] per-token loss
+    states = ROUTER_LOG.states_for(model)  # a list on the micro-batch whose routers are logged
+    output = model(tokens, position_ids, None, labels=labels, states=states)  # [b, s] token loss
+    ROUTER_LOG.write(model, states)
     return output, partial(loss_func, loss_mask)
 
 

@@ -14,6 +14,8 @@ split. A wrong reduction (a missing or doubled gradient all-reduce) moves the gr
 percents and the losses from step 2 on by far more.
 """
 
+import math
+
 import pytest
 import torch
 
@@ -76,20 +78,25 @@ PP2 = {"parallelism.pipeline": 2}
 # stages hold core layer 0, and the MeSH buffer crosses the boundary mid-loop)
 PP2_SPLIT_CORE = {"parallelism.pipeline": 2, "parallelism.pipeline_stage_layers": "[2,4]"}
 TP2_PP2 = {**SP, **PP2_SPLIT_CORE}
+# 2 ranks x 2 virtual stages (interleaved schedule): stages 0..3 hold [prelude, core 0 of step 0],
+# [core 1 of step 0], [step 1's core], [coda]; rank 0 holds core layer 0 in both of its chunks
+PP2_VP2 = {"parallelism.pipeline": 2, "parallelism.virtual_pipeline": 2,
+           "parallelism.pipeline_stage_layers": "[2,1,2,1]"}
 FULL_RECOMPUTE = {"parallelism.recompute_granularity": "full", "parallelism.recompute_method": "uniform",
                   "parallelism.recompute_num_layers": 1}
-# Every setting for mesh; the anchor model (state carried without routers) under the two that
-# change how gradients are reduced. tests/parallel/test_tensor_parallel.py checks TP and SP
-# gradients tensor by tensor for more schemes.
-CASES = {"mesh": {"tp2": (2, TP2), "tp2-sp": (2, SP), "dp2-distopt-overlap": (2, DISTOPT),
+# Every setting for mesh; the anchor model (state carried without routers) under TP+SP and a
+# core-splitting pipeline. Plain TP=2 runs in the resume test below, and
+# tests/parallel/test_tensor_parallel.py checks TP and SP gradients tensor by tensor for more
+# schemes.
+CASES = {"mesh": {"tp2-sp": (2, SP), "dp2-distopt-overlap": (2, DISTOPT),
                   "recompute-full": (1, FULL_RECOMPUTE), "pp2": (2, PP2),
-                  "pp2-split-core": (2, PP2_SPLIT_CORE), "tp2-sp-pp2": (4, TP2_PP2)},
-         "anchor": {"tp2-sp": (2, SP), "dp2-distopt-overlap": (2, DISTOPT),
-                    "pp2-split-core": (2, PP2_SPLIT_CORE)}}
+                  "pp2-split-core": (2, PP2_SPLIT_CORE), "tp2-sp-pp2": (4, TP2_PP2),
+                  "pp2-vp2": (2, PP2_VP2)},
+         "anchor": {"tp2-sp": (2, SP), "pp2-split-core": (2, PP2_SPLIT_CORE)}}
 
 
-@pytest.mark.parametrize("name", ["tp2", "tp2-sp", "dp2-distopt-overlap", "recompute-full", "pp2",
-                                  "pp2-split-core", "tp2-sp-pp2"])
+@pytest.mark.parametrize("name", ["tp2-sp", "dp2-distopt-overlap", "recompute-full", "pp2",
+                                  "pp2-split-core", "tp2-sp-pp2", "pp2-vp2"])
 def test_parallel_run_matches_single_process(tmp_path, start, reference, name):
     if name not in CASES[start[0]]:
         pytest.skip(f"{name} runs for the mesh model only")
@@ -97,11 +104,34 @@ def test_parallel_run_matches_single_process(tmp_path, start, reference, name):
     assert_same_run(run(tmp_path, start, name, nproc, **settings), reference)
 
 
-@pytest.mark.parametrize("name, settings", [("tp2", TP2), ("pp2", PP2_SPLIT_CORE)])
+def test_router_statistics_are_logged(start, reference):
+    """The trainer logs MeSH router statistics to TensorBoard every log interval (here 1)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(reference["dir"].parent / "tb-reference"))
+    events.Reload()
+    tags = [t for t in events.Tags()["scalars"] if t.startswith("mesh/router/")]
+    if start[0] != "mesh":
+        assert tags == []
+        return
+    slots = tiny_section("mesh").get("buffer_slots") or 2 + 3  # K + 3 for 1+2R2+1
+    assert {t.split("/")[2] for t in tags} == {"transition", "step0", "step1"}
+    for tag in tags:
+        values = [e.value for e in events.Scalars(tag)]
+        assert [e.step for e in events.Scalars(tag)] == [1, 2, 3], tag
+        if tag.endswith("_norm"):
+            assert all(0.0 < v <= 1.0 for v in values), (tag, values)
+    # routers start near uniform (small random weights, zero bias)
+    first = events.Scalars("mesh/router/transition/write_entropy")[0].value
+    assert first == pytest.approx(math.log(slots), rel=0.05)
+
+
+@pytest.mark.parametrize("name, settings", [("tp2", TP2), ("pp2-vp2", PP2_VP2)])
 def test_checkpoint_resumes_unparallelized_and_exports(tmp_path, start, reference, name, settings):
-    """(mesh only) Save at TP=2 or PP=2 after two steps, resume at TP=PP=1 (optimizer state
-    resharded): step three is the single-process run's step three; the parallel checkpoint
-    exports the reference's weights."""
+    """(mesh only) Save at TP=2 or PP=2 x VP=2 after two steps, resume at TP=PP=1 (optimizer
+    state resharded): step three is the single-process run's step three; the parallel
+    checkpoint exports the reference's weights. The PP x VP split holds core weights on both
+    ranks (replicas, saved once) and twice on rank 0 (one tied parameter)."""
     from megatron_mesh.hf.export import load_checkpoint
 
     if start[0] != "mesh":

@@ -1,0 +1,158 @@
+"""Depth study: what a recursive model predicts after t = 0..T loop iterations.
+
+Three curves per iteration t, all scored like ``perplexity`` (one document at a time, disjoint
+windows of at most L tokens, mean NLL in nats/token summed in float64):
+- read-out: ``model(tokens, positions, num_loops=t)``, the model stopped after t loops;
+- coda lens: the coda layers, final norm and output layer applied to h(t) of ONE forward pass
+  (``states=[...]``). Every loop step depends only on the steps before it, so for t <= K this
+  equals the t-step read-out; it is computed separately as a consistency check;
+- direct lens: the final norm and output layer straight on h(t), skipping the coda (the classic
+  logit lens): how far h(t) is from the output space without the coda's help.
+
+T may exceed the trained K only where the model can loop further: a tied core and a state
+scheme without per-step parameters (base, residual, anchor, ...; not mesh or the comb schemes).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional
+
+import torch
+from torch import Tensor
+
+from megatron_mesh.evaluation.loading import LoadedModel
+from megatron_mesh.evaluation.perplexity import check_ids, progress, window_batches
+
+CURVES = ("read_out", "coda_lens", "direct_lens")
+
+
+def trained_loops(loaded: LoadedModel) -> int:
+    """K, the loop count the model trained with; ValueError for a model without a loop."""
+    config = loaded.model.config
+    if not config.parsed_layout.recursive:
+        raise ValueError(f"{loaded.name}: layout {config.layout!r} (state_scheme "
+                         f"{config.state_scheme!r}) has no loop: a depth study needs a recursive "
+                         f"layout such as 1+2R2+1")
+    return config.num_loops
+
+
+def check_max_loops(loaded: LoadedModel, max_loops: int) -> None:
+    """The model runs ``max_loops`` iterations (a 1-token forward), else a ValueError saying why."""
+    model, config = loaded.model, loaded.model.config
+    tokens = torch.zeros(1, 1, dtype=torch.long, device=model.output_layer.weight.device)
+    try:
+        with torch.no_grad():
+            model(tokens, tokens, num_loops=max_loops)
+    except ValueError as err:
+        raise ValueError(f"{loaded.name}: --max-loops {max_loops} is not possible for layout "
+                         f"{config.layout!r} with state_scheme {config.state_scheme!r} (trained "
+                         f"K={config.num_loops}; only tied cores without per-step parameters loop "
+                         f"further): {err}") from None
+
+
+def _head(model, h: Tensor, rotary: Tensor, coda: bool) -> Tensor:
+    """Logits [s, b, V] of a state h [s, b, h]: (coda layers +) final norm + output layer."""
+    if coda:
+        for layer in model.decoder.coda.values():
+            h, _ = layer(h, attention_mask=None, rotary_pos_emb=rotary)
+    logits, _ = model.output_layer(model.decoder.final_layernorm(h))
+    return logits
+
+
+def loop_states(model, inputs: Tensor, max_loops: int) -> List[Tensor]:
+    """h(0) .. h(max_loops) [s, b, h] of one forward pass."""
+    positions = torch.arange(inputs.shape[1], device=inputs.device).expand_as(inputs)
+    states: List = []
+    model(inputs, positions, num_loops=max_loops, states=states)
+    named = dict(states)
+    return [named[f"h{t}"] for t in range(max_loops + 1)]
+
+
+@torch.no_grad()
+def batch_nll(model, inputs: Tensor, labels: Tensor, max_loops: int) -> Dict[str, List[float]]:
+    """Summed NLL (float64) of one batch, per curve and t = 0..max_loops."""
+    positions = torch.arange(inputs.shape[1], device=inputs.device).expand_as(inputs)  # [b, s]
+    out: Dict[str, List[float]] = {c: [] for c in CURVES}
+    for t in range(max_loops + 1):
+        loss = model(inputs, positions, labels=labels, num_loops=t)  # [b, s]
+        out["read_out"].append(loss.double().sum().item())
+    rotary = model.rotary_pos_emb(inputs.shape[1])
+    for h in loop_states(model, inputs, max_loops):
+        for curve, coda in (("coda_lens", True), ("direct_lens", False)):
+            loss = model.compute_language_model_loss(labels, _head(model, h, rotary, coda))  # [b, s]
+            out[curve].append(loss.double().sum().item())
+    return out
+
+
+def study(loaded: LoadedModel, documents: Iterable[List[int]], seq_length: int,
+          max_loops: Optional[int] = None, batch_size: int = 8,
+          max_documents: Optional[int] = None, source: str = "data") -> dict:
+    """The depth report: per t, the NLL and perplexity of each curve (module docstring)."""
+    K = trained_loops(loaded)
+    T = K if max_loops is None else max_loops
+    check_max_loops(loaded, T)
+    model = loaded.model
+    device = model.output_layer.weight.device
+    sums = {c: [0.0] * (T + 1) for c in CURVES}
+    tokens = 0
+    docs = progress(itertools.islice(documents, max_documents), loaded.name)
+    for inputs, labels in window_batches(docs, seq_length, batch_size):
+        check_ids(torch.cat([inputs, labels[:, -1:]], 1), loaded.section["vocab_size"], source)
+        nll = batch_nll(model, inputs.to(device), labels.to(device), T)
+        for curve in CURVES:
+            sums[curve] = [a + b for a, b in zip(sums[curve], nll[curve])]
+        tokens += labels.numel()
+    if not tokens:
+        raise ValueError(f"{source}: no document with at least 2 tokens to score")
+    rows = [{"t": t, **{f"{c}_{k}": v for c in CURVES
+                         for k, v in _stats(sums[c][t] / tokens).items()}} for t in range(T + 1)]
+    config = model.config
+    return {"model": loaded.name, "layout": config.layout, "state_scheme": config.state_scheme,
+            "trained_loops": K, "max_loops": T, "data": str(source), "seq_length": seq_length,
+            "tokens": tokens, "rows": rows}
+
+
+def _stats(mean_nll: float) -> dict:
+    return {"loss": mean_nll, "ppl": math.exp(mean_nll)}
+
+
+def table(report: dict) -> str:
+    """t | loss | ppl | coda-lens ppl | direct-lens ppl, the trained K marked."""
+    header = ["t", "loss", "ppl", "coda-lens ppl", "direct-lens ppl"]
+    rows = [[f"{r['t']}" + (" (K)" if r["t"] == report["trained_loops"] else ""),
+             f"{r['read_out_loss']:.4f}", f"{r['read_out_ppl']:.3f}", f"{r['coda_lens_ppl']:.3f}",
+             f"{r['direct_lens_ppl']:.3f}"] for r in report["rows"]]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    lines = [" | ".join(v.ljust(w) for v, w in zip(row, widths)) for row in [header, *rows]]
+    lines.insert(1, "-|-".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def plot(report: dict, path) -> None:
+    """Perplexity (log scale) against t for the three curves, K marked; written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t = [r["t"] for r in report["rows"]]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for curve, label in zip(CURVES, ("read-out", "coda lens", "direct lens")):
+        ax.plot(t, [r[f"{curve}_ppl"] for r in report["rows"]], marker="o", label=label)
+    ax.axvline(report["trained_loops"], color="grey", linestyle="--",
+               label=f"trained K = {report['trained_loops']}")
+    ax.set_yscale("log")
+    ax.set_xticks(t)
+    ax.set_xlabel("loop iterations t")
+    ax.set_ylabel("perplexity")
+    ax.set_title(f"{report['model']} ({report['layout']}, {report['state_scheme']})")
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    tmp.replace(path)

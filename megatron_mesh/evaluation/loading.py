@@ -1,0 +1,75 @@
+"""Any trained model as an in-process ``MeshGPTModel``: a Megatron checkpoint or an HF directory.
+
+Probes and depth studies need the block's intermediate states (``forward(states=[...])``) and
+the ``num_loops`` read-out, which only the megatron-core model has; this puts either kind of
+checkpoint into it, on one process, in eval mode.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from megatron_mesh.checkpoints import TRACKER, CheckpointError
+
+
+@dataclass
+class LoadedModel:
+    model: "torch.nn.Module"
+    """MeshGPTModel in eval mode, fp32, single process."""
+    section: dict
+    """The model section (layout, state_scheme, sizes) it was built from."""
+    name: str
+    """A short label for tables and figure panels (the directory name)."""
+    tokenizer: Optional[str]
+    """What the checkpoint says tokenized its data (path or tokenizer name), if it says."""
+
+
+def is_hf_directory(path) -> bool:
+    return (Path(path) / "config.json").is_file()
+
+
+def is_megatron_checkpoint(path) -> bool:
+    return (Path(path) / TRACKER).is_file()
+
+
+def load_model(path, iteration: Optional[int] = None, device: str = "cpu") -> LoadedModel:
+    """The model in ``path`` (Megatron checkpoint directory, or HF export / GPT-NeoX directory)."""
+    path = Path(path)
+    if is_megatron_checkpoint(path):
+        model, section, tokenizer = _from_megatron(path, iteration)
+    elif is_hf_directory(path):
+        model, section, tokenizer = _from_hf(path)
+    else:
+        raise CheckpointError(f"{path}: neither a Megatron checkpoint (no {TRACKER}) nor a Hugging "
+                              f"Face model directory (no config.json)")
+    model.to(device).eval()
+    return LoadedModel(model, section, path.resolve().name, tokenizer)
+
+
+def _from_megatron(path: Path, iteration: Optional[int]):
+    from megatron_mesh.hf.export import check_shapes, load_checkpoint, mesh_config_from_args
+    from megatron_mesh.hf.importer import build_model
+
+    state, common = load_checkpoint(str(path), iteration)
+    args = common.get("args")
+    config = mesh_config_from_args(args)
+    check_shapes(state, config)
+    section = json.loads(args.mesh_model)
+    tokenizer = getattr(args, "tokenizer_model", None)  # a path or hub name; None for e.g. NullTokenizer
+    return build_model(section, state), section, tokenizer
+
+
+def _from_hf(path: Path):
+    from megatron_mesh.hf.importer import (build_model, megatron_state_from_hf,
+                                           model_section_from_hf, read_hf_directory)
+
+    config, hf_state = read_hf_directory(path)
+    section = model_section_from_hf(config)
+    state = megatron_state_from_hf(config, hf_state, section)
+    tokenizer = str(path.resolve()) if (path / "tokenizer.json").is_file() else None
+    return build_model(section, state), section, tokenizer

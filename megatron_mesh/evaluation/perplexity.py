@@ -1,0 +1,210 @@
+"""Perplexity of a causal LM on held-out documents (Megatron checkpoint or HF directory).
+
+Context handling, the convention behind every number here:
+- each document is scored on its own: no context crosses a document boundary;
+- a document of n tokens gives n - 1 predictions (every token but its first). Its inputs
+  doc[:-1] are cut into consecutive, non-overlapping windows of at most L tokens; the window
+  [s, e) predicts doc[s+1 : e+1] from doc[s:e] alone, at positions 0 .. e-s-1. The first
+  prediction of a later window therefore sees only its own window (one token of context), not
+  the tokens before it: disjoint windows, like lm-eval's rolling loglikelihood without overlap
+  (minus the prefix token lm-eval uses to score a document's first token);
+- per dataset: mean NLL = (sum of -log p over every prediction, in float64) / token count, in
+  nats per token; perplexity = exp(mean NLL); bits per token = mean NLL / ln 2.
+
+The two backends are independent implementations of the model: a Megatron checkpoint runs as
+megatron-mesh's ``MeshGPTModel``, an HF directory (export or GPT-NeoX) through transformers'
+``AutoModelForCausalLM``; both give logits [b, s, V] and share only the scoring below, so their
+agreement checks the export.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from megatron_mesh.checkpoints import CheckpointError
+
+Window = Tuple[List[int], List[int]]
+"""(inputs, labels) of one window: labels[i] is the token after inputs[i]."""
+
+
+@dataclass
+class Scorer:
+    """A causal LM as ``logits(tokens [b, s]) -> [b, s, V]`` and what scoring needs to know."""
+
+    name: str
+    backend: str
+    """'megatron' (MeshGPTModel) or 'hf' (transformers)."""
+    logits: Callable[[Tensor], Tensor]
+    max_length: int
+    vocab_size: int
+    tokenizer: Optional[str]
+    """What the model says tokenizes its text, if it says."""
+    device: str
+
+
+def load_scorer(path, device: str = "cpu") -> Scorer:
+    """The model in ``path``: a Megatron checkpoint directory or an HF model directory."""
+    from megatron_mesh.evaluation.loading import is_hf_directory, is_megatron_checkpoint
+
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such model directory")
+    if is_megatron_checkpoint(path):
+        return _megatron_scorer(path, device)
+    if is_hf_directory(path):
+        return _hf_scorer(path, device)
+    raise CheckpointError(f"{path}: neither a Megatron checkpoint nor a Hugging Face model directory")
+
+
+def _megatron_scorer(path: Path, device: str) -> Scorer:
+    from megatron_mesh.evaluation.loading import load_model
+
+    loaded = load_model(path, device=device)
+
+    def logits(tokens: Tensor) -> Tensor:  # [b, s] -> [b, s, V]
+        positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+        return loaded.model(tokens, positions)
+
+    section = loaded.section
+    return Scorer(loaded.name, "megatron", logits, section["max_sequence_length"],
+                  section["vocab_size"], loaded.tokenizer, device)
+
+
+def _hf_scorer(path: Path, device: str) -> Scorer:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)
+    model = model.float().to(device).eval()  # fp32 whatever the export's dtype
+
+    def logits(tokens: Tensor) -> Tensor:  # [b, s] -> [b, s, V]
+        return model(input_ids=tokens, use_cache=False).logits
+
+    tokenizer = str(path.resolve()) if (path / "tokenizer.json").is_file() else None
+    return Scorer(path.resolve().name, "hf", logits, model.config.max_position_embeddings,
+                  model.config.vocab_size, tokenizer, device)
+
+
+def check_seq_length(seq_length: Optional[int], max_length: int, name: str) -> int:
+    """The window length L: ``seq_length``, default the model's maximum, never beyond it."""
+    if seq_length is None:
+        return max_length
+    if not 1 <= seq_length <= max_length:
+        raise ValueError(f"--seq-length {seq_length}: model {name} takes 1..{max_length} tokens "
+                         f"(its max_sequence_length)")
+    return seq_length
+
+
+def windows(doc: List[int], length: int) -> Iterator[Window]:
+    """The disjoint windows of one document (module docstring): n - 1 predictions in all."""
+    for start in range(0, len(doc) - 1, length):
+        end = min(start + length, len(doc) - 1)
+        yield doc[start:end], doc[start + 1:end + 1]
+
+
+def window_batches(documents: Iterable[List[int]], length: int, batch_size: int
+                   ) -> Iterator[Tuple[Tensor, Tensor]]:
+    """(inputs [b, s], labels [b, s]) of every window, windows of equal length batched together
+    (full windows as they come, the shorter ones when the documents run out)."""
+    buckets: Dict[int, List[Window]] = defaultdict(list)
+    for doc in documents:
+        for window in windows(doc, length):
+            bucket = buckets[len(window[0])]
+            bucket.append(window)
+            if len(bucket) == batch_size:
+                yield _stack(bucket)
+                bucket.clear()
+    for size in sorted(buckets, reverse=True):
+        if buckets[size]:
+            yield _stack(buckets[size])
+
+
+def _stack(bucket: List[Window]) -> Tuple[Tensor, Tensor]:
+    inputs = torch.tensor([w[0] for w in bucket], dtype=torch.long)  # [b, s]
+    labels = torch.tensor([w[1] for w in bucket], dtype=torch.long)  # [b, s]
+    return inputs, labels
+
+
+def nll_sum(logits: Tensor, labels: Tensor) -> float:
+    """Sum of -log p(label) over every position, accumulated in float64."""
+    nll = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(),
+                                            reduction="none")  # [b*s]
+    return nll.double().sum().item()
+
+
+@dataclass
+class Result:
+    """One model on one dataset."""
+
+    documents: int = 0
+    tokens: int = 0
+    """Predicted tokens (n - 1 per document)."""
+    nll: float = 0.0
+    """Summed NLL in nats (float64)."""
+
+    @property
+    def mean_nll(self) -> float:
+        return self.nll / self.tokens if self.tokens else math.nan
+
+    def as_dict(self) -> dict:
+        mean = self.mean_nll
+        return {"documents": self.documents, "tokens": self.tokens, "nll_sum": self.nll,
+                "mean_nll": mean, "perplexity": math.exp(mean), "bits_per_token": mean / math.log(2)}
+
+
+def check_ids(tokens: Tensor, vocab_size: int, source: str) -> None:
+    """Token ids the model has no embedding for: the data was tokenized for another model."""
+    top = int(tokens.max())
+    if top >= vocab_size:
+        raise ValueError(f"{source}: token id {top} >= the model's vocabulary size {vocab_size} "
+                         f"(data tokenized for another model?)")
+
+
+def progress(documents: Iterable[List[int]], desc: str) -> Iterable[List[int]]:
+    """A tqdm bar over documents on a terminal; plain iteration otherwise."""
+    from tqdm import tqdm
+
+    return tqdm(documents, desc=desc, unit="doc", disable=None, leave=False)
+
+
+@torch.no_grad()
+def evaluate(scorer: Scorer, documents: Iterable[List[int]], seq_length: int, batch_size: int = 8,
+             max_documents: Optional[int] = None, source: str = "data") -> Result:
+    """Score ``documents`` (lists of token ids) with ``scorer`` in windows of ``seq_length``."""
+    result = Result()
+
+    def counted(docs: Iterable[List[int]]) -> Iterator[List[int]]:
+        for doc in itertools.islice(docs, max_documents):
+            result.documents += 1
+            yield doc
+
+    docs = progress(counted(documents), f"{scorer.name} {Path(source).name}")
+    for inputs, labels in window_batches(docs, seq_length, batch_size):
+        check_ids(torch.cat([inputs, labels[:, -1:]], 1), scorer.vocab_size, source)
+        logits = scorer.logits(inputs.to(scorer.device))  # [b, s, V]
+        result.nll += nll_sum(logits, labels.to(scorer.device))
+        result.tokens += labels.numel()
+    if not result.tokens:
+        raise ValueError(f"{source}: no document with at least 2 tokens to score")
+    return result
+
+
+def table(records: List[dict]) -> str:
+    """Perplexity per model (rows) and dataset (columns)."""
+    data = list(dict.fromkeys(r["data"] for r in records))
+    models = list(dict.fromkeys(r["model"] for r in records))
+    cell = {(r["model"], r["data"]): f"{r['perplexity']:.3f}" for r in records}
+    names = {r["model"]: r["name"] for r in records}
+    header = ["model", *(Path(d).name for d in data)]
+    rows = [[names[m], *(cell.get((m, d), "-") for d in data)] for m in models]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    lines = [" | ".join(v.ljust(w) for v, w in zip(row, widths)) for row in [header, *rows]]
+    lines.insert(1, "-|-".join("-" * w for w in widths))
+    return "\n".join(lines)

@@ -1,0 +1,107 @@
+"""tools/evaluate.py ppl and depth as a user runs them: reports on disk, errors that say what is
+wrong. (lm-eval: tests/evaluation/test_downstream.py.)"""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+from toy_tasks import OFFLINE
+
+SECTION = dict(layout="1+2R2+1", state_scheme="mesh", hidden_size=64, num_attention_heads=4,
+               vocab_size=512, max_sequence_length=64)
+
+
+def evaluate(*args):
+    return subprocess.run([sys.executable, "tools/evaluate.py", *map(str, args)], cwd=REPO,
+                          env=OFFLINE, capture_output=True, text=True, timeout=300)
+
+
+def table_rows(stdout, first_header):
+    """The printed table's cells, from its header line on."""
+    lines = stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.split(" ")[0] == first_header)
+    return [[cell.strip() for cell in line.split("|")] for line in lines[start:] if "|" in line]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A random 1+2R2+1 MeSH checkpoint with a BPE tokenizer, its HF export, and data."""
+    from megatron_mesh.data.indexed import train_bpe_tokenizer, write_indexed_dataset
+    from megatron_mesh.data.local_corpus import pydoc_topics
+    from megatron_mesh.data.tokenizer import load_tokenizer
+    from megatron_mesh.hf.export import export
+    from megatron_mesh.hf.importer import build_model, checkpoint_args, save_release_checkpoint
+
+    tmp = tmp_path_factory.mktemp("evaluate")
+    texts = [t[:500] for t in pydoc_topics()[:36]]
+    tok = train_bpe_tokenizer(texts[:30], 512, tmp / "tok")
+    ckpt = save_release_checkpoint(build_model(SECTION, {}, ("",), 0), checkpoint_args(SECTION, tok),
+                                   tmp / "ckpt")
+    hf = export(str(ckpt), str(tmp / "hf"))
+    (tmp / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[30:33]))
+    encoder = load_tokenizer(tok)
+    write_indexed_dataset([encoder.encode(t) for t in texts[33:]], str(tmp / "docs"), 512)
+    return {"tmp": tmp, "ckpt": ckpt, "hf": hf, "jsonl": tmp / "docs.jsonl", "indexed": tmp / "docs"}
+
+
+def test_ppl_report(files):
+    out = files["tmp"] / "report" / "ppl.json"
+    run = evaluate("ppl", "--model", files["ckpt"], "--model", files["hf"], "--data", files["indexed"],
+                   "--data", files["jsonl"], "--seq-length", 32, "--batch-size", 4, "--output", out)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert "non-overlapping windows" in report["context"]
+    records = report["results"]
+    assert [(r["name"], r["backend"], r["data"]) for r in records] == [
+        ("ckpt", "megatron", str(files["indexed"])), ("ckpt", "megatron", str(files["jsonl"])),
+        ("hf", "hf", str(files["indexed"])), ("hf", "hf", str(files["jsonl"]))]
+    for r in records:
+        assert r["seq_length"] == 32 and r["tokens"] > 3 * 32
+        assert r["perplexity"] == pytest.approx(math.exp(r["mean_nll"]))
+        assert r["bits_per_token"] == pytest.approx(r["mean_nll"] / math.log(2))
+    for megatron, hf in zip(records[:2], records[2:]):
+        assert hf["tokens"] == megatron["tokens"]
+        assert hf["perplexity"] == pytest.approx(megatron["perplexity"], rel=1e-4)
+    header, _, *rows = table_rows(run.stdout, "model")
+    assert header == ["model", "docs", "docs.jsonl"]
+    assert rows == [[r["name"], f"{r['perplexity']:.3f}", f"{s['perplexity']:.3f}"]
+                    for r, s in (records[:2], records[2:])]
+    assert not list(out.parent.glob("*.tmp"))
+
+
+def test_depth_report_and_figure(files):
+    from PIL import Image
+
+    out = files["tmp"] / "depth"
+    run = evaluate("depth", "--model", files["ckpt"], "--data", files["indexed"], "--seq-length", 32,
+                   "--output-dir", out)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads((out / "depth.json").read_text())
+    assert {"model", "layout", "state_scheme", "trained_loops", "max_loops", "tokens", "rows"} <= set(report)
+    assert [r["t"] for r in report["rows"]] == [0, 1, 2]
+    assert set(report["rows"][0]) == {"t", "read_out_loss", "read_out_ppl", "coda_lens_loss",
+                                      "coda_lens_ppl", "direct_lens_loss", "direct_lens_ppl"}
+    assert (out / "depth.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(out / "depth.png") as image:
+        assert image.size == (600, 400)
+    header, _, *rows = table_rows(run.stdout, "t")
+    assert header == ["t", "loss", "ppl", "coda-lens ppl", "direct-lens ppl"]
+    assert [row[0] for row in rows] == ["0", "1", "2 (K)"]
+    assert rows[1][1:3] == [f"{report['rows'][1]['read_out_loss']:.4f}",
+                            f"{report['rows'][1]['read_out_ppl']:.3f}"]
+
+
+def test_bad_input(files):
+    missing = evaluate("ppl", "--model", files["ckpt"], "--data", files["tmp"] / "nothing")
+    assert missing.returncode != 0
+    assert f"error: --data {files['tmp'] / 'nothing'}: neither an indexed dataset prefix" in missing.stderr
+    no_model = evaluate("depth", "--model", files["tmp"] / "nomodel", "--data", files["jsonl"])
+    assert no_model.returncode != 0 and "nomodel: no such model directory" in no_model.stderr
+    mesh = evaluate("depth", "--model", files["ckpt"], "--data", files["indexed"], "--max-loops", 3)
+    assert mesh.returncode != 0
+    assert ("ckpt: --max-loops 3 is not possible for layout '1+2R2+1' with state_scheme 'mesh'"
+            in mesh.stderr)
