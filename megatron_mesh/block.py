@@ -132,8 +132,9 @@ class RecursiveMeshTransformerBlock(MegatronModule):
 
     @property
     def layers(self) -> List[nn.Module]:
-        """Every layer that owns weights, once, in order (megatron-core code that walks
-        ``decoder.layers``, e.g. schedules' set_current_microbatch, sees each layer once)."""
+        """Every layer this stage builds, once, in order (megatron-core code that walks
+        ``decoder.layers``, e.g. schedules' set_current_microbatch, sees each layer once; under
+        virtual pipelining a layer may compute with another chunk's weights)."""
         cores = (layer for core in self.cores for layer in core.values())
         return [*self.prelude.values(), *cores, *self.coda.values()]
 

@@ -40,6 +40,7 @@ def is_megatron_checkpoint(path) -> bool:
 def load_model(path, iteration: Optional[int] = None, device: str = "cpu") -> LoadedModel:
     """The model in ``path`` (Megatron checkpoint directory, or HF export / GPT-NeoX directory)."""
     path = Path(path)
+    _check_device(device)
     if is_megatron_checkpoint(path):
         model, section, tokenizer = _from_megatron(path, iteration)
     elif is_hf_directory(path):
@@ -48,7 +49,21 @@ def load_model(path, iteration: Optional[int] = None, device: str = "cpu") -> Lo
         raise CheckpointError(f"{path}: neither a Megatron checkpoint (no {TRACKER}) nor a Hugging "
                               f"Face model directory (no config.json)")
     model.to(device).eval()
+    # megatron's RotaryEmbedding keeps inv_freq as a plain attribute (not a buffer): .to() skips it
+    rotary = model.rotary_pos_emb
+    rotary.inv_freq = rotary.inv_freq.to(device)
     return LoadedModel(model, section, path.resolve().name, tokenizer)
+
+
+def _check_device(device: str) -> None:
+    """megatron-core puts rotary tables and its process group on the current CUDA device
+    whenever CUDA exists, so a CPU run needs CUDA hidden and a GPU run its device current."""
+    dev = torch.device(device)
+    if dev.type == "cpu" and torch.cuda.is_available():
+        raise ValueError(f"device {device!r} on a machine with CUDA: megatron-core would still "
+                         f"place tensors on the GPU; run with CUDA_VISIBLE_DEVICES= to use the CPU")
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
 
 
 def _from_megatron(path: Path, iteration: Optional[int]):

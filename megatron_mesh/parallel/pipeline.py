@@ -143,12 +143,22 @@ def connect_replicas(blocks: Sequence[nn.Module], config, pp_group) -> None:
         main_rank = stages[0] % pp_size
         index = 0 if pp_rank == main_rank else 1 + [r for r in ranks if r != main_rank].index(pp_rank)
         for name, param in copies[0].named_parameters():
-            with torch.no_grad():
-                dist.broadcast(param.data, src=dist.get_global_rank(pp_group, main_rank),
-                               group=groups[ranks])
+            _broadcast(param.data, dist.get_global_rank(pp_group, main_rank), groups[ranks])
             setattr(param, REPLICA, Replica(f"{path}.{name}", groups[ranks], index))
             if index > 0:
                 param.shared = True
+
+
+@torch.no_grad()
+def _broadcast(tensor: Tensor, src: int, group) -> None:
+    """dist.broadcast through the backend's device: models are built before megatron's
+    get_model moves them to the GPU, and some modules (torch LayerNorm) start on the CPU."""
+    if dist.get_backend(group) != "nccl" or tensor.is_cuda:
+        dist.broadcast(tensor, src=src, group=group)
+        return
+    staged = tensor.to(torch.cuda.current_device())
+    dist.broadcast(staged, src=src, group=group)
+    tensor.copy_(staged)
 
 
 def _borrow_parameters(module: nn.Module, owner: nn.Module) -> None:

@@ -5,13 +5,15 @@ logged step records the block's states and ``megatron_mesh.probing.routers.route
 turns them into scalars under ``mesh/router/...``: read/write entropies, slot usage and the
 mean Eq. 7 coefficients per step. The cost is two Linear(h -> B) per loop step on one
 micro-batch per log interval; nothing is all-reduced, so the values describe that rank's
-tokens (one data-parallel shard). Under pipeline parallelism the last stage does not see the
-loop's start, so nothing is logged.
+tokens (one data-parallel shard). Under pipeline parallelism only the steps the last stage
+runs from the loop's start are logged (usually none: it does not see the loop begin).
 """
 
 from __future__ import annotations
 
 from typing import List, Optional
+
+import torch
 
 
 class RouterLog:
@@ -41,8 +43,9 @@ class RouterLog:
 
         if not states:
             return
-        values = {f"mesh/router/{k[len('mesh/'):]}": v.item()
-                  for k, v in router_summary(model, states).items()}
+        summary = router_summary(model, states)
+        numbers = torch.stack(list(summary.values())).tolist() if summary else []  # one sync
+        values = {f"mesh/router/{k[len('mesh/'):]}": v for k, v in zip(summary, numbers)}
         writer, wandb = get_tensorboard_writer(), get_wandb_writer()
         if writer:
             for key, value in values.items():
