@@ -185,21 +185,22 @@ class RecursiveMeshTransformerBlock(MegatronModule):
                 x["h"] = self._run_layers(pending, x["h"], attention_mask, rotary_pos_emb)
                 pending.clear()
 
-        for op in ops:
-            if op.kind == "layer":
-                pending.append(op)
-                continue
+        with self._rng_context():
+            for op in ops:
+                if op.kind == "layer":
+                    pending.append(op)
+                    continue
+                flush()
+                if op.kind == "begin":
+                    record("prelude", x["h"])
+                    h, loop_state = self.scheme.begin(x["h_emb"], x["h"])
+                    record("h0", h)
+                else:
+                    record(f"core{op.index}", x["h"])  # f_core(h(t)), before the scheme mixes it
+                    h, loop_state = self.scheme.step(op.index, x["h_loop"], x["h"], x["state"])
+                    record(f"h{op.index + 1}", h)
+                x = {"h": h, "h_loop": h, "state": loop_state}
             flush()
-            if op.kind == "begin":
-                record("prelude", x["h"])
-                h, loop_state = self.scheme.begin(x["h_emb"], x["h"])
-                record("h0", h)
-            else:
-                record(f"core{op.index}", x["h"])  # f_core(h(t)), before the scheme mixes it
-                h, loop_state = self.scheme.step(op.index, x["h_loop"], x["h"], x["state"])
-                record(f"h{op.index + 1}", h)
-            x = {"h": h, "h_loop": h, "state": loop_state}
-        flush()
         if not self.is_last_stage:
             return x
         if not self.config.parsed_layout.recursive:
@@ -207,6 +208,13 @@ class RecursiveMeshTransformerBlock(MegatronModule):
         record("coda", x["h"])
         h = self.final_layernorm(x["h"])
         return make_viewless_tensor(h, requires_grad=h.requires_grad, keep_graph=True)
+
+    def _rng_context(self):
+        """Under sequence parallelism each tensor-parallel rank holds other tokens, so dropout
+        draws from the per-rank model-parallel RNG stream (as megatron's TransformerBlock)."""
+        if self.config.sequence_parallel:
+            return tensor_parallel.get_cuda_rng_tracker().fork()
+        return contextlib.nullcontext()
 
     def _run_layers(self, ops: List[Op], h: Tensor, attention_mask, rotary_pos_emb) -> Tensor:
         layers = [self._layer(op) for op in ops]

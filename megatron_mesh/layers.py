@@ -3,7 +3,8 @@
 GPT-NeoX / Pythia compute ``x + attn(ln1(x)) + mlp(ln2(x))`` (HF ``use_parallel_residual=True``);
 megatron-core's TransformerLayer is sequential (``mlp`` reads ``x + attn(...)``) and has no flag
 for it, so a subclass reorders the same submodules. Everything else (attention, rotary, linear
-layers, bias-dropout-add, layernorm recompute) is megatron-core's.
+layers, bias-dropout-add, layernorm recompute) is megatron-core's, except that the local spec's
+core attention is ``megatron_mesh.attention.SDPAttention`` (torch's fused attention) by default.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from megatron.core.typed_torch import apply_module
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
+from megatron_mesh.attention import SDPAttention
 from megatron_mesh.config import refuse_unsupported
 
 
@@ -95,10 +97,31 @@ def _with_parallel_residual(spec: ModuleSpec) -> ModuleSpec:
     return ModuleSpec(module=ParallelResidualTransformerLayer, submodules=spec.submodules)
 
 
-def local_block_spec() -> RecursiveBlockSubmodules:
+CORE_ATTENTION = ("sdpa", "megatron")
+"""Core attention of the local spec: ``megatron_mesh.attention.SDPAttention`` or megatron-core's
+``DotProductAttention``."""
+
+
+def local_block_spec(core_attention: str = "sdpa") -> RecursiveBlockSubmodules:
     """Pure-PyTorch megatron-core modules: runs on CPU and GPU (apex's fused LayerNorm when
-    installed, else ``SequenceParallelLayerNorm``)."""
+    installed, else ``SequenceParallelLayerNorm``).
+
+    ``core_attention="sdpa"`` (the default, on CPU as on GPU) computes attention with torch's
+    ``scaled_dot_product_attention`` (``SDPAttention``): flash / memory-efficient kernels on a
+    GPU instead of a materialised [b, heads, s, s] score matrix, and equal to megatron-core's
+    ``DotProductAttention`` to fp32 rounding (tests/test_attention.py), with the same (no)
+    parameters, so checkpoints load across the two and CPU tests check the code a GPU run uses.
+    ``"megatron"`` keeps megatron-core's ``DotProductAttention`` for comparisons and for what
+    SDPAttention refuses (explicit masks, sliding windows, softmax offsets).
+    """
+    if core_attention not in CORE_ATTENTION:
+        raise ValueError(f"core_attention={core_attention!r}: expected one of {CORE_ATTENTION}")
     submodules = get_gpt_layer_local_spec().submodules
+    if core_attention == "sdpa":
+        attention = submodules.self_attention
+        submodules = dataclasses.replace(submodules, self_attention=dataclasses.replace(
+            attention, submodules=dataclasses.replace(attention.submodules,
+                                                      core_attention=SDPAttention)))
     if gpt_layer_specs.LNImpl is WrappedTorchNorm:
         submodules = dataclasses.replace(submodules, input_layernorm=SequenceParallelLayerNorm,
                                          pre_mlp_layernorm=SequenceParallelLayerNorm)
@@ -123,5 +146,5 @@ def transformer_engine_available() -> bool:
 
 
 def default_block_spec() -> RecursiveBlockSubmodules:
-    """The TransformerEngine spec when TE imports, otherwise the local spec."""
+    """The TransformerEngine spec when TE imports, otherwise the local spec (SDPA attention)."""
     return te_block_spec() if transformer_engine_available() else local_block_spec()
