@@ -11,11 +11,14 @@ A scheme is driven by the block in two calls:
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
+
+from megatron_mesh.fused_mesh import mesh_cycle
 
 SUPPLEMENTS = ("residual", "anchor", "anchor_star")
 """What the additive schemes of Eq. 1 add to the core output: h(t), h(0) or h_emb."""
@@ -29,6 +32,11 @@ COMB_INIT = (1.0, 1.0, 1.0)
 init; all ones starts both at the fixed '+anchor+anchor*' sum, the best heuristic of Table 4."""
 
 InitMethod = Callable[[Tensor], None]
+
+_FUSED_ENV = {"0": "off", "off": "off", "1": "on", "on": "on"}
+FUSED = _FUSED_ENV.get(os.getenv("MEGATRON_MESH_FUSED", ""), "auto")
+"""MeSH cycle implementation: "auto" (fused_mesh.mesh_cycle on CUDA, the eager buffer_write /
+buffer_read on CPU), "on" (fused everywhere) or "off" (eager everywhere; MEGATRON_MESH_FUSED=0)."""
 
 
 @dataclass
@@ -132,8 +140,11 @@ class MeshScheme(StateScheme):
         )
 
     def _cycle(self, routers: StepRouters, route_from: Tensor, written: Tensor, buffer: Tensor):
-        buffer = buffer_write(buffer, written, routers.write(route_from))
-        return buffer_read(buffer, routers.read(route_from)), buffer
+        w_write, w_read = routers.write(route_from), routers.read(route_from)
+        if FUSED == "on" or (FUSED == "auto" and written.is_cuda):
+            return mesh_cycle(buffer, written, w_write, w_read)  # same math, fewer memory passes
+        buffer = buffer_write(buffer, written, w_write)
+        return buffer_read(buffer, w_read), buffer
 
     def begin(self, h_emb, h_pre):
         buffer = initial_buffer(h_emb, self.num_slots)

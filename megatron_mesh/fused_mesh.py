@@ -1,0 +1,191 @@
+"""One MeSH loop step (buffer write, then read) in as few passes over memory as possible.
+
+The readable reference is ``buffer_write`` followed by ``buffer_read`` in ``mesh.py`` (still what
+runs on CPU by default, see ``mesh.FUSED``); ``mesh_cycle`` computes the same with a hand-written
+backward. Shapes (Algorithm 2, one write/read cycle):
+
+    M  buffer   [B, s, b, h]        x  h, the written state   [s, b, h]
+    W  w_write  [s, b, B]           R  w_read                  [s, b, B]
+
+    N = M + W^T (x) x               N[k] = M[k] + W[..., k] * x      new buffer  [B, s, b, h]
+    y = sum_k N[k] * R[..., k]                                       read        [s, b, h]
+
+Given gy = dL/dy [s, b, h] and gN = dL/dN [B, s, b, h] (None when the new buffer is unused, i.e.
+after the last loop step: it counts as zero), the total gradient reaching N is
+G[k] = gN[k] + R[..., k] * gy, and since M and x reach y only through N:
+
+    dM         = G = gN + R^T (x) gy                                 [B, s, b, h]
+    dx         = sum_k G[k] * W[..., k]  (= sum_k gN[k] W[..., k] + gy * <W, R>_B)   [s, b, h]
+    dW[..., k] = <G[k], x>_h             (= <gN[k], x>_h + R[..., k] <gy, x>_h)      [s, b, B]
+    dR[..., k] = <N[k], gy>_h                                        [s, b, B]
+
+where <a, b>_h is the per-token dot product over the hidden dimension. dM is an output anyway, so
+dx and dW reduce it instead of materialising anything else; N is saved for dR exactly as the eager
+``buffer_read`` saves it, so the memory held for backward is the eager one.
+
+Passes over [B, s, b, h] memory: the eager pair materialises W^T (x) x and N * R^T (forward: 3
+buffer-sized writes and 4 reads; autograd's backward about 4 writes and 7 reads, with product
+temporaries). Here the forward is one addcmul (read M, write N) and one reduction of N; the
+backward one addcmul (read gN, write dM), two reductions of dM and one of N: 1 write and 2 or 4
+reads, no [B, s, b, h] temporaries besides the outputs. Compiled, inductor folds the reductions
+into the kernels that produce N and dM where it can (CPU inductor: one kernel per half; on CUDA
+expect the forward in one kernel and the backward in two or three, the h-reductions apart).
+
+Two spellings of each reduction: traced by torch.compile they are element-wise products summed in
+fp32 (which inductor fuses); run eagerly they are batched GEMVs (bmm) on strided views, no copy.
+
+Precision: every tensor stays in the activation dtype (a bf16 buffer on GPU), and so do all
+outputs and gradients. For bf16/fp16 the slot reductions (y, dx) and the hidden reductions (dW,
+dR) accumulate in fp32 (explicit casts when compiled, BLAS fp32 accumulation in bmm otherwise) and
+round once; the buffer update is computed in fp32 per element and rounded once, where the eager
+pair rounds W * x and then the sum.
+
+On CUDA the two halves are compiled lazily, on first use, with ``torch.compile`` (inductor,
+``dynamic=None``: the first shape compiles static, a second one recompiles once with symbolic
+sizes instead of once per sequence length); CPU never compiles, unless ``compile_for(True)``
+forces it (the tests use that to check the compiled graphs with inductor's CPU backend).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import importlib.util
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+_HAVE_TRITON = importlib.util.find_spec("triton") is not None  # inductor's CUDA code generator
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in _LOW_PRECISION else dtype
+
+
+def _slot_major(w: Tensor) -> Tensor:
+    """[s, b, B] -> [B, s, b, 1] view, broadcast against the buffer."""
+    return w.permute(2, 0, 1).unsqueeze(-1)
+
+
+def _slot_sum(a: Tensor, w: Tensor) -> Tensor:
+    """sum_k a[k] * w[..., k]: [B, s, b, h], [s, b, B] -> [s, b, h]."""
+    if torch.compiler.is_compiling():  # product + reduction: inductor fuses it with a's producer
+        acc = _acc_dtype(a.dtype)
+        return (a.to(acc) * _slot_major(w).to(acc)).sum(0)
+    slots, s, b, h = a.shape  # one batched GEMV per token, on strided views: no copy of a
+    w = w.reshape(s * b, slots, 1).to(a.dtype)
+    return torch.bmm(a.reshape(slots, s * b, h).permute(1, 2, 0), w).view(s, b, h)
+
+
+def _hidden_dots(a: Tensor, v: Tensor) -> Tensor:
+    """<a[k], v>_h for every slot: [B, s, b, h], [s, b, h] -> [s, b, B]."""
+    if torch.compiler.is_compiling():
+        acc = _acc_dtype(a.dtype)
+        return (a.to(acc) * v.to(acc)).sum(-1).permute(1, 2, 0)
+    slots, s, b, h = a.shape
+    v = v.reshape(s * b, h, 1).to(a.dtype)
+    return torch.bmm(a.reshape(slots, s * b, h).permute(1, 0, 2), v).view(s, b, slots)
+
+
+def forward_impl(
+    buffer: Tensor, h: Tensor, w_write: Tensor, w_read: Tensor
+) -> Tuple[Tensor, Tensor]:
+    """(read, new_buffer) of one cycle: N = M + W^T (x) x, y = sum_k N[k] R[..., k]."""
+    new_buffer = torch.addcmul(buffer, _slot_major(w_write), h.unsqueeze(0))
+    return _slot_sum(new_buffer, w_read).to(h.dtype), new_buffer
+
+
+def backward_impl(
+    g_read: Optional[Tensor],
+    g_buffer: Optional[Tensor],
+    new_buffer: Tensor,
+    h: Tensor,
+    w_write: Tensor,
+    w_read: Tensor,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(d_buffer, d_h, d_w_write, d_w_read); a None upstream gradient counts as zero."""
+    if g_read is None:
+        g_read = torch.zeros_like(h)
+    wr = _slot_major(w_read)
+    if g_buffer is None:  # the new buffer unused (last loop step): G = R^T (x) gy
+        d_buffer = wr * g_read.unsqueeze(0)
+    else:
+        d_buffer = torch.addcmul(g_buffer, wr, g_read.unsqueeze(0))
+    d_h = _slot_sum(d_buffer, w_write).to(h.dtype)
+    d_w_write = _hidden_dots(d_buffer, h).to(w_write.dtype)
+    d_w_read = _hidden_dots(new_buffer, g_read).to(w_read.dtype)
+    return d_buffer, d_h, d_w_write, d_w_read
+
+
+_compiled: Dict[str, Callable] = {}
+
+
+def _compile(name: str, fn: Callable, backend: str = "inductor") -> Callable:
+    """torch.compile ``fn`` once per process, on first use (never at import)."""
+    key = f"{name}:{backend}"
+    if key not in _compiled:
+        _compiled[key] = torch.compile(fn, backend=backend, dynamic=None, fullgraph=True)
+    return _compiled[key]
+
+
+_FORCE_COMPILE: Optional[str] = None  # a backend name: compile on every device (tests)
+
+
+def compile_for(enabled: bool, backend: str = "inductor") -> None:
+    """Compile the two halves on every device too (True), or only on CUDA (False, the default)."""
+    global _FORCE_COMPILE
+    _FORCE_COMPILE = backend if enabled else None
+
+
+def _impl(name: str, fn: Callable, like: Tensor) -> Callable:
+    """The compiled ``fn`` on CUDA (or when forced), else ``fn`` itself."""
+    if _FORCE_COMPILE is not None:
+        return _compile(name, fn, _FORCE_COMPILE)
+    if like.is_cuda and not torch.compiler.is_compiling() and _HAVE_TRITON:
+        return _compile(name, fn)
+    return fn  # CPU, or inside a model that torch.compile traces already
+
+
+_FAILED: Dict[str, str] = {}  # compiled halves that raised: the plain version runs instead
+
+
+def _run(name: str, fn: Callable, like: Tensor, *args):
+    """``fn(*args)``, compiled where ``_impl`` says; a compiler failure (the GPU path is not
+    exercised by CPU CI) warns once and falls back to the same math uncompiled."""
+    impl = fn if name in _FAILED else _impl(name, fn, like)
+    if impl is fn:
+        return fn(*args)
+    try:
+        return impl(*args)
+    except Exception as err:  # noqa: BLE001  (inductor/triton raise many types)
+        _FAILED[name] = repr(err)
+        warnings.warn(f"megatron_mesh.fused_mesh: compiling the MeSH cycle {name} failed "
+                      f"({err.__class__.__name__}: {str(err)[:200]}); running it uncompiled")
+        return fn(*args)
+
+
+class MeshCycle(torch.autograd.Function):
+    """autograd wrapper: forward_impl / backward_impl, saving N, x, W and R."""
+
+    @staticmethod
+    def forward(ctx, buffer, h, w_write, w_read):
+        ctx.set_materialize_grads(False)
+        read, new_buffer = _run("forward", forward_impl, h, buffer, h, w_write, w_read)
+        ctx.save_for_backward(new_buffer, h, w_write, w_read)
+        return read, new_buffer
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_read, g_buffer):
+        if g_read is None and g_buffer is None:
+            return None, None, None, None
+        new_buffer, h, w_write, w_read = ctx.saved_tensors
+        grads = _run("backward", backward_impl, h, g_read, g_buffer, new_buffer, h, w_write, w_read)
+        return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad))
+
+
+def mesh_cycle(buffer: Tensor, h: Tensor, w_write: Tensor, w_read: Tensor) -> Tuple[Tensor, Tensor]:
+    """Fused ``buffer_write`` then ``buffer_read``: -> (read [s, b, h], new buffer [B, s, b, h])."""
+    return MeshCycle.apply(buffer, h, w_write, w_read)
