@@ -146,8 +146,12 @@ def test_checkpoint_resumes_unparallelized_and_exports(tmp_path, start, referenc
     saved, _ = load_checkpoint(str(tmp_path / name), iteration=2)
     saved_tp1, _ = load_checkpoint(str(reference["dir"]), iteration=2)
     assert saved.keys() == saved_tp1.keys()
+    # Adam divides each gradient element by its own RMS, so an element whose gradient is near 0
+    # turns fp32 reduction-order noise into a visible update difference: 1e-5 absolute is 0.2%
+    # of the largest possible change over the two steps (2 x lr = 6e-3)
     for key in saved_tp1:
-        torch.testing.assert_close(saved[key], saved_tp1[key], rtol=1e-5, atol=1e-6, msg=key)
+        torch.testing.assert_close(saved[key], saved_tp1[key], rtol=1e-5, atol=1e-5,
+                                   msg=lambda text, key=key: f"{key}: {text}")
 
 
 def test_pipeline_replicas_stay_identical(tmp_path):
