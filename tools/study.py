@@ -1,0 +1,73 @@
+#!/usr/bin/env python
+"""Train every variant of a study at equal compute and tokens, then report (curves, table, probes).
+
+    python tools/study.py --study configs/study/cpu.yaml --out runs/study-cpu \
+        [--only mesh --only vanilla] [--seeds 1234,1235] [--set training.train_iters=100] \
+        [--time-limit MIN] [--skip-probes] [--report-only] [--keep-checkpoints]
+
+Resumable: rerun the same command after an interruption; finished runs are skipped (their
+final checkpoint exists), an interrupted one continues from its last checkpoint, and the report
+is written once every run is done. ``--time-limit`` stops the running trainer with SIGTERM
+(Megatron saves and exits) after MIN minutes and exits with status 3: rerun to continue.
+Outputs in OUT: study_state.json, runs/<variant>-s<seed>/ (checkpoints, tensorboard,
+train.log, heldout.json), curves.png, table.md, results.json, probes/.
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import megatron_mesh  # noqa: E402,F401  (CPU shims before megatron.core)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--study", required=True, help="study YAML (configs/study/*.yaml)")
+    parser.add_argument("--out", required=True, help="study directory (created; reused to resume)")
+    parser.add_argument("--only", action="append", default=[], metavar="VARIANT",
+                        help="train and report only these variants (repeatable)")
+    parser.add_argument("--seeds", default=None, help="comma-separated seeds, replacing the study's")
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                        help="add a shared config override for every run, e.g. data.path=[prefix]")
+    parser.add_argument("--time-limit", type=float, default=None, metavar="MIN",
+                        help="stop (resumably) after this many minutes of training")
+    parser.add_argument("--skip-probes", action="store_true", help="no probes/ in the report")
+    parser.add_argument("--report-only", action="store_true", help="train nothing; report finished runs")
+    parser.add_argument("--keep-checkpoints", action="store_true",
+                        help="keep every saved iteration (default: only each run's final one)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    import torch
+
+    from megatron_mesh.study import plan, report, runner
+
+    args = parse_args(argv)
+    start = time.time()
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
+        study = plan.load_study(args.study, args.sets, seeds)
+        runs = plan.plan_runs(study, args.only)
+        out = Path(args.out)
+        if not args.report_only:
+            deadline = start + 60 * args.time_limit if args.time_limit else None
+            runner.train_all(study, runs, out, cpu=not torch.cuda.is_available(), deadline=deadline,
+                             keep_intermediate=args.keep_checkpoints)
+        results = report.write(study, runs, out, with_probes=not args.skip_probes)
+    except runner.TimeLimit as err:
+        print(f"[study] {err}; rerun the same command to continue", file=sys.stderr)
+        sys.exit(3)
+    except (ValueError, OSError) as err:  # StudyError, CheckpointError are ValueErrors
+        sys.exit(f"error: {err}")
+    print(report.table(results))
+    print(f"[study] wrote {out}/: curves.png, table.md, results.json"
+          + ("" if args.skip_probes or study.probes is None else ", probes/")
+          + f" in {time.time() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
