@@ -202,13 +202,6 @@ def load_samples(data: str, tokenizer: Optional[str], seq_length: int, num_sampl
     return fixed_length_samples(read_documents(data, tokenizer), seq_length, num_samples, data)
 
 
-def check_vocab(samples: Sequence[Sequence[int]], vocab_size: int, data: str, path: str) -> None:
-    top = max(max(s) for s in samples)
-    if top >= vocab_size:
-        raise ValueError(f"{data}: token id {top} is outside the vocabulary of {path} "
-                         f"({vocab_size} ids): wrong --data or --tokenizer for this model?")
-
-
 def probe_paths(paths: Sequence[str], data: str, num_samples: int,
                 seq_length: Optional[int] = None, tokenizer: Optional[str] = None,
                 names: Optional[Sequence[str]] = None, threshold: float = 1.0,
@@ -218,6 +211,7 @@ def probe_paths(paths: Sequence[str], data: str, num_samples: int,
     the same documents and free it. A jsonl ``data`` is tokenized with ``tokenizer`` or else the
     tokenizer the model's checkpoint names."""
     from megatron_mesh.evaluation.loading import load_model
+    from megatron_mesh.evaluation.perplexity import check_ids
 
     cache: Dict[Tuple[int, Optional[str]], list] = {}
     probes = []
@@ -230,7 +224,7 @@ def probe_paths(paths: Sequence[str], data: str, num_samples: int,
         key = (length, tokenizer or loaded.tokenizer)
         if key not in cache:
             cache[key] = load_samples(data, key[1], length, num_samples)
-        check_vocab(cache[key], config.vocab_size, data, path)
+        check_ids(torch.tensor(cache[key]), config.vocab_size, f"{data} (for {path})")
         probes.append(probe_model(loaded, cache[key], threshold, batch_size, progress, str(path)))
         del loaded
     return probes
