@@ -118,15 +118,16 @@ def load_study(path, sets: Sequence[str] = (), seeds: Optional[Sequence[int]] = 
 
 
 def plan_runs(study: Study, only: Sequence[str] = ()) -> List[Run]:
-    """Every (variant, seed) run, variants in file order; ``only`` keeps the named variants."""
+    """Every (variant, seed) run, seed by seed, variants in file order within a seed (so a study
+    stopped early has whole seeds to compare); ``only`` keeps the named variants."""
     missing = [v for v in only if v not in study.variants]
     if missing:
         raise StudyError(f"--only {missing}: not variants of {study.path} ({list(study.variants)})")
     runs = []
-    for variant, own in study.variants.items():
-        if only and variant not in only:
-            continue
-        for seed in study.seeds:
+    for seed in study.seeds:
+        for variant, own in study.variants.items():
+            if only and variant not in only:
+                continue
             items = {**study.shared, **own, "training.seed": seed}
             overrides = tuple(set_item(k, v) for k, v in items.items())
             runs.append(Run(f"{variant}-s{seed}", variant, seed, overrides))

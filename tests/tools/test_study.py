@@ -50,8 +50,8 @@ def test_plan_checks_every_run_before_training(tmp_path):
 
     study = load_study(SMOKE, ["data.path=[x]"], seeds=[1, 2])
     runs = plan_runs(study)
-    assert [r.name for r in runs] == ["base-s1", "base-s2", "mesh-s1", "mesh-s2"]
-    assert 'model.state_scheme="mesh"' in runs[2].overrides and "training.seed=2" in runs[3].overrides
+    assert [r.name for r in runs] == ["base-s1", "mesh-s1", "base-s2", "mesh-s2"]
+    assert 'model.state_scheme="mesh"' in runs[1].overrides and "training.seed=2" in runs[2].overrides
     with pytest.raises(StudyError, match="--only"):
         plan_runs(study, ["vanilla"])
     with pytest.raises(StudyError, match="model.layuot"):
