@@ -47,7 +47,7 @@ timed with ``torch.cuda.synchronize()`` before every clock read on a GPU, plain
 Precision: the config's ``precision.dtype`` (default bf16, as for the trainer) on a GPU, as
 ``torch.autocast`` over fp32 parameters (Megatron keeps bf16 parameters plus fp32 main
 parameters and gradients instead, so its memory differs by a few bytes per parameter); fp32 on
-the CPU. ``--dtype`` overrides both. ``--json`` prints one JSON object with every number.
+the CPU. ``--dtype`` overrides it (bf16/fp16 only on a GPU: megatron-core runs autocast on CUDA only). ``--json`` prints one JSON object with every number.
 """
 
 import argparse
@@ -234,6 +234,12 @@ DTYPES = {"fp32": None, "bf16": "bfloat16", "fp16": "float16"}
 
 
 def run_dtype(choice, tree, cuda) -> str:
+    if choice in ("bf16", "fp16") and not cuda:
+        # megatron-core's linear layers wrap their autograd Functions in
+        # torch.amp.custom_fwd/custom_bwd(device_type="cuda") (tensor_parallel/layers.py), so on
+        # the CPU their backward runs outside autocast and fails on mixed dtypes.
+        raise SystemExit(f"error: --dtype {choice} needs a GPU: megatron-core's linear layers "
+                         "support autocast on CUDA only; use --dtype fp32 on the CPU")
     if choice != "config":
         return choice
     if not cuda:

@@ -143,4 +143,7 @@ def test_dtype_follows_the_config_on_gpu_and_is_fp32_on_cpu(benchmark):
     assert benchmark.run_dtype("config", fp32, cuda=True) == "fp32"
     assert benchmark.run_dtype("config", {}, cuda=True) == "bf16"  # the trainer's default
     assert benchmark.run_dtype("config", bf16, cuda=False) == "fp32"
-    assert benchmark.run_dtype("bf16", fp32, cuda=False) == "bf16"
+    assert benchmark.run_dtype("bf16", fp32, cuda=True) == "bf16"
+    assert benchmark.run_dtype("fp32", bf16, cuda=False) == "fp32"
+    with pytest.raises(SystemExit, match="--dtype bf16 needs a GPU"):
+        benchmark.run_dtype("bf16", fp32, cuda=False)
