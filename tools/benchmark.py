@@ -47,7 +47,8 @@ timed with ``torch.cuda.synchronize()`` before every clock read on a GPU, plain
 Precision: the config's ``precision.dtype`` (default bf16, as for the trainer) on a GPU, as
 ``torch.autocast`` over fp32 parameters (Megatron keeps bf16 parameters plus fp32 main
 parameters and gradients instead, so its memory differs by a few bytes per parameter); fp32 on
-the CPU. ``--dtype`` overrides it (bf16/fp16 only on a GPU: megatron-core runs autocast on CUDA only). ``--json`` prints one JSON object with every number.
+the CPU. ``--dtype`` overrides it (bf16/fp16 only on a GPU: megatron-core runs autocast on CUDA
+only). ``--json`` prints one JSON object with every number.
 """
 
 import argparse
