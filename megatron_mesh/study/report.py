@@ -9,7 +9,7 @@
   nats/token and its exp), cached in ``runs/<run>/heldout.json`` per checkpoint iteration;
 - parameters: ``megatron_mesh.stats.model_stats`` of the loaded model;
 - per variant, mean and population std (ddof 0; 0 with one seed) over seeds; deltas against
-  the baseline variant's means;
+  the baseline variant's means; and seed-paired: rank and Δ vs the baseline within each seed;
 - probes (Figs. 3-5, ``megatron_mesh.probing.probe``) of each variant's first-seed model on the
   held-out documents, side by side, into ``probes/``.
 """
@@ -130,8 +130,36 @@ def collect(study: Study, runs: List[Run], out: Path, device: str) -> dict:
             entry["delta_loss"] = entry["heldout_loss"]["mean"] - base["heldout_loss"]["mean"]
             entry["delta_perplexity"] = entry["perplexity"]["mean"] - base["perplexity"]["mean"]
             entry["non_embedding_change"] = entry["non_embedding_params"] / base["non_embedding_params"] - 1
-    return {"study": str(study.path), "baseline": study.baseline if base else None,
-            "variants": list(variants.values()), "runs": per_run}
+    results = {"study": str(study.path), "baseline": study.baseline if base else None,
+               "variants": list(variants.values()), "runs": per_run}
+    results["by_seed"] = by_seed(results)
+    return results
+
+
+def by_seed(results: dict) -> dict:
+    """Seed-paired comparison: runs of one seed share the data order and differ only in the
+    variant, so per-seed differences separate the variant from the seed's luck. Per variant: its
+    held-out loss and rank (1 = lowest) in each seed that every variant finished, and its paired
+    Δ loss vs the baseline of the same seed (mean, population std, min, max)."""
+    loss: Dict[str, Dict[int, float]] = {}  # variant -> {seed: mean NLL}
+    for run in results["runs"].values():
+        loss.setdefault(run["variant"], {})[run["seed"]] = run["heldout"]["mean_nll"]
+    seeds = sorted(set.intersection(*(set(per) for per in loss.values())))
+    ranks: Dict[str, List[int]] = {v: [] for v in loss}
+    for seed in seeds:
+        for rank, variant in enumerate(sorted(loss, key=lambda v: loss[v][seed]), start=1):
+            ranks[variant].append(rank)
+    base = results["baseline"]
+    variants = {}
+    for variant, per in loss.items():
+        entry = {"loss": [per[s] for s in seeds], "rank": ranks[variant],
+                 "mean_rank": float(np.mean(ranks[variant])) if seeds else math.nan}
+        if base:
+            deltas = [per[s] - loss[base][s] for s in seeds]
+            entry["paired_delta"] = {**_mean_std(deltas), "min": min(deltas, default=math.nan),
+                                     "max": max(deltas, default=math.nan)}
+        variants[variant] = entry
+    return {"seeds": seeds, "variants": variants}
 
 
 def table(results: dict) -> str:
@@ -154,6 +182,25 @@ def table(results: dict) -> str:
     tokens = results["variants"][0]["heldout_tokens"]
     lines.append(f"\nHeld-out loss: mean NLL (nats/token) of the final checkpoints over {tokens:,} "
                  "held-out tokens; mean ± population std over seeds.")
+    return "\n".join(lines) + "\n"
+
+
+def seed_table(results: dict) -> str:
+    """Per-seed held-out loss, rank and paired Δ vs the baseline (``by_seed``)."""
+    paired, base = results["by_seed"], results["baseline"]
+    seeds = paired["seeds"]
+    head = ["variant", *(f"loss s{s}" for s in seeds), "rank per seed", "mean rank"]
+    head += [f"paired Δ loss vs {base}: mean ± std [min, max]"] if base else []
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for variant, v in paired["variants"].items():
+        row = [variant, *(f"{x:.4f}" for x in v["loss"]), " ".join(map(str, v["rank"])),
+               f"{v['mean_rank']:.2f}"]
+        if base:
+            d = v["paired_delta"]
+            row.append(f"{d['mean']:+.4f} ± {d['std']:.4f} [{d['min']:+.4f}, {d['max']:+.4f}]")
+        lines.append("| " + " | ".join(row) + " |")
+    lines.append("\nRank 1 = lowest held-out loss among the variants of that seed; runs of one seed "
+                 "share the data order, so a paired Δ compares variants on the same data.")
     return "\n".join(lines) + "\n"
 
 
@@ -228,7 +275,7 @@ def write(study: Study, runs: List[Run], out: Path, with_probes: bool = True) ->
     if bad:
         raise StudyError(f"non-finite held-out loss for {bad}")
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    (out / "table.md").write_text(table(results))
+    (out / "table.md").write_text(table(results) + "\n" + seed_table(results))
     plot(results, out / "curves.png")
     if with_probes and study.probes is not None:
         probes(study, runs, out, device)

@@ -75,6 +75,9 @@ def test_smoke_study_end_to_end_and_resume(data, tmp_path):
     assert base["delta_loss"] == 0 and mesh["delta_loss"] == pytest.approx(
         mesh["heldout_loss"]["mean"] - base["heldout_loss"]["mean"])
     assert mesh["non_embedding_params"] > base["non_embedding_params"]  # the routers
+    paired = results["by_seed"]
+    assert paired["seeds"] == [1234] and paired["variants"]["mesh"]["paired_delta"]["mean"] == \
+        pytest.approx(mesh["delta_loss"])
     for run in results["runs"].values():
         assert sorted(map(int, run["train"])) == list(range(1, 9))
         assert sorted(map(int, run["valid"])) == [4, 8]  # held-out loss at intervals
@@ -113,3 +116,27 @@ def test_smoke_study_end_to_end_and_resume(data, tmp_path):
     # the resumed run continued the same run: the same final model
     first = results["runs"]["mesh-s1234"]["heldout"]["mean_nll"]
     assert resumed["heldout"]["mean_nll"] == pytest.approx(first, rel=1e-6)
+
+
+def test_seed_paired_comparison_ranks_and_deltas_by_hand():
+    from megatron_mesh.study.report import by_seed, seed_table
+
+    nll = {("vanilla", 1): 5.0, ("base", 1): 5.3, ("mesh", 1): 4.9,
+           ("vanilla", 2): 5.2, ("base", 2): 5.1, ("mesh", 2): 5.0,
+           ("base", 3): 4.0}  # seed 3 is unfinished for the other variants: left out
+    runs = {f"{v}-s{s}": {"variant": v, "seed": s, "heldout": {"mean_nll": x}}
+            for (v, s), x in nll.items()}
+    results = {"baseline": "vanilla", "runs": runs}
+    paired = by_seed(results)
+    assert paired["seeds"] == [1, 2]
+    mesh, base = paired["variants"]["mesh"], paired["variants"]["base"]
+    assert mesh["rank"] == [1, 1] and base["rank"] == [3, 2]
+    assert paired["variants"]["vanilla"]["rank"] == [2, 3]
+    assert base["mean_rank"] == 2.5
+    assert mesh["paired_delta"]["per_seed"] == pytest.approx([-0.1, -0.2])
+    assert mesh["paired_delta"]["mean"] == pytest.approx(-0.15)
+    assert mesh["paired_delta"]["std"] == pytest.approx(0.05)
+    assert (base["paired_delta"]["min"], base["paired_delta"]["max"]) == pytest.approx((-0.1, 0.3))
+    results["by_seed"] = paired
+    rows = [line for line in seed_table(results).splitlines() if line.startswith("| mesh")]
+    assert rows == ["| mesh | 4.9000 | 5.0000 | 1 1 | 1.00 | -0.1500 ± 0.0500 [-0.2000, -0.1000] |"]
