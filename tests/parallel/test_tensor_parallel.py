@@ -35,9 +35,8 @@ def reference_grads(section, checkpoint):
     return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("scheme, sequence_parallel", [
-    ("mesh", False), ("mesh", True), ("anchor", True), ("dynamic_comb", True)])
-def test_tp2_gradients_equal_single_process(tmp_path, megatron_world, scheme, sequence_parallel):
+def run_workers(tmp_path, scheme, *flags):
+    """torchrun tp_worker.py on 2 ranks from a fresh release checkpoint; returns the section."""
     from megatron_mesh.hf.importer import build_model, checkpoint_args, save_release_checkpoint
 
     section = tiny_section(scheme)
@@ -46,10 +45,17 @@ def test_tp2_gradients_equal_single_process(tmp_path, megatron_world, scheme, se
     out = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
          str(REPO / "tests/parallel/tp_worker.py"), str(start / "release"), str(tmp_path), scheme,
-         *(["--sequence-parallel"] if sequence_parallel else [])],
+         *flags],
         capture_output=True, text=True, timeout=300,
         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "tests")})
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    return section, start
+
+
+@pytest.mark.parametrize("scheme, sequence_parallel", [
+    ("mesh", False), ("mesh", True), ("anchor", True), ("dynamic_comb", True)])
+def test_tp2_gradients_equal_single_process(tmp_path, megatron_world, scheme, sequence_parallel):
+    section, start = run_workers(tmp_path, scheme, *(["--sequence-parallel"] if sequence_parallel else []))
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     loss, want = reference_grads(section, start)
     assert ranks[0]["loss"] == pytest.approx(loss.item(), rel=1e-6)
@@ -62,3 +68,19 @@ def test_tp2_gradients_equal_single_process(tmp_path, megatron_world, scheme, se
             torch.testing.assert_close(g1, g0, rtol=1e-6, atol=1e-7, msg=f"{name}: ranks differ")
             got = g0
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_sequence_parallel_dropout_masks_differ_across_tp_ranks(tmp_path, megatron_world):
+    """Under SP each TP rank holds other tokens, so its hidden-dropout masks must be its own
+    draws: megatron-core runs the block under the tensor-parallel RNG tracker's fork (seeded per
+    TP rank). Without the fork both ranks draw the same mask (agreement 1.0); independent
+    Bernoulli(0.5) masks agree on about half the elements."""
+    run_workers(tmp_path, "mesh", "--sequence-parallel", "--dropout-masks")
+    masks = [torch.load(tmp_path / f"masks{r}.pt") for r in range(2)]
+    # embedding + 2 per layer application (attention, MLP) of 1+2R2+1
+    assert len(masks[0]) == len(masks[1]) == 1 + 2 * 6
+    for call, (m0, m1) in enumerate(zip(*masks)):
+        assert m0.shape == m1.shape == (16, 2, 64), call  # [s/tp, b, h]
+        assert 0.45 < m0.float().mean() < 0.55, call
+        agreement = (m0 == m1).float().mean().item()
+        assert agreement < 0.6, f"dropout call {call}: TP ranks share {agreement:.0%} of their mask"
