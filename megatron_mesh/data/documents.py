@@ -2,7 +2,8 @@
 
 ``read_documents(source, tokenizer)`` yields one list of token ids per document:
 - ``PREFIX`` with ``PREFIX.bin`` / ``PREFIX.idx`` next to it (a Megatron indexed dataset, as
-  tools/preprocess_data.py writes it; already tokenized, ``tokenizer`` unused);
+  tools/preprocess_data.py writes it; already tokenized, ``tokenizer`` unused); a document is
+  every sequence up to the next document boundary, so sentence-split data gives whole documents;
 - ``FILE.jsonl`` (one JSON object per line, the text under ``key``, default 'text'), tokenized
   with ``tokenizer`` (any spec ``megatron_mesh.data.tokenizer.load_tokenizer`` accepts).
 """
@@ -44,11 +45,16 @@ def read_documents(source, tokenizer: Optional[str] = None, key: str = "text",
 
 
 def _indexed_documents(prefix: str) -> Iterator[List[int]]:
+    """Whole documents: the sequences between consecutive document boundaries, joined (one
+    sequence per document, or one per sentence for tools/preprocess_data.py --split-sentences)."""
+    import numpy as np
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     dataset = IndexedDataset(prefix)
-    for i in range(len(dataset)):
-        yield dataset[i].tolist()
+    bounds = dataset.document_indices  # [documents + 1] sequence offsets, from 0 to len(dataset)
+    for start, stop in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+        if stop > start:
+            yield np.concatenate(dataset[start:stop]).tolist()
 
 
 def _jsonl_texts(path: Path, key: str):

@@ -19,6 +19,23 @@ def test_indexed_documents_come_back_in_order(tmp_path, megatron_world):
         fixed_length_samples(iter(docs), 4, 3)
 
 
+def test_sentence_split_documents_come_back_whole(tmp_path, megatron_world):
+    import numpy as np
+    import torch
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    from megatron_mesh.data.documents import read_documents
+
+    docs = [[[5, 6], [7, 8, 9]], [[1, 2, 3]], [[4], [4], [0, 2]]]  # documents of sentences
+    builder = IndexedDatasetBuilder(str(tmp_path / "set.bin"), dtype=np.uint16)
+    for doc in docs:
+        for sentence in doc:
+            builder.add_item(torch.tensor(sentence))
+        builder.end_document()
+    builder.finalize(str(tmp_path / "set.idx"))
+    assert list(read_documents(tmp_path / "set")) == [[5, 6, 7, 8, 9], [1, 2, 3], [4, 4, 0, 2]]
+
+
 def test_jsonl_is_tokenized_and_bad_lines_are_named(tmp_path):
     from megatron_mesh.data.documents import read_documents
     from megatron_mesh.data.tokenizer import load_tokenizer
