@@ -5,8 +5,9 @@
         --output-prefix data/pile-deduped-pythia-preshuffled/document
 
 Every shard is checked first (magic, version, dtype, .bin length against the .idx); all shards
-must share a dtype. The result is written under temporary names and renamed at the end, so an
-interrupted merge never leaves a file pair that looks complete.
+must share a dtype. The index is streamed (memory does not grow with the sequence count) and
+the result is written under temporary names and renamed at the end, so an interrupted merge
+never leaves a file pair that looks complete.
 """
 
 import argparse
@@ -19,18 +20,12 @@ import megatron_mesh  # noqa: E402,F401
 
 
 def merge(inputs, output_prefix):
-    from megatron_mesh.data.indexed import atomic_indexed_builder
-    from megatron_mesh.data.integrity import DatasetIntegrityError, check_indexed_dataset
+    from megatron_mesh.data.indexed import concatenate_indexed
+    from megatron_mesh.data.integrity import check_indexed_dataset
 
-    headers = [check_indexed_dataset(p) for p in inputs]
-    dtypes = {h.dtype for h in headers}
-    if len(dtypes) != 1:
-        raise DatasetIntegrityError(f"shards have different token dtypes: {sorted(d.__name__ for d in dtypes)}")
-    with atomic_indexed_builder(output_prefix, dtypes.pop()) as builder:
-        for prefix in inputs:
-            builder.add_index(prefix)
+    rows = concatenate_indexed(inputs, output_prefix)
     check_indexed_dataset(output_prefix)
-    return sum(h.sequences for h in headers)
+    return rows
 
 
 def main(argv=None):

@@ -49,6 +49,18 @@ def read_header(prefix: str) -> IndexHeader:
     return IndexHeader(DTYPES[code], sequences, documents, 34)
 
 
+def index_arrays(prefix: str, header: IndexHeader):
+    """The .idx arrays as read-only memory maps (nothing is loaded): int32 sizes [sequences],
+    int64 byte pointers [sequences], int64 document indices [documents]."""
+    if not header.sequences and not header.documents:
+        empty = numpy.zeros(0, dtype=numpy.int64)
+        return empty.astype(numpy.int32), empty, empty
+    index = numpy.memmap(f"{prefix}.idx", mode="r", offset=header.header_bytes, dtype=numpy.uint8)
+    n = header.sequences
+    return (index[: 4 * n].view(numpy.int32), index[4 * n : 12 * n].view(numpy.int64),
+            index[12 * n :].view(numpy.int64))
+
+
 def check_indexed_dataset(prefix: str) -> IndexHeader:
     """Magic, version, dtype, index length and .bin length agree."""
     header = read_header(prefix)
@@ -60,11 +72,8 @@ def check_indexed_dataset(prefix: str) -> IndexHeader:
             f"{header.documents} document indices need {expected_idx}")
     tokens = 0
     if header.sequences:
-        index = numpy.memmap(idx, mode="r", offset=header.header_bytes, dtype=numpy.uint8)
         n = header.sequences
-        sizes = index[: 4 * n].view(numpy.int32)
-        pointers = index[4 * n : 12 * n].view(numpy.int64)
-        documents = index[12 * n :].view(numpy.int64)
+        sizes, pointers, documents = index_arrays(prefix, header)
         _check_pointers(idx, sizes, pointers, numpy.dtype(header.dtype).itemsize)
         if documents[-1] != n:
             raise DatasetIntegrityError(

@@ -19,6 +19,58 @@ def test_round_trip_through_megatron_reader(tmp_path):
     assert not list(tmp_path.glob("*.tmp*")), "temporary files left behind"
 
 
+def _sentence_split(prefix, documents, dtype):
+    """megatron-core's builder: one sequence per sentence, a boundary after each document."""
+    import torch
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=dtype)
+    for doc in documents:
+        for sentence in doc:
+            builder.add_item(torch.tensor(sentence))
+        builder.end_document()
+    builder.finalize(f"{prefix}.idx")
+    return str(prefix)
+
+
+@pytest.mark.parametrize("dtype", [numpy.uint16, numpy.int32])
+def test_concatenation_is_byte_identical_to_megatron_add_index(tmp_path, dtype):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
+
+    from megatron_mesh.data.indexed import concatenate_indexed
+
+    rng = numpy.random.default_rng(0)
+    shards = [_sentence_split(tmp_path / f"shard{i}", [
+        [rng.integers(0, 60000, rng.integers(1, 9)).tolist() for _ in range(rng.integers(1, 4))]
+        for _ in range(n)], dtype) for i, n in enumerate([5, 1, 0, 12])]
+    reference = IndexedDatasetBuilder(str(tmp_path / "reference.bin"), dtype=dtype)
+    for shard in shards:
+        reference.add_index(shard)
+    reference.finalize(str(tmp_path / "reference.idx"))
+
+    # chunk=3 so that every array crosses chunk boundaries
+    assert concatenate_indexed(shards, tmp_path / "out" / "merged", chunk=3) == len(
+        IndexedDataset(str(tmp_path / "reference")))
+    for suffix in (".bin", ".idx"):
+        got = (tmp_path / "out" / f"merged{suffix}").read_bytes()
+        assert got == (tmp_path / f"reference{suffix}").read_bytes(), suffix
+    assert not list((tmp_path / "out").glob("*.tmp*"))
+
+
+def test_failed_concatenation_leaves_no_dataset(tmp_path):
+    from megatron_mesh.data.indexed import concatenate_indexed
+    from megatron_mesh.data.integrity import DatasetIntegrityError
+
+    a = _sentence_split(tmp_path / "a", [[[1, 2]]], numpy.uint16)
+    b = _sentence_split(tmp_path / "b", [[[3]]], numpy.int32)
+    with pytest.raises(DatasetIntegrityError, match="different token dtypes"):
+        concatenate_indexed([a, b], tmp_path / "merged")
+    (tmp_path / "b.bin").write_bytes(b"")  # shorter than its index says
+    with pytest.raises(DatasetIntegrityError, match="b.bin"):
+        concatenate_indexed([a, str(tmp_path / "b")], tmp_path / "merged")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin", "a.idx", "b.bin", "b.idx"]
+
+
 def test_large_vocabularies_use_int32(tmp_path):
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
