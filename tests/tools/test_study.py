@@ -84,7 +84,9 @@ def test_smoke_study_end_to_end_and_resume(data, tmp_path):
         assert all(math.isfinite(x) for x in [*run["train"].values(), *run["valid"].values()])
 
     table = (out / "table.md").read_text().splitlines()
-    assert len([line for line in table if line.startswith("| base") or line.startswith("| mesh")]) == 2
+    # one row per variant in the Table-1 table and one in the per-seed table
+    assert len([line for line in table if line.startswith("| base") or line.startswith("| mesh")]) == 4
+    assert any(line.startswith("| variant | loss s1234 | rank per seed |") for line in table)
     assert (out / "curves.png").read_bytes()[:8] == PNG and Image.open(out / "curves.png").size[0] > 600
     assert sorted(p.name for p in (out / "probes").iterdir()) == [
         "cka.png", "probe.json", "spectrum.png", "update_magnitude.png"]
