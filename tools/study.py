@@ -63,8 +63,7 @@ def main(argv=None):
         sys.exit(3)
     except (ValueError, OSError) as err:  # StudyError, CheckpointError are ValueErrors
         sys.exit(f"error: {err}")
-    print(report.table(results))
-    print(report.seed_table(results))
+    print(report.markdown(results))
     print(f"[study] wrote {out}/: curves.png, table.md, results.json"
           + ("" if args.skip_probes or study.probes is None else ", probes/")
           + f" in {time.time() - start:.0f} s")

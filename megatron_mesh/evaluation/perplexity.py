@@ -58,23 +58,23 @@ def load_scorer(path, device: str = "cpu") -> Scorer:
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such model directory")
     if is_megatron_checkpoint(path):
-        return _megatron_scorer(path, device)
+        from megatron_mesh.evaluation.loading import load_model
+
+        return megatron_scorer(load_model(path, device=device), device)
     if is_hf_directory(path):
         return _hf_scorer(path, device)
     raise CheckpointError(f"{path}: neither a Megatron checkpoint nor a Hugging Face model directory")
 
 
-def _megatron_scorer(path: Path, device: str) -> Scorer:
-    from megatron_mesh.evaluation.loading import load_model
-
-    loaded = load_model(path, device=device)
+def megatron_scorer(loaded, device: str, name: Optional[str] = None) -> Scorer:
+    """A Scorer over a Megatron model already loaded by ``evaluation.loading.load_model``."""
 
     def logits(tokens: Tensor) -> Tensor:  # [b, s] -> [b, s, V]
         positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
         return loaded.model(tokens, positions)
 
     section = loaded.section
-    return Scorer(loaded.name, "megatron", logits, section["max_sequence_length"],
+    return Scorer(name or loaded.name, "megatron", logits, section["max_sequence_length"],
                   section["vocab_size"], loaded.tokenizer, device)
 
 

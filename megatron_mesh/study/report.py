@@ -61,36 +61,28 @@ def _valid_prefixes(tree: dict, run: Run) -> List[str]:
     return prefixes
 
 
-def heldout(study: Study, run: Run, out: Path, device: str) -> dict:
-    """Parameters and held-out loss/perplexity of the run's final checkpoint (cached)."""
+def heldout(tree: dict, run: Run, out: Path, cfg: dict, device: str) -> dict:
+    """Parameters and held-out loss/perplexity of the run's final checkpoint (cached);
+    ``tree`` is the run's experiment tree, ``cfg`` the study's heldout settings."""
     from megatron_mesh.data.documents import read_documents
     from megatron_mesh.evaluation import perplexity
     from megatron_mesh.evaluation.loading import load_model
     from megatron_mesh.stats import model_stats
 
-    tree = config_tree(study, run)
-    ckpt, cfg = run_dir(out, run) / "checkpoints", study.heldout
+    ckpt = run_dir(out, run) / "checkpoints"
     seq = cfg["seq_length"] or tree["training"]["seq_length"]
     key = {"iteration": tracked_iteration(ckpt), "data": _valid_prefixes(tree, run), "seq_length": seq,
            "max_documents": cfg["max_documents"]}
     cache = run_dir(out, run) / "heldout.json"
-    if cache.is_file() and json.loads(cache.read_text()).get("key") == key:
-        return json.loads(cache.read_text())
+    cached = json.loads(cache.read_text()) if cache.is_file() else {}
+    if cached.get("key") == key:
+        return cached
     loaded = load_model(ckpt, device=device)
-    model = loaded.model
-
-    def logits(tokens):  # [b, s] -> [b, s, V]
-        import torch
-
-        return model(tokens, torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens))
-
-    section = loaded.section
-    scorer = perplexity.Scorer(run.name, "megatron", logits, section["max_sequence_length"],
-                               section["vocab_size"], None, device)
+    scorer = perplexity.megatron_scorer(loaded, device, name=run.name)
     docs = itertools.chain.from_iterable(read_documents(p) for p in key["data"])
     result = perplexity.evaluate(scorer, docs, min(seq, scorer.max_length), cfg["batch_size"],
                                  cfg["max_documents"], source=key["data"][0])
-    record = {"key": key, **result.as_dict(), "stats": model_stats(model, seq).as_dict()}
+    record = {"key": key, **result.as_dict(), "stats": model_stats(loaded.model, seq).as_dict()}
     cache.write_text(json.dumps(record, indent=1) + "\n")
     return record
 
@@ -113,7 +105,7 @@ def collect(study: Study, runs: List[Run], out: Path, device: str) -> dict:
         per_run[run.name] = {"variant": run.variant, "seed": run.seed,
                              "tokens_per_iteration": tokens_per_iter,
                              "train": scalars(tb, TRAIN_TAG), "valid": scalars(tb, VALID_TAG),
-                             "heldout": heldout(study, run, out, device)}
+                             "heldout": heldout(tree, run, out, study.heldout, device)}
     for variant in dict.fromkeys(r.variant for r in runs):
         mine = [per_run[r.name] for r in runs if r.variant == variant]
         stats = mine[0]["heldout"]["stats"]
@@ -162,6 +154,16 @@ def by_seed(results: dict) -> dict:
     return {"seeds": seeds, "variants": variants}
 
 
+def _markdown_rows(head: List[str], rows: List[List[str]]) -> List[str]:
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head),
+            *("| " + " | ".join(row) + " |" for row in rows)]
+
+
+def markdown(results: dict) -> str:
+    """table.md: the Table-1-shaped table, then the per-seed table."""
+    return table(results) + "\n" + seed_table(results)
+
+
 def table(results: dict) -> str:
     """Table 1's shape: structure, parameters, held-out loss and perplexity, deltas."""
     base = results["baseline"]
@@ -177,8 +179,7 @@ def table(results: dict) -> str:
                      f"{v['non_embedding_params'] / 1e6:.2f}M{change}",
                      f"{loss['mean']:.4f} ± {loss['std']:.4f}", f"{ppl['mean']:.3f} ± {ppl['std']:.3f}",
                      *delta, str(len(v["seeds"]))])
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    lines = _markdown_rows(head, rows)
     tokens = results["variants"][0]["heldout_tokens"]
     lines.append(f"\nHeld-out loss: mean NLL (nats/token) of the final checkpoints over {tokens:,} "
                  "held-out tokens; mean ± population std over seeds.")
@@ -191,14 +192,15 @@ def seed_table(results: dict) -> str:
     seeds = paired["seeds"]
     head = ["variant", *(f"loss s{s}" for s in seeds), "rank per seed", "mean rank"]
     head += [f"paired Δ loss vs {base}: mean ± std [min, max]"] if base else []
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = []
     for variant, v in paired["variants"].items():
         row = [variant, *(f"{x:.4f}" for x in v["loss"]), " ".join(map(str, v["rank"])),
                f"{v['mean_rank']:.2f}"]
         if base:
             d = v["paired_delta"]
             row.append(f"{d['mean']:+.4f} ± {d['std']:.4f} [{d['min']:+.4f}, {d['max']:+.4f}]")
-        lines.append("| " + " | ".join(row) + " |")
+        rows.append(row)
+    lines = _markdown_rows(head, rows)
     lines.append("\nRank 1 = lowest held-out loss among the variants of that seed; runs of one seed "
                  "share the data order, so a paired Δ compares variants on the same data.")
     return "\n".join(lines) + "\n"
@@ -275,7 +277,7 @@ def write(study: Study, runs: List[Run], out: Path, with_probes: bool = True) ->
     if bad:
         raise StudyError(f"non-finite held-out loss for {bad}")
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    (out / "table.md").write_text(table(results) + "\n" + seed_table(results))
+    (out / "table.md").write_text(markdown(results))
     plot(results, out / "curves.png")
     if with_probes and study.probes is not None:
         probes(study, runs, out, device)
