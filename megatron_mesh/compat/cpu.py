@@ -280,6 +280,16 @@ def _trainer_no_device_arch() -> None:
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
 
 
+def _trainer_no_fusion_warmup() -> None:
+    # training/initialize.py:494 (set_jit_fusion_options) always warms up the fused bias-GELU
+    # and bias-dropout-add kernels (_warmup_jit_function, :497), which torch.compile's inductor
+    # builds with a C++ compiler on CPU: ~5 s per process. CPU runs turn both fusions off
+    # (CPU_TRAINER_ARGS), so the compiled kernels would never run.
+    from megatron.training import initialize
+
+    initialize._warmup_jit_function = lambda *_args, **_kwargs: None
+
+
 def apply_trainer() -> bool:
     """Shims for megatron.training; call after ``apply()`` and before ``pretrain``."""
     if cuda_available():
@@ -287,6 +297,7 @@ def apply_trainer() -> bool:
     _trainer_initialize_without_cuda()
     _trainer_rng_neutral_data_iterators()
     _trainer_no_device_arch()
+    _trainer_no_fusion_warmup()
     return True
 
 
