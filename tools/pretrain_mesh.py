@@ -18,8 +18,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import megatron_mesh  # noqa: E402  (CPU shims before megatron.core)
-from megatron_mesh.compat import cpu, wheel  # noqa: E402
+# Nothing heavy at module level: torch.distributed.checkpoint's first save starts a
+# multiprocessing manager with the "spawn" method (megatron/core/dist_checkpointing/strategies/
+# filesystem_async.py: get_write_results_queue), and a spawned child re-runs this file's top
+# level as __mp_main__. Importing megatron here cost every run ~9 s at its first save (CPU).
 
 
 def split_passthrough(argv):
@@ -43,6 +45,7 @@ def parse_args(argv):
 
 
 def build_megatron_argv(config, overrides, passthrough, cpu_run=False):
+    from megatron_mesh.compat import cpu
     from megatron_mesh.training.arguments import megatron_argv
     from megatron_mesh.yaml_config import load_config_tree
 
@@ -56,8 +59,12 @@ def build_megatron_argv(config, overrides, passthrough, cpu_run=False):
 
 
 def run(megatron_args):
+    import megatron_mesh  # noqa: F401  (CPU shims before megatron.core)
+    from megatron_mesh.compat import cpu, megatron_fixes, wheel
+
     wheel.apply_trainer()
     cpu.apply_trainer()
+    megatron_fixes.apply_trainer()
     from megatron.core.enums import ModelType
     from megatron.training import pretrain
     from megatron.training.argument_utils import pretrain_cfg_container_from_args
@@ -89,6 +96,8 @@ def run(megatron_args):
 
 
 def main(argv=None):
+    import megatron_mesh  # noqa: F401  (CPU shims before megatron.core)
+    from megatron_mesh.compat import cpu
     from megatron_mesh.yaml_config import ConfigError
 
     ours, passthrough = split_passthrough(sys.argv[1:] if argv is None else argv)

@@ -1,0 +1,67 @@
+"""Fixes for megatron-core 0.19.2 bugs on paths megatron-mesh uses, on any machine.
+
+Each fix names the megatron-core line it works around and applies only under the condition of
+the bug (most of them: neither apex nor TransformerEngine installed, so megatron's optimizers are
+torch's: CPU runs and GPU images without them), so it changes nothing where megatron-core works
+as it is. Found by the CPU stand-in of tools/gpu_check.py (a bf16 resume with the distributed
+optimizer); tests/parallel/test_parity.py::test_bf16_resume_is_exact holds them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _resume_distributed_optimizer_with_torch_adam() -> None:
+    # Resuming with --use-distributed-optimizer (dp_reshardable checkpoints, the default). 1-3
+    # are bugs of the torch-AdamW path (neither apex nor TE installed):
+    # 1. optimizer/distrib_optimizer.py:837 (state_dict) asserts that torch AdamW's state holds
+    #    exactly one 'step'. Loading builds the optimizer's sharded state dict first (:1532),
+    #    when the state is still empty (torch allocates it at the first step), so the resume stops
+    #    on that assertion. Allocate the state with megatron's own dummy step (:1422, which its
+    #    FSDP path calls for the same reason); the checkpoint then overwrites every state tensor
+    #    and the parameters.
+    # 2. load_state_dict restores the per-parameter 'step' from the saved param_groups as ONE
+    #    tensor shared by every parameter (:1010); torch AdamW increments each parameter's step
+    #    in place, so after a resume the k-th parameter's bias correction runs k steps ahead.
+    #    Give each parameter its own step tensor after loading.
+    # 3. load_parameter_state_from_dp_reshardable (:1084) then copies the step tensor the sharded
+    #    state dict kept from before loading (a LocalNonpersistentObject, :1946) over the
+    #    restored one (_set_main_param_and_optimizer_states, :1193). Skip 'step' there.
+    # 4. (with apex or TE too) _set_main_param_and_optimizer_states copies into the main
+    #    parameters outside no_grad; in fp32 they are views of the model's parameters, which
+    #    require grad, so an fp32 resume raises "a view of a leaf Variable ... in-place".
+    from megatron.core.optimizer import distrib_optimizer
+
+    cls = distrib_optimizer.DistributedOptimizer
+    if getattr(cls, "_mesh_fixed", False):
+        return
+    cls._mesh_fixed = True
+    set_states = torch.no_grad()(cls._set_main_param_and_optimizer_states)
+    cls._set_main_param_and_optimizer_states = set_states
+    if distrib_optimizer.HAVE_APEX_OR_TE:
+        return
+    state_dict, load_state_dict = cls.state_dict, cls.load_state_dict
+
+    def allocating_state_dict(self):
+        if len(self.optimizer.state) == 0 and not self.ddp_config.use_megatron_fsdp:
+            self._init_optimizer_states_with_dummy_values()
+        return state_dict(self)
+
+    def load_with_own_steps(self, loaded):
+        load_state_dict(self, loaded)
+        for state in self.optimizer.state.values():
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].clone()
+
+    def set_states_but_step(self, model_param, tensors):
+        return set_states(self, model_param, {**tensors, "step": None})  # None: not copied
+
+    cls.state_dict = allocating_state_dict
+    cls.load_state_dict = load_with_own_steps
+    cls._set_main_param_and_optimizer_states = set_states_but_step
+
+
+def apply_trainer() -> None:
+    """Fixes for megatron.training runs; call before ``pretrain``."""
+    _resume_distributed_optimizer_with_torch_adam()
