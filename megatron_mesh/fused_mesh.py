@@ -37,8 +37,10 @@ fp32 (which inductor fuses); run eagerly they are batched GEMVs (bmm) on strided
 Precision: every tensor stays in the activation dtype (a bf16 buffer on GPU), and so do all
 outputs and gradients. For bf16/fp16 the slot reductions (y, dx) and the hidden reductions (dW,
 dR) accumulate in fp32 (explicit casts when compiled, BLAS fp32 accumulation in bmm otherwise) and
-round once; the buffer update is computed in fp32 per element and rounded once, where the eager
-pair rounds W * x and then the sum.
+round once; the buffer update is computed in fp32 per element and rounded once, as in the eager
+pair (``mesh.py``, Precision). The backward rounds dM once where the eager pair's autograd
+rounds the read's gradient and then its sum with gN; tests/test_mesh_precision.py bounds both
+against an fp64 evaluation.
 
 On CUDA the two halves are compiled lazily, on first use, with ``torch.compile`` (inductor,
 ``dynamic=None``: the first shape compiles static, a second one recompiles once with symbolic
@@ -164,6 +166,11 @@ def _run(name: str, fn: Callable, like: Tensor, *args):
         warnings.warn(f"megatron_mesh.fused_mesh: compiling the MeSH cycle {name} failed "
                       f"({err.__class__.__name__}: {str(err)[:200]}); running it uncompiled")
         return fn(*args)
+
+
+def compile_failures() -> Dict[str, str]:
+    """Compiled halves that raised in this process (name -> error); they now run uncompiled."""
+    return dict(_FAILED)
 
 
 class MeshCycle(torch.autograd.Function):

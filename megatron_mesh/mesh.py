@@ -7,6 +7,18 @@ learnable combinations of Appendix E.2). Hidden states are [s, b, h]; routing we
 A scheme is driven by the block in two calls:
     h0, state = scheme.begin(h_emb, h_pre)        # h_pre = prelude output
     h_next, state = scheme.step(t, h, h_core, state)   # h_core = f_core(h), t = 0..K-1
+
+Precision (bf16 training; tests/test_mesh_precision.py):
+- Router logits come out of the router's Linear in the activation dtype; the softmax runs in
+  fp32 and the weights are rounded once to the activation dtype (each weight within u = 2^-8
+  relative of the fp32 value, so the B weights of a token sum to 1 within B*u).
+- The buffer is held in the activation dtype (bf16) across its K+1 writes, like megatron-core's
+  residual stream (fp32_residual_connection off): it *is* a residual stream, slot 0 the
+  embedding highway. Every write and read computes in fp32 and rounds once per output element
+  (here and in fused_mesh), so K+1 writes add at most K+1 roundings per slot, fewer than the
+  N_compute residual additions of the layers between them. An fp32 buffer would double the
+  (K+1)*B*[s, b, h] states saved for backward (1.4B 4+8R2+4, micro-batch 4 x 4096: 1.0 GB ->
+  2.0 GB) and give the pipeline carry a second dtype.
 """
 
 from __future__ import annotations
@@ -96,7 +108,7 @@ class Router(nn.Module):
 
     def forward(self, h: Tensor) -> Tensor:
         logits = self.linear(h)  # [s, b, B]
-        # softmax in fp32 so bf16 weights still sum to 1 over the slots
+        # softmax in fp32, one rounding to the activation dtype (module docstring: Precision)
         return torch.softmax(logits.float(), dim=-1).to(h.dtype)
 
 
@@ -109,14 +121,23 @@ class StepRouters(nn.Module):
         self.read = Router(hidden_size, num_slots, init_method)
 
 
+def _fp32_or_wider(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
 def buffer_write(buffer: Tensor, h: Tensor, w_write: Tensor) -> Tensor:
-    """Eq. 5: m_b <- m_b + h * w_write[b] for every slot b. [B,s,b,h], [s,b,h], [s,b,B]."""
-    return buffer + w_write.permute(2, 0, 1).unsqueeze(-1) * h.unsqueeze(0)
+    """Eq. 5: m_b <- m_b + h * w_write[b] for every slot b. [B,s,b,h], [s,b,h], [s,b,B].
+    Computed in fp32, rounded once to the buffer's dtype."""
+    acc = _fp32_or_wider(buffer.dtype)
+    w = w_write.permute(2, 0, 1).unsqueeze(-1).to(acc)  # [B, s, b, 1]
+    return (buffer.to(acc) + w * h.unsqueeze(0).to(acc)).to(buffer.dtype)
 
 
 def buffer_read(buffer: Tensor, w_read: Tensor) -> Tensor:
-    """h = sum_b m_b * w_read[b]. [B,s,b,h], [s,b,B] -> [s,b,h]."""
-    return (buffer * w_read.permute(2, 0, 1).unsqueeze(-1)).sum(dim=0)
+    """h = sum_b m_b * w_read[b]. [B,s,b,h], [s,b,B] -> [s,b,h]. Summed in fp32, rounded once."""
+    acc = _fp32_or_wider(buffer.dtype)
+    w = w_read.permute(2, 0, 1).unsqueeze(-1).to(acc)  # [B, s, b, 1]
+    return (buffer.to(acc) * w).sum(dim=0).to(buffer.dtype)
 
 
 def initial_buffer(h_emb: Tensor, num_slots: int) -> Tensor:

@@ -57,6 +57,7 @@ class Attention(nn.Module):
         qkv = self.query_key_value(x).view(b, s, self.heads, 3 * self.head_dim).transpose(1, 2)
         q, k, v = qkv.split(self.head_dim, dim=-1)  # [b, nh, s, hd], per head [q, k, v]
         r = self.rot
+        cos, sin = cos.to(q.dtype), sin.to(q.dtype)  # as megatron-core: rotate in the activation dtype
         q = torch.cat((q[..., :r] * cos + rotate_half(q[..., :r]) * sin, q[..., r:]), dim=-1)
         k = torch.cat((k[..., :r] * cos + rotate_half(k[..., :r]) * sin, k[..., r:]), dim=-1)
         if cache is not None:
@@ -114,10 +115,13 @@ class Scheme(nn.Module):
             self.coefficient_proj = nn.ModuleList(nn.Linear(h, 3) for _ in range(loops))
 
     def _cycle(self, routers, route_from, written, buffer):  # buffer [B, b, s, h]
-        w = routers.write(route_from).permute(2, 0, 1).unsqueeze(-1)
-        buffer = buffer + w * written.unsqueeze(0)
-        r = routers.read(route_from).permute(2, 0, 1).unsqueeze(-1)
-        return (buffer * r).sum(0), buffer
+        # write and read computed in fp32 and rounded once to the buffer's dtype (bf16 exports
+        # round where megatron-mesh does: megatron_mesh/mesh.py, Precision)
+        acc = torch.promote_types(buffer.dtype, torch.float32)
+        w = routers.write(route_from).permute(2, 0, 1).unsqueeze(-1).to(acc)
+        buffer = (buffer.to(acc) + w * written.unsqueeze(0).to(acc)).to(buffer.dtype)
+        r = routers.read(route_from).permute(2, 0, 1).unsqueeze(-1).to(acc)
+        return (buffer.to(acc) * r).sum(0).to(buffer.dtype), buffer
 
     def begin(self, h_emb, h_pre):
         state = {"h_emb": h_emb, "h0": h_pre}
