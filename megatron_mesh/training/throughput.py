@@ -2,15 +2,19 @@
 
 Megatron's ``num_floating_point_operations`` is replaced by ``megatron_mesh.stats`` (the same
 numbers ``tools/model_stats.py`` prints), and every log interval adds one line:
-consumed tokens, tokens/s, TFLOP/s per device, MFU and ETA, also sent to TensorBoard / W&B.
+consumed tokens, tokens/s, TFLOP/s per device, MFU, peak memory (the largest over all ranks:
+CUDA's max allocated on a GPU, the process's peak RSS on the CPU) and ETA, also sent to
+TensorBoard / W&B. ``tools/gpu_check.py`` reads its throughput rows from this line.
 """
 
 from __future__ import annotations
 
+import resource
 import time
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
+import torch.distributed as dist
 
 from megatron_mesh.config import MeshConfig
 from megatron_mesh.stats import train_flops_per_token
@@ -24,6 +28,24 @@ def default_peak_tflops() -> Optional[float]:
         return None
     name = torch.cuda.get_device_name()
     return next((peak for key, peak in PEAK_TFLOPS_BF16.items() if key in name), None)
+
+
+def peak_memory() -> Tuple[int, str]:
+    """(bytes, what was measured) of this process so far."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated(), "cuda max allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak RSS"  # KiB on Linux
+
+
+def peak_memory_over_ranks() -> Tuple[int, str]:
+    """``peak_memory`` maximised over every rank (a one-element all-reduce; call on all ranks)."""
+    value, kind = peak_memory()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+        peak = torch.tensor([value], dtype=torch.float64, device=device)
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+        value = int(peak.item())
+    return value, kind
 
 
 class ThroughputLogger:
@@ -67,6 +89,8 @@ def _format(iteration: int, stats: dict) -> str:
             f"{stats['tflops-per-device']:.3f} |")
     if "mfu" in stats:
         text += f" MFU: {100 * stats['mfu']:.1f}% |"
+    if "peak-memory-bytes" in stats:
+        text += f" peak memory: {stats['peak-memory-bytes'] / 2**30:.3f} GiB ({stats['memory-kind']}) |"
     return text + f" ETA: {int(eta // 3600):d}:{int(eta % 3600 // 60):02d}:{int(eta % 60):02d}"
 
 
@@ -88,7 +112,8 @@ def install(config: MeshConfig, args) -> ThroughputLogger:
         elif iteration % args.log_interval == 0:
             stats = logger.line(args, iteration, time.time())
             if stats:
-                print_rank_last(_format(iteration, stats))
+                stats["peak-memory-bytes"], kind = peak_memory_over_ranks()
+                print_rank_last(_format(iteration, dict(stats, **{"memory-kind": kind})))
                 writer = get_tensorboard_writer()
                 if writer:
                     for key, value in stats.items():
