@@ -11,34 +11,63 @@ from conftest import REPO, random_batch, tiny_config
 from trainer import ckpt_overrides, command, env, train
 
 
+BF16 = {"precision.dtype": "bf16", "parallelism.distributed_optimizer": True}
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
+    """A bf16 run's checkpoint (the production setting: bf16 weights are what it saves)."""
     tmp = tmp_path_factory.mktemp("convert")
-    train(tmp, ckpt_overrides(tmp / "ckpt", **{"training.train_iters": 3}))
+    train(tmp, ckpt_overrides(tmp / "ckpt", **{"training.train_iters": 3, **BF16}))
     return tmp / "ckpt"
 
 
+def export_cli(checkpoint, out, *args):
+    done = subprocess.run([sys.executable, str(REPO / "tools/convert.py"), "megatron-to-hf", "--load",
+                           str(checkpoint), "--output", str(out), *args],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
 def test_export_loads_offline_and_matches_megatron(checkpoint, tmp_path, monkeypatch, megatron_world):
+    """fp32 export == the Megatron model in fp32 (same bf16-valued weights, 1e-4). The bf16
+    export keeps the checkpoint's bf16 weights bit for bit and runs in bf16; its logits are then
+    as far from the fp32 logits as bf16 rounding puts the Megatron model itself run in bf16
+    (at most twice that distance; a wiring error would be O(1))."""
     from transformers import AutoModelForCausalLM
 
     from megatron_mesh.hf.export import load_checkpoint, mesh_config_from_args
+    from megatron_mesh.hf.mapping import megatron_to_hf_mesh
     from megatron_mesh.model import MeshGPTModel
 
-    out = subprocess.run([sys.executable, str(REPO / "tools/convert.py"), "megatron-to-hf", "--load",
-                          str(checkpoint), "--output", str(tmp_path / "hf")],
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
+    export_cli(checkpoint, tmp_path / "hf")
+    export_cli(checkpoint, tmp_path / "hf16", "--dtype", "bf16")
     assert (tmp_path / "hf" / "README.md").read_text().count("1+2R2+1") == 1
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", trust_remote_code=True).eval()
+    hf16 = AutoModelForCausalLM.from_pretrained(tmp_path / "hf16", trust_remote_code=True,
+                                                dtype="auto").eval()
 
     state, common = load_checkpoint(str(checkpoint))
+    assert {v.dtype for v in state.values()} == {torch.bfloat16}
+    for name, tensor in megatron_to_hf_mesh(state).items():
+        assert hf16.state_dict()[name].dtype == torch.bfloat16
+        assert torch.equal(hf16.state_dict()[name], tensor), name
     config = mesh_config_from_args(common["args"])
     ours = MeshGPTModel(config).eval()
     ours.load_state_dict(state, strict=False)
-    tokens, positions = random_batch(config, seq=24)
+    tokens, positions = random_batch(config, seq=64)
     with torch.no_grad():
-        assert (hf(tokens).logits - ours(tokens, positions)).abs().max() < 1e-4
+        reference = ours(tokens, positions)
+        assert (hf(tokens).logits - reference).abs().max() < 1e-4
+        logits16 = hf16(tokens).logits
+        ours16 = ours.bfloat16()(tokens, positions)
+    assert logits16.dtype == ours16.dtype == torch.bfloat16
+
+    def off(logits):
+        return ((logits.float() - reference).abs().max() / reference.abs().max()).item()
+
+    assert 0 < off(ours16) and off(logits16) <= 2 * off(ours16), (off(logits16), off(ours16))
 
 
 def test_vanilla_exports_as_plain_gpt_neox(megatron_world):
@@ -75,9 +104,9 @@ def test_errors(checkpoint, tmp_path):
 
 
 def test_trainer_starts_from_a_converted_pythia_model(tmp_path, megatron_world):
-    """hf-to-megatron (CLI) seeds tiny-cpu.yml's 1+2R2+1 mesh model from a 6-layer GPT-NeoX; the
-    trainer loads it (lr 0: the weights it saves are the converted ones) and refuses a config
-    whose model differs."""
+    """hf-to-megatron (CLI) seeds tiny-cpu.yml's 1+2R2+1 mesh model from a 6-layer GPT-NeoX; a
+    bf16 run with the distributed optimizer loads it (lr 0: the weights it saves are the
+    converted ones, rounded once to bf16) and refuses a config whose model differs."""
     from transformers import GPTNeoXForCausalLM
 
     from megatron_mesh.hf.export import load_checkpoint
@@ -94,13 +123,14 @@ def test_trainer_starts_from_a_converted_pythia_model(tmp_path, megatron_world):
     run = tmp_path / "run"
     overrides = ckpt_overrides(run, **{"checkpointing.pretrained": tmp_path / "seed",
                                        "training.train_iters": 2, "optimizer.lr": 0.0,
-                                       "model.max_sequence_length": 2048})
+                                       "model.max_sequence_length": 2048, **BF16})
     log, losses = train(tmp_path, overrides)
     assert "release" in log and sorted(losses) == [1, 2]
     seeded, _ = load_checkpoint(str(tmp_path / "seed"))
     trained, _ = load_checkpoint(str(run))
     assert seeded.keys() == trained.keys()
-    assert all(torch.equal(seeded[k], trained[k]) for k in seeded)
+    assert {t.dtype for t in seeded.values()} == {torch.float32}
+    assert all(torch.equal(seeded[k].bfloat16(), trained[k]) for k in seeded)
 
     bad = subprocess.run(command(tmp_path, ckpt_overrides(tmp_path / "other", **{
         "checkpointing.pretrained": tmp_path / "seed", "model.state_scheme": "base",
