@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 HF5    := $(VENV)/transformers5
 
-.PHONY: setup test demo stats clean
+.PHONY: setup test demo stats clean gpu-check gpu-check-tiny
 
 setup: $(STAMP)
 
@@ -29,6 +29,16 @@ test: setup $(HF5)/.installed
 
 demo: setup
 	$(PY) tools/demo.py
+
+# Qualify a GPU machine (tools/gpu_check.py): run where CUDA torch, megatron-core 0.19.2 and this
+# package's requirements are installed (the Docker image), not in the CPU .venv. Exit 1 on any
+# failed check; report in runs/gpu-check/. gpu-check-tiny is the CPU stand-in CI runs.
+GPU_PYTHON ?= python3
+gpu-check:
+	$(GPU_PYTHON) tools/gpu_check.py --out runs/gpu-check $(GPU_CHECK_ARGS)
+
+gpu-check-tiny: setup
+	$(PY) tools/gpu_check.py --tiny --out runs/gpu-check-tiny
 
 stats: setup
 	$(PY) tools/model_stats.py --config configs/pythia-1.4b-4+8R2+4-mesh.yml
