@@ -45,9 +45,11 @@ timed with ``torch.cuda.synchronize()`` before every clock read on a GPU, plain
   parallelism.recompute_num_layers, mapped as the trainer maps them).
 
 Precision: the config's ``precision.dtype`` (default bf16, as for the trainer) on a GPU, as
-``torch.autocast`` over fp32 parameters (Megatron keeps bf16 parameters plus fp32 main
-parameters and gradients instead, so its memory differs by a few bytes per parameter); fp32 on
-the CPU. ``--dtype`` overrides it (bf16/fp16 only on a GPU: megatron-core runs autocast on CUDA
+``torch.autocast`` over fp32 parameters with torch's AdamW. That is not the trainer's path:
+Megatron keeps bf16 parameters (Float16Module) plus fp32 main parameters and gradients, sharded
+by the distributed optimizer, so memory and optimizer time differ. This tool is the CPU and
+quick-compare tool; the GPU numbers in docs/benchmarks.md come from ``tools/gpu_check.py``'s
+throughput check, which reads the real trainer's ``[mesh]`` line. fp32 on the CPU. ``--dtype`` overrides it (bf16/fp16 only on a GPU: megatron-core runs autocast on CUDA
 only). ``--json`` prints one JSON object with every number.
 """
 

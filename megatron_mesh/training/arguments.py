@@ -7,6 +7,7 @@ checkpoint's saved args) can rebuild the exact ``MeshConfig``.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 from typing import Any, Dict, List
@@ -271,6 +272,7 @@ def _system_args(tree: dict) -> List[str]:
         *_flag("recompute-method", par.get("recompute_method")),
         *_flag("recompute-num-layers", par.get("recompute_num_layers")),
         *_flag("transformer-impl", impl),
+        *_gradient_accumulation_fusion_args(),
         # the local spec's torch LayerNorm refuses apex's persistent-LN flag (torch_norm.py:48)
         *_flag("no-persist-layer-norm", impl == "local"),
         *_flag("save", ckpt.get("save")),
@@ -294,6 +296,16 @@ def _system_args(tree: dict) -> List[str]:
         *_flag("mesh-peak-tflops", log.get("peak_tflops")),
         *_flag("mesh-router-metrics", log.get("router_metrics", True)),
     ]
+
+
+def _gradient_accumulation_fusion_args() -> List[str]:
+    """Off unless apex's CUDA extension is importable: megatron's ColumnParallelLinear (our LM
+    head) raises at model build when the fusion is on without ``fused_weight_gradient_mlp_cuda``
+    (tensor_parallel/layers.py:1070), and NGC images ship apex only in some releases. The
+    trainer logs the choice."""
+    if importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is not None:
+        return []
+    return _flag("no-gradient-accumulation-fusion", True)
 
 
 def _transformer_impl(choice: str) -> str:

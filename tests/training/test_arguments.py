@@ -179,3 +179,27 @@ def test_paper_configs_read_pythia_order():
     args = parsed(REPO / "configs/pythia-410m-4+8R2+4-mesh.yml")
     assert args.mesh_data_format == "pythia_preshuffled" and args.mesh_pythia_boundary == "per_row"
     assert args.data_path == ["data/pile-deduped-pythia-preshuffled/document"]
+
+
+def test_gradient_accumulation_fusion_only_with_apex_extension(monkeypatch, megatron_world):
+    """megatron's ColumnParallelLinear refuses to build with the fusion on and apex's
+    fused_weight_gradient_mlp_cuda missing (the case here, and on GPU images without apex)."""
+    import importlib.util
+
+    from megatron.core.tensor_parallel import layers
+
+    from conftest import tiny_config
+    from megatron_mesh.model import MeshGPTModel
+    from megatron_mesh.training import arguments
+
+    with pytest.raises(RuntimeError, match="fused_weight_gradient_mlp_cuda"):
+        MeshGPTModel(tiny_config(gradient_accumulation_fusion=True))
+
+    config = REPO / "configs/pythia-410m-4+8R2+4-mesh.yml"
+    assert importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is None
+    assert not layers._grad_accum_fusion_available  # what megatron-core itself found
+    assert parsed(config).gradient_accumulation_fusion is False
+    real = importlib.util.find_spec
+    monkeypatch.setattr(arguments.importlib.util, "find_spec",
+                        lambda name: object() if name == "fused_weight_gradient_mlp_cuda" else real(name))
+    assert parsed(config).gradient_accumulation_fusion is True
