@@ -17,12 +17,13 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict
+from typing import Dict, List
 
 import torch
 
 from megatron_mesh.qualify.context import Context
 from megatron_mesh.qualify.launch import REPO, run_trainer
+from megatron_mesh.qualify.profiles import Profile
 from megatron_mesh.qualify.report import FAIL, PASS, CheckResult, SkipCheck, markdown_table
 
 TOLERANCE = {"lm loss": 1e-3, "grad-norm": 1e-2}
@@ -62,14 +63,16 @@ def scalars(tb_dir: Path) -> Dict[str, Dict[int, float]]:
     return {tag: {e.step: e.value for e in events.Scalars(tag)} for tag in TOLERANCE}
 
 
+def run_overrides(profile: Profile, start: Path, tensorboard: Path, layout=()) -> List[str]:
+    return [*profile.parity_overrides, *layout, f"checkpointing.pretrained={start}",
+            f"training.train_iters={profile.parity_iters}", "logging.interval=1",
+            f"logging.tensorboard_dir={tensorboard}", "checkpointing.save=null"]
+
+
 def train(ctx: Context, start: Path, name: str, nproc: int, layout=()) -> Dict[str, Dict[int, float]]:
-    profile = ctx.profile
     tb = ctx.out / "scratch" / "parity" / f"tb-{name}"
-    overrides = [*profile.parity_overrides, *layout, f"checkpointing.pretrained={start}",
-                 f"training.train_iters={profile.parity_iters}", "logging.interval=1",
-                 f"logging.tensorboard_dir={tb}", "checkpointing.save=null"]
-    run_trainer(profile, profile.parity, overrides, ctx.out / "logs" / f"parity-{name}.log",
-                ctx.deadline, nproc=nproc)
+    run_trainer(ctx.profile, ctx.profile.parity, run_overrides(ctx.profile, start, tb, layout),
+                ctx.out / "logs" / f"parity-{name}.log", ctx.deadline, nproc=nproc)
     return scalars(tb)
 
 

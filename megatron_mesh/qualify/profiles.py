@@ -61,8 +61,11 @@ PRODUCTION = ("precision.dtype=bf16", "parallelism.distributed_optimizer=true",
               "training.eval_iters=0")
 PARITY_LAYOUTS = {
     "tp2-sp": (2, ("parallelism.tensor=2", "parallelism.sequence_parallel=true")),
-    # the core split over the two stages: the MeSH buffer crosses the boundary mid-loop
-    "pp2-split-core": (2, ("parallelism.pipeline=2", "parallelism.pipeline_stage_layers=[2,4]")),
+    # the core split over the two stages: the MeSH buffer crosses the boundary mid-loop (no
+    # overlapped grad reduce under PP: the replicated core weights' gradients are summed first)
+    "pp2-split-core": (2, ("parallelism.pipeline=2", "parallelism.pipeline_stage_layers=[2,4]",
+                           "parallelism.overlap_grad_reduce=false",
+                           "parallelism.overlap_param_gather=false")),
 }
 
 

@@ -18,7 +18,7 @@ import torch
 
 from megatron_mesh.qualify.context import Context
 from megatron_mesh.qualify.launch import TrainerRun, run_trainer
-from megatron_mesh.qualify.profiles import TrainerModel
+from megatron_mesh.qualify.profiles import Profile, TrainerModel
 from megatron_mesh.qualify.report import FAIL, PASS, CheckResult, markdown_table
 
 EXPORT_TOLERANCE = 1e-4
@@ -29,12 +29,15 @@ def slug(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "-", label).strip("-")
 
 
+def run_overrides(profile: Profile, save: Path) -> List[str]:
+    return [*profile.smoke_overrides, f"training.train_iters={profile.smoke_iters}",
+            "logging.interval=1", f"checkpointing.save={save}",
+            f"checkpointing.interval={profile.smoke_iters}"]
+
+
 def train(ctx: Context, model: TrainerModel, resume: bool) -> List[TrainerRun]:
     profile, name = ctx.profile, slug(model.label)
-    save = ctx.out / "scratch" / name / "checkpoints"
-    overrides = [*profile.smoke_overrides, f"training.train_iters={profile.smoke_iters}",
-                 "logging.interval=1", f"checkpointing.save={save}",
-                 f"checkpointing.interval={profile.smoke_iters}"]
+    overrides = run_overrides(profile, ctx.out / "scratch" / name / "checkpoints")
     logs = ctx.out / "logs"
     if not resume:
         return [run_trainer(profile, model, overrides, logs / f"trainer-{name}.log", ctx.deadline)]

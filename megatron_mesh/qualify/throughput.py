@@ -14,17 +14,19 @@ from typing import Dict, List, Optional
 
 from megatron_mesh.qualify.context import Context
 from megatron_mesh.qualify.launch import run_trainer
-from megatron_mesh.qualify.profiles import TrainerModel
+from megatron_mesh.qualify.profiles import Profile, TrainerModel
 from megatron_mesh.qualify.report import FAIL, PASS, CheckResult, markdown_table
 from megatron_mesh.qualify.smoke import slug
 
 
+def run_overrides(profile: Profile) -> List[str]:
+    return [*profile.throughput_overrides, f"training.train_iters={profile.throughput_iters}",
+            f"logging.interval={profile.throughput_log_interval}", "checkpointing.save=null"]
+
+
 def measure(ctx: Context, model: TrainerModel) -> Dict[str, Optional[float]]:
-    profile = ctx.profile
-    overrides = [*profile.throughput_overrides, f"training.train_iters={profile.throughput_iters}",
-                 f"logging.interval={profile.throughput_log_interval}", "checkpointing.save=null"]
-    run = run_trainer(profile, model, overrides, ctx.out / "logs" / f"throughput-{slug(model.label)}.log",
-                      ctx.deadline)
+    log = ctx.out / "logs" / f"throughput-{slug(model.label)}.log"
+    run = run_trainer(ctx.profile, model, run_overrides(ctx.profile), log, ctx.deadline)
     if not run.log.throughput:
         raise AssertionError(f"{model.label}: no [mesh] throughput line in {run.log_path}")
     line, last = run.log.throughput[-1], run.log.iterations[max(run.log.iterations)]

@@ -1,6 +1,7 @@
 """tools/gpu_check.py: the CPU stand-in end to end (every check's code, tiny models), and how
 failures, skips and the budget are reported."""
 
+import argparse
 import json
 import subprocess
 import sys
@@ -93,3 +94,29 @@ def test_plan_counts_the_runs_flops_and_fits_the_budget():
     per_token = train_flops_per_token(load_model_config(REPO / "configs/pythia-1.4b-4+8R2+4-mesh.yml"), 4096)
     compute = GPU.throughput_iters * 4 * 4096 * per_token / (plan.PEAK_TFLOPS * 1e12 * plan.MFU)
     assert big.seconds == pytest.approx(plan.STARTUP_S + compute)
+
+
+@pytest.mark.parametrize("profile_name", ["gpu", "tiny"])
+def test_every_trainer_run_of_a_profile_maps_to_megatron_arguments(profile_name, tmp_path):
+    """The GPU profile's runs cannot first be tried on a GPU: each one's config, overrides and
+    Megatron arguments are checked here (the tiny profile's also run end to end above)."""
+    from megatron.training.arguments import add_megatron_arguments
+
+    from megatron_mesh.qualify import parity, smoke, throughput
+    from megatron_mesh.qualify.profiles import PROFILES
+    from megatron_mesh.training.arguments import add_mesh_arguments, megatron_argv
+    from megatron_mesh.yaml_config import load_config_tree
+
+    profile = PROFILES[profile_name]
+    runs = [(m, smoke.run_overrides(profile, tmp_path / "ckpt"), 1) for m in profile.smoke]
+    runs += [(m, throughput.run_overrides(profile), 1) for m in profile.throughput]
+    runs += [(profile.parity, parity.run_overrides(profile, tmp_path / "start", tmp_path / "tb", layout), n)
+             for n, layout in [(1, ()), *profile.parity_layouts.values()]]
+    parser = add_mesh_arguments(add_megatron_arguments(argparse.ArgumentParser(allow_abbrev=False)))
+    for model, overrides, nproc in runs:
+        sets = [*profile.trainer_common, *model.overrides, *overrides]
+        args = parser.parse_args(megatron_argv(*load_config_tree(REPO / model.config, sets)))
+        assert args.bf16 and args.use_distributed_optimizer and args.mock_data, model.label
+        assert args.tensor_model_parallel_size * args.pipeline_model_parallel_size <= nproc
+        assert args.global_batch_size % (args.micro_batch_size * nproc // (
+            args.tensor_model_parallel_size * args.pipeline_model_parallel_size)) == 0
