@@ -83,7 +83,8 @@ SCHEMA: Dict[str, Tuple[str, ...]] = {
         "pipeline_stage_layers",
         "transformer_impl",
     ),
-    "checkpointing": ("save", "interval", "load", "pretrained", "format", "save_on_signal", "async_save"),
+    "checkpointing": ("save", "interval", "load", "pretrained", "format", "save_on_signal", "async_save",
+                      "optimizer_reshardable"),
     "logging": (
         "interval",
         "tensorboard_dir",

@@ -88,24 +88,29 @@ def export_error(ctx: Context, save: Path, out: Path) -> float:
     return ((ours - theirs).abs().max() / ours.abs().max()).item()
 
 
+def one_model(ctx: Context, model: TrainerModel, resume: bool):
+    """(details, table row, problems) of training, resuming and exporting one model."""
+    runs = train(ctx, model, resume)
+    problems = judge(ctx, runs, resume)
+    scratch = ctx.out / "scratch" / slug(model.label)
+    error = None if problems else export_error(ctx, scratch / "checkpoints", scratch / "hf")
+    if error is not None and error > EXPORT_TOLERANCE:
+        problems.append(f"HF export logits off by {error:.1e} of max (allowed {EXPORT_TOLERANCE:g})")
+    losses = {i: line.lm_loss for run in runs for i, line in run.log.iterations.items()}
+    details = {"losses": losses, "export_error": error, "problems": problems,
+               "seconds": [round(r.seconds, 1) for r in runs]}
+    row = [model.label, f"{losses.get(1, math.nan):.3f}", f"{losses.get(ctx.profile.smoke_iters, math.nan):.3f}",
+           "yes" if resume else "-", "-" if error is None else f"{error:.1e}",
+           " + ".join(f"{r.seconds:.0f}" for r in runs)]
+    return details, row, problems
+
+
 def check(ctx: Context) -> CheckResult:
     rows, problems, details = [], [], {}
     for index, model in enumerate(ctx.profile.smoke):
-        resume = index == len(ctx.profile.smoke) - 1
-        runs = train(ctx, model, resume)
-        found = judge(ctx, runs, resume)
-        save = ctx.out / "scratch" / slug(model.label) / "checkpoints"
-        error = None if found else export_error(ctx, save, ctx.out / "scratch" / slug(model.label) / "hf")
-        if error is not None and error > EXPORT_TOLERANCE:
-            found.append(f"HF export logits off by {error:.1e} of max (allowed {EXPORT_TOLERANCE:g})")
-        losses = {i: line.lm_loss for run in runs for i, line in run.log.iterations.items()}
-        details[model.label] = {"losses": losses, "export_error": error, "problems": found,
-                                "seconds": [round(r.seconds, 1) for r in runs]}
+        details[model.label], row, found = one_model(ctx, model, index == len(ctx.profile.smoke) - 1)
+        rows.append(row)
         problems += [f"{model.label}: {p}" for p in found]
-        n = ctx.profile.smoke_iters
-        rows.append([model.label, f"{losses.get(1, float('nan')):.3f}", f"{losses.get(n, float('nan')):.3f}",
-                     "yes" if resume else "-", "-" if error is None else f"{error:.1e}",
-                     " + ".join(f"{r.seconds:.0f}" for r in runs)])
     table = markdown_table(["model", "loss it. 1", f"loss it. {ctx.profile.smoke_iters}",
                             "stopped + resumed", "export logit diff", "trainer s"], rows)
     if problems:

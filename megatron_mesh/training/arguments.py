@@ -39,7 +39,7 @@ TYPES = {
                         overlap_grad_reduce=BOOL, overlap_param_gather=BOOL, recompute_num_layers=INT),
     "data": dict(mock=BOOL, mask_eod_loss=BOOL, num_workers=INT),
     "tokenizer": dict(vocab_size=INT),
-    "checkpointing": dict(interval=INT, save_on_signal=BOOL, async_save=BOOL),
+    "checkpointing": dict(interval=INT, save_on_signal=BOOL, async_save=BOOL, optimizer_reshardable=BOOL),
     "logging": dict(interval=INT, throughput=BOOL, peak_tflops=FLOAT, router_metrics=BOOL),
 }
 """Value types of non-model keys (the model section is typed by MeshConfig)."""
@@ -284,6 +284,9 @@ def _system_args(tree: dict) -> List[str]:
         *_flag("ckpt-format", ckpt.get("format", "torch_dist")),
         *_flag("exit-signal-handler", ckpt.get("save_on_signal", True)),
         *_flag("async-save", ckpt.get("async_save", False)),
+        # the distributed optimizer's state in a layout any TP/PP can load (slower saves);
+        # megatron's default layout resumes at another DP size only
+        *_flag("dist-ckpt-optim-fully-reshardable", ckpt.get("optimizer_reshardable", False)),
         *_flag("log-interval", log.get("interval", 10)),
         *_flag("tensorboard-dir", log.get("tensorboard_dir")),
         *_flag("log-timers-to-tensorboard", bool(log.get("tensorboard_dir"))),

@@ -39,7 +39,8 @@ def architecture(model_json: str) -> dict:
 
 
 def check_resume_model(args) -> None:
-    """Raise ValueError naming each field where the checkpoint's model and the config's differ."""
+    """Raise ValueError naming each field where the checkpoint's model and the config's differ,
+    or when its distributed-optimizer state cannot load at this run's TP/PP."""
     ckpt = checkpoint_to_load(args)
     if ckpt is None:
         return
@@ -49,7 +50,9 @@ def check_resume_model(args) -> None:
 
     with warnings.catch_warnings():  # reading one small object, not a distributed load
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        saved = getattr(load_common_state_dict(str(ckpt)).get("args"), "mesh_model", None)
+        common = load_common_state_dict(str(ckpt))
+    _check_optimizer_layout(args, ckpt, common)
+    saved = getattr(common.get("args"), "mesh_model", None)
     if saved is None:
         return  # not written by megatron-mesh: megatron's own checks apply
     ours, theirs = architecture(args.mesh_model), architecture(saved)
@@ -58,3 +61,23 @@ def check_resume_model(args) -> None:
     if differ:
         raise ValueError(f"{ckpt}: the checkpoint's model differs from the config's model section "
                          f"({'; '.join(differ)}); see {ckpt.parent / 'model.yml'} if it was converted")
+
+
+def _check_optimizer_layout(args, ckpt: Path, common: dict) -> None:
+    """megatron's default distributed-optimizer layout (dp_reshardable) loads at another DP size
+    but not at another TP/PP, and its error then names a deprecated flag
+    (training/checkpointing.py:2250). Say what to do instead."""
+    saved = common.get("args")
+    sharding = (common.get("content_metadata") or {}).get("distrib_optim_sharding_type")
+    if (saved is None or sharding != "dp_reshardable" or args.no_load_optim or args.finetune
+            or ckpt.name == "release"):
+        return
+    then = (saved.tensor_model_parallel_size, saved.pipeline_model_parallel_size)
+    now = (args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
+    if then != now and args.use_distributed_optimizer:
+        raise ValueError(
+            f"{ckpt}: its distributed-optimizer state was saved at TP={then[0]}, PP={then[1]} in "
+            f"megatron's default layout, which loads at another data-parallel size only, not at "
+            f"TP={now[0]}, PP={now[1]}. Resume at TP={then[0]}, PP={then[1]}; or load the weights "
+            f"with a fresh optimizer (`-- --no-load-optim`); and save with "
+            f"checkpointing.optimizer_reshardable: true to move between layouts later")

@@ -7,8 +7,8 @@ as TensorBoard records them (full fp32 precision).
 bf16 (``precision.dtype: bf16``, the production path: megatron's Float16Module, fp32 main
 parameters and gradients, the distributed optimizer's main-parameter shards) is compared with a
 bf16 single process, for mesh and anchor, under TP=2 + SP, PP=2 splitting the core, PP=2 x VP=2
-and DP=2 with the distributed optimizer. fp32 keeps the four-process TP=2+SP x PP=2 and the
-fp32 distributed optimizer, and is the reference of the resume tests.
+and DP=2 with the distributed optimizer; the TP=2 and PP=2 x VP=2 checkpoints resume at TP=PP=1.
+fp32 keeps the four-process TP=2+SP x PP=2.
 
 Tolerance, fp32: parallel runs sum the same fp32 numbers in another order (TP splits matmuls and
 reduces partial sums, SP all-reduces router and norm gradients, DP averages micro-batch
@@ -31,6 +31,7 @@ missing reduction the grad norm by percents.
 """
 
 import math
+import shutil
 
 import pytest
 import torch
@@ -103,7 +104,6 @@ def assert_same_run(got, want, dtype="fp32", steps=range(1, STEPS + 1)):
             assert got[tag][step] == pytest.approx(want[tag][step], rel=rel), (tag, step, got[tag], want[tag])
 
 
-TP2 = {"parallelism.tensor": 2}
 SP = {"parallelism.tensor": 2, "parallelism.sequence_parallel": True}
 DISTOPT = {"parallelism.distributed_optimizer": True, "parallelism.overlap_grad_reduce": True,
            "parallelism.overlap_param_gather": True}
@@ -115,23 +115,41 @@ TP2_PP2 = {**SP, **PP2_SPLIT_CORE}
 # [core 1 of step 0], [step 1's core], [coda]; rank 0 holds core layer 0 in both of its chunks
 PP2_VP2 = {"parallelism.pipeline": 2, "parallelism.virtual_pipeline": 2,
            "parallelism.pipeline_stage_layers": "[2,1,2,1]"}
-FP32_CASES = {"dp2-distopt-overlap": (2, DISTOPT), "tp2-sp-pp2": (4, TP2_PP2)}
 # bf16 runs use megatron's Float16OptimizerWithFloat16Params (TP, PP) or the distributed
 # optimizer (DP, PP x VP), against the distributed optimizer at DP = 1: both keep fp32 main
-# parameters, so they must agree
+# parameters, so they must agree. (fp32 and the distributed optimizer: tests/tools/test_pretrain.py)
+DISTOPT_PP = {"parallelism.distributed_optimizer": True}
 BF16_CASES = {"tp2-sp": (2, SP), "dp2-distopt-overlap": (2, DISTOPT),
-              "pp2-split-core": (2, PP2_SPLIT_CORE),
-              "pp2-vp2-distopt": (2, {**PP2_VP2, "parallelism.distributed_optimizer": True})}
+              "pp2-split-core": (2, PP2_SPLIT_CORE), "pp2-vp2-distopt": (2, {**PP2_VP2, **DISTOPT_PP})}
+RESUMED = ("tp2-sp", "pp2-vp2-distopt")
+"""Runs that save every step: test_checkpoint_resumes_unparallelized_and_exports resumes them."""
+
+
+@pytest.fixture(scope="module")
+def bf16_runs(start, tmp_path_factory):
+    """name -> the bf16 run of BF16_CASES[name] (run once per scheme, on first use)."""
+    done = {}
+
+    def get(name):
+        if name not in done:
+            tmp = tmp_path_factory.mktemp(f"bf16-{name}")
+            nproc, settings = BF16_CASES[name]
+            saving = ({"checkpointing.interval": 1, "checkpointing.optimizer_reshardable": True}
+                      if name in RESUMED else {})
+            done[name] = {**run(tmp, start, name, nproc, "bf16", name if saving else None,
+                                **settings, **saving), "dir": tmp / name}
+        return done[name]
+
+    return get
 
 
 @pytest.mark.parametrize("name", BF16_CASES)
-def test_bf16_parallel_run_matches_single_process(tmp_path, start, bf16_reference, name):
+def test_bf16_parallel_run_matches_single_process(start, bf16_reference, bf16_runs, name):
     """PP=2 x VP=2 also proves that the core weights two chunks of one rank share (one
     parameter, borrowed by the later chunk) survive Float16Module's bf16 conversion and the
     distributed optimizer's main-parameter copies: a chunk computing with a stale copy would
     lose that copy's gradient (step-1 grad norm) and its updates (later losses)."""
-    nproc, settings = BF16_CASES[name]
-    assert_same_run(run(tmp_path, start, name, nproc, dtype="bf16", **settings), bf16_reference, "bf16")
+    assert_same_run(bf16_runs(name), bf16_reference, "bf16")
 
 
 def mesh_reference(request, start, name="reference"):
@@ -141,12 +159,10 @@ def mesh_reference(request, start, name="reference"):
     return request.getfixturevalue(name)
 
 
-@pytest.mark.parametrize("name", FP32_CASES)
-def test_fp32_parallel_run_matches_single_process(request, tmp_path, start, name):
-    """(mesh only) The 4-process TP=2+SP x PP=2 layout, and the fp32 distributed optimizer."""
+def test_fp32_tp2_sp_pp2_matches_single_process(request, tmp_path, start):
+    """(mesh only) fp32, four processes: TP=2 with SP inside each of two pipeline stages."""
     reference = mesh_reference(request, start)
-    nproc, settings = FP32_CASES[name]
-    assert_same_run(run(tmp_path, start, name, nproc, **settings), reference)
+    assert_same_run(run(tmp_path, start, "tp2-sp-pp2", 4, **TP2_PP2), reference)
 
 
 def test_bf16_resume_is_exact(request, tmp_path, start):
@@ -154,8 +170,6 @@ def test_bf16_resume_is_exact(request, tmp_path, start):
     checkpoint (bf16 weights; the optimizer's fp32 main parameters, Adam moments and step)
     logs the uninterrupted run's step 3 bit for bit and saves the same weights. (Without apex
     or TE this resume needs megatron_mesh.compat.megatron_fixes.)"""
-    import shutil
-
     from megatron_mesh.hf.export import load_checkpoint
 
     bf16_reference = mesh_reference(request, start, "bf16_reference")
@@ -196,31 +210,42 @@ def test_router_statistics_are_logged(start, bf16_reference):
     assert first == pytest.approx(math.log(slots), rel=0.05)
 
 
-@pytest.mark.parametrize("name, settings", [("tp2", TP2), ("pp2-vp2", PP2_VP2)])
-def test_checkpoint_resumes_unparallelized_and_exports(request, tmp_path, start, name, settings):
-    """(mesh only) Save at TP=2 or PP=2 x VP=2 after two steps, resume at TP=PP=1 (optimizer
-    state resharded): step three is the single-process run's step three; the parallel
-    checkpoint exports the reference's weights. The PP x VP split holds core weights on both
-    ranks (replicas, saved once) and twice on rank 0 (one tied parameter)."""
+@pytest.mark.parametrize("name", RESUMED)
+def test_checkpoint_resumes_unparallelized_and_exports(request, tmp_path, start, name):
+    """(mesh only) The bf16 TP=2+SP or PP=2 x VP=2 (distributed optimizer, saved reshardable)
+    run's step-2 checkpoint resumes at TP=PP=1 with its optimizer (state resharded): step three
+    is the single-process run's step three, and the parallel checkpoint exports the reference's
+    weights up to bf16 noise. The PP x VP split holds core weights on both ranks (replicas,
+    saved once) and twice on rank 0 (one tied parameter)."""
     from megatron_mesh.hf.export import load_checkpoint
 
-    reference = mesh_reference(request, start)
-    run(tmp_path, start, name, nproc=2, save=name, **settings, **{"training.exit_interval": 2})
-    assert (tmp_path / name / "iter_0000002").is_dir()
-    resumed = run(tmp_path, start, "resumed", nproc=1, save=name)
-    for tag in ("lm loss", "grad-norm"):
-        assert sorted(resumed[tag]) == [3]
-        assert resumed[tag][3] == pytest.approx(reference[tag][3], rel=1e-5 if tag == "lm loss" else 1e-4)
+    reference = mesh_reference(request, start, "bf16_reference")
+    parallel = request.getfixturevalue("bf16_runs")(name)
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(parallel["dir"] / "iter_0000002", resumed_dir / "iter_0000002")
+    (resumed_dir / "latest_checkpointed_iteration.txt").write_text("2")
+    optimizer = {k: v for k, v in BF16_CASES[name][1].items() if k == "parallelism.distributed_optimizer"}
+    resumed = run(tmp_path, start, "resumed", dtype="bf16", save="resumed", **optimizer)
+    assert_same_run(resumed, reference, "bf16", steps=[3])
 
-    saved, _ = load_checkpoint(str(tmp_path / name), iteration=2)
+    saved, _ = load_checkpoint(str(parallel["dir"]), iteration=2)
     saved_tp1, _ = load_checkpoint(str(reference["dir"]), iteration=2)
     assert saved.keys() == saved_tp1.keys()
-    # Adam divides each gradient element by its own RMS, so an element whose gradient is near 0
-    # turns fp32 reduction-order noise into a visible update difference: 1e-5 absolute is 0.2%
-    # of the largest possible change over the two steps (2 x lr = 6e-3)
-    for key in saved_tp1:
-        torch.testing.assert_close(saved[key], saved_tp1[key], rtol=1e-5, atol=1e-5,
-                                   msg=lambda text, key=key: f"{key}: {text}")
+    # Adam divides each gradient element by its own RMS, so where a gradient is near 0 (a sum
+    # that nearly cancels, e.g. a router bias) the layouts' bf16 rounding noise (TP+SP rounds
+    # each rank's partial sums) can change that element's update by up to 2 lr per step
+    # (|update| <= lr): 4 lr = 0.012 over two steps, plus one bf16 ulp of storage rounding.
+    # Over all weights the updates of the two runs differ by 3.1% (TP=2+SP) and 0.9% (PP=2 x
+    # VP=2) of the update itself (measured); a wrong resharding or a missing gradient reduction
+    # changes whole tensors: O(1) of the update or more. Allowed: 10%.
+    start_weights, _ = load_checkpoint(str(start[1]))
+    update = difference = 0.0
+    for key, want in saved_tp1.items():
+        diff, scale = (saved[key].float() - want.float()).abs(), want.float().abs()
+        assert (diff <= 4 * 3e-3 + 2**-7 * scale).all(), (key, diff.max())
+        difference += diff.square().sum().item()
+        update += (want.float() - start_weights[key].float()).square().sum().item()
+    assert (difference / update) ** 0.5 <= 0.1, (difference / update) ** 0.5
 
 
 def test_pipeline_replicas_stay_identical(tmp_path):

@@ -22,10 +22,10 @@ def checkpoint(tmp_path_factory):
     return tmp / "ckpt"
 
 
-def export_cli(checkpoint, out, *args):
+def export_cli(checkpoint, out):
     done = subprocess.run([sys.executable, str(REPO / "tools/convert.py"), "megatron-to-hf", "--load",
-                           str(checkpoint), "--output", str(out), *args],
-                          capture_output=True, text=True, timeout=300)
+                           str(checkpoint), "--output", str(out)], capture_output=True, text=True,
+                          timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
 
 
@@ -36,12 +36,12 @@ def test_export_loads_offline_and_matches_megatron(checkpoint, tmp_path, monkeyp
     (at most twice that distance; a wiring error would be O(1))."""
     from transformers import AutoModelForCausalLM
 
-    from megatron_mesh.hf.export import load_checkpoint, mesh_config_from_args
+    from megatron_mesh.hf.export import export, load_checkpoint, mesh_config_from_args
     from megatron_mesh.hf.mapping import megatron_to_hf_mesh
     from megatron_mesh.model import MeshGPTModel
 
     export_cli(checkpoint, tmp_path / "hf")
-    export_cli(checkpoint, tmp_path / "hf16", "--dtype", "bf16")
+    export(str(checkpoint), str(tmp_path / "hf16"), dtype="bf16")  # what --dtype bf16 calls
     assert (tmp_path / "hf" / "README.md").read_text().count("1+2R2+1") == 1
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", trust_remote_code=True).eval()
