@@ -128,7 +128,7 @@ def check(ctx: Context) -> CheckResult:
                "worst_error_over_bound": worst, "error_over_bound": ratios}
     summary = (f"B,s,b,h={profile.cycle_shape} bf16 fwd+bwd: eager {eager_s * 1e3:.2f} ms, "
                f"compiled ({profile.cycle_backend}) {compiled_s * 1e3:.2f} ms (x{speedup:.2f}); "
-               f"worst error {worst:.2f} of its rounding bound")
+               f"worst error {worst:.3f} of its rounding bound")
     ok = worst <= 1.0 and (speedup > 1.0 or not profile.cycle_must_be_faster)
     if profile.cycle_must_be_faster and speedup <= 1.0:
         summary += "; compiled is NOT faster"
