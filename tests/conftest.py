@@ -2,14 +2,22 @@ import os
 import sys
 from pathlib import Path
 
-import pytest
-import torch
+# The suite means the CPU wherever it runs: on a GPU machine its tolerances, gloo ranks and CPU
+# shims would otherwise meet CUDA (TE, NCCL, TF32, both ranks on GPU 0). Hidden before torch first
+# queries CUDA; torchrun ranks and other subprocesses inherit it.
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 sys.path.insert(0, str(REPO))
 
 import megatron_mesh  # noqa: E402,F401  (CPU shims before megatron.core)
+
+if torch.cuda.is_available():
+    raise RuntimeError("tests/conftest.py: CUDA was initialized before the suite could hide the GPUs")
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

@@ -54,6 +54,8 @@ def selected(names, available):
 def main(argv=None):
     args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # exports load from disk; never reach a hub
+    if args.tiny:  # the CPU stand-in runs on the CPU on a GPU machine too (before torch sees CUDA)
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
     import megatron_mesh  # noqa: F401  (CPU shims before megatron.core)
     import torch
 

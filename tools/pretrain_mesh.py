@@ -37,11 +37,22 @@ def parse_args(argv):
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set training.train_iters=100")
     parser.add_argument("--cpu", action="store_true",
-                        help="train on the CPU with gloo (tests, demos); required when no GPU is visible, "
-                             "so a GPU node with a broken driver fails instead of silently using CPUs")
+                        help="train on the CPU with gloo (tests, demos), even where GPUs are visible "
+                             "(they are hidden from the run); required when no GPU is visible, so a "
+                             "GPU node with a broken driver fails instead of silently using CPUs")
     parser.add_argument("--print-args", action="store_true",
                         help="print the Megatron arguments the config maps to and exit")
     return parser.parse_args(argv)
+
+
+def hide_gpus() -> None:
+    """``--cpu`` means the CPU wherever the run starts. CUDA reads CUDA_VISIBLE_DEVICES once, when
+    torch first queries it (``import megatron_mesh`` does, to decide on the CPU shims), so hiding
+    every GPU before that makes gloo, CPU initialization and the shims follow; without it a GPU
+    machine would run the "CPU" run on CUDA (TE, NCCL, TF32) and put every rank on GPU 0."""
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    if "torch" in sys.modules and sys.modules["torch"].cuda.is_initialized():
+        sys.exit("error: --cpu: CUDA was initialized before the GPUs could be hidden")
 
 
 def build_megatron_argv(config, overrides, passthrough, cpu_run=False):
@@ -99,12 +110,14 @@ def run(megatron_args):
 
 
 def main(argv=None):
+    ours, passthrough = split_passthrough(sys.argv[1:] if argv is None else argv)
+    args = parse_args(ours)
+    if args.cpu:
+        hide_gpus()
     import megatron_mesh  # noqa: F401  (CPU shims before megatron.core)
     from megatron_mesh.compat import cpu
     from megatron_mesh.yaml_config import ConfigError
 
-    ours, passthrough = split_passthrough(sys.argv[1:] if argv is None else argv)
-    args = parse_args(ours)
     if not (args.cpu or cpu.cuda_available()):
         sys.exit("error: no CUDA device is visible; pass --cpu to train on the CPU (tests, demos)")
     try:

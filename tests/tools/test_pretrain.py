@@ -93,3 +93,23 @@ def test_refuses_to_fall_back_to_cpu_silently(tmp_path):
     out = subprocess.run([sys.executable, str(REPO / "tools" / "pretrain_mesh.py"), "--config",
                           str(CONFIG)], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert out.returncode != 0 and "no CUDA device is visible; pass --cpu" in out.stderr
+
+
+# A GPU machine as torch sees one: CUDA is available unless CUDA_VISIBLE_DEVICES hides every GPU.
+VISIBLE_GPU = """
+import os, runpy, sys, torch
+torch.cuda.is_available = lambda: os.environ.get("CUDA_VISIBLE_DEVICES") != ""
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_cpu_flag_means_the_cpu_where_a_gpu_is_visible(tmp_path):
+    environment = {k: v for k, v in env().items() if k != "CUDA_VISIBLE_DEVICES"}
+    out = subprocess.run([sys.executable, "-c", VISIBLE_GPU, str(REPO / "tools" / "pretrain_mesh.py"),
+                          "--config", str(CONFIG), "--cpu", "--print-args"],
+                         capture_output=True, text=True, cwd=REPO, timeout=120, env=environment)
+    assert out.returncode == 0, out.stderr
+    argv = out.stdout.split()
+    assert argv[argv.index("--distributed-backend") + 1] == "gloo"
+    assert "--use-cpu-initialization" in argv and "--no-gradient-accumulation-fusion" in argv
