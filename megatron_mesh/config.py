@@ -77,16 +77,23 @@ class MeshConfig(TransformerConfig):
         self.parsed_layout: Layout = parse_layout(self.layout) if self.layout else None
         self._validate_mesh_fields()
         self.num_layers = self.parsed_layout.n_compute
-        if self.gelu_approximation == "tanh":
-            # megatron's fused bias-GELU (fusions/fused_bias_gelu.py) is the tanh form
-            self.activation_func = functools.partial(F.gelu, approximate="tanh")
-        else:
-            self.activation_func = F.gelu
-            self.bias_activation_fusion = False
+        self._set_activation()
         if not torch.cuda.is_available():
             # megatron allocates parameters on the current CUDA device unless told otherwise
             self.use_cpu_initialization = True
         super().__post_init__()
+
+    def _set_activation(self) -> None:
+        # megatron's fused bias-GELU (fusions/fused_bias_gelu.py: bias_gelu) computes exactly the
+        # tanh form, but its MLP takes the fused path only for activation_func is F.gelu
+        # (transformer/mlp.py), which unfused is the erf form. So tanh is F.gelu when fused and
+        # spelled out when not; erf never fuses (no erf kernel).
+        if self.gelu_approximation == "tanh":
+            self.activation_func = (F.gelu if self.bias_activation_fusion
+                                    else functools.partial(F.gelu, approximate="tanh"))
+        else:
+            self.activation_func = F.gelu
+            self.bias_activation_fusion = False
 
     @property
     def num_loops(self) -> int:

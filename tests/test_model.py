@@ -160,3 +160,27 @@ def test_layer_refuses_paths_that_bypass_parallel_residual(megatron_world, overr
     cfg = tiny_config(**overrides)
     with pytest.raises(ValueError, match=f"{field}.* is not supported by the GPT-NeoX parallel-residual layer"):
         build_module(local_block_spec().layer, config=cfg, layer_number=1)
+
+
+def test_tanh_gelu_runs_megatrons_fused_bias_gelu(megatron_world, monkeypatch):
+    """With bias_activation_fusion the MLP takes megatron's fused bias-GELU (the tanh form) and
+    computes what the unfused tanh GELU does; erf never fuses (megatron has no erf kernel)."""
+    from megatron.core.transformer import mlp
+
+    calls = []
+    fused = mlp.bias_gelu_impl
+    monkeypatch.setattr(mlp, "bias_gelu_impl", lambda *a: calls.append(1) or fused(*a))
+    assert not tiny_config("2", "vanilla", gelu_approximation="none",
+                           bias_activation_fusion=True).bias_activation_fusion
+    outputs = []
+    for fusion in (True, False):
+        model = build(tiny_config("2", "vanilla", bias_activation_fusion=fusion))
+        tokens, positions = random_batch(model.config)
+        loss = model(tokens, positions, labels=torch.roll(tokens, -1, 1)).mean()
+        loss.backward()
+        outputs.append((loss.detach(), [p.grad for p in model.parameters()]))
+    assert len(calls) == 2  # the fused model's two layers; the unfused one never calls it
+    (fused_loss, fused_grads), (plain_loss, plain_grads) = outputs
+    torch.testing.assert_close(fused_loss, plain_loss, rtol=1e-6, atol=1e-6)
+    for a, b in zip(fused_grads, plain_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

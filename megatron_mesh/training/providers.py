@@ -24,7 +24,7 @@ from megatron_mesh.training.router_log import ROUTER_LOG
 
 # TransformerConfig fields a MeshConfig derives itself from the model section.
 _DERIVED = {"num_layers", "activation_func", "init_method", "output_layer_init_method",
-            "embedding_init_method", "bias_activation_fusion"}
+            "embedding_init_method"}
 
 
 def mesh_config_from_args(args) -> MeshConfig:
