@@ -117,6 +117,7 @@ class MeshConfig(TransformerConfig):
                 f"{layout.n_compute}"
             )
         self._validate_slots()
+        self._refuse_low_bit_formats()
         if self.hidden_size <= 0 or self.num_attention_heads <= 0:
             raise ValueError(
                 f"hidden_size={self.hidden_size}, num_attention_heads={self.num_attention_heads}: "
@@ -135,6 +136,19 @@ class MeshConfig(TransformerConfig):
             )
         if not 0.0 < self.rotary_percent <= 1.0:
             raise ValueError(f"rotary_percent={self.rotary_percent}: expected 0 < value <= 1")
+
+    def _refuse_low_bit_formats(self) -> None:
+        # TransformerEngine keeps fp8/fp4 scaling state (amax history, scales) per module and
+        # megatron enters its autocast per layer in TransformerBlock.forward, which this block
+        # replaces; a weight-shared core applied K times would also need one state per
+        # application, not one per module. Until that exists, refuse rather than train in bf16
+        # while the run says fp8.
+        for name in ("fp8", "fp4"):
+            if getattr(self, name, None):
+                raise ValueError(
+                    f"{name}={getattr(self, name)!r}: {name} training is not supported by the "
+                    f"recursive block (no per-application {name} state for the looped core); "
+                    f"remove --{name}-format and train in bf16 (precision.dtype: bf16)")
 
     def _validate_slots(self) -> None:
         if self.state_scheme != "mesh":

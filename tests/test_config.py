@@ -50,6 +50,8 @@ def test_scheme_aliases_and_combinations():
         (dict(num_layers=5), "num_layers", "N_compute is 6"),
         (dict(gelu_approximation="fast"), "gelu_approximation", "expected one of"),
         (dict(rotary_percent=0.0), "rotary_percent", "expected"),
+        (dict(fp8="hybrid"), "fp8", "not supported by the recursive block"),
+        (dict(fp4="e2m1"), "fp4", "not supported by the recursive block"),
     ],
 )
 def test_bad_configuration_names_field_value_and_allowed(kwargs, field, detail):

@@ -93,12 +93,13 @@ def run(megatron_args):
             cfg = pretrain_cfg_container_from_args(args)
         try:
             resume.check_resume_model(args)
+            config = providers.mesh_config_from_args(args)
         except ValueError as err:
             sys.exit(f"error: {err}")
         if cpu.cuda_available() and not args.gradient_accumulation_fusion:
             print(f"[mesh] gradient accumulation fusion off (apex's fused_weight_gradient_mlp_cuda "
                   f"is not installed, or --no-gradient-accumulation-fusion was passed)", flush=True)
-        throughput.install(providers.mesh_config_from_args(args), args)
+        throughput.install(config, args)
         ROUTER_LOG.enabled = args.mesh_router_metrics
         pretrain(
             cfg,
