@@ -1,9 +1,10 @@
-"""Finding the iteration directory of a Megatron checkpoint save directory."""
+"""Finding the iteration directory of a Megatron checkpoint save directory, and loading one
+saved under another layer spec."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 TRACKER = "latest_checkpointed_iteration.txt"
 
@@ -35,3 +36,35 @@ def iteration_dir(path, iteration: Optional[int] = None) -> Path:
         raise CheckpointError(f"{found}: no torch_dist checkpoint"
                               + (f" for iteration {iteration}" if iteration is not None else ""))
     return found
+
+
+def keep_missing_extra_state(sharded_state_dict, checkpoint_dir) -> List[str]:
+    """Let a TransformerEngine model load a checkpoint saved without TE's ``_extra_state``.
+
+    TE modules hold their fp8 scaling state in ``_extra_state`` entries, which megatron-core
+    shards as ShardedObjects; a checkpoint written under the local spec (the CPU, ``convert.py
+    hf-to-megatron``) has none for modules whose local counterpart keeps no extra state (e.g.
+    the final norm), and torch's checkpoint planner stops on the first missing key. A missing
+    extra state means "none saved", which is what a fresh module holds: such entries become
+    LocalNonpersistentObjects, so the load hands each module its own current state back.
+    Changes ``sharded_state_dict`` in place; returns the keys it kept. Only ``_extra_state``
+    entries are ever kept: a missing weight still fails the load.
+    """
+    from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace
+    from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject, ShardedObject
+    from torch.distributed.checkpoint import FileSystemReader
+
+    if not (Path(checkpoint_dir) / ".metadata").is_file():  # not torch_dist: nothing to check
+        return []
+    saved = FileSystemReader(str(checkpoint_dir)).read_metadata().state_dict_metadata
+    kept: List[str] = []
+
+    def keep_if_missing(value):
+        if (isinstance(value, ShardedObject) and value.key.endswith("._extra_state")
+                and value.unique_key not in saved):
+            kept.append(value.key)
+            return LocalNonpersistentObject(value.data)
+        return value
+
+    dict_list_map_inplace(keep_if_missing, sharded_state_dict)
+    return kept

@@ -62,6 +62,34 @@ def _resume_distributed_optimizer_with_torch_adam() -> None:
     cls._set_main_param_and_optimizer_states = set_states_but_step
 
 
+def _load_checkpoints_of_another_spec() -> None:
+    # training/checkpointing.py:1601 (_load_base_checkpoint) loads with the model's sharded
+    # state dict, which under the TransformerEngine spec asks for TE's _extra_state entries; a
+    # checkpoint saved under the local spec (CPU, convert.py hf-to-megatron) lacks some, and
+    # torch's load planner raises "Missing key in checkpoint state_dict" (megatron's default
+    # strictness, assume_ok_unexpected, does not look for missing keys). Keep those modules'
+    # fresh extra state instead (megatron_mesh.checkpoints.keep_missing_extra_state).
+    from megatron.core import dist_checkpointing
+
+    from megatron_mesh.checkpoints import keep_missing_extra_state
+
+    load = dist_checkpointing.load
+    if getattr(load, "_mesh_fixed", False):
+        return
+
+    def load_keeping_missing_extra_state(sharded_state_dict, checkpoint_dir, *args, **kwargs):
+        kept = keep_missing_extra_state(sharded_state_dict, checkpoint_dir)
+        if kept and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
+            print(f"[mesh] {checkpoint_dir}: no saved state for {len(kept)} _extra_state entries "
+                  f"(TransformerEngine fp8 metadata; e.g. {kept[0]}): those modules keep their "
+                  f"fresh state", flush=True)
+        return load(sharded_state_dict, checkpoint_dir, *args, **kwargs)
+
+    load_keeping_missing_extra_state._mesh_fixed = True
+    dist_checkpointing.load = load_keeping_missing_extra_state
+
+
 def apply_trainer() -> None:
     """Fixes for megatron.training runs; call before ``pretrain``."""
     _resume_distributed_optimizer_with_torch_adam()
+    _load_checkpoints_of_another_spec()
