@@ -22,10 +22,10 @@ timed with ``torch.cuda.synchronize()`` before every clock read on a GPU, plain
 - tokens/s = batch x seq / median step time;
 - TFLOP/s = tokens/s x training FLOPs per token / 1e12, with FLOPs per token from
   ``megatron_mesh.stats.train_flops_per_token`` at the benchmark's sequence length (the numbers
-  ``tools/model_stats.py --seq-length`` prints): training = 3 x forward (6 FLOPs per matmul
-  weight per token, attention 12 * s * h per layer application, the LM head), **every
-  application of the looped core counted** (N_compute layers), routers included, activation
-  recompute *not* counted (model FLOPs, as in PaLM's MFU);
+  ``tools/model_stats.py --seq-length`` prints), megatron-core's convention: training = 3 x
+  forward (6 FLOPs per matmul weight per token, causal attention 6 * s * q per layer
+  application, the LM head), **every application of the looped core counted** (N_compute
+  layers), routers included, activation recompute *not* counted (model FLOPs);
 - MFU = TFLOP/s / ``--peak-tflops`` (default on a GPU: the dense bf16 peak of
   ``megatron_mesh.training.throughput.PEAK_TFLOPS_BF16`` for bf16/fp16 runs; none on the CPU or
   for fp32 runs unless given);

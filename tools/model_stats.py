@@ -5,12 +5,18 @@
 
 No memory is allocated for weights and no GPU is needed. ``router`` counts the parameters of the
 state scheme (MeSH routers, or the E.2 combination coefficients).
+
+Training FLOPs per token follow megatron-core's convention (``megatron_mesh.stats``: 3 x forward,
+core attention halved for the causal mask, every core application counted, routers included),
+the number the trainer's TFLOP/s and MFU use. For a vanilla layout megatron-core's own
+``num_floating_point_operations`` is printed beside it; the two are equal.
 """
 
 import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -28,24 +34,68 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def build_stats(config_path, overrides=(), seq_length=None):
+def load_config(config_path, overrides=()):
+    """The config's MeshConfig, with CPU initialisation: otherwise megatron/TE would allocate on
+    the GPU despite the meta device."""
+    from megatron_mesh.yaml_config import load_model_config
+
+    return load_model_config(
+        config_path, overrides, perform_initialization=False, use_cpu_initialization=True
+    )
+
+
+def stats_of(cfg, seq_length=None):
+    """``model_stats`` of the model built on the meta device with the local spec (the parameter
+    shapes are the same under every spec)."""
     import torch
 
     from megatron_mesh.layers import local_block_spec
     from megatron_mesh.model import MeshGPTModel
     from megatron_mesh.parallel.process_groups import initialize_single_process
     from megatron_mesh.stats import model_stats
-    from megatron_mesh.yaml_config import load_model_config
 
-    # CPU initialisation and the local spec, or megatron/TE would allocate on the GPU despite
-    # the meta device; the parameter shapes are the same under every spec.
-    cfg = load_model_config(
-        config_path, overrides, perform_initialization=False, use_cpu_initialization=True
-    )
     initialize_single_process()
     with torch.device("meta"):
         model = MeshGPTModel(cfg, spec=local_block_spec())
     return model_stats(model, seq_length or cfg.max_sequence_length)
+
+
+def build_stats(config_path, overrides=(), seq_length=None):
+    """``stats_of`` a config file (with ``--set`` overrides)."""
+    return stats_of(load_config(config_path, overrides), seq_length)
+
+
+def megatron_flops_per_token(cfg, seq_length: int) -> Optional[float]:
+    """megatron-core's own count (``num_floating_point_operations`` on its parsed arguments) for
+    a vanilla layout, None for a looped one (which megatron does not model). Only the shape flags
+    are given; every other argument keeps Megatron's default, which is what our runs use (dense
+    GELU MLP: no SwiGLU, MoE, MTP, MLA or linear attention)."""
+    if cfg.parsed_layout.recursive:
+        return None
+    from megatron.training.arguments import add_megatron_arguments
+    from megatron.training.training import num_floating_point_operations
+
+    flags = {"num-layers": cfg.num_layers, "hidden-size": cfg.hidden_size,
+             "ffn-hidden-size": cfg.ffn_hidden_size, "num-attention-heads": cfg.num_attention_heads,
+             "kv-channels": cfg.kv_channels, "seq-length": seq_length,
+             "padded-vocab-size": cfg.vocab_size}
+    argv = [f"--{name}={value}" for name, value in flags.items()]
+    if cfg.num_query_groups != cfg.num_attention_heads:
+        argv += ["--group-query-attention", f"--num-query-groups={cfg.num_query_groups}"]
+    args = add_megatron_arguments(argparse.ArgumentParser(allow_abbrev=False)).parse_args(argv)
+    return num_floating_point_operations(args, batch_size=1) / seq_length
+
+
+def flops_rows(cfg, stats) -> list:
+    """The FLOP rows: the convention, ours, and megatron-core's for a vanilla layout."""
+    convention = "megatron-core's (causal attention halved), every core application counted"
+    rows = [("FLOP convention", convention),
+            (f"training FLOPs/token (seq {stats.seq_length})", f"{stats.train_flops_per_token:.4e}")]
+    theirs = megatron_flops_per_token(cfg, stats.seq_length)
+    if theirs is not None:
+        same = "equal" if theirs == stats.train_flops_per_token else "DIFFERS from ours"
+        rows.append(("megatron-core FLOPs/token", f"{theirs:.4e} ({same})"))
+    return rows
 
 
 def main(argv=None):
@@ -53,11 +103,13 @@ def main(argv=None):
 
     args = parse_args(argv)
     try:
-        stats = build_stats(args.config, args.overrides, args.seq_length)
+        cfg = load_config(args.config, args.overrides)
     except ConfigError as err:
         sys.exit(f"error: {err}")
+    stats = stats_of(cfg, args.seq_length)
     if args.json:
-        print(json.dumps(stats.as_dict()))
+        theirs = megatron_flops_per_token(cfg, stats.seq_length)
+        print(json.dumps(dict(stats.as_dict(), megatron_train_flops_per_token=theirs)))
         return
     rows = [
         ("config", args.config),
@@ -68,7 +120,7 @@ def main(argv=None):
         ("embedding parameters", f"{stats.embedding_params:,}"),
         ("non-embedding parameters", f"{stats.non_embedding_params:,}"),
         ("router parameters", f"{stats.router_params:,}"),
-        (f"training FLOPs/token (seq {stats.seq_length})", f"{stats.train_flops_per_token:.4e}"),
+        *flops_rows(cfg, stats),
     ]
     width = max(len(name) for name, _ in rows)
     for name, value in rows:

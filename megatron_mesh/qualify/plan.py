@@ -14,6 +14,7 @@ from typing import List, Sequence
 
 from megatron_mesh.qualify.launch import REPO
 from megatron_mesh.qualify.profiles import Profile, TrainerModel
+from megatron_mesh.training.throughput import peak_tflops_of
 
 STARTUP_S = 30.0
 """Per torchrun launch on a GPU node: Python + megatron-core + TransformerEngine imports (~8 s
@@ -23,8 +24,8 @@ from inductor's on-disk cache after the first launch (cold: +15-20 s once)."""
 MFU = 0.35
 """Assumed for the estimate (Megatron reports ~41% for a 1.7B GPT on H100; small models and
 short runs do worse)."""
-PEAK_TFLOPS = 989.0
-"""H100 SXM dense bf16."""
+PEAK_TFLOPS = peak_tflops_of("NVIDIA H100 80GB HBM3")
+"""H100 SXM dense bf16 (the trainer's MFU table)."""
 SAVE_GBPS = 1.0
 """Checkpoint write and read speed assumed for local NVMe."""
 IN_PROCESS_S = {"versions": 2, "specs": 15, "attention": 5, "cycle": 40}

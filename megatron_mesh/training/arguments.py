@@ -171,6 +171,7 @@ def _model_args(tree: dict, origins: Dict[str, str]) -> List[str]:
         *_flag("hidden-size", cfg.hidden_size),
         *_flag("ffn-hidden-size", cfg.ffn_hidden_size),
         *_flag("num-attention-heads", cfg.num_attention_heads),
+        *_flag("kv-channels", cfg.kv_channels),
         *_flag("max-position-embeddings", cfg.max_sequence_length),
         *_flag("position-embedding-type", "rope"),
         *_flag("rotary-percent", cfg.rotary_percent),

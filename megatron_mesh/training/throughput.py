@@ -5,10 +5,16 @@ numbers ``tools/model_stats.py`` prints), and every log interval adds one line:
 consumed tokens, tokens/s, TFLOP/s per device, MFU, peak memory (the largest over all ranks:
 CUDA's max allocated on a GPU, the process's peak RSS on the CPU) and ETA, also sent to
 TensorBoard / W&B. ``tools/gpu_check.py`` reads its throughput rows from this line.
+
+MFU divides by ``logging.peak_tflops`` or else the datasheet peak of the device each rank runs
+on (``PEAK_TFLOPS_BF16``), looked up at the first line: ``install`` runs before megatron's
+``pretrain`` sets each rank's device, and a CUDA query then would open a context on GPU 0 in
+every rank.
 """
 
 from __future__ import annotations
 
+import re
 import resource
 import time
 from typing import Optional, Tuple
@@ -19,15 +25,34 @@ import torch.distributed as dist
 from megatron_mesh.config import MeshConfig
 from megatron_mesh.stats import train_flops_per_token
 
-PEAK_TFLOPS_BF16 = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "B200": 2250.0}
-"""Dense bf16 peak per device, by GPU name, for MFU when logging.peak_tflops is not given."""
+PEAK_TFLOPS_BF16: Tuple[Tuple[str, float], ...] = (
+    (r"\bH100 PCIe\b", 756.0),
+    (r"\bH100 NVL\b", 835.0),
+    (r"\bH100 80GB HBM3\b", 989.0),  # SXM5
+    (r"\bH200 NVL\b", 835.0),
+    (r"\bGH200\b", 989.0),  # Grace Hopper, 480GB and 144GB alike
+    (r"\bH200\b", 989.0),  # SXM ("NVIDIA H200"); the NVL board matched above
+    (r"\bA100\b", 312.0),  # SXM4 and PCIe, 40 and 80 GB alike
+    (r"\bB200\b", 2250.0),  # HGX B200; not GB200 ("\b"), whose peak differs
+)
+"""Dense (non-sparse) bf16 tensor-core peak TFLOP/s of one device from NVIDIA's datasheets, by a
+pattern searched in ``torch.cuda.get_device_name``; the first match wins, so the PCIe and NVL
+boards (lower clocks and power than SXM under the same chip name) come before the SXM entries.
+A device no entry matches gets no MFU rather than another variant's peak: set
+logging.peak_tflops for it."""
+
+
+def peak_tflops_of(name: str) -> Optional[float]:
+    """``PEAK_TFLOPS_BF16`` of a device name, None when the variant is not listed."""
+    return next((peak for pattern, peak in PEAK_TFLOPS_BF16 if re.search(pattern, name)), None)
 
 
 def default_peak_tflops() -> Optional[float]:
+    """Dense bf16 peak of the current CUDA device, None without CUDA or for an unknown device.
+    Call only once the process's device is set: a query before creates a context on GPU 0."""
     if not torch.cuda.is_available():
         return None
-    name = torch.cuda.get_device_name()
-    return next((peak for key, peak in PEAK_TFLOPS_BF16.items() if key in name), None)
+    return peak_tflops_of(torch.cuda.get_device_name(torch.cuda.current_device()))
 
 
 def peak_memory() -> Tuple[int, str]:
@@ -51,10 +76,19 @@ def peak_memory_over_ranks() -> Tuple[int, str]:
 class ThroughputLogger:
     """Wraps megatron.training.training.training_log to add the recursive-aware line."""
 
-    def __init__(self, per_token: float, peak_tflops: Optional[float]):
+    def __init__(self, per_token: float, peak_tflops: Optional[float] = None):
         self.per_token = per_token  # training FLOPs per token, megatron_mesh.stats
-        self.peak_tflops = peak_tflops
+        self._peak = peak_tflops  # TFLOP/s of one device; None: the device's, at the first line
+        self._peak_known = peak_tflops is not None
         self.last: Optional[tuple] = None  # (wall time, iteration) of the previous log line
+
+    @property
+    def peak_tflops(self) -> Optional[float]:
+        """The given peak, else the current device's, looked up on first use: that is in the
+        first line, after megatron has set this rank's device (no CUDA query before)."""
+        if not self._peak_known:
+            self._peak, self._peak_known = default_peak_tflops(), True
+        return self._peak
 
     def num_floating_point_operations(self, args, batch_size, *_unused, **_kwargs) -> float:
         return float(batch_size * args.seq_length * self.per_token)
@@ -77,8 +111,9 @@ class ThroughputLogger:
             "tflops-per-device": tflops,
             "eta-seconds": (args.train_iters - iteration) * seconds_per_iter,
         }
-        if self.peak_tflops:
-            stats["mfu"] = tflops / self.peak_tflops
+        peak = self.peak_tflops
+        if peak:
+            stats["mfu"] = tflops / peak
         return stats
 
 
@@ -100,8 +135,7 @@ def install(config: MeshConfig, args) -> ThroughputLogger:
     from megatron.training import training
     from megatron.training.utils import print_rank_last
 
-    logger = ThroughputLogger(train_flops_per_token(config, args.seq_length),
-                              args.mesh_peak_tflops or default_peak_tflops())
+    logger = ThroughputLogger(train_flops_per_token(config, args.seq_length), args.mesh_peak_tflops)
     training.num_floating_point_operations = logger.num_floating_point_operations
     original = training.training_log
 

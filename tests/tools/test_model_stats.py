@@ -44,8 +44,20 @@ def test_json_output_and_flops_count_every_core_application():
     h, s, v, layers = 2048, 4096, 50304, 24
     per_layer = 3 * h * h + h * h + 2 * h * 4 * h
     routers = 3 * 2 * 2048 * 5
-    expected = 6 * (layers * per_layer + routers) + 12 * layers * s * h + 6 * h * v
+    # megatron-core's convention: core attention 12 * s * q per application, halved (causal)
+    expected = 6 * (layers * per_layer + routers) + 6 * layers * s * h + 6 * h * v
     assert stats["train_flops_per_token"] == expected
+    assert stats["megatron_train_flops_per_token"] is None  # looped: megatron has no count
+
+
+def test_vanilla_flops_printed_beside_megatron_cores_own_count():
+    out = run_tool("--config", "configs/pythia-1.4b-24-vanilla.yml")
+    assert out.returncode == 0, out.stderr
+    assert "FLOP convention                  megatron-core's (causal attention halved)" in out.stdout
+    assert "training FLOPs/token (seq 4096)  9.0739e+09" in out.stdout
+    assert "megatron-core FLOPs/token        9.0739e+09 (equal)" in out.stdout
+    stats = json.loads(run_tool("--config", "configs/pythia-160m-12-vanilla.yml", "--json").stdout)
+    assert stats["megatron_train_flops_per_token"] == stats["train_flops_per_token"] == 967_901_184
 
 
 def test_all_configs_build_on_meta_device():

@@ -1,0 +1,109 @@
+"""The throughput line's MFU peak: the device's own variant, looked up only after megatron has set
+each rank's device (no CUDA query, hence no context on GPU 0, when the logger is installed)."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from conftest import tiny_config
+
+NAMES = {
+    # what torch.cuda.get_device_name returns -> dense bf16 peak (TFLOP/s)
+    "NVIDIA H100 80GB HBM3": 989.0,  # SXM5
+    "NVIDIA H100 PCIe": 756.0,
+    "NVIDIA H100 NVL": 835.0,
+    "NVIDIA H200": 989.0,  # SXM
+    "NVIDIA H200 NVL": 835.0,
+    "NVIDIA GH200 480GB": 989.0,
+    "NVIDIA A100-SXM4-80GB": 312.0,
+    "NVIDIA A100-SXM4-40GB": 312.0,
+    "NVIDIA A100 80GB PCIe": 312.0,
+    "NVIDIA A100-PCIE-40GB": 312.0,
+    "NVIDIA B200": 2250.0,
+    # not listed: no MFU rather than a neighbour's peak
+    "NVIDIA GB200": None,
+    "NVIDIA H100": None,  # no variant in the name
+    "NVIDIA H800": None,
+    "NVIDIA L40S": None,
+}
+
+
+@pytest.mark.parametrize("name, peak", sorted(NAMES.items()))
+def test_peak_is_the_variants(name, peak):
+    from megatron_mesh.training.throughput import peak_tflops_of
+
+    assert peak_tflops_of(name) == peak
+
+
+class FakeCuda:
+    """torch.cuda on a 4-GPU host as megatron's pretrain uses it: ``set_device`` picks this
+    rank's device; every name query is recorded with the device it asked about."""
+
+    def __init__(self):
+        self.names = ["NVIDIA H100 80GB HBM3", "NVIDIA H100 80GB HBM3", "NVIDIA H100 80GB HBM3",
+                      "NVIDIA H100 PCIe"]  # device 3 differs, so the answer shows who was asked
+        self.device, self.queries = 0, []
+
+    def current_device(self):
+        return self.device
+
+    def get_device_name(self, device=None):
+        device = self.device if device is None else device
+        self.queries.append(device)
+        return self.names[device]
+
+
+@pytest.fixture
+def installed(monkeypatch):
+    """``throughput.install`` for a rank whose device megatron will set to 3, on a fake CUDA and
+    a fake megatron ``training_log`` (both restored afterwards), with a clock of 1 s per call."""
+    from megatron.training import training
+
+    from megatron_mesh.training import throughput
+
+    config = tiny_config()  # before CUDA looks available: MeshConfig reads it
+    cuda = FakeCuda()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", cuda.current_device)
+    monkeypatch.setattr(torch.cuda, "get_device_name", cuda.get_device_name)
+    monkeypatch.setattr(training, "training_log", lambda *args, **kwargs: None)
+    monkeypatch.setattr(training, "num_floating_point_operations", training.num_floating_point_operations)
+    monkeypatch.setattr(throughput, "peak_memory_over_ranks", lambda: (2**30, "fake"))
+    monkeypatch.setattr(throughput, "time", SimpleNamespace(time=iter(range(100)).__next__))
+
+    def install(peak_tflops=None):
+        args = SimpleNamespace(seq_length=16, mesh_peak_tflops=peak_tflops, log_interval=10,
+                               global_batch_size=4, world_size=1, consumed_train_samples=80,
+                               train_iters=100)
+        return throughput.install(config, args), training
+
+    return install, cuda
+
+
+def log(training, iteration):
+    training.training_log({}, {}, 1e-3, iteration)
+
+
+def test_device_peak_is_looked_up_after_megatron_sets_the_device(installed, capsys):
+    install, cuda = installed
+    logger, training = install()
+    assert cuda.queries == []  # installed before pretrain: no CUDA query yet
+    cuda.device = 3  # megatron's initialize: torch.cuda.set_device(local_rank)
+    log(training, 10)  # the first call starts the clock
+    assert cuda.queries == []
+    log(training, 20)
+    assert cuda.queries == [3] and logger.peak_tflops == 756.0
+    assert "MFU:" in capsys.readouterr().out
+    log(training, 30)
+    assert cuda.queries == [3]  # looked up once
+
+
+def test_a_given_peak_never_queries_the_device(installed, capsys):
+    install, cuda = installed
+    logger, training = install(peak_tflops=500.0)
+    cuda.device = 3
+    for iteration in (10, 20):
+        log(training, iteration)
+    assert cuda.queries == [] and logger.peak_tflops == 500.0
+    assert "MFU:" in capsys.readouterr().out
