@@ -110,16 +110,20 @@ class RecursiveMeshTransformerBlock(MegatronModule):
             ops = {op.index: op for op in layer_ops if op.segment == segment and op.module == module}
             return nn.ModuleDict({str(i): build(ops[i]) for i in sorted(ops)})
 
+        # Registered in the order of first use (prelude, scheme: its transitional step follows
+        # the prelude, cores, coda): megatron's DDP chains the parameter all-gathers of
+        # overlap_param_gather in registration order, and a bucket used before its turn costs
+        # the overlap ("next bucket's parameter all-gather ... already dispatched").
         self.prelude = held("prelude")
-        self.cores = nn.ModuleList(held("core", c) for c in range(len(layout.core_modules)))
-        self.coda = held("coda")
         self.scheme = None
         if any(op.kind != "layer" for op in self.ops):
             with _param_device(config):
                 self.scheme = build_scheme(config.state_scheme, config.hidden_size,
                                            layout.num_loops, config.buffer_slots or 0,
-                                           config.init_method)
+                                           config.init_method, config.cycle_compile_fallback)
             _mark_sequence_parallel(self.scheme, config.sequence_parallel)
+        self.cores = nn.ModuleList(held("core", c) for c in range(len(layout.core_modules)))
+        self.coda = held("coda")
         self.final_layernorm = None
         if self.is_last_stage:
             self.final_layernorm = build_module(spec.final_layernorm, config=config,
@@ -197,7 +201,7 @@ class RecursiveMeshTransformerBlock(MegatronModule):
                     record("h0", h)
                 else:
                     record(f"core{op.index}", x["h"])  # f_core(h(t)), before the scheme mixes it
-                    h, loop_state = self.scheme.step(op.index, x["h_loop"], x["h"], x["state"])
+                    h, loop_state = self.scheme(op.index, x["h_loop"], x["h"], x["state"])
                     record(f"h{op.index + 1}", h)
                 x = {"h": h, "h_loop": h, "state": loop_state}
             flush()

@@ -51,13 +51,14 @@ class ParallelResidualTransformerLayer(TransformerLayer):
         refuse_unsupported(unsupported, "the GPT-NeoX parallel-residual layer")
 
     def forward(self, hidden_states, *args, **kwargs):
-        # [s, b, h] -> [s, b, h]
+        # [s, b, h] -> [s, b, h]. Attention first, then the MLP: the order the submodules are
+        # registered in, which megatron's DDP chains overlap_param_gather's all-gathers by.
+        # x + attn(ln1(x)) through megatron's own attention path
+        attn_residual, context = self._forward_attention(hidden_states, *args, **kwargs)
         ln2_out = self._forward_pre_mlp_layernorm(hidden_states)
         if isinstance(ln2_out, tuple):  # fused norms that also return the residual
             ln2_out = ln2_out[0]
         mlp_output_with_bias = apply_module(self.mlp)(ln2_out)
-        # x + attn(ln1(x)) through megatron's own attention path
-        attn_residual, context = self._forward_attention(hidden_states, *args, **kwargs)
         # + mlp(ln2(x)) through megatron's bias-dropout-add (and pre-MLP-norm recompute)
         return self._forward_post_mlp(mlp_output_with_bias, attn_residual), context
 

@@ -82,6 +82,12 @@ class StateScheme(nn.Module):
     def step(self, t: int, h: Tensor, h_core: Tensor, state: LoopState) -> Tuple[Tensor, LoopState]:
         raise NotImplementedError
 
+    def forward(self, t: int, h: Tensor, h_core: Tensor, state: LoopState) -> Tuple[Tensor, LoopState]:
+        """``step`` through ``__call__``, so module hooks see the scheme's own parameters (e.g.
+        static_comb's coefficients): megatron's DDP waits for a parameter's all-gather under
+        overlap_param_gather in a forward pre-hook of the module holding it."""
+        return self.step(t, h, h_core, state)
+
 
 class AdditiveScheme(StateScheme):
     """Eq. 1: h(t+1) = f_core(h(t)) + sum of supplements (none: 'base')."""
@@ -151,11 +157,16 @@ class MeshScheme(StateScheme):
 
     ``routers[0]`` is the transitional pair (t = -1) applied to the prelude output;
     ``routers[t + 1]`` serves loop step t and reads h(t), the core's input.
+    ``compile_fallback``: where the fused cycle compiles (CUDA) and torch.compile fails, run it
+    uncompiled with a warning instead of raising fused_mesh.CompileFailure (same math, several
+    more passes over the buffer per step: a throughput loss a large job should not take silently).
     """
 
-    def __init__(self, hidden_size: int, num_loops: int, num_slots: int, init_method: InitMethod):
+    def __init__(self, hidden_size: int, num_loops: int, num_slots: int, init_method: InitMethod,
+                 compile_fallback: bool = False):
         super().__init__()
         self.num_slots = num_slots
+        self.compile_fallback = compile_fallback
         self.routers = nn.ModuleList(
             StepRouters(hidden_size, num_slots, init_method) for _ in range(num_loops + 1)
         )
@@ -163,7 +174,9 @@ class MeshScheme(StateScheme):
     def _cycle(self, routers: StepRouters, route_from: Tensor, written: Tensor, buffer: Tensor):
         w_write, w_read = routers.write(route_from), routers.read(route_from)
         if FUSED == "on" or (FUSED == "auto" and written.is_cuda):
-            return mesh_cycle(buffer, written, w_write, w_read)  # same math, fewer memory passes
+            # same math, fewer memory passes
+            return mesh_cycle(buffer, written, w_write, w_read,
+                              compile_fallback=self.compile_fallback)
         buffer = buffer_write(buffer, written, w_write)
         return buffer_read(buffer, w_read), buffer
 
@@ -209,13 +222,14 @@ class DynamicCombScheme(StateScheme):
 
 
 def build_scheme(
-    name: str, hidden_size: int, num_loops: int, num_slots: int, init_method: InitMethod
+    name: str, hidden_size: int, num_loops: int, num_slots: int, init_method: InitMethod,
+    compile_fallback: bool = False,
 ) -> Optional[StateScheme]:
     """The scheme module for a canonical scheme name; None for 'vanilla' (no loop)."""
     if name == "vanilla":
         return None
     if name == "mesh":
-        return MeshScheme(hidden_size, num_loops, num_slots, init_method)
+        return MeshScheme(hidden_size, num_loops, num_slots, init_method, compile_fallback)
     if name == "static_comb":
         return StaticCombScheme(num_loops)
     if name == "dynamic_comb":

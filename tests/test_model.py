@@ -184,3 +184,18 @@ def test_tanh_gelu_runs_megatrons_fused_bias_gelu(megatron_world, monkeypatch):
     torch.testing.assert_close(fused_loss, plain_loss, rtol=1e-6, atol=1e-6)
     for a, b in zip(fused_grads, plain_grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("scheme", ALL_SCHEMES)
+def test_every_parameter_is_announced_by_its_module_call(megatron_world, scheme):
+    """megatron's DDP waits for a parameter's all-gather (overlap_param_gather) in a forward
+    pre-hook of the module holding it, so every module holding parameters must be called."""
+    model = build(tiny_config("1+2R2+1", scheme))
+    announced = set()
+    for module in model.modules():
+        module.register_forward_pre_hook(
+            lambda m, _args: announced.update(map(id, m.parameters(recurse=False))))
+    tokens, positions = random_batch(model.config)
+    model(tokens, positions)
+    silent = [n for n, p in model.named_parameters() if id(p) not in announced]
+    assert not silent, f"used without a call of the module holding them: {silent}"
