@@ -43,6 +43,12 @@ class MeshConfig(TransformerConfig):
     buffer_slots: Optional[int] = None
     """MeSH buffer length B; default K + 3 (paper App. E.1). Only for state_scheme='mesh'."""
 
+    cycle_compile_fallback: bool = False
+    """Where the fused MeSH cycle is compiled (CUDA) and torch.compile fails: stop with
+    fused_mesh.CompileFailure (False) or warn and run it uncompiled (True): the same math with
+    several more passes over the [B, s, b, h] buffer per loop step, a throughput loss a large job
+    should choose rather than meet."""
+
     scale_embeddings: bool = True
     """Multiply the input embeddings by sqrt(hidden_size) before the first layer (App. B)."""
 

@@ -44,16 +44,19 @@ against an fp64 evaluation.
 
 On CUDA the two halves are compiled lazily, on first use, with ``torch.compile`` (inductor,
 ``dynamic=None``: the first shape compiles static, a second one recompiles once with symbolic
-sizes instead of once per sequence length); CPU never compiles, unless ``compile_for(True)``
-forces it (the tests use that to check the compiled graphs with inductor's CPU backend).
+sizes instead of once per sequence length; see RECOMPILE_LIMIT); CPU never compiles, unless
+``compile_for(True)`` forces it (the tests use that to check the compiled graphs with inductor's
+CPU backend). A compile failure raises CompileFailure: running uncompiled is a throughput cliff
+nobody should find in a job's speed. ``compile_fallback=True`` (MeshScheme, mesh_cycle) runs the
+failed half uncompiled instead, with a warning; ``compile_failures()`` lists failures either way.
 """
 
 from __future__ import annotations
 
-import warnings
-
 import importlib.util
-from typing import Callable, Dict, Optional, Tuple
+import inspect
+import warnings
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -121,65 +124,147 @@ def backward_impl(
     return d_buffer, d_h, d_w_write, d_w_read
 
 
-_compiled: Dict[str, Callable] = {}
+RECOMPILE_LIMIT = 16
+"""Graphs each compiled half may collect; a call needing one more raises CompileFailure.
+
+A half compiles once per guard set: the first shape static, then symbolic sizes from the first
+new size on (``dynamic=None``), so more sequence lengths cost no more graphs; but dynamo
+specialises sizes 1 (and the strides of size-1 dims), and there is a graph per dtype and, for
+the backward, per missing upstream gradient (the last loop step's new buffer is unused). A fixed
+training shape needs 1 forward and 2 backward graphs; training and evaluating at other lengths
+and micro-batch sizes, size 1 included, took 7 and 10 on CPU, past dynamo's default limit of 8.
+It is an argument of ``torch.compile``, not ``torch._dynamo.config.recompile_limit``: dynamo's
+config overrides are per thread (ContextVars), and on CUDA the backward runs, and compiles, on
+autograd's device thread, which never sees what the main thread set."""
+
+Backend = Union[str, Callable]
+Compiler = Tuple[Backend, int]  # (torch.compile backend, recompile limit)
 
 
-def _compile(name: str, fn: Callable, backend: str = "inductor") -> Callable:
-    """torch.compile ``fn`` once per process, on first use (never at import)."""
-    key = f"{name}:{backend}"
+class CompileFailure(RuntimeError):
+    """torch.compile could not build or run a half of the MeSH cycle (the message says which,
+    for which inputs, and how to run it uncompiled instead); the compiler's error is the cause."""
+
+
+_compiled: Dict[Tuple[str, Backend, int], Callable] = {}
+
+
+def _compile(name: str, fn: Callable, backend: Backend, recompile_limit: int) -> Callable:
+    """torch.compile ``fn`` once per process and compiler, on first use (never at import)."""
+    key = (name, backend, recompile_limit)
     if key not in _compiled:
-        _compiled[key] = torch.compile(fn, backend=backend, dynamic=None, fullgraph=True)
+        # an isolated region counts only this wrapper's graphs against its limit; fullgraph
+        # makes dynamo raise past the limit instead of running the frame uncompiled
+        _compiled[key] = torch.compile(fn, backend=backend, dynamic=None, fullgraph=True,
+                                       recompile_limit=recompile_limit, isolate_recompiles=True)
     return _compiled[key]
 
 
-_FORCE_COMPILE: Optional[str] = None  # a backend name: compile on every device (tests)
+_FORCE_COMPILE: Optional[Compiler] = None  # compile on every device (tests, the GPU check)
 
 
-def compile_for(enabled: bool, backend: str = "inductor") -> None:
-    """Compile the two halves on every device too (True), or only on CUDA (False, the default)."""
+def compile_for(enabled: bool, backend: Backend = "inductor",
+                recompile_limit: int = RECOMPILE_LIMIT) -> None:
+    """Compile the two halves on every device too (True), or only on CUDA (False, the default),
+    with ``backend`` (a torch.compile backend name or callable)."""
     global _FORCE_COMPILE
-    _FORCE_COMPILE = backend if enabled else None
+    _FORCE_COMPILE = (backend, recompile_limit) if enabled else None
 
 
-def _impl(name: str, fn: Callable, like: Tensor) -> Callable:
-    """The compiled ``fn`` on CUDA (or when forced), else ``fn`` itself."""
+def _compiler(like: Tensor) -> Optional[Compiler]:
+    """How to compile a half whose inputs are on ``like``'s device; None: run it as is."""
     if _FORCE_COMPILE is not None:
-        return _compile(name, fn, _FORCE_COMPILE)
+        return _FORCE_COMPILE
     if like.is_cuda and not torch.compiler.is_compiling() and _HAVE_TRITON:
-        return _compile(name, fn)
-    return fn  # CPU, or inside a model that torch.compile traces already
+        return "inductor", RECOMPILE_LIMIT
+    return None  # CPU, or inside a model that torch.compile traces already
 
 
-_FAILED: Dict[str, str] = {}  # compiled halves that raised: the plain version runs instead
+_FAILED: Dict[Tuple[str, Compiler], str] = {}  # (half, compiler) -> the error it raised
 
 
-def _run(name: str, fn: Callable, like: Tensor, *args):
-    """``fn(*args)``, compiled where ``_impl`` says; a compiler failure (the GPU path is not
-    exercised by CPU CI) warns once and falls back to the same math uncompiled."""
-    impl = fn if name in _FAILED else _impl(name, fn, like)
-    if impl is fn:
+def _run(name: str, fn: Callable, like: Tensor, fallback: bool, *args):
+    """``fn(*args)``, compiled where ``_compiler`` says. A compiler failure raises CompileFailure
+    or, with ``fallback``, warns and runs this half uncompiled from then on; running out of
+    memory is no compiler failure and propagates as it is."""
+    compiler = _compiler(like)
+    if compiler is None or (fallback and (name, compiler) in _FAILED):
         return fn(*args)
     try:
-        return impl(*args)
+        # detached: dynamo guards on requires_grad, which cannot matter here (autograd.Function
+        # runs both halves without grad) but would double the graphs (training vs evaluation)
+        return _compile(name, fn, *compiler)(*(_detached(a) for a in args))
     except Exception as err:  # noqa: BLE001  (inductor/triton raise many types)
-        _FAILED[name] = repr(err)
-        warnings.warn(f"megatron_mesh.fused_mesh: compiling the MeSH cycle {name} failed "
-                      f"({err.__class__.__name__}: {str(err)[:200]}); running it uncompiled")
+        oom = _out_of_memory(err)
+        if oom is not None:
+            raise oom
+        _FAILED[name, compiler] = f"{type(err).__name__}: {err}"
+        message = _failure_message(name, fn, compiler, args, err)
+        if not fallback:
+            raise CompileFailure(message) from err
+        warnings.warn(f"{message}\ncompile_fallback=True: the {name} runs uncompiled from now on")
         return fn(*args)
+
+
+def _detached(arg: Optional[Tensor]) -> Optional[Tensor]:
+    return None if arg is None else arg.detach()
+
+
+def _out_of_memory(err: BaseException) -> Optional[BaseException]:
+    """The out-of-memory error ``err`` is or wraps, else None. A compiler can run out of memory
+    too (inductor benchmarks kernels); dynamo keeps a backend's error in ``inner_exception``."""
+    seen = []
+    while err is not None and all(err is not e for e in seen):
+        if isinstance(err, (torch.OutOfMemoryError, MemoryError)):
+            return err
+        seen.append(err)
+        err = getattr(err, "inner_exception", None) or err.__cause__ or err.__context__
+    return None
+
+
+def _failure_message(name: str, fn: Callable, compiler: Compiler, args, err: Exception) -> str:
+    from torch._dynamo.exc import FailOnRecompileLimitHit  # failures only: no dynamo at import
+
+    backend, limit = compiler
+    names = inspect.signature(fn).parameters
+    inputs = ", ".join(f"{arg} {_describe(t)}" for arg, t in zip(names, args))
+    hint = ""
+    if isinstance(err, FailOnRecompileLimitHit):
+        hint = (f"\n  it needed more than recompile_limit={limit} graphs (one per dtype, size-1 "
+                "dimension, missing gradient...: TORCH_LOGS=recompiles names each new guard)")
+    return (f"torch.compile ({_backend_name(backend)}) of the MeSH cycle {name} failed: "
+            f"{type(err).__name__}: {' '.join(str(err).split())[:500]}\n  inputs: {inputs}{hint}\n"
+            "  to run it uncompiled instead, pass compile_fallback=True to MeshScheme (or "
+            "mesh_cycle): the same math, but several more passes over the [B, s, b, h] buffer per "
+            "loop step, a throughput loss on large jobs")
+
+
+def _describe(t: Optional[Tensor]) -> str:
+    return "None" if t is None else f"{list(t.shape)} {str(t.dtype)[6:]} {t.device}"
+
+
+def _backend_name(backend: Backend) -> str:
+    if isinstance(backend, str):
+        return backend
+    return getattr(backend, "__name__", type(backend).__name__)
 
 
 def compile_failures() -> Dict[str, str]:
-    """Compiled halves that raised in this process (name -> error); they now run uncompiled."""
-    return dict(_FAILED)
+    """Compiled halves that failed in this process ('half:backend' -> error), whether that was
+    raised or (compile_fallback=True) the half now runs uncompiled."""
+    return {f"{name}:{_backend_name(backend)}": error
+            for (name, (backend, _)), error in _FAILED.items()}
 
 
 class MeshCycle(torch.autograd.Function):
     """autograd wrapper: forward_impl / backward_impl, saving N, x, W and R."""
 
     @staticmethod
-    def forward(ctx, buffer, h, w_write, w_read):
+    def forward(ctx, buffer, h, w_write, w_read, compile_fallback):
         ctx.set_materialize_grads(False)
-        read, new_buffer = _run("forward", forward_impl, h, buffer, h, w_write, w_read)
+        ctx.compile_fallback = compile_fallback
+        read, new_buffer = _run("forward", forward_impl, h, compile_fallback,
+                                buffer, h, w_write, w_read)
         ctx.save_for_backward(new_buffer, h, w_write, w_read)
         return read, new_buffer
 
@@ -187,12 +272,17 @@ class MeshCycle(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_read, g_buffer):
         if g_read is None and g_buffer is None:
-            return None, None, None, None
+            return None, None, None, None, None
         new_buffer, h, w_write, w_read = ctx.saved_tensors
-        grads = _run("backward", backward_impl, h, g_read, g_buffer, new_buffer, h, w_write, w_read)
-        return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad))
+        grads = _run("backward", backward_impl, h, ctx.compile_fallback,
+                     g_read, g_buffer, new_buffer, h, w_write, w_read)
+        return (*(g if need else None for g, need in zip(grads, ctx.needs_input_grad)), None)
 
 
-def mesh_cycle(buffer: Tensor, h: Tensor, w_write: Tensor, w_read: Tensor) -> Tuple[Tensor, Tensor]:
-    """Fused ``buffer_write`` then ``buffer_read``: -> (read [s, b, h], new buffer [B, s, b, h])."""
-    return MeshCycle.apply(buffer, h, w_write, w_read)
+def mesh_cycle(buffer: Tensor, h: Tensor, w_write: Tensor, w_read: Tensor, *,
+               compile_fallback: bool = False) -> Tuple[Tensor, Tensor]:
+    """Fused ``buffer_write`` then ``buffer_read``: -> (read [s, b, h], new buffer [B, s, b, h]).
+
+    Where a half compiles (CUDA) and torch.compile fails, this raises CompileFailure, or with
+    ``compile_fallback`` warns and runs that half uncompiled from then on."""
+    return MeshCycle.apply(buffer, h, w_write, w_read, compile_fallback)

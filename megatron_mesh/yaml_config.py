@@ -22,6 +22,7 @@ MODEL_KEYS = (
     "layout",
     "state_scheme",
     "buffer_slots",
+    "cycle_compile_fallback",
     "scale_embeddings",
     "hidden_size",
     "num_attention_heads",

@@ -1,8 +1,13 @@
-"""The fused MeSH cycle (fused_mesh.mesh_cycle) equals the eager buffer_write + buffer_read.
+"""The fused MeSH cycle (fused_mesh.mesh_cycle) equals the eager buffer_write + buffer_read,
+and a compiled cycle fails loudly instead of running uncompiled unasked.
 (bf16: tests/test_mesh_precision.py.)"""
 
+import collections
+import functools
 import os
 import shutil
+import threading
+import warnings
 
 import pytest
 import torch
@@ -23,7 +28,7 @@ def cycle_inputs(slots=3, s=4, b=2, hidden=5, dtype=torch.float64, seed=0):
     return [t.requires_grad_() for t in (buffer, h, w_write, w_read)]
 
 
-def values_and_grads(fn, inputs, use_buffer=True, seed=1):
+def values_and_grads(fn, inputs, use_buffer=True, seed=1, backward=torch.Tensor.backward):
     """fn's outputs and the input gradients for fixed random upstream gradients."""
     inputs = [t.detach().clone().requires_grad_() for t in inputs]
     read, new_buffer = fn(*inputs)
@@ -31,7 +36,7 @@ def values_and_grads(fn, inputs, use_buffer=True, seed=1):
     loss = (read * torch.randn(read.shape, generator=g).to(read.dtype)).sum()
     if use_buffer:  # else: the last loop step, whose new buffer nobody reads
         loss = loss + (new_buffer * torch.randn(new_buffer.shape, generator=g).to(read.dtype)).sum()
-    loss.backward()
+    backward(loss)
     return [read.detach(), new_buffer.detach()] + [t.grad for t in inputs]
 
 
@@ -59,9 +64,9 @@ def test_matches_eager_reference_fp32(use_buffer):
 def counting(monkeypatch):
     calls = []
 
-    def wrapper(*args):
+    def wrapper(*args, **kwargs):
         calls.append(args[1].shape)
-        return mesh_cycle(*args)
+        return mesh_cycle(*args, **kwargs)
 
     monkeypatch.setattr(mesh, "mesh_cycle", wrapper)
     return calls
@@ -132,7 +137,211 @@ def test_compiled_cycle_matches_eager(backend):
         last_step = values_and_grads(mesh_cycle, inputs, use_buffer=False)
     finally:
         fused_mesh.compile_for(False)
-    assert {f"forward:{backend}", f"backward:{backend}"} <= fused_mesh._compiled.keys()
+    keys = {(half, backend, fused_mesh.RECOMPILE_LIMIT) for half in ("forward", "backward")}
+    assert keys <= fused_mesh._compiled.keys()
     expected = values_and_grads(eager_cycle, inputs) + values_and_grads(eager_cycle, inputs, False)
     for a, b in zip(compiled + last_step, expected):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6 * b.abs().max().item())
+
+
+class CountingBackend:
+    """A torch.compile backend that runs dynamo's graph as traced and counts, per half, the graphs
+    it compiled and the calls that ran one: a call dynamo left uncompiled never reaches it.
+    ``fail``: the halves whose compile raises, ``error`` what they raise, ``fail_when``
+    'compile' (inside dynamo's backend call) or 'run' (inside the compiled call)."""
+
+    def __init__(self, fail=(), error=None, fail_when="compile"):
+        self.compiles, self.calls = collections.Counter(), collections.Counter()
+        self.error = error or RuntimeError("triton: no kernel for this")
+        self.fail, self.fail_when = fail, fail_when
+
+    def __call__(self, gm, example_inputs):
+        half = "forward" if len(gm.graph.output_node().args[0]) == 2 else "backward"
+        if half in self.fail and self.fail_when == "compile":
+            raise self.error
+        self.compiles[half] += 1
+
+        def run(*args):
+            if half in self.fail:
+                raise self.error
+            self.calls[half] += 1
+            return gm(*args)
+
+        return run
+
+
+@pytest.fixture
+def compiling(monkeypatch):
+    """``compiling(backend, **kw)`` = compile_for(True, backend, **kw) for this test only, with
+    its own failure record (compile_failures() is per process)."""
+    monkeypatch.setattr(fused_mesh, "_FAILED", {})
+    yield functools.partial(fused_mesh.compile_for, True)
+    fused_mesh.compile_for(False)
+
+
+def in_thread(fn):
+    """fn() on a new thread, as CUDA runs backward on autograd's device thread; its error raised
+    here."""
+    outcome = {}
+
+    def target():
+        try:
+            outcome["value"] = fn()
+        except BaseException as err:  # noqa: BLE001  (handed to the calling thread)
+            outcome["error"] = err
+
+    worker = threading.Thread(target=target)
+    worker.start()
+    worker.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome.get("value")
+
+
+def assert_matches_eager(got, inputs, use_buffer=True):
+    expected = values_and_grads(eager_cycle, inputs, use_buffer)
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6 * b.abs().max().item())
+
+
+def mesh_warnings(caught):
+    return [w for w in caught if "MeSH cycle" in str(w.message)]
+
+
+def test_compile_failure_raises_naming_half_inputs_and_fallback(compiling):
+    compiling(CountingBackend(fail=("forward",)))
+    with pytest.raises(fused_mesh.CompileFailure) as failure:
+        mesh_cycle(*cycle_inputs())
+    message = str(failure.value)
+    assert message.startswith("torch.compile (CountingBackend) of the MeSH cycle forward failed")
+    assert "buffer [3, 4, 2, 5] float64 cpu, h [4, 2, 5] float64 cpu" in message
+    assert "compile_fallback=True" in message
+    assert "triton: no kernel for this" in str(failure.value.__cause__)  # the compiler's error
+    assert list(fused_mesh.compile_failures()) == ["forward:CountingBackend"]
+
+
+def test_backward_compile_failure_on_another_thread_raises(compiling):
+    backend = CountingBackend(fail=("backward",))
+    compiling(backend)
+    inputs = cycle_inputs()
+    with pytest.raises(fused_mesh.CompileFailure, match="MeSH cycle backward failed") as failure:
+        values_and_grads(mesh_cycle, inputs, use_buffer=False,
+                         backward=lambda loss: in_thread(loss.backward))
+    assert "g_buffer None, new_buffer [3, 4, 2, 5] float64 cpu" in str(failure.value)
+    assert backend.calls == {"forward": 1}  # the forward did compile
+    assert list(fused_mesh.compile_failures()) == ["backward:CountingBackend"]
+
+
+def test_compile_fallback_warns_once_and_runs_uncompiled(compiling):
+    compiling(CountingBackend(fail=("forward", "backward")))
+    inputs = cycle_inputs()
+    cycle = functools.partial(mesh_cycle, compile_fallback=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert_matches_eager(values_and_grads(cycle, inputs), inputs)
+        assert len(mesh_warnings(caught)) == 2  # forward, then backward
+        assert_matches_eager(values_and_grads(cycle, inputs), inputs)
+    assert len(mesh_warnings(caught)) == 2  # once per half: then the half stays uncompiled
+    assert "compile_fallback=True: the backward runs uncompiled" in str(caught[-1].message)
+    assert set(fused_mesh.compile_failures()) == {"forward:CountingBackend",
+                                                  "backward:CountingBackend"}
+
+
+@pytest.mark.parametrize("fallback", [False, True])
+def test_scheme_passes_compile_fallback(compiling, monkeypatch, fallback):
+    compiling(CountingBackend(fail=("forward",)))
+    monkeypatch.setattr(mesh, "FUSED", "on")
+    torch.manual_seed(0)
+    scheme = MeshScheme(5, num_loops=1, num_slots=3, init_method=torch.nn.init.normal_,
+                        compile_fallback=fallback).double()
+    h_emb, h_pre = torch.randn(2, 4, 2, 5, dtype=torch.float64)
+    if not fallback:
+        with pytest.raises(fused_mesh.CompileFailure):
+            scheme.begin(h_emb, h_pre)
+        return
+    with pytest.warns(UserWarning, match="MeSH cycle forward failed"):
+        h, state = scheme.begin(h_emb, h_pre)
+    monkeypatch.setattr(mesh, "FUSED", "off")
+    expected = scheme.begin(h_emb, h_pre)
+    torch.testing.assert_close(h, expected[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(state.buffer, expected[1].buffer, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("fallback", [False, True])
+@pytest.mark.parametrize("fail_when", ["compile", "run"])
+def test_out_of_memory_is_no_compile_failure(compiling, fail_when, fallback):
+    """An OOM (here raised by the backend, or by the compiled call) reaches the caller as an OOM:
+    neither a CompileFailure nor, with the fallback, an uncompiled retry."""
+    oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    compiling(CountingBackend(fail=("forward",), error=oom, fail_when=fail_when))
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(torch.OutOfMemoryError):
+        warnings.simplefilter("always")
+        mesh_cycle(*cycle_inputs(), compile_fallback=fallback)
+    assert not mesh_warnings(caught) and not fused_mesh.compile_failures()
+
+
+LENGTHS = (3, 5, 7, 9, 11, 13)  # more sequence lengths than the recompile limit below
+
+
+def test_sequence_lengths_past_the_recompile_limit_stay_compiled(compiling):
+    """dynamic=None: a static graph, then one with a symbolic length for every other length; every
+    call must have run a compiled graph (CountingBackend counts them)."""
+    backend = CountingBackend()
+    compiling(backend, recompile_limit=2)
+    for s in LENGTHS:
+        inputs = cycle_inputs(s=s, dtype=torch.float32)
+        assert_matches_eager(values_and_grads(mesh_cycle, inputs), inputs)
+    assert backend.calls == {"forward": len(LENGTHS), "backward": len(LENGTHS)}
+    # 2 each; 1 where an earlier test saw other lengths (dynamo keeps which sizes vary per function)
+    assert set(backend.compiles) == {"forward", "backward"} and max(backend.compiles.values()) <= 2
+
+
+@pytest.mark.parametrize("fallback", [False, True])
+def test_hitting_the_recompile_limit_is_a_compile_failure(compiling, fallback):
+    """fullgraph=True: past the limit dynamo raises rather than running the frame uncompiled, and
+    that is a compile failure like any other. (A new dtype needs a new graph for sure; a new
+    length may not, see above.)"""
+    compiling(CountingBackend(), recompile_limit=1)
+    first, second = cycle_inputs(), cycle_inputs(dtype=torch.float32)
+    values_and_grads(mesh_cycle, first)
+    if not fallback:
+        with pytest.raises(fused_mesh.CompileFailure, match="recompile_limit=1") as failure:
+            mesh_cycle(*second)
+        assert type(failure.value.__cause__).__name__ == "FailOnRecompileLimitHit"
+        return
+    with pytest.warns(UserWarning, match="recompile_limit=1"):
+        got = values_and_grads(functools.partial(mesh_cycle, compile_fallback=True), second)
+    assert_matches_eager(got, second)
+
+
+def test_compiled_backward_on_another_thread_ignores_main_thread_dynamo_config(compiling):
+    """On CUDA the backward runs (and first compiles) on autograd's device thread. dynamo's config
+    overrides are per thread (ContextVars): a limit patched here is not the device thread's, so
+    the cycle passes its own to torch.compile and both halves compile alike on any thread."""
+    backend = CountingBackend()
+    compiling(backend)
+    seen = {"default": torch._dynamo.config.recompile_limit}
+
+    def backward(loss):
+        def run():
+            seen["worker"] = torch._dynamo.config.recompile_limit
+            loss.backward()
+        in_thread(run)
+
+    # read from the thread's config, a limit of 1 would fail the forward's second length here
+    with torch._dynamo.config.patch(recompile_limit=1):
+        seen["main"] = torch._dynamo.config.recompile_limit
+        for s in LENGTHS[:3]:
+            inputs = cycle_inputs(s=s, dtype=torch.float32)
+            assert_matches_eager(values_and_grads(mesh_cycle, inputs, backward=backward), inputs)
+    assert seen["main"] == 1 and seen["worker"] == seen["default"] > 1  # the patch stayed here
+    assert backend.calls == {"forward": 3, "backward": 3}  # every call compiled, on both threads
+    assert not fused_mesh.compile_failures()
+
+
+def test_compile_fallback_is_a_model_key(megatron_world):
+    """model.cycle_compile_fallback reaches the scheme the block builds (off by default)."""
+    from megatron_mesh.model import MeshGPTModel
+
+    assert MeshGPTModel(tiny_config()).decoder.scheme.compile_fallback is False
+    assert MeshGPTModel(tiny_config(cycle_compile_fallback=True)).decoder.scheme.compile_fallback

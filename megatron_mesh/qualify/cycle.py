@@ -14,7 +14,8 @@ output is off by at most the roundings on its path times the magnitudes they rou
     dR = <N_k, gy>_h      from rounded N, one rounding           <= 2u <|N_k|, |gy|>_h
 
 (the precision policy these follow: ``megatron_mesh/mesh.py``, Precision). A compile failure
-(``fused_mesh`` would fall back to the uncompiled math with a warning) fails the check.
+(``fused_mesh.CompileFailure``, or any failure ``fused_mesh.compile_failures`` lists) fails the
+check.
 """
 
 from __future__ import annotations
