@@ -68,6 +68,11 @@ class MeshConfig(TransformerConfig):
     """'tanh' (what GPT-NeoX trained Pythia with, and megatron's fused bias-GELU) or 'none' (erf).
     The Hugging Face export declares the same activation."""
 
+    pipeline_carry_width: Optional[int] = None
+    """Last dimension of the one tensor every pipeline boundary sends (the widest carry of the
+    split; parallel/pipeline.py). Set by the trainer when pipelining (training/providers.py), so
+    megatron-core's schedules send fixed shapes; None: carries are sent at their own width."""
+
     pipeline_stage_layers: Optional[Tuple[int, ...]] = None
     """Layer applications of the unrolled graph per pipeline stage (one count per stage, summing
     to N_compute; with virtual pipelining one per virtual stage, in execution order: chunk v of

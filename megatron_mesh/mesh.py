@@ -221,6 +221,18 @@ class DynamicCombScheme(StateScheme):
         return a[..., 0, :] * h_core + a[..., 1, :] * state.h0 + a[..., 2, :] * state.h_emb, state
 
 
+def loop_state_fields(name: str) -> Tuple[str, ...]:
+    """The LoopState fields the steps of scheme ``name`` read, besides h(t) and f_core(h(t)):
+    what a pipeline boundary inside the loop must carry for it (the rest stays behind)."""
+    if name == "mesh":
+        return ("buffer",)
+    if name in ("static_comb", "dynamic_comb"):
+        return ("h0", "h_emb")
+    parts = name.split("+")
+    return tuple(field for part, field in (("anchor", "h0"), ("anchor_star", "h_emb"))
+                 if part in parts)
+
+
 def build_scheme(
     name: str, hidden_size: int, num_loops: int, num_slots: int, init_method: InitMethod,
     compile_fallback: bool = False,

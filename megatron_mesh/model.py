@@ -108,17 +108,15 @@ class MeshGPTModel(LanguageModule):
         states: StateList = None,
     ) -> Tensor:
         rotary_pos_emb = self.rotary_pos_emb(input_ids.shape[1])
-        layout, mesh = self.config.parsed_layout, self.config.state_scheme == "mesh"
         if self.pre_process:
             h_emb = self.embedding(input_ids=input_ids, position_ids=position_ids)  # [s, b, h]
             h_emb, carry = h_emb * self.decoder.embedding_scale(), None
-        else:  # a later pipeline stage: [s, b, n*h] from the previous one
-            h_emb, carry = None, pipeline.unpack(self.input_tensor, self.carry_phases[0],
-                                                 layout.recursive, mesh, self.config.hidden_size)
+        else:  # a later pipeline stage: [s, b, W] from the previous one
+            h_emb, carry = None, pipeline.unpack(self.input_tensor, self.carry_phases[0], self.config)
         h = self.decoder(h_emb, attention_mask, rotary_pos_emb, num_loops=num_loops, states=states,
                          carry=carry)
         if not self.post_process:
-            return pipeline.pack(h, self.carry_phases[1], layout.recursive, mesh)
+            return pipeline.pack(h, self.carry_phases[1], self.config)
         logits, _ = self.output_layer(h)  # [s, b, V/tp]
         if labels is None:
             return logits.transpose(0, 1).contiguous()  # [b, s, V/tp]

@@ -24,9 +24,9 @@ def env(threads=1):
     return {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
 
 
-def train(tmp_path, overrides=(), nproc=1, passthrough=(), timeout=400):
+def train(tmp_path, overrides=(), nproc=1, passthrough=(), timeout=400, extra_env=None):
     out = subprocess.run(command(tmp_path, overrides, nproc, passthrough), capture_output=True,
-                         text=True, cwd=REPO, env=env(), timeout=timeout)
+                         text=True, cwd=REPO, env={**env(), **(extra_env or {})}, timeout=timeout)
     log = out.stdout + out.stderr
     assert out.returncode == 0, log[-4000:]
     return log, {int(i): float(v) for i, v in LOSS.findall(log)}

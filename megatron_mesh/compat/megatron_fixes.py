@@ -89,7 +89,32 @@ def _load_checkpoints_of_another_spec() -> None:
     dist_checkpointing.load = load_keeping_missing_extra_state
 
 
+def _pipeline_carry_shape() -> None:
+    # pipeline_parallel/schedules.py sizes every P2P receive [s, b, config.hidden_size]
+    # (get_tensor_shapes :2116, the interleaved schedule :1157); a recursive block's stages hand
+    # over [s, b, W] carries (megatron_mesh.parallel.pipeline). megatron's answer to other
+    # shapes, variable_seq_lengths, exchanges shapes before every send and receive
+    # (p2p_communication.py:186 _communicate_shapes: a blocking handshake, a device sync and a
+    # device-to-host copy). The carry's W is fixed per run: receive that width instead.
+    from megatron.core.pipeline_parallel import p2p_communication
+
+    cls = p2p_communication.P2PCommunicator
+    if getattr(cls, "_mesh_fixed", False):
+        return
+    cls._mesh_fixed = True
+    communicate = cls._communicate
+
+    def communicate_carry_shape(self, *, tensor_shape, **kwargs):
+        width = getattr(self.config, "pipeline_carry_width", None)
+        if width and tensor_shape:
+            tensor_shape = (*tensor_shape[:-1], width)
+        return communicate(self, tensor_shape=tensor_shape, **kwargs)
+
+    cls._communicate = communicate_carry_shape
+
+
 def apply_trainer() -> None:
     """Fixes for megatron.training runs; call before ``pretrain``."""
     _resume_distributed_optimizer_with_torch_adam()
     _load_checkpoints_of_another_spec()
+    _pipeline_carry_shape()

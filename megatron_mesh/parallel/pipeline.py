@@ -2,9 +2,11 @@
 
 Stage s runs layer applications [start, end) of ``megatron_mesh.unrolled`` (an even split or
 ``pipeline_stage_layers``). What crosses a stage boundary is the block's carry, packed along the
-hidden dimension into one [s, b, n*h] tensor (megatron-core's schedules exchange its shape
-because the model config sets ``variable_seq_lengths``): h and h_emb before the loop; h, h(t),
-h_emb, h(0) and, for MeSH, the B buffer slots inside it; h alone after it.
+hidden dimension into one [s, b, W] tensor: h and h_emb before the loop; h, h(t) and what the
+scheme's steps read inside it (MeSH: the B buffer slots; anchor: h(0); anchor*: h_emb); h
+alone after it. W is the widest carry of the run's split (``carry_width``; narrower carries
+are zero-padded), so every send has one shape known in advance and megatron-core's schedules
+need no shape exchange (``config.pipeline_carry_width``, compat.megatron_fixes).
 
 With virtual pipelining (megatron-core's interleaved schedule) each rank runs several stages,
 one model chunk each: chunk v of rank r runs stage v * pp + r.
@@ -25,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from megatron_mesh.mesh import LoopState
+from megatron_mesh.mesh import LoopState, loop_state_fields
 from megatron_mesh.unrolled import phase_before, stage_bounds, stage_ops, unrolled_ops
 
 REPLICA = "mesh_replica"
@@ -35,37 +37,62 @@ TIED_COPY = "mesh_tied_copy"
 """Module attribute: True on a layer (or scheme) computing with an earlier chunk's parameters."""
 
 
-def carried_fields(phase: str, recursive: bool, mesh: bool) -> Tuple[str, ...]:
+def carried_fields(phase: str, scheme: str) -> Tuple[str, ...]:
+    """What crosses a boundary in ``phase`` for state scheme ``scheme``: h (and h_emb, which
+    the loop's start reads) before the loop; h, h(t) and what the scheme's steps read inside it;
+    h after it."""
     if phase == "pre":
-        return ("h", "h_emb") if recursive else ("h",)
+        return ("h",) if scheme == "vanilla" else ("h", "h_emb")
     if phase == "loop":
-        return ("h", "h_loop", "h_emb", "h0") + (("buffer",) if mesh else ())
+        return ("h", "h_loop") + loop_state_fields(scheme)
     return ("h",)
 
 
-def pack(carry: Dict[str, object], phase: str, recursive: bool, mesh: bool) -> Tensor:
-    """The carry as one tensor [s, b, n*h] for the next stage."""
+def carry_slices(phase: str, config) -> int:
+    """[s, b, h] slices in the carry of a ``phase`` boundary (the MeSH buffer counts B)."""
+    fields = carried_fields(phase, config.state_scheme)
+    return len(fields) + (config.buffer_slots - 1 if "buffer" in fields else 0)
+
+
+def carry_width(config) -> int:
+    """The last dimension of what every boundary of this split sends: the widest carry (the
+    others are zero-padded to it), so megatron's schedules can send one fixed shape without
+    exchanging shapes first (a blocking handshake and a device sync per send)."""
+    layout = config.parsed_layout
+    bounds = stage_bounds(layout.n_compute, num_stages(config), config.pipeline_stage_layers)
+    phases = [boundary_phase(config, end) for _, end in bounds[:-1]]
+    return config.hidden_size * max(carry_slices(phase, config) for phase in phases)
+
+
+def pack(carry: Dict[str, object], phase: str, config) -> Tensor:
+    """The carry as one tensor [s, b, W] for the next stage, W = config.pipeline_carry_width
+    (zero-padded to it; unpadded when it is None)."""
     state: Optional[LoopState] = carry.get("state")
     parts = []
-    for name in carried_fields(phase, recursive, mesh):
-        if name in ("h_emb", "h0", "buffer") and state is not None:
-            value = getattr(state, name)
-        else:
-            value = carry[name]
+    for name in carried_fields(phase, config.state_scheme):
+        value = getattr(state, name) if name in STATE_FIELDS and state is not None else carry[name]
         parts.extend(value.unbind(0) if name == "buffer" else [value])
+    used = sum(part.shape[-1] for part in parts)
+    width = config.pipeline_carry_width or used
+    if width > used:
+        parts.append(parts[0].new_zeros((*parts[0].shape[:-1], width - used)))
     return torch.cat(parts, dim=-1)
 
 
-def unpack(packed: Tensor, phase: str, recursive: bool, mesh: bool, hidden: int) -> Dict[str, object]:
-    """The inverse of ``pack`` on the receiving stage."""
-    chunks = list(packed.split(hidden, dim=-1))
-    fields = carried_fields(phase, recursive, mesh)
+def unpack(packed: Tensor, phase: str, config) -> Dict[str, object]:
+    """The inverse of ``pack`` on the receiving stage (the padding is dropped)."""
+    fields = carried_fields(phase, config.state_scheme)
+    chunks = packed.split(config.hidden_size, dim=-1)[:carry_slices(phase, config)]
     values = dict(zip(fields, chunks))
     if phase != "loop":
         return values
-    buffer = torch.stack(chunks[len(fields) - 1:], dim=0) if mesh else None
-    state = LoopState(h_emb=values["h_emb"], h0=values["h0"], buffer=buffer)
+    buffer = torch.stack(chunks[len(fields) - 1:], dim=0) if "buffer" in fields else None
+    state = LoopState(h_emb=values.get("h_emb"), h0=values.get("h0"), buffer=buffer)
     return {"h": values["h"], "h_loop": values["h_loop"], "state": state}
+
+
+STATE_FIELDS = ("h_emb", "h0", "buffer")
+"""Carry fields held in the LoopState inside the loop (before it, h_emb is the carry's own)."""
 
 
 def num_stages(config) -> int:

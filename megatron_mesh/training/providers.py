@@ -35,11 +35,9 @@ def mesh_config_from_args(args) -> MeshConfig:
     kwargs.update(json.loads(args.mesh_model))
     config = MeshConfig(**kwargs, pipeline_stage_layers=args.mesh_pipeline_stage_layers)
     if args.pipeline_model_parallel_size > 1:
-        # stages hand over [s, b, n*h] carries whose n depends on the boundary, so the schedules
-        # must exchange shapes. megatron's validate_args resets the argument to False, and
-        # TransformerConfig.__post_init__ rejects it next to the (unused) MoE allgather
-        # dispatcher: set it after construction.
-        config.variable_seq_lengths = True
+        # every boundary sends [s, b, W], W the widest carry of the split, so megatron's
+        # schedules need no shape exchange (megatron_fixes: _pipeline_carry_shape)
+        config.pipeline_carry_width = pipeline.carry_width(config)
     return config
 
 

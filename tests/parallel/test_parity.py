@@ -31,7 +31,9 @@ missing reduction the grad norm by percents.
 """
 
 import math
+import re
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -61,7 +63,8 @@ def scalars(tb_dir):
     return {tag: {e.step: e.value for e in events.Scalars(tag)} for tag in ("lm loss", "grad-norm")}
 
 
-def run(tmp_path, start, name, nproc=1, dtype="fp32", save=None, passthrough=(), **settings):
+def run(tmp_path, start, name, nproc=1, dtype="fp32", save=None, passthrough=(), extra_env=None,
+        **settings):
     """One training run from the shared checkpoint (or from the checkpoint in ``save``, if it
     holds one, saving there): its TensorBoard scalars and, under "log", its output."""
     scheme, ckpt = start
@@ -71,7 +74,7 @@ def run(tmp_path, start, name, nproc=1, dtype="fp32", save=None, passthrough=(),
     if save is not None:
         overrides["checkpointing.save"] = tmp_path / save
     log, _ = train(tmp_path, [f"{k}={v}" for k, v in overrides.items()], nproc=nproc,
-                   passthrough=passthrough)
+                   passthrough=passthrough, extra_env=extra_env)
     return {**scalars(tmp_path / f"tb-{name}"), "log": log}
 
 
@@ -127,6 +130,9 @@ BF16_CASES = {"tp2-sp": (2, SP), "dp2-distopt-overlap": (2, DISTOPT),
 # inside layers, so a module used before its registration turn shows (megatron-core warns).
 PASSTHROUGH = {"dp2-distopt-overlap": ("--ddp-bucket-size", "30000")}
 OUT_OF_ORDER = "The next bucket's parameter all-gather operation has already been dispatched"
+# pipeline runs count their P2P sends and shape handshakes (p2p_probe/sitecustomize.py)
+P2P_PROBE = {"PYTHONPATH": str(Path(__file__).parent / "p2p_probe")}
+PIPELINED = ("pp2-split-core", "pp2-vp2-distopt")
 RESUMED = ("tp2-sp", "pp2-vp2-distopt")
 """Runs that save every step: test_checkpoint_resumes_unparallelized_and_exports resumes them."""
 
@@ -143,7 +149,8 @@ def bf16_runs(start, tmp_path_factory):
             saving = ({"checkpointing.interval": 1, "checkpointing.optimizer_reshardable": True}
                       if name in RESUMED else {})
             done[name] = {**run(tmp, start, name, nproc, "bf16", name if saving else None,
-                                PASSTHROUGH.get(name, ()), **settings, **saving), "dir": tmp / name}
+                                PASSTHROUGH.get(name, ()), P2P_PROBE if name in PIPELINED else None,
+                                **settings, **saving), "dir": tmp / name}
         return done[name]
 
     return get
@@ -163,6 +170,16 @@ def test_parameters_are_used_in_registration_order(bf16_runs):
     parallel-residual layer runs attention before the MLP, as registered: no bucket's
     all-gather is waited for before its turn."""
     assert OUT_OF_ORDER not in bf16_runs("dp2-distopt-overlap")["log"]
+
+
+@pytest.mark.parametrize("name", PIPELINED)
+def test_pipeline_sends_fixed_shapes(bf16_runs, name):
+    """Every boundary sends the run's one carry width, so megatron-core's schedules exchange no
+    shapes (each exchange: a blocking handshake and a device sync before the send)."""
+    counts = re.findall(r"\[p2p-probe\] rank (\d): sends (\d+), shape handshakes (\d+)",
+                        bf16_runs(name)["log"])
+    assert sorted(int(rank) for rank, _, _ in counts) == [0, 1]
+    assert all(int(sends) > 0 and int(handshakes) == 0 for _, sends, handshakes in counts), counts
 
 
 def mesh_reference(request, start, name="reference"):

@@ -1,5 +1,6 @@
 """Packing the carry that crosses a pipeline boundary, and which stages hold which weights."""
 
+import pytest
 import torch
 
 from conftest import tiny_config
@@ -20,32 +21,55 @@ def carry_at(model, tokens, positions, position):
         block.ops, block.stage = saved
 
 
-def test_pack_then_unpack_is_the_identity_at_every_boundary(megatron_world):
+@pytest.mark.parametrize("scheme, loop_fields", [
+    ("mesh", ("buffer",)), ("anchor", ("h0",)), ("anchor_star", ("h_emb",)), ("base", ()),
+    ("static_comb", ("h0", "h_emb")),
+])
+def test_pack_then_unpack_is_the_identity_at_every_boundary(megatron_world, scheme, loop_fields):
+    """Each boundary carries h, h(t) and what the scheme's steps read (MeSH: (2 + B) h, not the
+    (4 + B) h of h_emb and h(0) too), zero-padded to the run's one width."""
+    import dataclasses
+
     from conftest import random_batch
     from megatron_mesh.model import MeshGPTModel
     from megatron_mesh.parallel import pipeline
 
-    for scheme in ("mesh", "anchor"):
-        config = tiny_config("1+2R2+1", scheme)
-        model = MeshGPTModel(config)
-        tokens, positions = random_batch(config)
-        for position in range(1, 6):
-            carry = carry_at(model, tokens, positions, position)
-            phase = pipeline.boundary_phase(config, position)
-            mesh = scheme == "mesh"
-            packed = pipeline.pack(carry, phase, True, mesh)
-            fields = pipeline.carried_fields(phase, True, mesh)
-            width = len(fields) - 1 + (config.buffer_slots if mesh and phase == "loop" else 1)
+    config = tiny_config("1+2R2+1", scheme)
+    model = MeshGPTModel(config)
+    tokens, positions = random_batch(config)
+    slots = {"pre": 2, "loop": 2 + len(loop_fields) + (config.buffer_slots - 1 if scheme == "mesh" else 0),
+             "post": 1}
+    padded = dataclasses.replace(config, pipeline_carry_width=9 * config.hidden_size)
+    for position in range(1, 6):
+        carry = carry_at(model, tokens, positions, position)
+        phase = pipeline.boundary_phase(config, position)
+        assert pipeline.carried_fields(phase, scheme)[2:] == (loop_fields if phase == "loop" else ())
+        for cfg, width in ((config, slots[phase]), (padded, 9)):
+            packed = pipeline.pack(carry, phase, cfg)
             assert packed.shape[-1] == width * config.hidden_size
-            back = pipeline.unpack(packed, phase, True, mesh, config.hidden_size)
+            back = pipeline.unpack(packed, phase, cfg)
             assert torch.equal(back["h"], carry["h"])
             if phase == "pre":
                 assert torch.equal(back["h_emb"], carry["h_emb"])
             if phase == "loop":
                 assert torch.equal(back["h_loop"], carry["h_loop"])
-                for name in ("h_emb", "h0") + (("buffer",) if mesh else ()):
+                for name in loop_fields:
                     want, got = getattr(carry["state"], name), getattr(back["state"], name)
                     assert torch.equal(got, want), (scheme, position, name)
+
+
+def test_carry_width_is_the_widest_boundary_of_the_split():
+    from megatron_mesh.parallel.pipeline import carry_width
+
+    def width(stages):
+        return carry_width(tiny_config("1+2R2+1", "mesh", pipeline_stage_layers=stages,
+                                       pipeline_model_parallel_size=len(stages),
+                                       pipeline_dtype=torch.float32)) // 64
+
+    assert width((1, 5)) == 2  # after the prelude: h, h_emb
+    assert width((5, 1)) == 1  # in the coda: h
+    assert width((2, 4)) == 2 + 5  # in the loop: h, h(t), B = 5 slots
+    assert width((1, 4, 1)) == 2  # two boundaries, the wider wins
 
 
 def test_weight_holders():
