@@ -113,8 +113,32 @@ def _pipeline_carry_shape() -> None:
     cls._communicate = communicate_carry_shape
 
 
+def _reset_loss_averages_at_every_logged_interval() -> None:
+    # training/training.py:2594 (training_log): `should_reset = not is_first_iteration`, so a
+    # run's first iteration is printed without resetting the loss accumulators. When that
+    # iteration falls on a log interval (every run with logging.interval 1; a resumed run whose
+    # first iteration is a multiple of the interval) the next printed loss averages two
+    # intervals: a resumed run logs another loss than the run it continues. Log such a first
+    # iteration as any other interval (training.py:3997 passes is_first_iteration by keyword).
+    from megatron.training import get_args, training
+
+    log = training.training_log
+    if getattr(log, "_mesh_fixed", False):
+        return
+
+    def training_log(*args, **kwargs):
+        iteration = args[3] if len(args) > 3 else kwargs["iteration"]
+        if kwargs.get("is_first_iteration") and iteration % get_args().log_interval == 0:
+            kwargs["is_first_iteration"] = False
+        return log(*args, **kwargs)
+
+    training_log._mesh_fixed = True
+    training.training_log = training_log
+
+
 def apply_trainer() -> None:
     """Fixes for megatron.training runs; call before ``pretrain``."""
     _resume_distributed_optimizer_with_torch_adam()
     _load_checkpoints_of_another_spec()
     _pipeline_carry_shape()
+    _reset_loss_averages_at_every_logged_interval()
