@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Iterator
@@ -20,15 +21,18 @@ def check_writable(out: Path, force: bool) -> None:
 
 @contextlib.contextmanager
 def atomic_directory(out, force: bool = False) -> Iterator[Path]:
-    """Yield a scratch directory beside ``out``; on success it replaces ``out`` in one rename.
+    """Yield a scratch directory beside ``out``; on success it replaces ``out`` by renames.
 
     On any error the scratch directory is removed and ``out`` is left as it was, so an
-    interrupted export or conversion never leaves a directory that looks complete.
+    interrupted export or conversion never leaves a directory that looks complete. A replaced
+    ``out`` is renamed aside before the new one is renamed in and deleted only after, so a
+    crash in between loses neither; what a killed process left beside ``out`` (its scratch
+    directory, or an old output set aside) is cleaned up, or put back, by the next call.
     """
     out = Path(out)
+    clean_leftovers(out)
     check_writable(out, force)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = _beside(out, "tmp", os.getpid())
     tmp.parent.mkdir(parents=True, exist_ok=True)
     tmp.mkdir()
     try:
@@ -36,6 +40,38 @@ def atomic_directory(out, force: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    old = _beside(out, "old", os.getpid())
     if out.exists():
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
+        os.replace(out, old)
     os.replace(tmp, out)
+    if old.exists():
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+
+
+def _beside(out: Path, kind: str, pid: int) -> Path:
+    return out.with_name(f".{out.name}.{kind}{pid}")
+
+
+def clean_leftovers(out) -> None:
+    """Remove the scratch directories of dead processes beside ``out``; an old output one set
+    aside goes back to ``out`` when no new one took its place (the process died in between)."""
+    out = Path(out)
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.(tmp|old)(\d+)")
+    for path in sorted(out.parent.glob(f".{out.name}.*")) if out.parent.is_dir() else ():
+        match = pattern.fullmatch(path.name)
+        if match is None or _alive(int(match[2])):
+            continue
+        if match[1] == "old" and not out.exists():
+            os.replace(path, out)
+        else:
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
