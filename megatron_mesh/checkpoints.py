@@ -17,6 +17,8 @@ def iteration_dir(path, iteration: Optional[int] = None) -> Path:
     """The directory holding one torch_dist checkpoint: ``path`` itself if it is one, else
     ``iter_XXXXXXX`` (``iteration``, or the tracker's) or ``release`` (converted checkpoints)."""
     path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: does not exist")
     if (path / "metadata.json").is_file():
         return path
     tracker = path / TRACKER

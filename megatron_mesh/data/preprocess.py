@@ -173,6 +173,9 @@ def preprocess(
             if bar is not None:
                 bar.update(len(chunk))
                 bar.set_postfix(tokens_per_s=f"{report.tokens / max(time.time() - start, 1e-9):,.0f}")
+        if report.documents == 0:  # a 0-document dataset fails later, far from its cause
+            why = f"{len(report.bad)} bad records, e.g. {report.bad[0]}" if report.bad else "empty input"
+            raise ValueError(f"{', '.join(map(str, inputs))}: no documents to write ({why})")
 
     try:
         write_indexed_dataset(documents(), output_prefix, vocab_size)

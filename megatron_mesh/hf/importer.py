@@ -46,26 +46,43 @@ def read_hf_directory(path) -> Tuple[dict, Dict[str, Tensor]]:
     config_file = path / "config.json"
     if not config_file.is_file():
         raise CheckpointError(f"{path}: not a Hugging Face model directory (no config.json)")
-    config = json.loads(config_file.read_text())
-    return config, _read_weights(path)
+    return _read_json(config_file), _read_weights(path)
+
+
+def _read_json(file: Path) -> dict:
+    try:
+        return json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{file}: not valid JSON ({err})") from err
+
+
+def _read_weight_file(file: Path) -> Dict[str, Tensor]:
+    """One weight file; a truncated or corrupt one is named (safetensors and torch.load say
+    only what failed, not where)."""
+    from safetensors.torch import load_file
+
+    try:
+        if file.name.endswith(".safetensors"):
+            return load_file(str(file))
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except FileNotFoundError as err:
+        raise CheckpointError(f"{file}: listed in the index but missing") from err
+    except Exception as err:  # noqa: BLE001  (safetensors and pickle raise many types)
+        raise CheckpointError(f"{file}: unreadable, truncated or corrupt "
+                              f"({type(err).__name__}: {err})") from err
 
 
 def _read_weights(path: Path) -> Dict[str, Tensor]:
-    from safetensors.torch import load_file
-
     for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
                                ("pytorch_model.bin.index.json", "pytorch_model.bin")):
         index = path / index_name
-        files = (sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = (sorted(set(_read_json(index)["weight_map"].values()))
                  if index.is_file() else [single] if (path / single).is_file() else [])
         if not files:
             continue
         state: Dict[str, Tensor] = {}
         for name in files:
-            if name.endswith(".safetensors"):
-                state.update(load_file(str(path / name)))
-            else:
-                state.update(torch.load(path / name, map_location="cpu", weights_only=True))
+            state.update(_read_weight_file(path / name))
         return state
     raise CheckpointError(f"{path}: no model.safetensors, pytorch_model.bin or their index files")
 

@@ -113,3 +113,20 @@ def test_cli_reports_and_exits_nonzero_on_missing_input(tmp_path):
                           str(tmp_path / "nope.jsonl"), "--output-prefix", str(tmp_path / "x"),
                           "--tokenizer", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and "nope.jsonl: input file not found" in out.stderr
+
+
+def test_no_documents_is_an_error_and_writes_nothing(tmp_path):
+    """An empty input (or one of bad records only) would make a 0-document dataset that
+    training and evaluation fail on later ("cannot mmap an empty file")."""
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "tok").mkdir()
+    from megatron_mesh.data.indexed import train_bpe_tokenizer
+
+    tok = train_bpe_tokenizer(DOCS * 5, 300, tmp_path / "tok")
+    out = subprocess.run([sys.executable, str(REPO / "tools/preprocess_data.py"), "--input",
+                          str(tmp_path / "empty.jsonl"), "--output-prefix", str(tmp_path / "x"),
+                          "--tokenizer", tok, "--no-progress"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode != 0
+    assert "empty.jsonl: no documents to write (empty input)" in out.stderr
+    assert not list(tmp_path.glob("x*")), "a failed run left a dataset behind"

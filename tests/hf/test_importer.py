@@ -149,3 +149,12 @@ def test_errors(tmp_path, megatron_world):
     with pytest.raises(CheckpointError, match="use_parallel_residual=False"):
         hf_to_megatron(source, tmp_path / "out")
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.tmp*"))
+
+    (source / "config.json").write_text(json.dumps(config)[:-5])  # cut short
+    with pytest.raises(CheckpointError, match=r"pythia/config.json: not valid JSON"):
+        hf_to_megatron(source, tmp_path / "out")
+    (source / "config.json").write_text(json.dumps(config))
+    weights = source / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # truncated
+    with pytest.raises(CheckpointError, match=r"pythia/model.safetensors: unreadable, truncated"):
+        hf_to_megatron(source, tmp_path / "out")

@@ -93,6 +93,8 @@ def test_errors(checkpoint, tmp_path):
 
     with pytest.raises(CheckpointError, match="not a Megatron checkpoint"):
         export(str(tmp_path), str(tmp_path / "out"))
+    with pytest.raises(CheckpointError, match="nowhere: does not exist"):
+        export(str(tmp_path / "nowhere"), str(tmp_path / "out"))
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "keep.txt").write_text("x")
