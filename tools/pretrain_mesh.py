@@ -11,6 +11,7 @@ environment (MASTER_ADDR, MASTER_PORT, WORLD_SIZE, RANK, LOCAL_RANK) is read by 
 """
 
 import argparse
+import contextlib
 import os
 import sys
 import warnings
@@ -81,7 +82,7 @@ def run(megatron_args):
     from megatron.training.argument_utils import pretrain_cfg_container_from_args
     from megatron.training.arguments import parse_and_validate_args
 
-    from megatron_mesh.training import providers, resume, throughput
+    from megatron_mesh.training import providers, resume, save_lock, throughput
     from megatron_mesh.training.arguments import add_mesh_arguments
     from megatron_mesh.training.router_log import ROUTER_LOG
 
@@ -101,13 +102,26 @@ def run(megatron_args):
                   f"is not installed, or --no-gradient-accumulation-fusion was passed)", flush=True)
         throughput.install(config, args)
         ROUTER_LOG.enabled = args.mesh_router_metrics
-        pretrain(
-            cfg,
-            providers.train_valid_test_datasets_provider,
-            ModelType.encoder_or_decoder,
-            providers.forward_step,
-            model_provider=providers.model_provider,
-        )
+        try:
+            with _save_directory_lock(args):
+                pretrain(
+                    cfg,
+                    providers.train_valid_test_datasets_provider,
+                    ModelType.encoder_or_decoder,
+                    providers.forward_step,
+                    model_provider=providers.model_provider,
+                )
+        except save_lock.SaveDirectoryBusy as err:
+            sys.exit(f"error: {err}")
+
+
+def _save_directory_lock(args):
+    """The first rank locks the save directory for the run (megatron_mesh.training.save_lock)."""
+    from megatron_mesh.training import save_lock
+
+    if args.save and args.rank == 0:
+        return save_lock.exclusive_save_directory(args.save)
+    return contextlib.nullcontext()
 
 
 def main(argv=None):
