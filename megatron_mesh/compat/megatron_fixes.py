@@ -1,10 +1,12 @@
-"""Fixes for megatron-core 0.19.2 bugs on paths megatron-mesh uses, on any machine.
+"""Fixes for megatron-core 0.19.2 on paths megatron-mesh uses, on any machine.
 
-Each fix names the megatron-core line it works around and applies only under the condition of
-the bug (most of them: neither apex nor TransformerEngine installed, so megatron's optimizers are
-torch's: CPU runs and GPU images without them), so it changes nothing where megatron-core works
-as it is. Found by the CPU stand-in of tools/gpu_check.py (a bf16 resume with the distributed
-optimizer); tests/parallel/test_parity.py::test_bf16_resume_is_exact holds them.
+Each fix names the megatron-core line it works around and changes nothing where that line is
+not reached: the distributed-optimizer resume fixes apply only with torch's optimizers (neither
+apex nor TransformerEngine: CPU runs and GPU images without them; found by the CPU stand-in of
+tools/gpu_check.py, held by tests/parallel/test_parity.py::test_bf16_resume_is_exact); loading a
+checkpoint that lacks TE's _extra_state entries (tests/test_checkpoints.py); fixed-shape
+pipeline sends for the recursive block's carry (tests/parallel/test_parity.py); the loss
+average of a run's first logged interval (tests/tools/test_pretrain.py, resume).
 """
 
 from __future__ import annotations
