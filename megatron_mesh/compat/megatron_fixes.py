@@ -11,7 +11,19 @@ average of a run's first logged interval (tests/tools/test_pretrain.py, resume).
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
+
+
+def _wrap_once(owner, name: str, wrap: Callable[[Callable], Callable]) -> None:
+    """``owner.name = wrap(owner.name)``, once per process however often the fixes are applied."""
+    original = getattr(owner, name)
+    if getattr(original, "_mesh_fixed", False):
+        return
+    wrapped = wrap(original)
+    wrapped._mesh_fixed = True
+    setattr(owner, name, wrapped)
 
 
 def _resume_distributed_optimizer_with_torch_adam() -> None:
@@ -75,20 +87,17 @@ def _load_checkpoints_of_another_spec() -> None:
 
     from megatron_mesh.checkpoints import keep_missing_extra_state
 
-    load = dist_checkpointing.load
-    if getattr(load, "_mesh_fixed", False):
-        return
+    def wrap(load):
+        def load_keeping_missing_extra_state(sharded_state_dict, checkpoint_dir, *args, **kwargs):
+            kept = keep_missing_extra_state(sharded_state_dict, checkpoint_dir)
+            if kept and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
+                print(f"[mesh] {checkpoint_dir}: no saved state for {len(kept)} _extra_state "
+                      f"entries (TransformerEngine fp8 metadata; e.g. {kept[0]}): those modules "
+                      f"keep their fresh state", flush=True)
+            return load(sharded_state_dict, checkpoint_dir, *args, **kwargs)
+        return load_keeping_missing_extra_state
 
-    def load_keeping_missing_extra_state(sharded_state_dict, checkpoint_dir, *args, **kwargs):
-        kept = keep_missing_extra_state(sharded_state_dict, checkpoint_dir)
-        if kept and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
-            print(f"[mesh] {checkpoint_dir}: no saved state for {len(kept)} _extra_state entries "
-                  f"(TransformerEngine fp8 metadata; e.g. {kept[0]}): those modules keep their "
-                  f"fresh state", flush=True)
-        return load(sharded_state_dict, checkpoint_dir, *args, **kwargs)
-
-    load_keeping_missing_extra_state._mesh_fixed = True
-    dist_checkpointing.load = load_keeping_missing_extra_state
+    _wrap_once(dist_checkpointing, "load", wrap)
 
 
 def _pipeline_carry_shape() -> None:
@@ -100,19 +109,15 @@ def _pipeline_carry_shape() -> None:
     # device-to-host copy). The carry's W is fixed per run: receive that width instead.
     from megatron.core.pipeline_parallel import p2p_communication
 
-    cls = p2p_communication.P2PCommunicator
-    if getattr(cls, "_mesh_fixed", False):
-        return
-    cls._mesh_fixed = True
-    communicate = cls._communicate
+    def wrap(communicate):
+        def communicate_carry_shape(self, *, tensor_shape, **kwargs):
+            width = getattr(self.config, "pipeline_carry_width", None)
+            if width and tensor_shape:
+                tensor_shape = (*tensor_shape[:-1], width)
+            return communicate(self, tensor_shape=tensor_shape, **kwargs)
+        return communicate_carry_shape
 
-    def communicate_carry_shape(self, *, tensor_shape, **kwargs):
-        width = getattr(self.config, "pipeline_carry_width", None)
-        if width and tensor_shape:
-            tensor_shape = (*tensor_shape[:-1], width)
-        return communicate(self, tensor_shape=tensor_shape, **kwargs)
-
-    cls._communicate = communicate_carry_shape
+    _wrap_once(p2p_communication.P2PCommunicator, "_communicate", wrap)
 
 
 def _reset_loss_averages_at_every_logged_interval() -> None:
@@ -124,18 +129,15 @@ def _reset_loss_averages_at_every_logged_interval() -> None:
     # iteration as any other interval (training.py:3997 passes is_first_iteration by keyword).
     from megatron.training import get_args, training
 
-    log = training.training_log
-    if getattr(log, "_mesh_fixed", False):
-        return
+    def wrap(log):
+        def training_log(*args, **kwargs):
+            iteration = args[3] if len(args) > 3 else kwargs["iteration"]
+            if kwargs.get("is_first_iteration") and iteration % get_args().log_interval == 0:
+                kwargs["is_first_iteration"] = False
+            return log(*args, **kwargs)
+        return training_log
 
-    def training_log(*args, **kwargs):
-        iteration = args[3] if len(args) > 3 else kwargs["iteration"]
-        if kwargs.get("is_first_iteration") and iteration % get_args().log_interval == 0:
-            kwargs["is_first_iteration"] = False
-        return log(*args, **kwargs)
-
-    training_log._mesh_fixed = True
-    training.training_log = training_log
+    _wrap_once(training, "training_log", wrap)
 
 
 def apply_trainer() -> None:
