@@ -40,6 +40,41 @@ def iteration_dir(path, iteration: Optional[int] = None) -> Path:
     return found
 
 
+def incomplete_files(ckpt: Path) -> List[str]:
+    """What is missing or cut short in one torch_dist iteration directory: each data file must
+    reach the end of the last item its metadata (.metadata) places in it. Cheap (one stat per
+    file), and names the file a bare EOFError of torch's reader would not."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    needed: dict = {}
+    for item in FileSystemReader(str(ckpt)).read_metadata().storage_data.values():
+        needed[item.relative_path] = max(needed.get(item.relative_path, 0), item.offset + item.length)
+    problems = []
+    for name, size in sorted(needed.items()):
+        path = ckpt / name
+        if not path.is_file():
+            problems.append(f"{path}: missing (listed in the checkpoint's metadata)")
+        elif path.stat().st_size < size:
+            problems.append(f"{path}: truncated, {path.stat().st_size:,} bytes of at least {size:,}")
+    return problems
+
+
+def check_complete(ckpt: Path, how_to_load: str) -> None:
+    """CheckpointError naming every missing or truncated file of ``ckpt`` and the newest other
+    iteration beside it that is complete (``how_to_load`` formatted with its ``iteration`` number
+    and ``path``)."""
+    problems = incomplete_files(ckpt)
+    if not problems:
+        return
+    older = sorted(ckpt.parent.glob("iter_*"), reverse=True)
+    intact = next((d for d in older if d != ckpt and (d / ".metadata").is_file()
+                   and not incomplete_files(d)), None)
+    hint = (f"{intact.name} is complete: "
+            f"{how_to_load.format(iteration=int(intact.name[5:]), path=intact)}" if intact
+            else "no other complete iteration beside it")
+    raise CheckpointError(f"{ckpt}: incomplete checkpoint: {'; '.join(problems)}. {hint}")
+
+
 def keep_missing_extra_state(sharded_state_dict, checkpoint_dir) -> List[str]:
     """Let a TransformerEngine model load a checkpoint saved without TE's ``_extra_state``.
 

@@ -15,7 +15,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from megatron_mesh.checkpoints import CheckpointError, iteration_dir
+from megatron_mesh.checkpoints import CheckpointError, check_complete, iteration_dir
 from megatron_mesh.config import MeshConfig
 from megatron_mesh.fs import OutputExistsError, atomic_directory, check_writable
 from megatron_mesh.hf.mapping import module_names
@@ -34,6 +34,7 @@ def load_checkpoint(path: str, iteration: Optional[int] = None) -> Tuple[Dict[st
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     ckpt = iteration_dir(path, iteration)
+    check_complete(ckpt, "read {path} instead")
     reader = FileSystemReader(str(ckpt))
     metadata = reader.read_metadata()
     state = {k: torch.empty(m.size, dtype=m.properties.dtype)

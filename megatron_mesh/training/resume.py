@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from megatron_mesh.checkpoints import TRACKER, iteration_dir
+from megatron_mesh.checkpoints import TRACKER, check_complete, iteration_dir
 from megatron_mesh.config import MeshConfig
 
 # MeshConfig fields that define the function the weights compute
@@ -27,7 +27,7 @@ def checkpoint_to_load(args) -> Optional[Path]:
     """The checkpoint directory megatron's load_checkpoint will read, or None (fresh start)."""
     for directory in (args.load, getattr(args, "pretrained_checkpoint", None)):
         if directory and (Path(directory) / TRACKER).is_file():
-            return iteration_dir(directory)
+            return iteration_dir(directory, getattr(args, "ckpt_step", None))
     return None
 
 
@@ -44,6 +44,7 @@ def check_resume_model(args) -> None:
     ckpt = checkpoint_to_load(args)
     if ckpt is None:
         return
+    check_complete(ckpt, "resume from it with `-- --ckpt-step {iteration}`")
     import warnings
 
     from megatron.core.dist_checkpointing import load_common_state_dict
