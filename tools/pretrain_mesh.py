@@ -103,7 +103,7 @@ def run(megatron_args):
         throughput.install(config, args)
         ROUTER_LOG.enabled = args.mesh_router_metrics
         try:
-            with _save_directory_lock(args):
+            with _save_directory_lock(args, save_lock):
                 pretrain(
                     cfg,
                     providers.train_valid_test_datasets_provider,
@@ -115,10 +115,8 @@ def run(megatron_args):
             sys.exit(f"error: {err}")
 
 
-def _save_directory_lock(args):
+def _save_directory_lock(args, save_lock):
     """The first rank locks the save directory for the run (megatron_mesh.training.save_lock)."""
-    from megatron_mesh.training import save_lock
-
     if args.save and args.rank == 0:
         return save_lock.exclusive_save_directory(args.save)
     return contextlib.nullcontext()

@@ -37,6 +37,10 @@ TIED_COPY = "mesh_tied_copy"
 """Module attribute: True on a layer (or scheme) computing with an earlier chunk's parameters."""
 
 
+STATE_FIELDS = ("h_emb", "h0", "buffer")
+"""Carry fields held in the LoopState inside the loop (before it, h_emb is the carry's own)."""
+
+
 def carried_fields(phase: str, scheme: str) -> Tuple[str, ...]:
     """What crosses a boundary in ``phase`` for state scheme ``scheme``: h (and h_emb, which
     the loop's start reads) before the loop; h, h(t) and what the scheme's steps read inside it;
@@ -89,10 +93,6 @@ def unpack(packed: Tensor, phase: str, config) -> Dict[str, object]:
     buffer = torch.stack(chunks[len(fields) - 1:], dim=0) if "buffer" in fields else None
     state = LoopState(h_emb=values.get("h_emb"), h0=values.get("h0"), buffer=buffer)
     return {"h": values["h"], "h_loop": values["h_loop"], "state": state}
-
-
-STATE_FIELDS = ("h_emb", "h0", "buffer")
-"""Carry fields held in the LoopState inside the loop (before it, h_emb is the carry's own)."""
 
 
 def num_stages(config) -> int:
