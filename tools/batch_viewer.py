@@ -34,7 +34,10 @@ def main(argv=None):
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
 
-    dataset = PythiaPreshuffledDataset(args.data, args.seq_length, args.boundary)
+    try:
+        dataset = PythiaPreshuffledDataset(args.data, args.seq_length, args.boundary)
+    except ValueError as err:  # DatasetIntegrityError names the file; bad seq_length/boundary
+        sys.exit(f"error: {err}")
     sequences = range(args.global_batch_size) if args.sequence is None else [args.sequence]
     decode = None
     if args.tokenizer:

@@ -19,12 +19,19 @@ def is_indexed_prefix(source) -> bool:
     return Path(f"{source}.bin").is_file() and Path(f"{source}.idx").is_file()
 
 
+def _half_indexed_prefix(source) -> bool:
+    """One of ``source.bin`` / ``source.idx`` and no file ``source``: meant as an indexed
+    dataset, so reading it names the missing half rather than 'nor a jsonl file'."""
+    return not Path(source).is_file() and (Path(f"{source}.bin").is_file()
+                                           or Path(f"{source}.idx").is_file())
+
+
 def read_documents(source, tokenizer: Optional[str] = None, key: str = "text",
                    append_eod: bool = False) -> Iterator[List[int]]:
     """Token ids of each document of ``source`` in file order (see the module docstring).
     ``append_eod`` ends jsonl documents with the tokenizer's end-of-document token, as
     preprocessing does (indexed datasets already hold whatever preprocessing wrote)."""
-    if is_indexed_prefix(source):
+    if is_indexed_prefix(source) or _half_indexed_prefix(source):
         yield from _indexed_documents(str(source))
         return
     path = Path(source)
@@ -46,11 +53,13 @@ def read_documents(source, tokenizer: Optional[str] = None, key: str = "text",
 
 def _indexed_documents(prefix: str) -> Iterator[List[int]]:
     """Whole documents: the sequences between consecutive document boundaries, joined (one
-    sequence per document, or one per sentence for tools/preprocess_data.py --split-sentences)."""
+    sequence per document, or one per sentence for tools/preprocess_data.py --split-sentences).
+    Opened through ``open_indexed_dataset``: a missing, short or empty file is named."""
     import numpy as np
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-    dataset = IndexedDataset(prefix)
+    from megatron_mesh.data.integrity import open_indexed_dataset
+
+    dataset = open_indexed_dataset(prefix)
     bounds = dataset.document_indices  # [documents + 1] sequence offsets, from 0 to len(dataset)
     for start, stop in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
         if stop > start:

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy
 
 MAGIC = b"MMIDIDX\x00\x00"
+HEADER_BYTES = 34  # magic 9 + version 8 + dtype code 1 + sequence count 8 + document count 8
 DTYPES = {1: numpy.uint8, 2: numpy.int8, 3: numpy.int16, 4: numpy.int32, 5: numpy.int64,
           6: numpy.float64, 7: numpy.float32, 8: numpy.uint16}
 
@@ -33,8 +34,12 @@ class IndexHeader:
 
 def read_header(prefix: str) -> IndexHeader:
     idx = f"{prefix}.idx"
-    if not Path(idx).is_file() or not Path(f"{prefix}.bin").is_file():
-        raise DatasetIntegrityError(f"{prefix}: expected {prefix}.bin and {prefix}.idx")
+    _check_present(prefix)
+    size = os.path.getsize(idx)
+    if size < HEADER_BYTES:  # struct.unpack would fail on the short read, naming nothing
+        raise DatasetIntegrityError(
+            f"{idx}: {size} bytes{' (empty)' if not size else ''}, shorter than the "
+            f"{HEADER_BYTES}-byte header (magic, version, dtype, sequence and document counts)")
     with open(idx, "rb") as f:
         magic = f.read(9)
         if magic != MAGIC:
@@ -46,7 +51,18 @@ def read_header(prefix: str) -> IndexHeader:
         if code not in DTYPES:
             raise DatasetIntegrityError(f"{idx}: unknown dtype code {code}, expected one of {sorted(DTYPES)}")
         sequences, documents = struct.unpack("<QQ", f.read(16))
-    return IndexHeader(DTYPES[code], sequences, documents, 34)
+    return IndexHeader(DTYPES[code], sequences, documents, HEADER_BYTES)
+
+
+def _check_present(prefix: str) -> None:
+    """Both halves exist; when only one does, the message starts with the missing one."""
+    missing = [f"{prefix}{suffix}" for suffix in (".bin", ".idx")
+               if not Path(f"{prefix}{suffix}").is_file()]
+    if len(missing) == 2:
+        raise DatasetIntegrityError(f"{prefix}: expected {prefix}.bin and {prefix}.idx")
+    if missing:
+        raise DatasetIntegrityError(
+            f"{missing[0]}: no such file; the dataset {prefix} needs {prefix}.bin and {prefix}.idx")
 
 
 def index_arrays(prefix: str, header: IndexHeader):
@@ -75,16 +91,36 @@ def check_indexed_dataset(prefix: str) -> IndexHeader:
         n = header.sequences
         sizes, pointers, documents = index_arrays(prefix, header)
         _check_pointers(idx, sizes, pointers, numpy.dtype(header.dtype).itemsize)
+        if not len(documents):
+            raise DatasetIntegrityError(f"{idx}: {n} sequences but no document indices")
         if documents[-1] != n:
             raise DatasetIntegrityError(
                 f"{idx}: the last document index is {documents[-1]}, expected {n} (the sequence count)")
         tokens = int(pointers[-1] // numpy.dtype(header.dtype).itemsize + sizes[-1])
     expected_bin = tokens * numpy.dtype(header.dtype).itemsize
-    if os.path.getsize(binfile) != expected_bin:
+    size = os.path.getsize(binfile)
+    if size != expected_bin:
         raise DatasetIntegrityError(
-            f"{binfile}: {os.path.getsize(binfile):,} bytes, but {idx} describes {tokens:,} "
-            f"{numpy.dtype(header.dtype).name} tokens = {expected_bin:,} bytes")
+            f"{binfile}: {size:,} bytes{' (the file is empty)' if not size else ''}, but {idx} "
+            f"describes {tokens:,} {numpy.dtype(header.dtype).name} tokens = {expected_bin:,} bytes")
     return header
+
+
+def open_indexed_dataset(prefix: str):
+    """Megatron's ``IndexedDataset`` on ``prefix`` once ``check_indexed_dataset`` passes and the
+    dataset holds tokens. Every reader opens datasets here: megatron memory-maps the .bin, and
+    numpy cannot map an empty file, so a 0-document dataset would otherwise fail with a bare
+    'cannot mmap an empty file' naming no file. (``check_indexed_dataset`` itself accepts empty
+    datasets: an empty shard is a valid input to ``concatenate_indexed``.)"""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    header = check_indexed_dataset(prefix)
+    if not os.path.getsize(f"{prefix}.bin"):  # checked: the index describes no tokens either
+        what = (f"{header.sequences:,} sequences hold no tokens" if header.sequences
+                else "contains no documents")
+        raise DatasetIntegrityError(
+            f"{prefix}.idx: {what}; re-run tools/preprocess_data.py on a non-empty input")
+    return IndexedDataset(prefix)
 
 
 def _check_pointers(idx: str, sizes, pointers, itemsize: int, chunk: int = 1 << 24) -> None:

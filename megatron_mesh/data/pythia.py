@@ -30,17 +30,14 @@ BOUNDARIES = ("per_row", "contiguous", "contiguous_masked")
 class PythiaPreshuffledDataset(torch.utils.data.Dataset):
     def __init__(self, prefix: str, seq_length: int, boundary: str = "per_row",
                  eod_id: int = 0, mask_eod_loss: bool = False, vocab_size: int = None):
-        from megatron.core.datasets.indexed_dataset import IndexedDataset
-
-        from megatron_mesh.data.integrity import (DatasetIntegrityError, check_indexed_dataset,
-                                                  check_token_range)
+        from megatron_mesh.data.integrity import (DatasetIntegrityError, check_token_range,
+                                                  open_indexed_dataset)
 
         if seq_length % (ROW_TOKENS - 1):
             raise ValueError(f"seq_length={seq_length}: the Pythia reader needs a multiple of 2048")
         if boundary not in BOUNDARIES:
             raise ValueError(f"pythia boundary={boundary!r}: expected one of {list(BOUNDARIES)}")
-        check_indexed_dataset(prefix)
-        self.rows = IndexedDataset(prefix)
+        self.rows = open_indexed_dataset(prefix)
         lengths = self.rows.index.sequence_lengths
         bad = numpy.flatnonzero(lengths != ROW_TOKENS)
         if len(bad):
