@@ -19,6 +19,7 @@ setup(
         "PyYAML>=6",
         "transformers>=4.57,<5",
         "safetensors",
+        "xxhash",
     ],
     extras_require={"logging": ["tensorboard", "wandb"]},
 )

@@ -1,10 +1,13 @@
-"""Finding the iteration directory of a Megatron checkpoint save directory, and loading one
-saved under another layer spec."""
+"""Finding the iteration directory of a Megatron checkpoint save directory, verifying it before
+anything loads it, and loading one saved under another layer spec."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
+
+from megatron_mesh import checkpoint_manifest
 
 TRACKER = "latest_checkpointed_iteration.txt"
 
@@ -44,13 +47,12 @@ def incomplete_files(ckpt: Path) -> List[str]:
     """What is missing or cut short in one torch_dist iteration directory: each data file must
     reach the end of the last item its metadata (.metadata) places in it. Cheap (one stat per
     file), and names the file a bare EOFError of torch's reader would not."""
-    from torch.distributed.checkpoint import FileSystemReader
-
-    needed: dict = {}
-    for item in FileSystemReader(str(ckpt)).read_metadata().storage_data.values():
-        needed[item.relative_path] = max(needed.get(item.relative_path, 0), item.offset + item.length)
+    try:
+        extents = checkpoint_manifest.storage_extents(ckpt)
+    except checkpoint_manifest.ManifestError as err:
+        return [str(err)]
     problems = []
-    for name, size in sorted(needed.items()):
+    for name, size in sorted(extents.items()):
         path = ckpt / name
         if not path.is_file():
             problems.append(f"{path}: missing (listed in the checkpoint's metadata)")
@@ -59,20 +61,56 @@ def incomplete_files(ckpt: Path) -> List[str]:
     return problems
 
 
-def check_complete(ckpt: Path, how_to_load: str) -> None:
-    """CheckpointError naming every missing or truncated file of ``ckpt`` and the newest other
-    iteration beside it that is complete (``how_to_load`` formatted with its ``iteration`` number
-    and ``path``)."""
+class CheckpointWarning(UserWarning):
+    """A checkpoint loads, but could not be verified as fully as a current one."""
+
+
+def checkpoint_problems(ckpt: Path, share: Tuple[int, int] = (0, 1), hashes: bool = True,
+                        warn: bool = True) -> List[str]:
+    """What keeps ``ckpt`` from loading intact: missing or cut-short files (always, one stat
+    each) and, with ``hashes``, every mismatch against its integrity manifest for this
+    reader's ``share`` of the files (megatron_mesh.checkpoint_manifest). A checkpoint saved
+    without a manifest gets the size check and a CheckpointWarning (when ``warn``)."""
     problems = incomplete_files(ckpt)
+    if problems or not hashes:
+        return problems
+    try:
+        if checkpoint_manifest.read(ckpt) is None:
+            if warn:
+                warnings.warn(f"{ckpt}: no integrity manifest (saved by megatron-mesh before "
+                              f"manifests, or by another tool): file sizes checked, contents "
+                              f"not", CheckpointWarning, stacklevel=3)
+            return []
+        return checkpoint_manifest.problems(ckpt, share)
+    except checkpoint_manifest.ManifestError as err:
+        return [str(err)]
+
+
+def verify(ckpt: Path, how_to_load: str, how_to_skip: str = "", share: Tuple[int, int] = (0, 1),
+           hashes: bool = True) -> None:
+    """CheckpointError naming every problem of ``ckpt`` (``checkpoint_problems``), the newest
+    other iteration beside it that verifies (``how_to_load`` formatted with its ``iteration``
+    number and ``path``) and, for a hash mismatch, ``how_to_skip`` the check. Only the first
+    reader of a ``share`` warns about a missing manifest."""
+    problems = checkpoint_problems(ckpt, share, hashes, warn=share[0] == 0)
     if not problems:
         return
-    older = sorted(ckpt.parent.glob("iter_*"), reverse=True)
-    intact = next((d for d in older if d != ckpt and (d / ".metadata").is_file()
-                   and not incomplete_files(d)), None)
-    hint = (f"{intact.name} is complete: "
+    intact = newest_intact(ckpt, hashes)
+    hint = (f"{intact.name} verifies: "
             f"{how_to_load.format(iteration=int(intact.name[5:]), path=intact)}" if intact
-            else "no other complete iteration beside it")
-    raise CheckpointError(f"{ckpt}: incomplete checkpoint: {'; '.join(problems)}. {hint}")
+            else "no other iteration beside it verifies")
+    unverified = hashes and how_to_skip and not incomplete_files(ckpt)  # sizes are never skipped
+    skip = f". To load it unverified anyway: {how_to_skip}" if unverified else ""
+    raise CheckpointError(f"{ckpt}: damaged checkpoint: {'; '.join(problems)}. {hint}{skip}")
+
+
+def newest_intact(ckpt: Path, hashes: bool = True) -> Optional[Path]:
+    """The newest ``iter_*`` directory beside ``ckpt`` that loads intact (all its files read)."""
+    for other in sorted(ckpt.parent.glob("iter_*"), reverse=True):
+        if other != ckpt and (other / ".metadata").is_file() and not checkpoint_problems(
+                other, hashes=hashes, warn=False):
+            return other
+    return None
 
 
 def keep_missing_extra_state(sharded_state_dict, checkpoint_dir) -> List[str]:

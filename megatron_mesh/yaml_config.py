@@ -85,7 +85,7 @@ SCHEMA: Dict[str, Tuple[str, ...]] = {
         "transformer_impl",
     ),
     "checkpointing": ("save", "interval", "load", "pretrained", "format", "save_on_signal", "async_save",
-                      "optimizer_reshardable"),
+                      "optimizer_reshardable", "verify"),
     "logging": (
         "interval",
         "tensorboard_dir",

@@ -94,7 +94,7 @@ def test_a_truncated_or_missing_file_is_named_with_the_newest_complete_iteration
     """torch's reader meets a cut-short .distcp as a bare EOFError; the readers check first."""
     import shutil
 
-    from megatron_mesh.checkpoints import CheckpointError, check_complete
+    from megatron_mesh.checkpoints import CheckpointError, incomplete_files, verify
     from megatron_mesh.hf.export import load_checkpoint
 
     _, saved = local_release
@@ -102,15 +102,15 @@ def test_a_truncated_or_missing_file_is_named_with_the_newest_complete_iteration
     for name in ("iter_0000004", "iter_0000008"):
         shutil.copytree(saved, runs / name, ignore=shutil.ignore_patterns("run"))
     latest = runs / "iter_0000008"
-    check_complete(latest, "")  # complete: nothing to say
+    assert incomplete_files(latest) == []
     data = sorted(latest.glob("*.distcp"))[0]
     data.write_bytes(data.read_bytes()[:-100])
     with pytest.raises(CheckpointError, match=rf"{data}: truncated, [\d,]+ bytes of at least "
-                                              rf".*iter_0000004 is complete: use 4"):
-        check_complete(latest, "use {iteration}")
+                                              rf".*iter_0000004 verifies: use 4"):
+        verify(latest, "use {iteration}")
     with pytest.raises(CheckpointError, match=rf"{data}: truncated.*read .*iter_0000004 instead"):
         load_checkpoint(str(latest))
     data.unlink()
     with pytest.raises(CheckpointError, match=rf"{data}: missing \(listed in the checkpoint's "
-                                              rf"metadata\).*iter_0000004 is complete"):
-        check_complete(latest, "use {iteration}")
+                                              rf"metadata\).*iter_0000004 verifies"):
+        verify(latest, "use {iteration}")

@@ -39,3 +39,18 @@ def ckpt_overrides(save_dir, **extra):
 
 def tracker(save_dir):
     return int((save_dir / "latest_checkpointed_iteration.txt").read_text().strip())
+
+
+def corrupt_a_weight(ckpt_dir, nbytes=256):
+    """Overwrite ``nbytes`` inside a model weight of a torch_dist iteration directory with 0xff
+    (NaN in fp32 and bf16), the file's size unchanged; returns the data file's path."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    storage = FileSystemReader(str(ckpt_dir)).read_metadata().storage_data
+    index, item = next((i, s) for i, s in storage.items() if i.fqn.endswith("linear_fc1.weight"))
+    assert item.length >= nbytes, (index.fqn, item.length)
+    path = ckpt_dir / item.relative_path
+    with open(path, "r+b") as f:
+        f.seek(item.offset + item.length // 2)
+        f.write(b"\xff" * nbytes)
+    return path

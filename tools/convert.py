@@ -2,14 +2,16 @@
 """Convert checkpoints between megatron-mesh (torch_dist) and Hugging Face.
 
     python tools/convert.py megatron-to-hf --load CHECKPOINT_DIR --output HF_DIR \
-        [--iteration N] [--dtype fp32|bf16] [--tokenizer PATH_OR_NAME] [--force]
+        [--iteration N] [--dtype fp32|bf16] [--tokenizer PATH_OR_NAME] [--force] \
+        [--no-verify] [--allow-non-finite]
 
     python tools/convert.py hf-to-megatron --hf HF_DIR --output CHECKPOINT_DIR \
         [--layout 4+8R2+4 --state-scheme mesh --core-init average|lower|stepwise] \
         [--buffer-slots B] [--scale-embeddings | --no-scale-embeddings] [--force]
 
 megatron-to-hf reads a torch_dist checkpoint saved at any TP/PP layout on one CPU process (no
-GPU, no torch.distributed job). Vanilla layouts become plain GPTNeoXForCausalLM; recursive ones
+GPU, no torch.distributed job), after checking every file against the checkpoint's integrity
+manifest, and refuses weights holding NaN/Inf. Vanilla layouts become plain GPTNeoXForCausalLM; recursive ones
 load with AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True).
 
 hf-to-megatron reads a megatron-mesh export or a GPT-NeoX/Pythia model and writes a Megatron
@@ -41,6 +43,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     m2h.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     m2h.add_argument("--tokenizer", default=None, help="default: the tokenizer the run trained with")
     m2h.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    m2h.add_argument("--no-verify", action="store_true",
+                     help="skip the hash check against the checkpoint's integrity manifest "
+                          "(file sizes are still checked)")
+    m2h.add_argument("--allow-non-finite", action="store_true",
+                     help="export weights holding NaN/Inf instead of refusing")
 
     h2m = sub.add_parser("hf-to-megatron", help="HF directory -> torch_dist release checkpoint")
     h2m.add_argument("--hf", required=True, help="HF model directory (megatron-mesh export or GPT-NeoX)")
@@ -63,7 +70,9 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         if args.direction == "megatron-to-hf":
-            out = export(args.load, args.output, args.dtype, args.tokenizer, args.iteration, args.force)
+            out = export(args.load, args.output, args.dtype, args.tokenizer, args.iteration,
+                         args.force, verify_hashes=not args.no_verify,
+                         allow_non_finite=args.allow_non_finite)
         else:
             from megatron_mesh.hf.importer import hf_to_megatron
 

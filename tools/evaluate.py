@@ -93,6 +93,9 @@ def _data_args(parser: argparse.ArgumentParser, many: bool) -> None:
     parser.add_argument("--max-documents", type=int, default=None,
                         help="score only the first N documents of each dataset")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--no-verify", action="store_true",
+                        help="skip the hash check of a Megatron checkpoint against its integrity manifest "
+                             "(file sizes are still checked)")
 
 
 def main(argv=None):
@@ -131,7 +134,8 @@ def _check_inputs(args, models, datasets) -> None:
         if not Path(model).is_dir():
             sys.exit(f"error: --model {model}: no such model directory")
     for data in datasets:
-        indexed = Path(f"{data}.bin").is_file() and Path(f"{data}.idx").is_file()
+        # either half: the reader names the missing one
+        indexed = Path(f"{data}.bin").is_file() or Path(f"{data}.idx").is_file()
         if not indexed and not Path(data).is_file():
             sys.exit(f"error: --data {data}: neither an indexed dataset prefix ({data}.bin/.idx) "
                      f"nor a jsonl file")
@@ -159,7 +163,7 @@ def ppl_main(args):
     device, records = _device(args), []
     for path in args.model:
         try:
-            scorer = perplexity.load_scorer(path, device)
+            scorer = perplexity.load_scorer(path, device, verify_hashes=not args.no_verify)
             seq_length = perplexity.check_seq_length(args.seq_length, scorer.max_length, scorer.name)
             for data in args.data:
                 result = perplexity.evaluate(scorer, _documents(args, data, scorer.tokenizer),
@@ -182,7 +186,7 @@ def depth_main(args):
     from megatron_mesh.evaluation.loading import load_model
 
     try:
-        loaded = load_model(args.model, device=_device(args))
+        loaded = load_model(args.model, device=_device(args), verify_hashes=not args.no_verify)
         depth.trained_loops(loaded)
         seq_length = perplexity.check_seq_length(args.seq_length, loaded.section["max_sequence_length"],
                                                  loaded.name)

@@ -45,6 +45,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--force", action="store_true", help="replace a non-empty --out")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-verify", action="store_true",
+                        help="skip the hash check of a Megatron checkpoint against its integrity manifest "
+                             "(file sizes are still checked)")
     return parser.parse_args(argv)
 
 
@@ -78,7 +81,8 @@ def main(argv=None):
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         probes = probe.probe_paths(args.model, args.data, args.samples, args.seq_length,
                                    args.tokenizer, args.name, args.cka_threshold,
-                                   args.batch_size, device, progress=not args.no_progress)
+                                   args.batch_size, device, progress=not args.no_progress,
+                                   verify_hashes=not args.no_verify)
         settings = {"data": str(args.data), "samples": args.samples,
                     "cka_threshold": args.cka_threshold, "device": device}
         out = probe.write_report(probe.report(probes, settings), args.out, args.force)

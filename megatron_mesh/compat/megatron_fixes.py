@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 
 
-def _wrap_once(owner, name: str, wrap: Callable[[Callable], Callable]) -> None:
+def wrap_once(owner, name: str, wrap: Callable[[Callable], Callable]) -> None:
     """``owner.name = wrap(owner.name)``, once per process however often the fixes are applied."""
     original = getattr(owner, name)
     if getattr(original, "_mesh_fixed", False):
@@ -97,7 +97,7 @@ def _load_checkpoints_of_another_spec() -> None:
             return load(sharded_state_dict, checkpoint_dir, *args, **kwargs)
         return load_keeping_missing_extra_state
 
-    _wrap_once(dist_checkpointing, "load", wrap)
+    wrap_once(dist_checkpointing, "load", wrap)
 
 
 def _pipeline_carry_shape() -> None:
@@ -117,7 +117,7 @@ def _pipeline_carry_shape() -> None:
             return communicate(self, tensor_shape=tensor_shape, **kwargs)
         return communicate_carry_shape
 
-    _wrap_once(p2p_communication.P2PCommunicator, "_communicate", wrap)
+    wrap_once(p2p_communication.P2PCommunicator, "_communicate", wrap)
 
 
 def _reset_loss_averages_at_every_logged_interval() -> None:
@@ -137,7 +137,7 @@ def _reset_loss_averages_at_every_logged_interval() -> None:
             return log(*args, **kwargs)
         return training_log
 
-    _wrap_once(training, "training_log", wrap)
+    wrap_once(training, "training_log", wrap)
 
 
 def apply_trainer() -> None:

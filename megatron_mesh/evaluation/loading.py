@@ -37,12 +37,14 @@ def is_megatron_checkpoint(path) -> bool:
     return (Path(path) / TRACKER).is_file()
 
 
-def load_model(path, iteration: Optional[int] = None, device: str = "cpu") -> LoadedModel:
-    """The model in ``path`` (Megatron checkpoint directory, or HF export / GPT-NeoX directory)."""
+def load_model(path, iteration: Optional[int] = None, device: str = "cpu",
+               verify_hashes: bool = True) -> LoadedModel:
+    """The model in ``path`` (Megatron checkpoint directory, verified against its integrity
+    manifest unless ``verify_hashes`` is False; or HF export / GPT-NeoX directory)."""
     path = Path(path)
     _check_device(device)
     if is_megatron_checkpoint(path):
-        model, section, tokenizer = _from_megatron(path, iteration)
+        model, section, tokenizer = _from_megatron(path, iteration, verify_hashes)
     elif is_hf_directory(path):
         model, section, tokenizer = _from_hf(path)
     else:
@@ -66,11 +68,11 @@ def _check_device(device: str) -> None:
         torch.cuda.set_device(dev)
 
 
-def _from_megatron(path: Path, iteration: Optional[int]):
+def _from_megatron(path: Path, iteration: Optional[int], verify_hashes: bool):
     from megatron_mesh.hf.export import load_checkpoint, mesh_config_from_args
     from megatron_mesh.hf.importer import build_model
 
-    state, common = load_checkpoint(str(path), iteration)
+    state, common = load_checkpoint(str(path), iteration, verify_hashes)
     args = common.get("args")
     mesh_config_from_args(args)  # a clear error for checkpoints tools/pretrain_mesh.py did not write
     section = json.loads(args.mesh_model)  # build_model checks every tensor's name and shape

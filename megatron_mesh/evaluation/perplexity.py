@@ -50,8 +50,9 @@ class Scorer:
     device: str
 
 
-def load_scorer(path, device: str = "cpu") -> Scorer:
-    """The model in ``path``: a Megatron checkpoint directory or an HF model directory."""
+def load_scorer(path, device: str = "cpu", verify_hashes: bool = True) -> Scorer:
+    """The model in ``path``: a Megatron checkpoint directory (``verify_hashes``: against its
+    integrity manifest) or an HF model directory."""
     from megatron_mesh.evaluation.loading import is_hf_directory, is_megatron_checkpoint
 
     path = Path(path)
@@ -60,7 +61,7 @@ def load_scorer(path, device: str = "cpu") -> Scorer:
     if is_megatron_checkpoint(path):
         from megatron_mesh.evaluation.loading import load_model
 
-        return megatron_scorer(load_model(path, device=device), device)
+        return megatron_scorer(load_model(path, device=device, verify_hashes=verify_hashes), device)
     if is_hf_directory(path):
         return _hf_scorer(path, device)
     raise CheckpointError(f"{path}: neither a Megatron checkpoint nor a Hugging Face model directory")

@@ -15,7 +15,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from megatron_mesh.checkpoints import CheckpointError, check_complete, iteration_dir
+from megatron_mesh.checkpoints import CheckpointError, iteration_dir, verify
 from megatron_mesh.config import MeshConfig
 from megatron_mesh.fs import OutputExistsError, atomic_directory, check_writable
 from megatron_mesh.hf.mapping import module_names
@@ -27,14 +27,16 @@ COMMON_STATE = "common_state/shard_0_1"
 __all__ = ["CheckpointError", "OutputExistsError", "export", "load_checkpoint"]
 
 
-def load_checkpoint(path: str, iteration: Optional[int] = None) -> Tuple[Dict[str, torch.Tensor], dict]:
+def load_checkpoint(path: str, iteration: Optional[int] = None,
+                    verify_hashes: bool = True) -> Tuple[Dict[str, torch.Tensor], dict]:
     """Model tensors (under the local spec's module names, whichever spec saved them) and the
-    saved common state (args, iteration) of a torch_dist checkpoint."""
+    saved common state (args, iteration) of a torch_dist checkpoint, verified against its
+    integrity manifest first (``verify_hashes=False``: file sizes only)."""
     from torch.distributed.checkpoint import FileSystemReader, load
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     ckpt = iteration_dir(path, iteration)
-    check_complete(ckpt, "read {path} instead")
+    verify(ckpt, "read {path} instead", "pass --no-verify", hashes=verify_hashes)
     reader = FileSystemReader(str(ckpt))
     metadata = reader.read_metadata()
     state = {k: torch.empty(m.size, dtype=m.properties.dtype)
@@ -82,6 +84,18 @@ def check_shapes(state: Dict[str, torch.Tensor], config: MeshConfig) -> None:
             raise CheckpointError(f"{name}: checkpoint shape {tuple(state[name].shape)}, config expects {tuple(shape)}")
 
 
+def check_finite(state: Dict[str, torch.Tensor], checkpoint: str) -> None:
+    """CheckpointError naming the tensors holding NaN/Inf: an export of them is no model."""
+    bad = {name: int((~torch.isfinite(t)).sum()) for name, t in state.items()
+           if t.is_floating_point() and not bool(torch.isfinite(t).all())}
+    if bad:
+        listed = ", ".join(f"{name} ({count:,} values)" for name, count in sorted(bad.items())[:5])
+        raise CheckpointError(
+            f"{checkpoint}: {len(bad)} weight tensors hold NaN/Inf: {listed}"
+            f"{', ...' if len(bad) > 5 else ''}. Export an earlier iteration (--iteration N), or "
+            f"pass --allow-non-finite to write these values anyway")
+
+
 def build_hf_model(state: Dict[str, torch.Tensor], config: MeshConfig):
     """GPTNeoXForCausalLM for vanilla layouts (sqrt(d) folded into embed_in), else the
     megatron-mesh remote-code model; both in fp32 with the trained activation declared."""
@@ -125,9 +139,12 @@ def model_card(config: MeshConfig, common: dict) -> str:
 
 
 def export(checkpoint: str, output: str, dtype: str = "fp32", tokenizer: Optional[str] = None,
-           iteration: Optional[int] = None, force: bool = False) -> Path:
+           iteration: Optional[int] = None, force: bool = False, verify_hashes: bool = True,
+           allow_non_finite: bool = False) -> Path:
     check_writable(Path(output), force)
-    state, common = load_checkpoint(checkpoint, iteration)
+    state, common = load_checkpoint(checkpoint, iteration, verify_hashes)
+    if not allow_non_finite:
+        check_finite(state, checkpoint)
     config = mesh_config_from_args(common["args"])
     check_shapes(state, config)
     model = build_hf_model(state, config)

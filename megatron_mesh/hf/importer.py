@@ -28,8 +28,9 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from megatron_mesh.config import MeshConfig
+from megatron_mesh import checkpoint_manifest
 from megatron_mesh.checkpoints import CheckpointError
+from megatron_mesh.config import MeshConfig
 from megatron_mesh.fs import atomic_directory, check_writable
 from megatron_mesh.hf.export import parameter_shapes
 from megatron_mesh.hf.mapping import gpt_neox_to_megatron, hf_mesh_to_megatron
@@ -231,6 +232,7 @@ def save_release_checkpoint(model, args: Namespace, output, force: bool = False)
                  "model": model.sharded_state_dict()}
         (tmp / "release").mkdir()
         dist_checkpointing.save(state, str(tmp / "release"))
+        checkpoint_manifest.write(tmp / "release", rank=0, world_size=1)  # one process wrote it all
         (tmp / "latest_checkpointed_iteration.txt").write_text("release")
         (tmp / "model.yml").write_text(_model_yaml(json.loads(args.mesh_model)))
     return out

@@ -206,7 +206,7 @@ def probe_paths(paths: Sequence[str], data: str, num_samples: int,
                 seq_length: Optional[int] = None, tokenizer: Optional[str] = None,
                 names: Optional[Sequence[str]] = None, threshold: float = 1.0,
                 batch_size: int = 1, device: str = "cpu",
-                progress: bool = False) -> List[ModelProbe]:
+                progress: bool = False, verify_hashes: bool = True) -> List[ModelProbe]:
     """Load each model in turn (``load_model``: Megatron checkpoint or HF directory), probe it on
     the same documents and free it. A jsonl ``data`` is tokenized with ``tokenizer`` or else the
     tokenizer the model's checkpoint names."""
@@ -216,7 +216,7 @@ def probe_paths(paths: Sequence[str], data: str, num_samples: int,
     cache: Dict[Tuple[int, Optional[str]], list] = {}
     probes = []
     for i, path in enumerate(paths):
-        loaded = load_model(path, device=device)
+        loaded = load_model(path, device=device, verify_hashes=verify_hashes)
         if names:
             loaded.name = names[i]
         config = loaded.model.config

@@ -39,7 +39,8 @@ TYPES = {
                         overlap_grad_reduce=BOOL, overlap_param_gather=BOOL, recompute_num_layers=INT),
     "data": dict(mock=BOOL, mask_eod_loss=BOOL, num_workers=INT),
     "tokenizer": dict(vocab_size=INT),
-    "checkpointing": dict(interval=INT, save_on_signal=BOOL, async_save=BOOL, optimizer_reshardable=BOOL),
+    "checkpointing": dict(interval=INT, save_on_signal=BOOL, async_save=BOOL, optimizer_reshardable=BOOL,
+                          verify=BOOL),
     "logging": dict(interval=INT, throughput=BOOL, peak_tflops=FLOAT, router_metrics=BOOL),
 }
 """Value types of non-model keys (the model section is typed by MeshConfig)."""
@@ -288,6 +289,8 @@ def _system_args(tree: dict) -> List[str]:
         # the distributed optimizer's state in a layout any TP/PP can load (slower saves);
         # megatron's default layout resumes at another DP size only
         *_flag("dist-ckpt-optim-fully-reshardable", ckpt.get("optimizer_reshardable", False)),
+        # resume only from a checkpoint whose files match their integrity manifest's hashes
+        *_flag("mesh-skip-checkpoint-verification", not ckpt.get("verify", True)),
         *_flag("log-interval", log.get("interval", 10)),
         *_flag("tensorboard-dir", log.get("tensorboard_dir")),
         *_flag("log-timers-to-tensorboard", bool(log.get("tensorboard_dir"))),
@@ -344,6 +347,9 @@ def add_mesh_arguments(parser):
                        choices=["per_row", "contiguous", "contiguous_masked"])
     group.add_argument("--mesh-router-metrics", action="store_true",
                        help="log MeSH router statistics to TensorBoard/W&B every log interval")
+    group.add_argument("--mesh-skip-checkpoint-verification", action="store_true",
+                       help="resume without checking the checkpoint's files against the hashes of "
+                            "its integrity manifest (sizes are still checked)")
     group.add_argument("--mesh-peak-tflops", type=float, default=None,
                        help="peak dense TFLOP/s of one device for MFU (default: known GPUs)")
     return parser

@@ -106,17 +106,16 @@ def forward_step(data_iterator, model: MeshGPTModel):
 
 
 def _check_data(args) -> None:
-    """Integrity checks on open: index/bin consistency, token range, tokenizer vocabulary."""
-    from megatron_mesh.data.integrity import (check_indexed_dataset, check_token_range,
-                                              check_tokenizer_vocab)
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    """Integrity checks on open: index/bin consistency, a non-empty dataset (megatron's own
+    open of an empty one fails naming no file), token range, tokenizer vocabulary."""
+    from megatron_mesh.data.integrity import (check_token_range, check_tokenizer_vocab,
+                                              open_indexed_dataset)
 
     check_tokenizer_vocab(get_tokenizer().vocab_size, args.padded_vocab_size,
                           args.tokenizer_model or args.tokenizer_type)
     for paths in (args.data_path, args.train_data_path, args.valid_data_path, args.test_data_path):
         for prefix in (p for p in (paths or []) if not _is_weight(p)):
-            check_indexed_dataset(prefix)
-            check_token_range(IndexedDataset(prefix), prefix, args.padded_vocab_size)
+            check_token_range(open_indexed_dataset(prefix), prefix, args.padded_vocab_size)
 
 
 def _is_weight(item: str) -> bool:

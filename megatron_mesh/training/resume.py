@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from megatron_mesh.checkpoints import TRACKER, check_complete, iteration_dir
+from megatron_mesh.checkpoints import TRACKER, iteration_dir, verify
 from megatron_mesh.config import MeshConfig
 
 # MeshConfig fields that define the function the weights compute
@@ -44,7 +44,10 @@ def check_resume_model(args) -> None:
     ckpt = checkpoint_to_load(args)
     if ckpt is None:
         return
-    check_complete(ckpt, "resume from it with `-- --ckpt-step {iteration}`")
+    # each rank hashes its share of the files: N ranks read the checkpoint once together
+    verify(ckpt, "resume from it with `-- --ckpt-step {iteration}`",
+           "--set checkpointing.verify=false", share=(args.rank, args.world_size),
+           hashes=not args.mesh_skip_checkpoint_verification)
     import warnings
 
     from megatron.core.dist_checkpointing import load_common_state_dict

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import REPO, random_batch, tiny_config
-from trainer import ckpt_overrides, command, env, train
+from trainer import ckpt_overrides, command, corrupt_a_weight, env, train
 
 
 BF16 = {"precision.dtype": "bf16", "parallelism.distributed_optimizer": True}
@@ -103,6 +103,29 @@ def test_errors(checkpoint, tmp_path):
     assert (busy / "keep.txt").exists()
     with pytest.raises(CheckpointError, match="no torch_dist checkpoint for iteration 7"):
         export(str(checkpoint), str(tmp_path / "x"), iteration=7)
+
+
+def test_a_damaged_checkpoint_is_refused_and_nan_weights_are_not_exported(checkpoint, tmp_path):
+    """The issue's repro: 256 bytes overwritten inside a weight of the latest .distcp. The hash
+    check names the file; unverified, the NaN weights are refused unless allowed."""
+    import shutil
+
+    from megatron_mesh.hf.export import CheckpointError, export
+
+    damaged = tmp_path / "ckpt"
+    shutil.copytree(checkpoint, damaged)
+    data = corrupt_a_weight(damaged / "iter_0000003")
+    done = subprocess.run([sys.executable, str(REPO / "tools/convert.py"), "megatron-to-hf", "--load",
+                           str(damaged), "--output", str(tmp_path / "hf")], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 1 and not (tmp_path / "hf").exists()
+    assert f"error: {damaged / 'iter_0000003'}: damaged checkpoint: {data}: xxh3_128 " in done.stderr
+    assert "To load it unverified anyway: pass --no-verify" in done.stderr
+    with pytest.raises(CheckpointError, match=r"1 weight tensors hold NaN/Inf: .*linear_fc1.weight "
+                                              r"\(128 values\).*--allow-non-finite"):
+        export(str(damaged), str(tmp_path / "hf"), verify_hashes=False)
+    out = export(str(damaged), str(tmp_path / "hf"), verify_hashes=False, allow_non_finite=True)
+    assert (out / "config.json").is_file()
 
 
 def test_trainer_starts_from_a_converted_pythia_model(tmp_path, megatron_world):
