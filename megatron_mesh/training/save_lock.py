@@ -4,7 +4,7 @@ Two runs started on one save directory (a requeued job whose first copy is still
 in a second experiment) would both train to the end and write the same checkpoint files at the
 same time. ``flock`` locks are released by the kernel when the holding process dies, however it
 dies, so a killed run never leaves a stale lock behind; the file keeps who holds it, for the
-error message.
+error message. A filesystem that refuses locks gets a warning, not a refused run.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import contextlib
 import fcntl
 import os
 import socket
+import sys
 import time
 from pathlib import Path
 from typing import Iterator
@@ -31,17 +32,28 @@ def exclusive_save_directory(save_dir) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = path.read_text().strip() or "another process"
-            raise SaveDirectoryBusy(
-                f"{save_dir}: already used by a running training run ({holder}); two runs "
-                f"writing one save directory overwrite each other's checkpoints. Stop that run, "
-                f"or give this one another checkpointing.save") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"host {socket.gethostname()}, pid {os.getpid()}, since "
-                     f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+        if _lock(fd, path, save_dir):
+            os.ftruncate(fd, 0)
+            os.write(fd, f"host {socket.gethostname()}, pid {os.getpid()}, since "
+                         f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+def _lock(fd: int, path: Path, save_dir) -> bool:
+    """True once locked; False (with a warning) where the filesystem refuses locks."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        holder = path.read_text().strip() or "another process"
+        raise SaveDirectoryBusy(
+            f"{save_dir}: already used by a running training run ({holder}); two runs "
+            f"writing one save directory overwrite each other's checkpoints. Stop that run, "
+            f"or give this one another checkpointing.save") from None
+    except OSError as err:  # e.g. ENOSYS: Lustre mounted without -o flock
+        print(f"[mesh] warning: {path}: the filesystem refuses locks ({err.strerror}): nothing "
+              f"stops a second run on this save directory (on Lustre, mount with -o flock)",
+              file=sys.stderr, flush=True)
+        return False

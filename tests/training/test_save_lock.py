@@ -19,6 +19,19 @@ def test_a_second_holder_is_refused_with_the_first_ones_name(tmp_path):
         pass
 
 
+def test_a_filesystem_without_locks_warns_and_trains(tmp_path, monkeypatch, capsys):
+    import errno
+    import fcntl
+
+    def no_flock(fd, operation):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    with exclusive_save_directory(tmp_path / "ckpt"):
+        pass
+    assert "the filesystem refuses locks (Function not implemented)" in capsys.readouterr().err
+
+
 def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]);"
