@@ -43,6 +43,10 @@ def parse_args(argv):
                              "GPU node with a broken driver fails instead of silently using CPUs")
     parser.add_argument("--print-args", action="store_true",
                         help="print the Megatron arguments the config maps to and exit")
+    parser.add_argument("--exit-status-file", default=None, metavar="PATH",
+                        help="where the first rank records why the run stopped and whether to "
+                             "requeue it (megatron_mesh/training/exit_status.py; default: "
+                             "SAVE_DIR/exit_status.json when the run saves checkpoints)")
     return parser.parse_args(argv)
 
 
@@ -54,6 +58,26 @@ def hide_gpus() -> None:
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
     if "torch" in sys.modules and sys.modules["torch"].cuda.is_initialized():
         sys.exit("error: --cpu: CUDA was initialized before the GPUs could be hidden")
+
+
+def stop_with_the_launcher() -> None:
+    """torchrun starts each worker in its own session, so a signal to torchrun's process group
+    misses the workers, and a torchrun killed outright (SIGKILL) leaves them training and
+    saving. Have the kernel send this worker SIGTERM when its parent dies
+    (PR_SET_PDEATHSIG): it then saves at the end of its iteration and stops like a pre-empted
+    run. Linux; only under torchrun (TORCHELASTIC_RUN_ID is set for its workers)."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    parent = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(1, signal.SIGTERM, 0, 0, 0) != 0:  # 1: PR_SET_PDEATHSIG
+        print(f"[mesh] warning: prctl(PR_SET_PDEATHSIG) failed (errno {ctypes.get_errno()}): "
+              f"this worker outlives a killed torchrun", file=sys.stderr, flush=True)
+    elif os.getppid() != parent:  # the launcher died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def build_megatron_argv(config, overrides, passthrough, cpu_run=False):
@@ -70,19 +94,18 @@ def build_megatron_argv(config, overrides, passthrough, cpu_run=False):
     ] + passthrough
 
 
-def run(megatron_args):
+def run(megatron_args, exit_status_file=None):
     import megatron_mesh  # noqa: F401  (CPU shims before megatron.core)
     from megatron_mesh.compat import cpu, megatron_fixes, wheel
 
     wheel.apply_trainer()
     cpu.apply_trainer()
     megatron_fixes.apply_trainer()
-    from megatron.core.enums import ModelType
-    from megatron.training import pretrain
     from megatron.training.argument_utils import pretrain_cfg_container_from_args
     from megatron.training.arguments import parse_and_validate_args
 
-    from megatron_mesh.training import providers, resume, save_lock, throughput
+    from megatron_mesh.data.integrity import DatasetIntegrityError
+    from megatron_mesh.training import exit_status, providers, resume, save_guard, save_lock, throughput
     from megatron_mesh.training.arguments import add_mesh_arguments
     from megatron_mesh.training.router_log import ROUTER_LOG
 
@@ -101,18 +124,40 @@ def run(megatron_args):
             print(f"[mesh] gradient accumulation fusion off (apex's fused_weight_gradient_mlp_cuda "
                   f"is not installed, or --no-gradient-accumulation-fusion was passed)", flush=True)
         throughput.install(config, args)
+        save_guard.install()
         ROUTER_LOG.enabled = args.mesh_router_metrics
         try:
-            with _save_directory_lock(args, save_lock):
-                pretrain(
-                    cfg,
-                    providers.train_valid_test_datasets_provider,
-                    ModelType.encoder_or_decoder,
-                    providers.forward_step,
-                    model_provider=providers.model_provider,
-                )
-        except save_lock.SaveDirectoryBusy as err:
+            with _save_directory_lock(args, save_lock):  # before the status: a refused run writes none
+                stops = exit_status.StopRecorder(_exit_status_path(exit_status_file, args), args)
+                _pretrain_recording_the_stop(cfg, stops)
+        except (save_lock.SaveDirectoryBusy, save_guard.CheckpointSaveError,
+                save_guard.NonFiniteWeights, DatasetIntegrityError) as err:
             sys.exit(f"error: {err}")
+
+
+def _pretrain_recording_the_stop(cfg, stops) -> None:
+    """megatron's pretrain, with why it stopped written where requeue scripts look."""
+    from megatron.core.enums import ModelType
+    from megatron.training import pretrain
+
+    from megatron_mesh.training import providers
+
+    stops.install()
+    try:
+        pretrain(cfg, providers.train_valid_test_datasets_provider, ModelType.encoder_or_decoder,
+                 providers.forward_step, model_provider=providers.model_provider)
+    except SystemExit as done:  # megatron's sys.exit after a stop's final save
+        stops.exited(done.code)
+        raise
+    stops.finished()
+
+
+def _exit_status_path(option, args):
+    from megatron_mesh.training.exit_status import STATUS_FILE
+
+    if option:
+        return Path(option)
+    return Path(args.save) / STATUS_FILE if args.save else None
 
 
 def _save_directory_lock(args, save_lock):
@@ -125,6 +170,7 @@ def _save_directory_lock(args, save_lock):
 def main(argv=None):
     ours, passthrough = split_passthrough(sys.argv[1:] if argv is None else argv)
     args = parse_args(ours)
+    stop_with_the_launcher()
     if args.cpu:
         hide_gpus()
     import megatron_mesh  # noqa: F401  (CPU shims before megatron.core)
@@ -140,7 +186,7 @@ def main(argv=None):
     if args.print_args:
         print(" ".join(megatron_args))
         return
-    run(megatron_args)
+    run(megatron_args, args.exit_status_file)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,14 @@
 """tools/pretrain_mesh.py end to end: real torchrun processes, Megatron's trainer, CPU + gloo."""
 
+import os
 import signal
 import subprocess
 import sys
 import time
 
 from conftest import REPO
-from trainer import CONFIG, LOSS, ckpt_overrides, command, env, tracker, train
+from megatron_mesh.training import exit_status
+from trainer import CONFIG, LOSS, ckpt_overrides, command, corrupt_a_weight, env, tracker, train
 
 
 def test_tiny_run_learns_logs_and_checkpoints(tmp_path):
@@ -23,6 +25,18 @@ def test_tiny_run_learns_logs_and_checkpoints(tmp_path):
     assert list(wandb.glob("wandb/offline-run-*")), "no offline W&B run"
     assert tracker(save) == 40
     assert (save / "iter_0000020").is_dir() and (save / "iter_0000040").is_dir()
+    status = exit_status.read(save / "exit_status.json")
+    assert (status.state, status.stop, status.requeue, status.iteration) == ("finished", "finished", False, 40)
+
+    # bytes changed inside a weight of the latest checkpoint: the resume stops before loading
+    # it, naming the file, both hashes and the intact iteration (torch would load the garbage)
+    damaged = corrupt_a_weight(save / "iter_0000040")
+    out = subprocess.run(command(tmp_path, ckpt_overrides(save, **{"training.train_iters": 41})),
+                         capture_output=True, text=True, cwd=REPO, env=env(), timeout=300)
+    assert out.returncode != 0
+    assert (f"error: {save / 'iter_0000040'}: damaged checkpoint: {damaged}: xxh3_128 " in out.stderr
+            and "iter_0000020 verifies: resume from it with `-- --ckpt-step 20`" in out.stderr), \
+        out.stderr[-3000:]
 
 
 def test_resume_continues_the_exact_same_run(tmp_path):
@@ -54,11 +68,13 @@ def test_sigterm_saves_a_loadable_checkpoint_and_half_written_ones_are_ignored(t
             break
         assert time.time() < deadline, "training never started"
     lines += proc.stdout.readlines()
-    proc.wait(timeout=120)  # torchrun itself reports the signal with a non-zero exit code
+    assert proc.wait(timeout=120) == 1  # torchrun reports the signal as a failure...
     log = "".join(lines)
     assert "exiting program after receiving SIGTERM" in log, log[-3000:]
     stopped_at = tracker(save)
     assert 3 <= stopped_at < 2000
+    status = exit_status.read(save / "exit_status.json")  # ...the run's exit status does not
+    assert (status.state, status.stop, status.requeue, status.iteration) == ("stopped", "signal", True, stopped_at)
 
     # a save that died half way: a newer iteration directory the tracker never pointed at
     partial = save / f"iter_{stopped_at + 100:07d}"
@@ -68,6 +84,38 @@ def test_sigterm_saves_a_loadable_checkpoint_and_half_written_ones_are_ignored(t
         "training.train_iters": 2000, "training.exit_interval": stopped_at + 2}))
     assert f"iteration {stopped_at:8d}" in log or f"at iteration {stopped_at}" in log
     assert sorted(resumed) == [stopped_at + 1, stopped_at + 2]
+    status = exit_status.read(save / "exit_status.json")
+    assert (status.stop, status.requeue, status.iteration) == ("exit_interval", False, stopped_at + 2)
+
+
+ORPHAN = """
+import os, signal, sys, time
+sys.path.insert(0, sys.argv[1])
+from pretrain_mesh import stop_with_the_launcher
+signal.signal(signal.SIGTERM, lambda *_: (open(sys.argv[2], "w").write("SIGTERM"), sys.exit(0)))
+stop_with_the_launcher()
+print("ready", flush=True)
+time.sleep(30)
+"""
+
+
+def test_a_worker_stops_when_its_launcher_is_killed(tmp_path):
+    """torchrun's workers run in their own session: `kill -9` of torchrun's group misses them.
+    Here a parent (in torchrun's place) starts a worker and dies by SIGKILL: the worker gets
+    SIGTERM, which megatron's handler turns into a save and a stop."""
+    got = tmp_path / "got"
+    launcher = subprocess.Popen(
+        [sys.executable, "-c", "import subprocess, sys; subprocess.Popen(sys.argv[1:]); input()",
+         sys.executable, "-c", ORPHAN, str(REPO / "tools"), str(got)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "TORCHELASTIC_RUN_ID": "test"})
+    assert launcher.stdout.readline().strip() == "ready"
+    launcher.kill()
+    launcher.wait()
+    deadline = time.time() + 20
+    while not got.exists() and time.time() < deadline:
+        time.sleep(0.1)
+    assert got.exists() and got.read_text() == "SIGTERM"
 
 
 def test_trains_on_pythia_preshuffled_rows(tmp_path):
