@@ -8,11 +8,14 @@ were written for (``compat.MEGATRON_CORE``).
 """
 
 from megatron_mesh.compat import check_megatron_core as _check_megatron_core
-from megatron_mesh.compat import cpu as _cpu
-from megatron_mesh.compat import wheel as _wheel
+from megatron_mesh.compat import known_megatron_warnings_silenced as _quiet
 
 _check_megatron_core()  # the shims below patch one megatron-core version
-_cpu.apply()
-_wheel.apply()
+with _quiet():  # the shims import megatron.core (CPU): not its notes about absent kernels
+    from megatron_mesh.compat import cpu as _cpu
+    from megatron_mesh.compat import wheel as _wheel
+
+    _cpu.apply()
+    _wheel.apply()
 
 __version__ = "0.1.0"

@@ -8,7 +8,7 @@ std / sqrt(2 * N_compute)), which is exactly the paper's depth-aware initialisat
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
 import torch
@@ -83,6 +83,9 @@ class MeshConfig(TransformerConfig):
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
     layernorm_epsilon: float = 1e-5
+    # megatron-core 0.19.2 defaults this to "full" and then warns that "full" is deprecated
+    # (transformer_config.py:2415) for every config; [] is the same whole-layer coverage.
+    cuda_graph_modules: list = field(default_factory=list)
 
     def __post_init__(self):
         self.parsed_layout: Layout = parse_layout(self.layout) if self.layout else None

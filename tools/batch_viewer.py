@@ -17,7 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import megatron_mesh  # noqa: E402,F401
+import megatron_mesh  # noqa: E402  (CPU shims before megatron.core)
+megatron_mesh.compat.silence_known_megatron_warnings()  # its notes on absent kernels
 
 
 def main(argv=None):

@@ -49,8 +49,9 @@ Precision: the config's ``precision.dtype`` (default bf16, as for the trainer) o
 Megatron keeps bf16 parameters (Float16Module) plus fp32 main parameters and gradients, sharded
 by the distributed optimizer, so memory and optimizer time differ. This tool is the CPU and
 quick-compare tool; the GPU numbers in docs/benchmarks.md come from ``tools/gpu_check.py``'s
-throughput check, which reads the real trainer's ``[mesh]`` line. fp32 on the CPU. ``--dtype`` overrides it (bf16/fp16 only on a GPU: megatron-core runs autocast on CUDA
-only). ``--json`` prints one JSON object with every number.
+throughput check, which reads the real trainer's ``[mesh]`` line. fp32 on the CPU. ``--dtype``
+overrides it (bf16/fp16 only on a GPU: megatron-core runs autocast on CUDA only). ``--json``
+prints one JSON object with every number.
 """
 
 import argparse
@@ -66,7 +67,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import megatron_mesh  # noqa: E402,F401  (CPU shims before megatron.core)
+import megatron_mesh  # noqa: E402  (CPU shims before megatron.core)
+megatron_mesh.compat.silence_known_megatron_warnings()  # its notes on absent kernels
 
 FLOPS_CONVENTION = (
     "training FLOPs per token = 3 x forward (megatron_mesh.stats.train_flops_per_token at the "

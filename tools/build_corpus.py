@@ -28,12 +28,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy  # noqa: E402
 
+import megatron_mesh  # noqa: E402  (CPU shims before megatron.core)
 from megatron_mesh.data import debian_docs  # noqa: E402
 from megatron_mesh.data.debian_docs import SPLITS, PackageError  # noqa: E402
 from megatron_mesh.data.integrity import check_indexed_dataset  # noqa: E402
 from megatron_mesh.data.preprocess import BadRecordError, preprocess  # noqa: E402
 from megatron_mesh.data.tokenizer import load_tokenizer  # noqa: E402
 from megatron_mesh.fs import OutputExistsError, atomic_directory, check_writable  # noqa: E402
+
+megatron_mesh.compat.silence_known_megatron_warnings()  # its notes on absent kernels
 
 
 def parse_args(argv=None):

@@ -22,7 +22,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import megatron_mesh  # noqa: E402,F401  (CPU shims before megatron.core)
+import megatron_mesh  # noqa: E402  (CPU shims before megatron.core)
+megatron_mesh.compat.silence_known_megatron_warnings()  # its notes on absent kernels
 
 SHOW = re.compile(r"^ \[mesh\]|saving checkpoint|successfully saved|Error|error:")
 LOSS = re.compile(r"iteration\s+(\d+)/\s*(\d+) \|.*?learning rate: ([0-9.eE+-]+).*?lm loss: ([0-9.eE+-]+)"

@@ -100,6 +100,9 @@ def _data_args(parser: argparse.ArgumentParser, many: bool) -> None:
 
 def main(argv=None):
     args = parse_args(argv)
+    import megatron_mesh  # CPU shims before megatron.core
+
+    megatron_mesh.compat.silence_known_megatron_warnings()  # its notes on absent kernels
     {"lm-eval": lm_eval_main, "ppl": ppl_main, "depth": depth_main}[args.command](args)
 
 

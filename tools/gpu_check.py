@@ -56,7 +56,8 @@ def main(argv=None):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # exports load from disk; never reach a hub
     if args.tiny:  # the CPU stand-in runs on the CPU on a GPU machine too (before torch sees CUDA)
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
-    import megatron_mesh  # noqa: F401  (CPU shims before megatron.core)
+    import megatron_mesh  # (CPU shims before megatron.core)
+    megatron_mesh.compat.silence_known_megatron_warnings()  # its notes on absent kernels
     import torch
 
     from megatron_mesh.qualify import plan

@@ -121,8 +121,8 @@ def run(megatron_args, exit_status_file=None):
         except ValueError as err:
             sys.exit(f"error: {err}")
         if cpu.cuda_available() and not args.gradient_accumulation_fusion:
-            print(f"[mesh] gradient accumulation fusion off (apex's fused_weight_gradient_mlp_cuda "
-                  f"is not installed, or --no-gradient-accumulation-fusion was passed)", flush=True)
+            print("[mesh] gradient accumulation fusion off (apex's fused_weight_gradient_mlp_cuda "
+                  "is not installed, or --no-gradient-accumulation-fusion was passed)", flush=True)
         throughput.install(config, args)
         save_guard.install()
         ROUTER_LOG.enabled = args.mesh_router_metrics
@@ -173,7 +173,8 @@ def main(argv=None):
     stop_with_the_launcher()
     if args.cpu:
         hide_gpus()
-    import megatron_mesh  # noqa: F401  (CPU shims before megatron.core)
+    import megatron_mesh  # (CPU shims before megatron.core)
+    megatron_mesh.compat.silence_known_megatron_warnings()  # its notes on absent kernels
     from megatron_mesh.compat import cpu
     from megatron_mesh.yaml_config import ConfigError
 

@@ -70,7 +70,10 @@ def check_args(args: argparse.Namespace) -> None:
 def main(argv=None):
     args = parse_args(argv)
     check_args(args)
-    from megatron_mesh.fs import check_writable  # the package first: megatron-core's CPU shims
+    import megatron_mesh  # the package first: megatron-core's CPU shims
+
+    megatron_mesh.compat.silence_known_megatron_warnings()  # its notes on absent kernels
+    from megatron_mesh.fs import check_writable
 
     import torch
 

@@ -9,6 +9,9 @@ megatron_mesh``) refuses another version before anything is patched, and
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+
 MEGATRON_CORE = "0.19.2"
 """The megatron-core version the shims target (requirements/megatron.txt pins the same)."""
 
@@ -65,3 +68,30 @@ def check_megatron_core() -> None:
             f"megatron-core {found} is installed, but megatron-mesh's patches and private calls "
             f"into it (megatron_mesh/compat/) were written for {MEGATRON_CORE} exactly: install "
             f"megatron-core=={MEGATRON_CORE} (requirements/megatron.txt)")
+
+
+KNOWN_MEGATRON_WARNINGS = (
+    # what megatron-core says at import about the optional kernels it did not find; the trainer
+    # prints its own [mesh] line for the choices that follow from them
+    r"Transformer Engine and Apex are not installed",
+    r"Apex is not installed",
+    r"Only transformer-engine>=1\.7\.0 supports MoE experts",
+    r"The following imports from `dynamic_context\.py` will be removed",
+)
+"""Messages of megatron-core's import-time warnings that say nothing a user can act on."""
+
+
+def silence_known_megatron_warnings() -> None:
+    """Ignore ``KNOWN_MEGATRON_WARNINGS`` from megatron's modules for the rest of the process.
+    For entry points (tools/*.py) only: a library does not set a process's warning filters.
+    Every other warning, megatron's included, still shows."""
+    for message in KNOWN_MEGATRON_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, module=r"megatron\.")
+
+
+@contextlib.contextmanager
+def known_megatron_warnings_silenced():
+    """``silence_known_megatron_warnings`` for the duration of a block (the package's import)."""
+    with warnings.catch_warnings():
+        silence_known_megatron_warnings()
+        yield
