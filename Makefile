@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 HF5    := $(VENV)/transformers5
 
-.PHONY: setup test demo stats clean gpu-check gpu-check-tiny
+.PHONY: setup test test-fast lint demo stats clean gpu-check gpu-check-tiny
 
 setup: $(STAMP)
 
@@ -24,8 +24,15 @@ $(HF5)/.installed: requirements/transformers5.txt $(STAMP)
 	$(PIP) install -q --target $(HF5) -r requirements/transformers5.txt
 	touch $@
 
-test: setup $(HF5)/.installed
+test: setup lint $(HF5)/.installed
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# the inner loop: unit tests only, no torchrun or tool subprocesses (tests marked slow)
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check megatron_mesh tools tests docker
 
 demo: setup
 	$(PY) tools/demo.py

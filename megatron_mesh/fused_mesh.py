@@ -197,7 +197,7 @@ def _run(name: str, fn: Callable, like: Tensor, fallback: bool, *args):
     except Exception as err:  # noqa: BLE001  (inductor/triton raise many types)
         oom = _out_of_memory(err)
         if oom is not None:
-            raise oom
+            raise oom from err
         _FAILED[name, compiler] = f"{type(err).__name__}: {err}"
         message = _failure_message(name, fn, compiler, args, err)
         if not fallback:

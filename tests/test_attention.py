@@ -105,8 +105,8 @@ def test_model_with_sdpa_equals_model_with_dot_product_attention(megatron_world)
     from megatron_mesh.layers import default_block_spec
 
     sdpa, dpa = build_model("sdpa").train(), build_model("megatron", seed=1).train()
-    assert {type(l.self_attention.core_attention) for l in sdpa.decoder.layers} == {SDPAttention}
-    assert {type(l.self_attention.core_attention) for l in dpa.decoder.layers} == {DotProductAttention}
+    assert {type(layer.self_attention.core_attention) for layer in sdpa.decoder.layers} == {SDPAttention}
+    assert {type(layer.self_attention.core_attention) for layer in dpa.decoder.layers} == {DotProductAttention}
     assert default_block_spec().layer.submodules.self_attention.submodules.core_attention is SDPAttention
     # same names (and no attention parameters): checkpoints load across, and so does the
     # dist-checkpointing layout

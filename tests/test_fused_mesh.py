@@ -57,7 +57,7 @@ def test_matches_eager_reference_fp32(use_buffer):
     for name, a, b in zip(names, fused, eager):
         # 1e-6 of the tensor's scale: the dots over h=64 sum in another order than eager's
         scale = b.abs().max().item()
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6 * scale, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6 * scale, msg=lambda m, name=name: f"{name}: {m}")
         assert a.dtype == b.dtype and a.shape == b.shape
 
 
@@ -113,7 +113,7 @@ def test_model_loss_and_gradients_fused_on_off(megatron_world, monkeypatch):
     assert grads_on.keys() == grads_off.keys()
     for name in grads_on:
         torch.testing.assert_close(
-            grads_on[name], grads_off[name], rtol=1e-6, atol=1e-6, msg=lambda m: f"{name}: {m}"
+            grads_on[name], grads_off[name], rtol=1e-6, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}"
         )
 
 

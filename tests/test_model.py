@@ -39,7 +39,7 @@ def test_core_parameters_exist_once_and_are_applied_k_times(megatron_world):
     assert len(model.decoder.cores) == 1
 
     calls = []
-    hooks = [l.register_forward_hook(lambda *a: calls.append(1)) for l in model.decoder.cores[0].values()]
+    hooks = [layer.register_forward_hook(lambda *a: calls.append(1)) for layer in model.decoder.cores[0].values()]
     tokens, positions = random_batch(cfg)
     model(tokens, positions)
     for h in hooks:

@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from conftest import REPO
@@ -55,6 +56,7 @@ print("untouched")
 """
 
 
+@pytest.mark.slow
 def test_shims_are_noops_when_cuda_is_available():
     out = subprocess.run([sys.executable, "-c", PRETEND_CUDA], capture_output=True, text=True,
                          cwd=REPO, timeout=120)

@@ -39,3 +39,18 @@ def test_another_megatron_core_is_refused_by_name(monkeypatch):
     with pytest.raises(compat.MegatronVersionError, match=r"megatron-core 0\.20\.0 is installed, but "
                                                           r".*written for 0\.19\.2 exactly"):
         compat.check_megatron_core()
+
+
+def test_known_import_warnings_are_silenced_and_others_kept():
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compat.silence_known_megatron_warnings()
+        for message, module in (("Apex is not installed. Falling back to Torch Norm", "megatron.core.models"),
+                                ("Apex is not installed. Falling back to Torch Norm", "mine"),
+                                ("something megatron wants said", "megatron.core.models")):
+            warnings.warn_explicit(message, UserWarning, "x.py", 1, module=module)
+    assert [(str(w.message), w.filename) for w in caught] == [
+        ("Apex is not installed. Falling back to Torch Norm", "x.py"),
+        ("something megatron wants said", "x.py")]

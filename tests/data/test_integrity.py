@@ -48,7 +48,8 @@ def test_unknown_dtype(good):
 def test_bin_length_disagrees_with_index(good):
     binfile = good.with_suffix(".bin")
     binfile.write_bytes(binfile.read_bytes()[:-10])
-    with pytest.raises(DatasetIntegrityError, match=r"ok.bin: 206 bytes, but .*ok.idx describes 108 uint16 tokens = 216 bytes"):
+    with pytest.raises(DatasetIntegrityError,
+                       match=r"ok.bin: 206 bytes, but .*ok.idx describes 108 uint16 tokens = 216 bytes"):
         check_indexed_dataset(str(good))
 
 

@@ -87,6 +87,7 @@ def test_bad_records_are_reported_with_lines_and_strict_fails_without_output(tmp
     assert not list(tmp_path.glob("strict*")), "strict failure left files behind"
 
 
+@pytest.mark.slow
 def test_sentencepiece_model(tmp_path):
     import sentencepiece
 
@@ -108,6 +109,7 @@ def test_sentencepiece_model(tmp_path):
     assert ids[-1] == sp.eos_id() and sp.decode(ids[:-1]) == DOCS[0]
 
 
+@pytest.mark.slow
 def test_cli_reports_and_exits_nonzero_on_missing_input(tmp_path):
     out = subprocess.run([sys.executable, str(REPO / "tools/preprocess_data.py"), "--input",
                           str(tmp_path / "nope.jsonl"), "--output-prefix", str(tmp_path / "x"),
@@ -115,6 +117,7 @@ def test_cli_reports_and_exits_nonzero_on_missing_input(tmp_path):
     assert out.returncode != 0 and "nope.jsonl: input file not found" in out.stderr
 
 
+@pytest.mark.slow
 def test_no_documents_is_an_error_and_writes_nothing(tmp_path):
     """An empty input (or one of bad records only) would make a 0-document dataset that
     training and evaluation fail on later ("cannot mmap an empty file")."""

@@ -101,6 +101,7 @@ def test_resume_starts_at_the_right_rows_without_reading_earlier_ones(preshuffle
     assert seen == [2 * k * G, 2 * k * G + 1]  # only the two rows of that sample
 
 
+@pytest.mark.slow
 def test_batch_viewer_prints_what_the_reader_yields(preshuffled):
     out = subprocess.run([sys.executable, str(REPO / "tools/batch_viewer.py"), "--data", preshuffled,
                           "--seq-length", "4096", "--global-batch-size", "8", "--step", "2",

@@ -35,6 +35,7 @@ def direct_accuracies(export):
     return acc / len(ROWS), acc_norm / len(ROWS)
 
 
+@pytest.mark.slow
 def test_lm_eval_table_matches_a_direct_computation(tmp_path, megatron_world):
     export, tasks = tiny_export(tmp_path), toy_tasks(tmp_path, names=("toy_a", "toy_b"))
     out = subprocess.run(

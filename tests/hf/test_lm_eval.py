@@ -5,7 +5,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from toy_tasks import OFFLINE, tiny_export, toy_tasks
+
+pytestmark = pytest.mark.slow  # real subprocesses (torchrun, the tools): make test-fast skips them
 
 
 def test_lm_eval_cli_on_a_local_task(tmp_path, megatron_world):

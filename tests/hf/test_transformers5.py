@@ -11,6 +11,8 @@ import torch
 
 from conftest import REPO, random_batch, tiny_config
 
+pytestmark = pytest.mark.slow  # real subprocesses (torchrun, the tools): make test-fast skips them
+
 OVERLAY = Path(sys.executable).parents[1] / "transformers5"
 
 

@@ -41,6 +41,8 @@ import torch
 from batch import tiny_section
 from trainer import train
 
+pytestmark = pytest.mark.slow  # real subprocesses (torchrun, the tools): make test-fast skips them
+
 STEPS = 3
 
 

@@ -19,6 +19,8 @@ import torch
 from batch import fixed_batch, tiny_section
 from conftest import REPO
 
+pytestmark = pytest.mark.slow  # real subprocesses (torchrun, the tools): make test-fast skips them
+
 
 def reference_grads(section, checkpoint):
     from megatron_mesh.config import MeshConfig

@@ -94,8 +94,8 @@ def naive_rbf_cka(x, y, threshold):
         return np.exp(-d / (2 * threshold**2 * np.median(d)))
 
     h = np.eye(n) - np.ones((n, n)) / n
-    k, l = h @ gram(x) @ h, h @ gram(y) @ h
-    return np.sum(k * l) / (np.linalg.norm(k) * np.linalg.norm(l))
+    kx, ky = h @ gram(x) @ h, h @ gram(y) @ h
+    return np.sum(kx * ky) / (np.linalg.norm(kx) * np.linalg.norm(ky))
 
 
 @pytest.mark.parametrize("threshold", [0.5, 1.0, 2.0])

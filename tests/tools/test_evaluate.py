@@ -11,6 +11,8 @@ import pytest
 from conftest import REPO
 from toy_tasks import OFFLINE
 
+pytestmark = pytest.mark.slow  # real subprocesses (torchrun, the tools): make test-fast skips them
+
 SECTION = dict(layout="1+2R2+1", state_scheme="mesh", hidden_size=64, num_attention_heads=4,
                vocab_size=512, max_sequence_length=64)
 

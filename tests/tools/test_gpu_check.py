@@ -10,6 +10,8 @@ import pytest
 
 from conftest import REPO
 
+pytestmark = pytest.mark.slow  # real subprocesses (torchrun, the tools): make test-fast skips them
+
 TOOL = str(REPO / "tools" / "gpu_check.py")
 
 

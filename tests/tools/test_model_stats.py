@@ -3,11 +3,12 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from conftest import REPO, model_configs
+
+pytestmark = pytest.mark.slow  # real subprocesses (torchrun, the tools): make test-fast skips them
 
 TOOL = REPO / "tools" / "model_stats.py"
 

@@ -6,9 +6,13 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from conftest import REPO
 from megatron_mesh.training import exit_status
 from trainer import CONFIG, LOSS, ckpt_overrides, command, corrupt_a_weight, env, tracker, train
+
+pytestmark = pytest.mark.slow  # real subprocesses (torchrun, the tools): make test-fast skips them
 
 
 def test_tiny_run_learns_logs_and_checkpoints(tmp_path):

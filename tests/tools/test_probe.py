@@ -10,6 +10,8 @@ import torch
 
 from conftest import REPO
 
+pytestmark = pytest.mark.slow  # real subprocesses (torchrun, the tools): make test-fast skips them
+
 SECTION = dict(hidden_size=64, num_attention_heads=4, vocab_size=128, max_sequence_length=64)
 SEQ, SAMPLES = 32, 3
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -12,6 +12,8 @@ import pytest
 
 from conftest import REPO
 
+pytestmark = pytest.mark.slow  # real subprocesses (torchrun, the tools): make test-fast skips them
+
 SMOKE = REPO / "configs" / "study" / "smoke.yaml"
 PNG = b"\x89PNG\r\n\x1a\n"
 

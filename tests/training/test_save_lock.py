@@ -32,6 +32,7 @@ def test_a_filesystem_without_locks_warns_and_trains(tmp_path, monkeypatch, caps
     assert "the filesystem refuses locks (Function not implemented)" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]);"
@@ -48,6 +49,7 @@ def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
         pass
 
 
+@pytest.mark.slow
 def test_trainer_refuses_a_save_directory_in_use(tmp_path):
     from trainer import ckpt_overrides, command, env
 
