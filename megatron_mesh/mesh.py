@@ -23,7 +23,6 @@ Precision (bf16 training; tests/test_mesh_precision.py):
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, replace
 from typing import Callable, Optional, Sequence, Tuple
 
@@ -45,10 +44,9 @@ init; all ones starts both at the fixed '+anchor+anchor*' sum, the best heuristi
 
 InitMethod = Callable[[Tensor], None]
 
-_FUSED_ENV = {"0": "off", "off": "off", "1": "on", "on": "on"}
-FUSED = _FUSED_ENV.get(os.getenv("MEGATRON_MESH_FUSED", ""), "auto")
-"""MeSH cycle implementation: "auto" (fused_mesh.mesh_cycle on CUDA, the eager buffer_write /
-buffer_read on CPU), "on" (fused everywhere) or "off" (eager everywhere; MEGATRON_MESH_FUSED=0)."""
+CYCLE_IMPLEMENTATIONS = ("auto", "on", "off")
+"""How MeshScheme runs a cycle (MeshConfig.cycle_fused): "auto" (fused_mesh.mesh_cycle on CUDA,
+the eager buffer_write / buffer_read on CPU), "on" (fused everywhere) or "off" (eager everywhere)."""
 
 
 @dataclass
@@ -163,9 +161,10 @@ class MeshScheme(StateScheme):
     """
 
     def __init__(self, hidden_size: int, num_loops: int, num_slots: int, init_method: InitMethod,
-                 compile_fallback: bool = False):
+                 fused: str = "auto", compile_fallback: bool = False):
         super().__init__()
         self.num_slots = num_slots
+        self.fused = fused
         self.compile_fallback = compile_fallback
         self.routers = nn.ModuleList(
             StepRouters(hidden_size, num_slots, init_method) for _ in range(num_loops + 1)
@@ -173,7 +172,7 @@ class MeshScheme(StateScheme):
 
     def _cycle(self, routers: StepRouters, route_from: Tensor, written: Tensor, buffer: Tensor):
         w_write, w_read = routers.write(route_from), routers.read(route_from)
-        if FUSED == "on" or (FUSED == "auto" and written.is_cuda):
+        if self.fused == "on" or (self.fused == "auto" and written.is_cuda):
             # same math, fewer memory passes
             return mesh_cycle(buffer, written, w_write, w_read,
                               compile_fallback=self.compile_fallback)
@@ -235,13 +234,13 @@ def loop_state_fields(name: str) -> Tuple[str, ...]:
 
 def build_scheme(
     name: str, hidden_size: int, num_loops: int, num_slots: int, init_method: InitMethod,
-    compile_fallback: bool = False,
+    fused: str = "auto", compile_fallback: bool = False,
 ) -> Optional[StateScheme]:
     """The scheme module for a canonical scheme name; None for 'vanilla' (no loop)."""
     if name == "vanilla":
         return None
     if name == "mesh":
-        return MeshScheme(hidden_size, num_loops, num_slots, init_method, compile_fallback)
+        return MeshScheme(hidden_size, num_loops, num_slots, init_method, fused, compile_fallback)
     if name == "static_comb":
         return StaticCombScheme(num_loops)
     if name == "dynamic_comb":

@@ -80,7 +80,7 @@ def test_switch_dispatch_on_cpu(monkeypatch):
     calls = counting(monkeypatch)
     outputs = {}
     for mode in ("auto", "on", "off"):
-        monkeypatch.setattr(mesh, "FUSED", mode)
+        scheme.fused = mode
         before = len(calls)
         h, state = scheme.begin(h_emb, h_pre)
         for t in range(2):
@@ -102,7 +102,7 @@ def test_model_loss_and_gradients_fused_on_off(megatron_world, monkeypatch):
     calls = counting(monkeypatch)
     results = {}
     for mode in ("on", "off"):
-        monkeypatch.setattr(mesh, "FUSED", mode)
+        model.decoder.scheme.fused = mode
         model.zero_grad(set_to_none=True)
         loss = model(tokens, positions, labels=torch.roll(tokens, -1, 1)).mean()
         loss.backward()
@@ -248,12 +248,11 @@ def test_compile_fallback_warns_once_and_runs_uncompiled(compiling):
 
 
 @pytest.mark.parametrize("fallback", [False, True])
-def test_scheme_passes_compile_fallback(compiling, monkeypatch, fallback):
+def test_scheme_passes_compile_fallback(compiling, fallback):
     compiling(CountingBackend(fail=("forward",)))
-    monkeypatch.setattr(mesh, "FUSED", "on")
     torch.manual_seed(0)
     scheme = MeshScheme(5, num_loops=1, num_slots=3, init_method=torch.nn.init.normal_,
-                        compile_fallback=fallback).double()
+                        fused="on", compile_fallback=fallback).double()
     h_emb, h_pre = torch.randn(2, 4, 2, 5, dtype=torch.float64)
     if not fallback:
         with pytest.raises(fused_mesh.CompileFailure):
@@ -261,7 +260,7 @@ def test_scheme_passes_compile_fallback(compiling, monkeypatch, fallback):
         return
     with pytest.warns(UserWarning, match="MeSH cycle forward failed"):
         h, state = scheme.begin(h_emb, h_pre)
-    monkeypatch.setattr(mesh, "FUSED", "off")
+    scheme.fused = "off"
     expected = scheme.begin(h_emb, h_pre)
     torch.testing.assert_close(h, expected[0], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(state.buffer, expected[1].buffer, rtol=1e-12, atol=1e-12)

@@ -107,7 +107,7 @@ def run(megatron_args, exit_status_file=None):
     from megatron_mesh.data.integrity import DatasetIntegrityError
     from megatron_mesh.training import exit_status, providers, resume, save_guard, save_lock, throughput
     from megatron_mesh.training.arguments import add_mesh_arguments
-    from megatron_mesh.training.router_log import ROUTER_LOG
+    from megatron_mesh.training.router_log import RouterLog
 
     sys.argv = [sys.argv[0], *megatron_args]
     with cpu.trainer_context():
@@ -125,27 +125,27 @@ def run(megatron_args, exit_status_file=None):
                   "is not installed, or --no-gradient-accumulation-fusion was passed)", flush=True)
         throughput.install(config, args)
         save_guard.install()
-        ROUTER_LOG.enabled = args.mesh_router_metrics
         try:
             with _save_directory_lock(args, save_lock):  # before the status: a refused run writes none
                 stops = exit_status.StopRecorder(_exit_status_path(exit_status_file, args), args)
-                _pretrain_recording_the_stop(cfg, stops)
+                run_providers = providers.MeshProviders(RouterLog(enabled=args.mesh_router_metrics))
+                _pretrain_recording_the_stop(cfg, run_providers, stops)
         except (save_lock.SaveDirectoryBusy, save_guard.CheckpointSaveError,
                 save_guard.NonFiniteWeights, DatasetIntegrityError) as err:
             sys.exit(f"error: {err}")
 
 
-def _pretrain_recording_the_stop(cfg, stops) -> None:
+def _pretrain_recording_the_stop(cfg, run_providers, stops) -> None:
     """megatron's pretrain, with why it stopped written where requeue scripts look."""
     from megatron.core.enums import ModelType
     from megatron.training import pretrain
 
-    from megatron_mesh.training import providers
+    from megatron_mesh.training.providers import train_valid_test_datasets_provider
 
     stops.install()
     try:
-        pretrain(cfg, providers.train_valid_test_datasets_provider, ModelType.encoder_or_decoder,
-                 providers.forward_step, model_provider=providers.model_provider)
+        pretrain(cfg, train_valid_test_datasets_provider, ModelType.encoder_or_decoder,
+                 run_providers.forward_step, model_provider=run_providers.model_provider)
     except SystemExit as done:  # megatron's sys.exit after a stop's final save
         stops.exited(done.code)
         raise

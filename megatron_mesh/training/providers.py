@@ -1,11 +1,16 @@
-"""The model, data and forward-step providers that megatron.training.pretrain calls."""
+"""The model, data and forward-step providers that megatron.training.pretrain calls.
+
+``MeshProviders`` holds what the model and forward-step providers share across megatron's calls
+(this rank's model chunks until all are built, the router log): one object per run, made by
+``tools/pretrain_mesh.py``, nothing kept at module level.
+"""
 
 from __future__ import annotations
 
 import json
 from dataclasses import fields
 from functools import partial
-from typing import List
+from typing import List, Optional
 
 import torch
 
@@ -20,7 +25,7 @@ from megatron_mesh.config import MeshConfig
 from megatron_mesh.layers import local_block_spec, te_block_spec
 from megatron_mesh.model import MeshGPTModel
 from megatron_mesh.parallel import pipeline
-from megatron_mesh.training.router_log import ROUTER_LOG
+from megatron_mesh.training.router_log import RouterLog
 
 # TransformerConfig fields a MeshConfig derives itself from the model section.
 _DERIVED = {"num_layers", "activation_func", "init_method", "output_layer_init_method",
@@ -41,33 +46,43 @@ def mesh_config_from_args(args) -> MeshConfig:
     return config
 
 
-def model_provider(pre_process=True, post_process=True, vp_stage=None, config=None,
-                   pg_collection=None) -> MeshGPTModel:
-    args = get_args()
-    cfg = mesh_config_from_args(args)
-    spec = te_block_spec() if args.transformer_impl == "transformer_engine" else local_block_spec()
-    model = MeshGPTModel(cfg, spec=spec, pg_collection=pg_collection, pre_process=pre_process,
-                         post_process=post_process, vp_stage=vp_stage)
-    if args.pipeline_model_parallel_size > 1:
-        _connect_when_all_chunks_built(model)
-        cfg.finalize_model_grads_func = _finalize_with_stage_replicas
-    return model
+class MeshProviders:
+    """``model_provider`` and ``forward_step`` for megatron's pretrain, with their shared state."""
 
+    def __init__(self, router_log: Optional[RouterLog] = None):
+        self.router_log = router_log or RouterLog(enabled=False)
+        self.rank_chunks: List[MeshGPTModel] = []
+        """This rank's model chunks built so far (megatron's get_model builds 0, 1, ... in turn)."""
 
-_RANK_CHUNKS: List[MeshGPTModel] = []
-"""This rank's model chunks built so far (megatron's get_model builds chunk 0, 1, ... in turn)."""
+    def model_provider(self, pre_process=True, post_process=True, vp_stage=None, config=None,
+                       pg_collection=None) -> MeshGPTModel:
+        args = get_args()
+        cfg = mesh_config_from_args(args)
+        spec = te_block_spec() if args.transformer_impl == "transformer_engine" else local_block_spec()
+        model = MeshGPTModel(cfg, spec=spec, pg_collection=pg_collection, pre_process=pre_process,
+                             post_process=post_process, vp_stage=vp_stage)
+        if args.pipeline_model_parallel_size > 1:
+            self._connect_when_all_chunks_built(model)
+            cfg.finalize_model_grads_func = _finalize_with_stage_replicas
+        return model
 
+    def _connect_when_all_chunks_built(self, model: MeshGPTModel) -> None:
+        """Replicated core weights can be tied only once every chunk of this rank exists: under
+        virtual pipelining two chunks of one rank may hold copies of the same layer."""
+        if not model.vp_stage:
+            self.rank_chunks.clear()
+        self.rank_chunks.append(model)
+        if len(self.rank_chunks) == (model.config.virtual_pipeline_model_parallel_size or 1):
+            pipeline.connect_replicas([m.decoder for m in self.rank_chunks], model.config,
+                                      model.pg_collection.pp)
+            self.rank_chunks.clear()
 
-def _connect_when_all_chunks_built(model: MeshGPTModel) -> None:
-    """Replicated core weights can be tied only once every chunk of this rank exists: under
-    virtual pipelining two chunks of one rank may hold copies of the same layer."""
-    if not model.vp_stage:
-        _RANK_CHUNKS.clear()
-    _RANK_CHUNKS.append(model)
-    if len(_RANK_CHUNKS) == (model.config.virtual_pipeline_model_parallel_size or 1):
-        pipeline.connect_replicas([m.decoder for m in _RANK_CHUNKS], model.config,
-                                  model.pg_collection.pp)
-        _RANK_CHUNKS.clear()
+    def forward_step(self, data_iterator, model: MeshGPTModel):
+        tokens, labels, loss_mask, position_ids = get_batch(data_iterator)
+        states = self.router_log.states_for(model)  # a list on the micro-batch whose routers are logged
+        output = model(tokens, position_ids, None, labels=labels, states=states)  # [b, s] token loss
+        self.router_log.write(model, states)
+        return output, partial(loss_func, loss_mask)
 
 
 def _finalize_with_stage_replicas(model, *args, **kwargs):
@@ -95,14 +110,6 @@ def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     num_tokens = mask.sum().clone().detach().to(torch.int)
     report = torch.cat([loss.clone().detach().view(1), num_tokens.view(1)])
     return loss, num_tokens, {"lm loss": report}
-
-
-def forward_step(data_iterator, model: MeshGPTModel):
-    tokens, labels, loss_mask, position_ids = get_batch(data_iterator)
-    states = ROUTER_LOG.states_for(model)  # a list on the micro-batch whose routers are logged
-    output = model(tokens, position_ids, None, labels=labels, states=states)  # [b, s] token loss
-    ROUTER_LOG.write(model, states)
-    return output, partial(loss_func, loss_mask)
 
 
 def _check_data(args) -> None:

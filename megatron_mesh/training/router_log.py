@@ -17,8 +17,10 @@ import torch
 
 
 class RouterLog:
-    def __init__(self) -> None:
-        self.enabled = False
+    """Records and writes router statistics once per log interval when ``enabled``."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
         self.logged_iteration: Optional[int] = None
 
     def states_for(self, model) -> Optional[List]:
@@ -53,6 +55,3 @@ class RouterLog:
         if wandb and values:
             wandb.log(values, self.logged_iteration)
 
-
-ROUTER_LOG = RouterLog()
-"""The trainer's instance: ``tools/pretrain_mesh.py`` enables it, ``forward_step`` feeds it."""
