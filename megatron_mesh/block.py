@@ -25,6 +25,7 @@ from megatron.core.utils import make_viewless_tensor
 
 from megatron_mesh.config import MeshConfig, refuse_unsupported
 from megatron_mesh.layers import RecursiveBlockSubmodules, default_block_spec
+from megatron_mesh.fused_mesh import CycleCompile
 from megatron_mesh.mesh import build_scheme
 from megatron_mesh.parallel.pipeline import TIED_COPY, replica_index
 from megatron_mesh.unrolled import Op, stage_ops, unrolled_ops
@@ -121,7 +122,7 @@ class RecursiveMeshTransformerBlock(MegatronModule):
                 self.scheme = build_scheme(config.state_scheme, config.hidden_size,
                                            layout.num_loops, config.buffer_slots or 0,
                                            config.init_method, config.cycle_fused,
-                                           config.cycle_compile_fallback)
+                                           CycleCompile(fallback=config.cycle_compile_fallback))
             _mark_sequence_parallel(self.scheme, config.sequence_parallel)
         self.cores = nn.ModuleList(held("core", c) for c in range(len(layout.core_modules)))
         self.coda = held("coda")

@@ -44,11 +44,12 @@ against an fp64 evaluation.
 
 On CUDA the two halves are compiled lazily, on first use, with ``torch.compile`` (inductor,
 ``dynamic=None``: the first shape compiles static, a second one recompiles once with symbolic
-sizes instead of once per sequence length; see RECOMPILE_LIMIT); CPU never compiles, unless
-``compile_for(True)`` forces it (the tests use that to check the compiled graphs with inductor's
-CPU backend). A compile failure raises CompileFailure: running uncompiled is a throughput cliff
-nobody should find in a job's speed. ``compile_fallback=True`` (MeshScheme, mesh_cycle) runs the
-failed half uncompiled instead, with a warning; ``compile_failures()`` lists failures either way.
+sizes instead of once per sequence length; see RECOMPILE_LIMIT); CPU never compiles, unless the
+caller's ``CycleCompile(devices="all")`` asks (the tests use that to check the compiled graphs
+with inductor's CPU backend). A compile failure raises CompileFailure: running uncompiled is a
+throughput cliff nobody should find in a job's speed. ``CycleCompile(fallback=True)`` (from
+MeshConfig.cycle_compile_fallback) runs the failed half uncompiled instead, with a warning;
+``compile_failures()`` lists failures either way.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import warnings
+from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
@@ -160,34 +162,40 @@ def _compile(name: str, fn: Callable, backend: Backend, recompile_limit: int) ->
     return _compiled[key]
 
 
-_FORCE_COMPILE: Optional[Compiler] = None  # compile on every device (tests, the GPU check)
+@dataclass(frozen=True)
+class CycleCompile:
+    """How ``mesh_cycle`` compiles its two halves; passed in by its caller (MeshScheme builds
+    one from MeshConfig.cycle_compile_fallback), never set process-wide."""
+
+    devices: str = "cuda"
+    """'cuda': where the inputs are on CUDA (and triton, inductor's code generator, imports);
+    'all': on every device too (tests, the GPU check's CPU stand-in); 'none': never."""
+    backend: Backend = "inductor"
+    """A torch.compile backend name or callable."""
+    recompile_limit: int = RECOMPILE_LIMIT
+    fallback: bool = False
+    """On a compile failure: raise CompileFailure (False) or warn and run that half uncompiled
+    from then on (True)."""
+
+    def compiler(self, like: Tensor) -> Optional[Compiler]:
+        """How to compile a half whose inputs are on ``like``'s device; None: run it as is."""
+        if self.devices == "all":
+            return self.backend, self.recompile_limit
+        if self.devices == "cuda" and like.is_cuda and not torch.compiler.is_compiling() and _HAVE_TRITON:
+            return self.backend, self.recompile_limit
+        return None  # CPU, or inside a model that torch.compile traces already
 
 
-def compile_for(enabled: bool, backend: Backend = "inductor",
-                recompile_limit: int = RECOMPILE_LIMIT) -> None:
-    """Compile the two halves on every device too (True), or only on CUDA (False, the default),
-    with ``backend`` (a torch.compile backend name or callable)."""
-    global _FORCE_COMPILE
-    _FORCE_COMPILE = (backend, recompile_limit) if enabled else None
+_FAILED: Dict[Tuple[str, Compiler], str] = {}
+"""(half, compiler) -> the error compiling it raised in this process: a record (and, with the
+fallback, what now runs uncompiled), like the cache of compiled halves above."""
 
 
-def _compiler(like: Tensor) -> Optional[Compiler]:
-    """How to compile a half whose inputs are on ``like``'s device; None: run it as is."""
-    if _FORCE_COMPILE is not None:
-        return _FORCE_COMPILE
-    if like.is_cuda and not torch.compiler.is_compiling() and _HAVE_TRITON:
-        return "inductor", RECOMPILE_LIMIT
-    return None  # CPU, or inside a model that torch.compile traces already
-
-
-_FAILED: Dict[Tuple[str, Compiler], str] = {}  # (half, compiler) -> the error it raised
-
-
-def _run(name: str, fn: Callable, like: Tensor, fallback: bool, *args):
-    """``fn(*args)``, compiled where ``_compiler`` says. A compiler failure raises CompileFailure
-    or, with ``fallback``, warns and runs this half uncompiled from then on; running out of
-    memory is no compiler failure and propagates as it is."""
-    compiler = _compiler(like)
+def _run(name: str, fn: Callable, like: Tensor, options: CycleCompile, *args):
+    """``fn(*args)``, compiled where ``options`` says. A compiler failure raises CompileFailure
+    or, with ``options.fallback``, warns and runs this half uncompiled from then on; running
+    out of memory is no compiler failure and propagates as it is."""
+    compiler, fallback = options.compiler(like), options.fallback
     if compiler is None or (fallback and (name, compiler) in _FAILED):
         return fn(*args)
     try:
@@ -202,7 +210,7 @@ def _run(name: str, fn: Callable, like: Tensor, fallback: bool, *args):
         message = _failure_message(name, fn, compiler, args, err)
         if not fallback:
             raise CompileFailure(message) from err
-        warnings.warn(f"{message}\ncompile_fallback=True: the {name} runs uncompiled from now on")
+        warnings.warn(f"{message}\nfallback=True: the {name} runs uncompiled from now on")
         return fn(*args)
 
 
@@ -234,9 +242,9 @@ def _failure_message(name: str, fn: Callable, compiler: Compiler, args, err: Exc
                 "dimension, missing gradient...: TORCH_LOGS=recompiles names each new guard)")
     return (f"torch.compile ({_backend_name(backend)}) of the MeSH cycle {name} failed: "
             f"{type(err).__name__}: {' '.join(str(err).split())[:500]}\n  inputs: {inputs}{hint}\n"
-            "  to run it uncompiled instead, pass compile_fallback=True to MeshScheme (or "
-            "mesh_cycle): the same math, but several more passes over the [B, s, b, h] buffer per "
-            "loop step, a throughput loss on large jobs")
+            "  to run it uncompiled instead, set model.cycle_compile_fallback: true "
+            "(CycleCompile(fallback=True) for mesh_cycle): the same math, but several more passes "
+            "over the [B, s, b, h] buffer per loop step, a throughput loss on large jobs")
 
 
 def _describe(t: Optional[Tensor]) -> str:
@@ -251,7 +259,7 @@ def _backend_name(backend: Backend) -> str:
 
 def compile_failures() -> Dict[str, str]:
     """Compiled halves that failed in this process ('half:backend' -> error), whether that was
-    raised or (compile_fallback=True) the half now runs uncompiled."""
+    raised or (fallback=True) the half now runs uncompiled."""
     return {f"{name}:{_backend_name(backend)}": error
             for (name, (backend, _)), error in _FAILED.items()}
 
@@ -260,10 +268,10 @@ class MeshCycle(torch.autograd.Function):
     """autograd wrapper: forward_impl / backward_impl, saving N, x, W and R."""
 
     @staticmethod
-    def forward(ctx, buffer, h, w_write, w_read, compile_fallback):
+    def forward(ctx, buffer, h, w_write, w_read, options):
         ctx.set_materialize_grads(False)
-        ctx.compile_fallback = compile_fallback
-        read, new_buffer = _run("forward", forward_impl, h, compile_fallback,
+        ctx.options = options
+        read, new_buffer = _run("forward", forward_impl, h, options,
                                 buffer, h, w_write, w_read)
         ctx.save_for_backward(new_buffer, h, w_write, w_read)
         return read, new_buffer
@@ -274,15 +282,15 @@ class MeshCycle(torch.autograd.Function):
         if g_read is None and g_buffer is None:
             return None, None, None, None, None
         new_buffer, h, w_write, w_read = ctx.saved_tensors
-        grads = _run("backward", backward_impl, h, ctx.compile_fallback,
+        grads = _run("backward", backward_impl, h, ctx.options,
                      g_read, g_buffer, new_buffer, h, w_write, w_read)
         return (*(g if need else None for g, need in zip(grads, ctx.needs_input_grad)), None)
 
 
 def mesh_cycle(buffer: Tensor, h: Tensor, w_write: Tensor, w_read: Tensor, *,
-               compile_fallback: bool = False) -> Tuple[Tensor, Tensor]:
+               options: CycleCompile = CycleCompile()) -> Tuple[Tensor, Tensor]:
     """Fused ``buffer_write`` then ``buffer_read``: -> (read [s, b, h], new buffer [B, s, b, h]).
 
     Where a half compiles (CUDA) and torch.compile fails, this raises CompileFailure, or with
-    ``compile_fallback`` warns and runs that half uncompiled from then on."""
-    return MeshCycle.apply(buffer, h, w_write, w_read, compile_fallback)
+    ``options.fallback`` warns and runs that half uncompiled from then on."""
+    return MeshCycle.apply(buffer, h, w_write, w_read, options)

@@ -29,7 +29,7 @@ from typing import Callable, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from megatron_mesh.fused_mesh import mesh_cycle
+from megatron_mesh.fused_mesh import CycleCompile, mesh_cycle
 
 SUPPLEMENTS = ("residual", "anchor", "anchor_star")
 """What the additive schemes of Eq. 1 add to the core output: h(t), h(0) or h_emb."""
@@ -155,17 +155,18 @@ class MeshScheme(StateScheme):
 
     ``routers[0]`` is the transitional pair (t = -1) applied to the prelude output;
     ``routers[t + 1]`` serves loop step t and reads h(t), the core's input.
-    ``compile_fallback``: where the fused cycle compiles (CUDA) and torch.compile fails, run it
-    uncompiled with a warning instead of raising fused_mesh.CompileFailure (same math, several
-    more passes over the buffer per step: a throughput loss a large job should not take silently).
+    ``fused`` picks the cycle's implementation (CYCLE_IMPLEMENTATIONS); ``compile_options`` how
+    the fused one compiles, and whether a compile failure stops the run or falls back to running
+    uncompiled with a warning (same math, several more passes over the buffer per step: a
+    throughput loss a large job should not take silently).
     """
 
     def __init__(self, hidden_size: int, num_loops: int, num_slots: int, init_method: InitMethod,
-                 fused: str = "auto", compile_fallback: bool = False):
+                 fused: str = "auto", compile_options: CycleCompile = CycleCompile()):
         super().__init__()
         self.num_slots = num_slots
         self.fused = fused
-        self.compile_fallback = compile_fallback
+        self.compile_options = compile_options
         self.routers = nn.ModuleList(
             StepRouters(hidden_size, num_slots, init_method) for _ in range(num_loops + 1)
         )
@@ -174,8 +175,7 @@ class MeshScheme(StateScheme):
         w_write, w_read = routers.write(route_from), routers.read(route_from)
         if self.fused == "on" or (self.fused == "auto" and written.is_cuda):
             # same math, fewer memory passes
-            return mesh_cycle(buffer, written, w_write, w_read,
-                              compile_fallback=self.compile_fallback)
+            return mesh_cycle(buffer, written, w_write, w_read, options=self.compile_options)
         buffer = buffer_write(buffer, written, w_write)
         return buffer_read(buffer, w_read), buffer
 
@@ -234,13 +234,13 @@ def loop_state_fields(name: str) -> Tuple[str, ...]:
 
 def build_scheme(
     name: str, hidden_size: int, num_loops: int, num_slots: int, init_method: InitMethod,
-    fused: str = "auto", compile_fallback: bool = False,
+    fused: str = "auto", compile_options: CycleCompile = CycleCompile(),
 ) -> Optional[StateScheme]:
     """The scheme module for a canonical scheme name; None for 'vanilla' (no loop)."""
     if name == "vanilla":
         return None
     if name == "mesh":
-        return MeshScheme(hidden_size, num_loops, num_slots, init_method, fused, compile_fallback)
+        return MeshScheme(hidden_size, num_loops, num_slots, init_method, fused, compile_options)
     if name == "static_comb":
         return StaticCombScheme(num_loops)
     if name == "dynamic_comb":

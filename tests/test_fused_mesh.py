@@ -14,7 +14,7 @@ import torch
 
 from conftest import random_batch, tiny_config
 from megatron_mesh import fused_mesh, mesh
-from megatron_mesh.fused_mesh import mesh_cycle
+from megatron_mesh.fused_mesh import CycleCompile, mesh_cycle
 from megatron_mesh.mesh import MeshScheme
 from megatron_mesh.qualify.cycle import eager_cycle
 
@@ -131,12 +131,9 @@ INDUCTOR = pytest.param("inductor", marks=pytest.mark.skipif(not RUN_INDUCTOR, r
 def test_compiled_cycle_matches_eager(backend):
     """The graphs torch.compile gets on CUDA (the traced spellings), compiled here on CPU."""
     inputs = cycle_inputs(slots=4, s=8, b=2, hidden=32, dtype=torch.float32)
-    fused_mesh.compile_for(True, backend)
-    try:
-        compiled = values_and_grads(mesh_cycle, inputs)
-        last_step = values_and_grads(mesh_cycle, inputs, use_buffer=False)
-    finally:
-        fused_mesh.compile_for(False)
+    cycle = functools.partial(mesh_cycle, options=CycleCompile(devices="all", backend=backend))
+    compiled = values_and_grads(cycle, inputs)
+    last_step = values_and_grads(cycle, inputs, use_buffer=False)
     keys = {(half, backend, fused_mesh.RECOMPILE_LIMIT) for half in ("forward", "backward")}
     assert keys <= fused_mesh._compiled.keys()
     expected = values_and_grads(eager_cycle, inputs) + values_and_grads(eager_cycle, inputs, False)
@@ -172,11 +169,10 @@ class CountingBackend:
 
 @pytest.fixture
 def compiling(monkeypatch):
-    """``compiling(backend, **kw)`` = compile_for(True, backend, **kw) for this test only, with
-    its own failure record (compile_failures() is per process)."""
+    """``compiling(backend, **kw)``: the CycleCompile that compiles on every device with
+    ``backend``, with this test's own failure record (compile_failures() is per process)."""
     monkeypatch.setattr(fused_mesh, "_FAILED", {})
-    yield functools.partial(fused_mesh.compile_for, True)
-    fused_mesh.compile_for(False)
+    return functools.partial(CycleCompile, "all")
 
 
 def in_thread(fn):
@@ -209,23 +205,23 @@ def mesh_warnings(caught):
 
 
 def test_compile_failure_raises_naming_half_inputs_and_fallback(compiling):
-    compiling(CountingBackend(fail=("forward",)))
+    options = compiling(CountingBackend(fail=("forward",)))
     with pytest.raises(fused_mesh.CompileFailure) as failure:
-        mesh_cycle(*cycle_inputs())
+        mesh_cycle(*cycle_inputs(), options=options)
     message = str(failure.value)
     assert message.startswith("torch.compile (CountingBackend) of the MeSH cycle forward failed")
     assert "buffer [3, 4, 2, 5] float64 cpu, h [4, 2, 5] float64 cpu" in message
-    assert "compile_fallback=True" in message
+    assert "model.cycle_compile_fallback: true" in message
     assert "triton: no kernel for this" in str(failure.value.__cause__)  # the compiler's error
     assert list(fused_mesh.compile_failures()) == ["forward:CountingBackend"]
 
 
 def test_backward_compile_failure_on_another_thread_raises(compiling):
     backend = CountingBackend(fail=("backward",))
-    compiling(backend)
+    cycle = functools.partial(mesh_cycle, options=compiling(backend))
     inputs = cycle_inputs()
     with pytest.raises(fused_mesh.CompileFailure, match="MeSH cycle backward failed") as failure:
-        values_and_grads(mesh_cycle, inputs, use_buffer=False,
+        values_and_grads(cycle, inputs, use_buffer=False,
                          backward=lambda loss: in_thread(loss.backward))
     assert "g_buffer None, new_buffer [3, 4, 2, 5] float64 cpu" in str(failure.value)
     assert backend.calls == {"forward": 1}  # the forward did compile
@@ -233,26 +229,26 @@ def test_backward_compile_failure_on_another_thread_raises(compiling):
 
 
 def test_compile_fallback_warns_once_and_runs_uncompiled(compiling):
-    compiling(CountingBackend(fail=("forward", "backward")))
+    options = compiling(CountingBackend(fail=("forward", "backward")), fallback=True)
     inputs = cycle_inputs()
-    cycle = functools.partial(mesh_cycle, compile_fallback=True)
+    cycle = functools.partial(mesh_cycle, options=options)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert_matches_eager(values_and_grads(cycle, inputs), inputs)
         assert len(mesh_warnings(caught)) == 2  # forward, then backward
         assert_matches_eager(values_and_grads(cycle, inputs), inputs)
     assert len(mesh_warnings(caught)) == 2  # once per half: then the half stays uncompiled
-    assert "compile_fallback=True: the backward runs uncompiled" in str(caught[-1].message)
+    assert "fallback=True: the backward runs uncompiled" in str(caught[-1].message)
     assert set(fused_mesh.compile_failures()) == {"forward:CountingBackend",
                                                   "backward:CountingBackend"}
 
 
 @pytest.mark.parametrize("fallback", [False, True])
 def test_scheme_passes_compile_fallback(compiling, fallback):
-    compiling(CountingBackend(fail=("forward",)))
+    options = compiling(CountingBackend(fail=("forward",)), fallback=fallback)
     torch.manual_seed(0)
     scheme = MeshScheme(5, num_loops=1, num_slots=3, init_method=torch.nn.init.normal_,
-                        fused="on", compile_fallback=fallback).double()
+                        fused="on", compile_options=options).double()
     h_emb, h_pre = torch.randn(2, 4, 2, 5, dtype=torch.float64)
     if not fallback:
         with pytest.raises(fused_mesh.CompileFailure):
@@ -272,10 +268,11 @@ def test_out_of_memory_is_no_compile_failure(compiling, fail_when, fallback):
     """An OOM (here raised by the backend, or by the compiled call) reaches the caller as an OOM:
     neither a CompileFailure nor, with the fallback, an uncompiled retry."""
     oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-    compiling(CountingBackend(fail=("forward",), error=oom, fail_when=fail_when))
+    options = compiling(CountingBackend(fail=("forward",), error=oom, fail_when=fail_when),
+                        fallback=fallback)
     with warnings.catch_warnings(record=True) as caught, pytest.raises(torch.OutOfMemoryError):
         warnings.simplefilter("always")
-        mesh_cycle(*cycle_inputs(), compile_fallback=fallback)
+        mesh_cycle(*cycle_inputs(), options=options)
     assert not mesh_warnings(caught) and not fused_mesh.compile_failures()
 
 
@@ -286,10 +283,10 @@ def test_sequence_lengths_past_the_recompile_limit_stay_compiled(compiling):
     """dynamic=None: a static graph, then one with a symbolic length for every other length; every
     call must have run a compiled graph (CountingBackend counts them)."""
     backend = CountingBackend()
-    compiling(backend, recompile_limit=2)
+    cycle = functools.partial(mesh_cycle, options=compiling(backend, recompile_limit=2))
     for s in LENGTHS:
         inputs = cycle_inputs(s=s, dtype=torch.float32)
-        assert_matches_eager(values_and_grads(mesh_cycle, inputs), inputs)
+        assert_matches_eager(values_and_grads(cycle, inputs), inputs)
     assert backend.calls == {"forward": len(LENGTHS), "backward": len(LENGTHS)}
     # 2 each; 1 where an earlier test saw other lengths (dynamo keeps which sizes vary per function)
     assert set(backend.compiles) == {"forward", "backward"} and max(backend.compiles.values()) <= 2
@@ -300,16 +297,17 @@ def test_hitting_the_recompile_limit_is_a_compile_failure(compiling, fallback):
     """fullgraph=True: past the limit dynamo raises rather than running the frame uncompiled, and
     that is a compile failure like any other. (A new dtype needs a new graph for sure; a new
     length may not, see above.)"""
-    compiling(CountingBackend(), recompile_limit=1)
+    options = compiling(CountingBackend(), recompile_limit=1, fallback=fallback)
+    cycle = functools.partial(mesh_cycle, options=options)
     first, second = cycle_inputs(), cycle_inputs(dtype=torch.float32)
-    values_and_grads(mesh_cycle, first)
+    values_and_grads(cycle, first)
     if not fallback:
         with pytest.raises(fused_mesh.CompileFailure, match="recompile_limit=1") as failure:
-            mesh_cycle(*second)
+            cycle(*second)
         assert type(failure.value.__cause__).__name__ == "FailOnRecompileLimitHit"
         return
     with pytest.warns(UserWarning, match="recompile_limit=1"):
-        got = values_and_grads(functools.partial(mesh_cycle, compile_fallback=True), second)
+        got = values_and_grads(cycle, second)
     assert_matches_eager(got, second)
 
 
@@ -318,7 +316,7 @@ def test_compiled_backward_on_another_thread_ignores_main_thread_dynamo_config(c
     overrides are per thread (ContextVars): a limit patched here is not the device thread's, so
     the cycle passes its own to torch.compile and both halves compile alike on any thread."""
     backend = CountingBackend()
-    compiling(backend)
+    cycle = functools.partial(mesh_cycle, options=compiling(backend))
     seen = {"default": torch._dynamo.config.recompile_limit}
 
     def backward(loss):
@@ -332,7 +330,7 @@ def test_compiled_backward_on_another_thread_ignores_main_thread_dynamo_config(c
         seen["main"] = torch._dynamo.config.recompile_limit
         for s in LENGTHS[:3]:
             inputs = cycle_inputs(s=s, dtype=torch.float32)
-            assert_matches_eager(values_and_grads(mesh_cycle, inputs, backward=backward), inputs)
+            assert_matches_eager(values_and_grads(cycle, inputs, backward=backward), inputs)
     assert seen["main"] == 1 and seen["worker"] == seen["default"] > 1  # the patch stayed here
     assert backend.calls == {"forward": 3, "backward": 3}  # every call compiled, on both threads
     assert not fused_mesh.compile_failures()
@@ -342,5 +340,5 @@ def test_compile_fallback_is_a_model_key(megatron_world):
     """model.cycle_compile_fallback reaches the scheme the block builds (off by default)."""
     from megatron_mesh.model import MeshGPTModel
 
-    assert MeshGPTModel(tiny_config()).decoder.scheme.compile_fallback is False
-    assert MeshGPTModel(tiny_config(cycle_compile_fallback=True)).decoder.scheme.compile_fallback
+    assert MeshGPTModel(tiny_config()).decoder.scheme.compile_options.fallback is False
+    assert MeshGPTModel(tiny_config(cycle_compile_fallback=True)).decoder.scheme.compile_options.fallback

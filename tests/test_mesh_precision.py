@@ -5,6 +5,7 @@ in megatron_mesh/qualify/cycle.py (which the GPU check uses too); u = 2^-8.
 """
 
 import contextlib
+import functools
 
 import pytest
 import torch
@@ -19,20 +20,17 @@ SHAPE = (5, 16, 2, 64)  # B, s, b, h
 
 
 @contextlib.contextmanager
-def compiled():
-    """mesh_cycle's forward and backward through torch.compile's traced spellings (the aot_eager
-    backend: the graphs CUDA compiles, without inductor's C++ build in CI)."""
-    fused_mesh.compile_for(True, "aot_eager")
-    try:
-        yield
-    finally:
-        fused_mesh.compile_for(False)
+def no_compile_failure():
+    yield
     assert not fused_mesh.compile_failures()  # no silent fallback to the uncompiled path
 
 
+# fused-compiled: mesh_cycle's forward and backward through torch.compile's traced spellings (the
+# aot_eager backend: the graphs CUDA compiles, without inductor's C++ build in CI)
 IMPLEMENTATIONS = {"eager": (eager_cycle, contextlib.nullcontext),
                    "fused": (mesh_cycle, contextlib.nullcontext),
-                   "fused-compiled": (mesh_cycle, compiled)}
+                   "fused-compiled": (functools.partial(mesh_cycle, options=fused_mesh.CycleCompile(
+                       devices="all", backend="aot_eager")), no_compile_failure)}
 
 
 @pytest.mark.parametrize("name", IMPLEMENTATIONS)
