@@ -42,10 +42,10 @@ demo: setup
 # failed check; report in runs/gpu-check/. gpu-check-tiny is the CPU stand-in CI runs.
 GPU_PYTHON ?= python3
 gpu-check:
-	$(GPU_PYTHON) tools/gpu_check.py --out runs/gpu-check $(GPU_CHECK_ARGS)
+	$(GPU_PYTHON) tools/gpu_check.py --output runs/gpu-check $(GPU_CHECK_ARGS)
 
 gpu-check-tiny: setup
-	$(PY) tools/gpu_check.py --tiny --out runs/gpu-check-tiny
+	$(PY) tools/gpu_check.py --tiny --output runs/gpu-check-tiny
 
 stats: setup
 	$(PY) tools/model_stats.py --config configs/pythia-1.4b-4+8R2+4-mesh.yml

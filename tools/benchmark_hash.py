@@ -51,7 +51,8 @@ def throughput(make, data: memoryview, repeats: int = 3) -> float:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mib", type=int, default=256)
-    parser.add_argument("--checkpoint", default=None, help="an iteration directory with a manifest")
+    parser.add_argument("--input", "--checkpoint", dest="checkpoint", default=None,
+                        help="an iteration directory with a manifest")
     args = parser.parse_args(argv)
     data = memoryview(os.urandom(args.mib << 20))
     for name, make in CANDIDATES.items():

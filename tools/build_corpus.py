@@ -41,7 +41,7 @@ megatron_mesh.compat.silence_known_megatron_warnings()  # its notes on absent ke
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True, type=Path, help="output directory")
+    parser.add_argument("--output", "--out", dest="out", required=True, type=Path, help="output directory")
     parser.add_argument("--tokenizer", required=True, help="e.g. 20B_tokenizer.json")
     parser.add_argument("--packages", nargs="+", default=list(debian_docs.DEFAULT_PACKAGES))
     parser.add_argument("--no-install", action="store_true",

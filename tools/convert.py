@@ -1,11 +1,11 @@
 #!/usr/bin/env python
 """Convert checkpoints between megatron-mesh (torch_dist) and Hugging Face.
 
-    python tools/convert.py megatron-to-hf --load CHECKPOINT_DIR --output HF_DIR \
+    python tools/convert.py megatron-to-hf --input CHECKPOINT_DIR --output HF_DIR \
         [--iteration N] [--dtype fp32|bf16] [--tokenizer PATH_OR_NAME] [--force] \
         [--no-verify] [--allow-non-finite]
 
-    python tools/convert.py hf-to-megatron --hf HF_DIR --output CHECKPOINT_DIR \
+    python tools/convert.py hf-to-megatron --input HF_DIR --output CHECKPOINT_DIR \
         [--layout 4+8R2+4 --state-scheme mesh --core-init average|lower|stepwise] \
         [--buffer-slots B] [--scale-embeddings | --no-scale-embeddings] [--force]
 
@@ -38,7 +38,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="direction", required=True)
     m2h = sub.add_parser("megatron-to-hf", help="torch_dist checkpoint -> HF directory")
-    m2h.add_argument("--load", required=True)
+    m2h.add_argument("--input", "--load", dest="load", required=True, metavar="DIR",
+                     help="Megatron checkpoint: a save directory or one iteration directory")
     m2h.add_argument("--output", required=True)
     m2h.add_argument("--iteration", type=int, default=None)
     m2h.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
@@ -51,7 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                      help="export weights holding NaN/Inf instead of refusing")
 
     h2m = sub.add_parser("hf-to-megatron", help="HF directory -> torch_dist release checkpoint")
-    h2m.add_argument("--hf", required=True, help="HF model directory (megatron-mesh export or GPT-NeoX)")
+    h2m.add_argument("--input", "--hf", dest="hf", required=True, metavar="DIR",
+                     help="HF model directory (megatron-mesh export or GPT-NeoX)")
     h2m.add_argument("--output", required=True)
     h2m.add_argument("--layout", default=None, help="re-shape a vanilla model, e.g. 4+8R2+4")
     h2m.add_argument("--state-scheme", default=None, help="scheme of the re-shaped model (default base)")

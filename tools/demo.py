@@ -9,7 +9,7 @@
 5. exports the checkpoint to Hugging Face (tools/convert.py) and samples from it,
 6. prints where everything is.
 
-    python tools/demo.py [--out runs/demo] [--iters 300]
+    python tools/demo.py [--output runs/demo] [--iters 300]
 """
 
 import argparse
@@ -96,7 +96,7 @@ def sample(out: Path, prompt: str = "The for statement") -> Path:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default=str(REPO / "runs" / "demo"))
+    parser.add_argument("--output", "--out", dest="out", default=str(REPO / "runs" / "demo"))
     parser.add_argument("--iters", type=int, default=300)
     parser.add_argument("--vocab-size", type=int, default=4096)
     args, extra = parser.parse_known_args(argv)

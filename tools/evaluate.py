@@ -65,7 +65,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     _data_args(depth, many=False)
     depth.add_argument("--max-loops", type=int, default=None,
                        help="read out after 0..T iterations (default: the trained K)")
-    depth.add_argument("--output-dir", default=None,
+    depth.add_argument("--output", "--output-dir", dest="output_dir", default=None,
                        help="where depth.json and depth.png go (default: print only)")
     return parser.parse_args(argv)
 

@@ -29,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="runs/gpu-check", help="report directory (default %(default)s)")
+    parser.add_argument("--output", "--out", dest="out", default="runs/gpu-check",
+                        help="report directory (default %(default)s)")
     parser.add_argument("--tiny", action="store_true",
                         help="the CPU stand-in: tiny models, gloo, no GPU needed (what CI runs)")
     parser.add_argument("--checks", default=None,

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Merge indexed-dataset shards into one .bin/.idx (e.g. Pythia's pre-shuffled shards, in order).
 
-    python tools/merge_datasets.py --inputs shards/document-00000-of-00020 ... \
+    python tools/merge_datasets.py --input shards/document-00000-of-00020 ... \
         --output-prefix data/pile-deduped-pythia-preshuffled/document
 
 Every shard is checked first (magic, version, dtype, .bin length against the .idx); all shards
@@ -33,7 +33,7 @@ def main(argv=None):
     from megatron_mesh.data.integrity import DatasetIntegrityError
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--inputs", nargs="+", required=True, help="shard prefixes, in order")
+    parser.add_argument("--input", "--inputs", dest="inputs", nargs="+", required=True, help="shard prefixes, in order")
     parser.add_argument("--output-prefix", required=True)
     args = parser.parse_args(argv)
     try:

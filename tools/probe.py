@@ -42,7 +42,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="RBF bandwidth as a fraction of the median distance (default 1.0)")
     parser.add_argument("--batch-size", type=int, default=1, help="samples per forward pass")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--output", "--out", dest="out", required=True, help="output directory")
     parser.add_argument("--force", action="store_true", help="replace a non-empty --out")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--no-verify", action="store_true",

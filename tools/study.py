@@ -27,7 +27,8 @@ megatron_mesh.compat.silence_known_megatron_warnings()  # its notes on absent ke
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--study", required=True, help="study YAML (configs/study/*.yaml)")
-    parser.add_argument("--out", required=True, help="study directory (created; reused to resume)")
+    parser.add_argument("--output", "--out", dest="out", required=True,
+                        help="study directory (created; reused to resume)")
     parser.add_argument("--only", action="append", default=[], metavar="VARIANT",
                         help="train and report only these variants (repeatable)")
     parser.add_argument("--seeds", default=None, help="comma-separated seeds, replacing the study's")
