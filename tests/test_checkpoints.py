@@ -95,7 +95,7 @@ def test_a_truncated_or_missing_file_is_named_with_the_newest_complete_iteration
     import shutil
 
     from megatron_mesh.checkpoints import CheckpointError, incomplete_files, verify
-    from megatron_mesh.hf.export import load_checkpoint
+    from megatron_mesh.checkpoint_reader import load_checkpoint
 
     _, saved = local_release
     runs = saved / "run"

@@ -69,12 +69,12 @@ def _check_device(device: str) -> None:
 
 
 def _from_megatron(path: Path, iteration: Optional[int], verify_hashes: bool):
-    from megatron_mesh.hf.export import load_checkpoint, mesh_config_from_args
+    from megatron_mesh.checkpoint_reader import load_checkpoint, saved_model_config
     from megatron_mesh.hf.importer import build_model
 
     state, common = load_checkpoint(str(path), iteration, verify_hashes)
     args = common.get("args")
-    mesh_config_from_args(args)  # a clear error for checkpoints tools/pretrain_mesh.py did not write
+    saved_model_config(args)  # a clear error for checkpoints tools/pretrain_mesh.py did not write
     section = json.loads(args.mesh_model)  # build_model checks every tensor's name and shape
     tokenizer = getattr(args, "tokenizer_model", None)  # a path or hub name; None for e.g. NullTokenizer
     return build_model(section, state), section, tokenizer

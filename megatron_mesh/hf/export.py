@@ -1,99 +1,22 @@
-"""Megatron torch_dist checkpoint -> Hugging Face directory, on one CPU process.
-
-torch_dist checkpoints store every tensor whole (whatever TP layout saved them), so one process
-reads the model tensors it needs through ``torch.distributed.checkpoint`` without a process
-group, and never the optimizer state.
-"""
+"""Megatron torch_dist checkpoint -> Hugging Face directory, on one CPU process (the checkpoint
+read, verified and checked by megatron_mesh.checkpoint_reader)."""
 
 from __future__ import annotations
 
 import json
 import math
-import warnings
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional
 
 import torch
 
-from megatron_mesh.checkpoints import CheckpointError, iteration_dir, verify
+from megatron_mesh.checkpoint_reader import (check_finite, check_shapes, load_checkpoint,
+                                             saved_model_config)
+from megatron_mesh.checkpoints import CheckpointError
 from megatron_mesh.config import MeshConfig
 from megatron_mesh.fs import OutputExistsError, atomic_directory, check_writable
-from megatron_mesh.hf.mapping import module_names
 
-MODEL_PREFIXES = ("embedding.", "decoder.", "output_layer.")
-COMMON_STATE = "common_state/shard_0_1"
-
-
-__all__ = ["CheckpointError", "OutputExistsError", "export", "load_checkpoint"]
-
-
-def load_checkpoint(path: str, iteration: Optional[int] = None,
-                    verify_hashes: bool = True) -> Tuple[Dict[str, torch.Tensor], dict]:
-    """Model tensors (under the local spec's module names, whichever spec saved them) and the
-    saved common state (args, iteration) of a torch_dist checkpoint, verified against its
-    integrity manifest first (``verify_hashes=False``: file sizes only)."""
-    from torch.distributed.checkpoint import FileSystemReader, load
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    ckpt = iteration_dir(path, iteration)
-    verify(ckpt, "read {path} instead", "pass --no-verify", hashes=verify_hashes)
-    reader = FileSystemReader(str(ckpt))
-    metadata = reader.read_metadata()
-    state = {k: torch.empty(m.size, dtype=m.properties.dtype)
-             for k, m in metadata.state_dict_metadata.items()
-             if isinstance(m, TensorStorageMetadata) and k.startswith(MODEL_PREFIXES)}
-    if COMMON_STATE not in metadata.state_dict_metadata:
-        raise CheckpointError(f"{ckpt}: no Megatron common state (args) in the checkpoint")
-    state[COMMON_STATE] = None
-    with warnings.catch_warnings():  # one process without torch.distributed is the point here
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        load(state, storage_reader=reader, no_dist=True)
-    common = state.pop(COMMON_STATE)[0]
-    return module_names(state), common
-
-
-def mesh_config_from_args(args) -> MeshConfig:
-    """The MeshConfig a megatron-mesh run saved (its --mesh-model JSON + precision-free fields)."""
-    model = getattr(args, "mesh_model", None)
-    if not model:
-        raise CheckpointError("the checkpoint was not written by tools/pretrain_mesh.py (no mesh_model arg)")
-    return MeshConfig(**json.loads(model), perform_initialization=False, use_cpu_initialization=True)
-
-
-def parameter_shapes(config: MeshConfig) -> Dict[str, torch.Size]:
-    """Name -> shape of every tensor the model ``config`` builds (on the meta device, no memory)."""
-    from megatron_mesh.layers import local_block_spec
-    from megatron_mesh.model import MeshGPTModel
-    from megatron_mesh.parallel.process_groups import initialize_single_process
-
-    initialize_single_process()
-    with torch.device("meta"):
-        model = MeshGPTModel(config, spec=local_block_spec())
-    return {k: v.shape for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
-
-
-def check_shapes(state: Dict[str, torch.Tensor], config: MeshConfig) -> None:
-    """The checkpoint's tensors are exactly those of the model its config builds."""
-    expected = parameter_shapes(config)
-    missing = sorted(set(expected) - set(state))
-    extra = sorted(set(state) - set(expected))
-    if missing or extra:
-        raise CheckpointError(f"checkpoint and config disagree: missing {missing[:5]}, unexpected {extra[:5]}")
-    for name, shape in expected.items():
-        if tuple(state[name].shape) != tuple(shape):
-            raise CheckpointError(f"{name}: checkpoint shape {tuple(state[name].shape)}, config expects {tuple(shape)}")
-
-
-def check_finite(state: Dict[str, torch.Tensor], checkpoint: str) -> None:
-    """CheckpointError naming the tensors holding NaN/Inf: an export of them is no model."""
-    bad = {name: int((~torch.isfinite(t)).sum()) for name, t in state.items()
-           if t.is_floating_point() and not bool(torch.isfinite(t).all())}
-    if bad:
-        listed = ", ".join(f"{name} ({count:,} values)" for name, count in sorted(bad.items())[:5])
-        raise CheckpointError(
-            f"{checkpoint}: {len(bad)} weight tensors hold NaN/Inf: {listed}"
-            f"{', ...' if len(bad) > 5 else ''}. Export an earlier iteration (--iteration N), or "
-            f"pass --allow-non-finite to write these values anyway")
+__all__ = ["CheckpointError", "OutputExistsError", "export"]
 
 
 def build_hf_model(state: Dict[str, torch.Tensor], config: MeshConfig):
@@ -145,7 +68,7 @@ def export(checkpoint: str, output: str, dtype: str = "fp32", tokenizer: Optiona
     state, common = load_checkpoint(checkpoint, iteration, verify_hashes)
     if not allow_non_finite:
         check_finite(state, checkpoint)
-    config = mesh_config_from_args(common["args"])
+    config = saved_model_config(common["args"])
     check_shapes(state, config)
     model = build_hf_model(state, config)
     if dtype == "bf16":

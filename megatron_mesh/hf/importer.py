@@ -29,10 +29,10 @@ import torch
 from torch import Tensor
 
 from megatron_mesh import checkpoint_manifest
+from megatron_mesh.checkpoint_reader import check_shapes, parameter_shapes
 from megatron_mesh.checkpoints import CheckpointError
 from megatron_mesh.config import MeshConfig
 from megatron_mesh.fs import atomic_directory, check_writable
-from megatron_mesh.hf.export import parameter_shapes
 from megatron_mesh.hf.mapping import gpt_neox_to_megatron, hf_mesh_to_megatron
 from megatron_mesh.layout import Layout, parse_layout
 
@@ -191,18 +191,11 @@ def build_model(section: dict, state: Dict[str, Tensor], fresh_prefixes: Tuple[s
     from megatron_mesh.model import MeshGPTModel
     from megatron_mesh.parallel.process_groups import initialize_single_process
 
+    config = MeshConfig(**section, use_cpu_initialization=True)
+    check_shapes(state, config, "weights", fresh_prefixes)  # on the meta device, before seeding
     initialize_single_process(seed)
     torch.manual_seed(seed)
-    model = MeshGPTModel(MeshConfig(**section, use_cpu_initialization=True), spec=local_block_spec())
-    expected = {k: v.shape for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
-    missing = [k for k in expected if k not in state and not k.startswith(fresh_prefixes)]
-    extra = [k for k in state if k not in expected]
-    if missing or extra:
-        raise CheckpointError(f"weights and config disagree: missing {missing[:5]}, unexpected {extra[:5]}")
-    for name, tensor in state.items():
-        if tuple(tensor.shape) != tuple(expected[name]):
-            raise CheckpointError(f"{name}: weights have shape {tuple(tensor.shape)}, config.json "
-                               f"implies {tuple(expected[name])}")
+    model = MeshGPTModel(config, spec=local_block_spec())
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
     return model
 

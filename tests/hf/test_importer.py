@@ -24,7 +24,8 @@ def weights(hf):
 
 
 def test_pythia_to_megatron_and_back_is_bit_identical(tmp_path, megatron_world):
-    from megatron_mesh.hf.export import build_hf_model, check_shapes, load_checkpoint, mesh_config_from_args
+    from megatron_mesh.checkpoint_reader import check_shapes, load_checkpoint, saved_model_config
+    from megatron_mesh.hf.export import build_hf_model
     from megatron_mesh.hf.importer import hf_to_megatron
     from megatron_mesh.model import MeshGPTModel
 
@@ -34,7 +35,7 @@ def test_pythia_to_megatron_and_back_is_bit_identical(tmp_path, megatron_world):
     assert "state_scheme: vanilla" in (out / "model.yml").read_text()
 
     state, common = load_checkpoint(str(out))
-    config = mesh_config_from_args(common["args"])
+    config = saved_model_config(common["args"])
     assert (str(config.parsed_layout), config.scale_embeddings) == ("2", False)
     check_shapes(state, config)
     back = weights(build_hf_model(state, config))
@@ -49,7 +50,8 @@ def test_pythia_to_megatron_and_back_is_bit_identical(tmp_path, megatron_world):
 
 
 def test_mesh_export_converts_back_to_the_same_tensors(tmp_path, megatron_world):
-    from megatron_mesh.hf.export import build_hf_model, load_checkpoint
+    from megatron_mesh.checkpoint_reader import load_checkpoint
+    from megatron_mesh.hf.export import build_hf_model
     from megatron_mesh.hf.importer import hf_to_megatron
     from megatron_mesh.model import MeshGPTModel
 
@@ -102,7 +104,7 @@ def test_untied_layout_takes_every_layer(megatron_world):
 def test_recursive_init_keeps_the_function_of_the_shared_layers(tmp_path, megatron_world):
     """A 'base' model seeded with lower-rule layers equals the vanilla model whose middle layers
     repeat: the conversion maps weights, the recursion applies them."""
-    from megatron_mesh.hf.export import load_checkpoint, mesh_config_from_args
+    from megatron_mesh.checkpoint_reader import load_checkpoint, saved_model_config
     from megatron_mesh.hf.importer import hf_to_megatron
     from megatron_mesh.model import MeshGPTModel
 
@@ -113,7 +115,7 @@ def test_recursive_init_keeps_the_function_of_the_shared_layers(tmp_path, megatr
     out = hf_to_megatron(source, tmp_path / "ckpt", layout="1+2R2+1", state_scheme="base",
                          core_init="lower", scale_embeddings=True)
     state, common = load_checkpoint(str(out))
-    config = mesh_config_from_args(common["args"])
+    config = saved_model_config(common["args"])
     assert config.scale_embeddings and config.state_scheme == "base"
     ours = MeshGPTModel(config).eval()
     ours.load_state_dict(state, strict=False)
@@ -143,7 +145,7 @@ def test_errors(tmp_path, megatron_world):
 
     config = json.loads((source / "config.json").read_text())
     (source / "config.json").write_text(json.dumps({**config, "hidden_size": 32}))
-    with pytest.raises(CheckpointError, match="weights have shape .*config.json implies"):
+    with pytest.raises(CheckpointError, match="weights shape .*the config implies"):
         hf_to_megatron(source, tmp_path / "out")
     (source / "config.json").write_text(json.dumps({**config, "use_parallel_residual": False}))
     with pytest.raises(CheckpointError, match="use_parallel_residual=False"):

@@ -202,7 +202,7 @@ def test_bf16_resume_is_exact(request, tmp_path, start):
     checkpoint (bf16 weights; the optimizer's fp32 main parameters, Adam moments and step)
     logs the uninterrupted run's step 3 bit for bit and saves the same weights. (Without apex
     or TE this resume needs megatron_mesh.compat.megatron_fixes.)"""
-    from megatron_mesh.hf.export import load_checkpoint
+    from megatron_mesh.checkpoint_reader import load_checkpoint
 
     bf16_reference = mesh_reference(request, start, "bf16_reference")
     saved = tmp_path / "resumed"
@@ -249,7 +249,7 @@ def test_checkpoint_resumes_unparallelized_and_exports(request, tmp_path, start,
     is the single-process run's step three, and the parallel checkpoint exports the reference's
     weights up to bf16 noise. The PP x VP split holds core weights on both ranks (replicas,
     saved once) and twice on rank 0 (one tied parameter)."""
-    from megatron_mesh.hf.export import load_checkpoint
+    from megatron_mesh.checkpoint_reader import load_checkpoint
 
     reference = mesh_reference(request, start, "bf16_reference")
     parallel = request.getfixturevalue("bf16_runs")(name)

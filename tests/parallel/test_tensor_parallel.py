@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow  # real subprocesses (torchrun, the tools): make t
 
 def reference_grads(section, checkpoint):
     from megatron_mesh.config import MeshConfig
-    from megatron_mesh.hf.export import load_checkpoint
+    from megatron_mesh.checkpoint_reader import load_checkpoint
     from megatron_mesh.model import MeshGPTModel
 
     config = MeshConfig(**section, use_cpu_initialization=True)

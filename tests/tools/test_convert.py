@@ -38,7 +38,8 @@ def test_export_loads_offline_and_matches_megatron(checkpoint, tmp_path, monkeyp
     (at most twice that distance; a wiring error would be O(1))."""
     from transformers import AutoModelForCausalLM
 
-    from megatron_mesh.hf.export import export, load_checkpoint, mesh_config_from_args
+    from megatron_mesh.checkpoint_reader import load_checkpoint, saved_model_config
+    from megatron_mesh.hf.export import export
     from megatron_mesh.hf.mapping import megatron_to_hf_mesh
     from megatron_mesh.model import MeshGPTModel
 
@@ -55,7 +56,7 @@ def test_export_loads_offline_and_matches_megatron(checkpoint, tmp_path, monkeyp
     for name, tensor in megatron_to_hf_mesh(state).items():
         assert hf16.state_dict()[name].dtype == torch.bfloat16
         assert torch.equal(hf16.state_dict()[name], tensor), name
-    config = mesh_config_from_args(common["args"])
+    config = saved_model_config(common["args"])
     ours = MeshGPTModel(config).eval()
     ours.load_state_dict(state, strict=False)
     tokens, positions = random_batch(config, seq=64)
@@ -144,7 +145,7 @@ def test_trainer_starts_from_a_converted_pythia_model(tmp_path, megatron_world):
     converted ones, rounded once to bf16) and refuses a config whose model differs."""
     from transformers import GPTNeoXForCausalLM
 
-    from megatron_mesh.hf.export import load_checkpoint
+    from megatron_mesh.checkpoint_reader import load_checkpoint
     from reference import hf_config
 
     torch.manual_seed(0)
