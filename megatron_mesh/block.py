@@ -121,7 +121,7 @@ class RecursiveMeshTransformerBlock(MegatronModule):
             with _param_device(config):
                 self.scheme = build_scheme(config.state_scheme, config.hidden_size,
                                            layout.num_loops, config.buffer_slots or 0,
-                                           config.init_method, config.cycle_fused,
+                                           config.init_method, config.cycle_impl,
                                            CycleCompile(fallback=config.cycle_compile_fallback))
             _mark_sequence_parallel(self.scheme, config.sequence_parallel)
         self.cores = nn.ModuleList(held("core", c) for c in range(len(layout.core_modules)))

@@ -43,9 +43,9 @@ class MeshConfig(TransformerConfig):
     buffer_slots: Optional[int] = None
     """MeSH buffer length B; default K + 3 (paper App. E.1). Only for state_scheme='mesh'."""
 
-    cycle_fused: str = "auto"
+    cycle_impl: str = "auto"
     """MeSH cycle implementation: 'auto' (the fused, compiled cycle of fused_mesh.py on CUDA,
-    the eager one on CPU), 'on' (fused everywhere) or 'off' (eager everywhere). Same math."""
+    the eager one on CPU), 'fused' or 'eager' everywhere. Same math."""
 
     cycle_compile_fallback: bool = False
     """Where the fused MeSH cycle is compiled (CUDA) and torch.compile fails: stop with
@@ -122,8 +122,8 @@ class MeshConfig(TransformerConfig):
             raise ValueError("layout is required: expected e.g. '24', '4+8R2+4' or '4+8+8+4'")
         layout = self.parsed_layout
         self.state_scheme = normalize_scheme(self.state_scheme)
-        if self.cycle_fused not in CYCLE_IMPLEMENTATIONS:
-            raise ValueError(f"cycle_fused={self.cycle_fused!r}: expected one of {list(CYCLE_IMPLEMENTATIONS)}")
+        if self.cycle_impl not in CYCLE_IMPLEMENTATIONS:
+            raise ValueError(f"cycle_impl={self.cycle_impl!r}: expected one of {list(CYCLE_IMPLEMENTATIONS)}")
         if layout.recursive == (self.state_scheme == "vanilla"):
             allowed = "'vanilla'" if not layout.recursive else "any scheme but 'vanilla'"
             raise ValueError(

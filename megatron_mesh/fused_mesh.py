@@ -1,7 +1,7 @@
 """One MeSH loop step (buffer write, then read) in as few passes over memory as possible.
 
 The readable reference is ``buffer_write`` followed by ``buffer_read`` in ``mesh.py`` (still what
-runs on CPU by default, see ``MeshConfig.cycle_fused``); ``mesh_cycle`` computes the same with a
+runs on CPU by default, see ``MeshConfig.cycle_impl``); ``mesh_cycle`` computes the same with a
 hand-written backward. Shapes (Algorithm 2, one write/read cycle):
 
     M  buffer   [B, s, b, h]        x  h, the written state   [s, b, h]

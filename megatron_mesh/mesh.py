@@ -44,9 +44,9 @@ init; all ones starts both at the fixed '+anchor+anchor*' sum, the best heuristi
 
 InitMethod = Callable[[Tensor], None]
 
-CYCLE_IMPLEMENTATIONS = ("auto", "on", "off")
-"""How MeshScheme runs a cycle (MeshConfig.cycle_fused): "auto" (fused_mesh.mesh_cycle on CUDA,
-the eager buffer_write / buffer_read on CPU), "on" (fused everywhere) or "off" (eager everywhere)."""
+CYCLE_IMPLEMENTATIONS = ("auto", "fused", "eager")
+"""How MeshScheme runs a cycle (MeshConfig.cycle_impl): "auto" (fused_mesh.mesh_cycle on CUDA,
+the eager buffer_write / buffer_read on CPU), "fused" or "eager" everywhere."""
 
 
 @dataclass
@@ -155,17 +155,17 @@ class MeshScheme(StateScheme):
 
     ``routers[0]`` is the transitional pair (t = -1) applied to the prelude output;
     ``routers[t + 1]`` serves loop step t and reads h(t), the core's input.
-    ``fused`` picks the cycle's implementation (CYCLE_IMPLEMENTATIONS); ``compile_options`` how
+    ``impl`` picks the cycle's implementation (CYCLE_IMPLEMENTATIONS); ``compile_options`` how
     the fused one compiles, and whether a compile failure stops the run or falls back to running
     uncompiled with a warning (same math, several more passes over the buffer per step: a
     throughput loss a large job should not take silently).
     """
 
     def __init__(self, hidden_size: int, num_loops: int, num_slots: int, init_method: InitMethod,
-                 fused: str = "auto", compile_options: CycleCompile = CycleCompile()):
+                 impl: str = "auto", compile_options: CycleCompile = CycleCompile()):
         super().__init__()
         self.num_slots = num_slots
-        self.fused = fused
+        self.impl = impl
         self.compile_options = compile_options
         self.routers = nn.ModuleList(
             StepRouters(hidden_size, num_slots, init_method) for _ in range(num_loops + 1)
@@ -173,7 +173,7 @@ class MeshScheme(StateScheme):
 
     def _cycle(self, routers: StepRouters, route_from: Tensor, written: Tensor, buffer: Tensor):
         w_write, w_read = routers.write(route_from), routers.read(route_from)
-        if self.fused == "on" or (self.fused == "auto" and written.is_cuda):
+        if self.impl == "fused" or (self.impl == "auto" and written.is_cuda):
             # same math, fewer memory passes
             return mesh_cycle(buffer, written, w_write, w_read, options=self.compile_options)
         buffer = buffer_write(buffer, written, w_write)
@@ -234,13 +234,13 @@ def loop_state_fields(name: str) -> Tuple[str, ...]:
 
 def build_scheme(
     name: str, hidden_size: int, num_loops: int, num_slots: int, init_method: InitMethod,
-    fused: str = "auto", compile_options: CycleCompile = CycleCompile(),
+    impl: str = "auto", compile_options: CycleCompile = CycleCompile(),
 ) -> Optional[StateScheme]:
     """The scheme module for a canonical scheme name; None for 'vanilla' (no loop)."""
     if name == "vanilla":
         return None
     if name == "mesh":
-        return MeshScheme(hidden_size, num_loops, num_slots, init_method, fused, compile_options)
+        return MeshScheme(hidden_size, num_loops, num_slots, init_method, impl, compile_options)
     if name == "static_comb":
         return StaticCombScheme(num_loops)
     if name == "dynamic_comb":

@@ -22,7 +22,7 @@ MODEL_KEYS = (
     "layout",
     "state_scheme",
     "buffer_slots",
-    "cycle_fused",
+    "cycle_impl",
     "cycle_compile_fallback",
     "scale_embeddings",
     "hidden_size",

@@ -73,21 +73,21 @@ def counting(monkeypatch):
 
 
 def test_switch_dispatch_on_cpu(monkeypatch):
-    """auto = eager on CPU, on = fused, off = eager; the scheme's outputs agree either way."""
+    """auto = eager on CPU; the scheme's outputs agree whichever implementation runs."""
     torch.manual_seed(0)
     scheme = MeshScheme(8, num_loops=2, num_slots=4, init_method=torch.nn.init.normal_).double()
     h_emb, h_pre = torch.randn(2, 3, 2, 8, dtype=torch.float64)
     calls = counting(monkeypatch)
     outputs = {}
-    for mode in ("auto", "on", "off"):
-        scheme.fused = mode
+    for mode in ("auto", "fused", "eager"):
+        scheme.impl = mode
         before = len(calls)
         h, state = scheme.begin(h_emb, h_pre)
         for t in range(2):
             h, state = scheme.step(t, h, torch.tanh(h), state)
         outputs[mode] = (h, state.buffer)
-        assert len(calls) - before == (3 if mode == "on" else 0), mode
-    for mode in ("on", "off"):
+        assert len(calls) - before == (3 if mode == "fused" else 0), mode
+    for mode in ("fused", "eager"):
         for a, b in zip(outputs[mode], outputs["auto"]):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
@@ -101,15 +101,15 @@ def test_model_loss_and_gradients_fused_on_off(megatron_world, monkeypatch):
     tokens, positions = random_batch(cfg)
     calls = counting(monkeypatch)
     results = {}
-    for mode in ("on", "off"):
-        model.decoder.scheme.fused = mode
+    for mode in ("fused", "eager"):
+        model.decoder.scheme.impl = mode
         model.zero_grad(set_to_none=True)
         loss = model(tokens, positions, labels=torch.roll(tokens, -1, 1)).mean()
         loss.backward()
         results[mode] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
-    assert len(calls) == 3  # the transitional cycle and two loop steps, fused only when "on"
-    torch.testing.assert_close(results["on"][0], results["off"][0], rtol=1e-6, atol=1e-6)
-    grads_on, grads_off = results["on"][1], results["off"][1]
+    assert len(calls) == 3  # the transitional cycle and two loop steps, fused only when "fused"
+    torch.testing.assert_close(results["fused"][0], results["eager"][0], rtol=1e-6, atol=1e-6)
+    grads_on, grads_off = results["fused"][1], results["eager"][1]
     assert grads_on.keys() == grads_off.keys()
     for name in grads_on:
         torch.testing.assert_close(
@@ -248,7 +248,7 @@ def test_scheme_passes_compile_fallback(compiling, fallback):
     options = compiling(CountingBackend(fail=("forward",)), fallback=fallback)
     torch.manual_seed(0)
     scheme = MeshScheme(5, num_loops=1, num_slots=3, init_method=torch.nn.init.normal_,
-                        fused="on", compile_options=options).double()
+                        impl="fused", compile_options=options).double()
     h_emb, h_pre = torch.randn(2, 4, 2, 5, dtype=torch.float64)
     if not fallback:
         with pytest.raises(fused_mesh.CompileFailure):
@@ -256,7 +256,7 @@ def test_scheme_passes_compile_fallback(compiling, fallback):
         return
     with pytest.warns(UserWarning, match="MeSH cycle forward failed"):
         h, state = scheme.begin(h_emb, h_pre)
-    scheme.fused = "off"
+    scheme.impl = "eager"
     expected = scheme.begin(h_emb, h_pre)
     torch.testing.assert_close(h, expected[0], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(state.buffer, expected[1].buffer, rtol=1e-12, atol=1e-12)
