@@ -7,7 +7,9 @@ std / sqrt(2 * N_compute)), which is exactly the paper's depth-aware initialisat
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import textwrap
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
@@ -186,3 +188,39 @@ class MeshConfig(TransformerConfig):
                 f"(default K+3 = {self.num_loops + 3})"
             )
 
+
+
+def field_docs() -> Dict[str, Tuple[str, str]]:
+    """name -> (default, docstring, shortened) of every MeshConfig field: the attribute
+    docstrings of this class and of megatron-core's TransformerConfig / ModelParallelConfig,
+    read from their sources (docs/configuration.md is generated from them)."""
+    import ast
+    import inspect
+
+    docs: Dict[str, str] = {}
+    for cls in reversed(MeshConfig.__mro__):
+        if cls is object or not dataclasses.is_dataclass(cls):
+            continue
+        body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+        for node, after in zip(body, body[1:]):
+            if (isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr)
+                    and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+                docs[node.target.id] = _shortened(after.value.value)
+    return {f.name: (_default_text(f), docs.get(f.name, "")) for f in dataclasses.fields(MeshConfig)}
+
+
+def _shortened(text: str, limit: int = 240) -> str:
+    """One line; past ``limit`` characters, up to the last sentence end before it."""
+    flat = " ".join(text.split()).replace("|", "/")
+    if len(flat) <= limit:
+        return flat
+    end = flat.rfind(". ", 0, limit)
+    return flat[:end + 1] if end > 0 else flat[:limit] + "..."
+
+
+def _default_text(f) -> str:
+    if f.default is not dataclasses.MISSING:
+        return "unset" if f.default is None else "required" if f.default == "" else f"`{f.default}`"
+    if f.default_factory is not dataclasses.MISSING:
+        return f"`{f.default_factory()}`"
+    return "required"

@@ -17,6 +17,7 @@ from typing import Any, Dict, Iterable, List, Sequence, Tuple
 import yaml
 
 from megatron_mesh.config import MeshConfig
+from megatron_mesh.experiment import SECTIONS, ConfigError, section_keys
 
 MODEL_KEYS = (
     "layout",
@@ -43,71 +44,11 @@ MODEL_KEYS = (
 """The model section: the MeshConfig fields an experiment chooses (parallelism lives elsewhere)."""
 
 SCHEMA: Dict[str, Tuple[str, ...]] = {
-    "model": MODEL_KEYS,
-    "data": (
-        "format",
-        "path",
-        "valid_path",
-        "test_path",
-        "split",
-        "mock",
-        "num_workers",
-        "cache_path",
-        "pythia_boundary",
-        "mask_eod_loss",
-    ),
-    "tokenizer": ("type", "model", "vocab_size"),
-    "training": (
-        "seq_length",
-        "micro_batch_size",
-        "global_batch_size",
-        "train_iters",
-        "train_tokens",
-        "seed",
-        "eval_interval",
-        "eval_iters",
-        "exit_interval",
-    ),
-    "optimizer": ("name", "lr", "betas", "eps", "weight_decay", "clip_grad"),
-    "schedule": ("style", "warmup_fraction", "warmup_iters", "min_lr_ratio", "decay_iters"),
-    "precision": ("dtype",),
-    "parallelism": (
-        "tensor",
-        "pipeline",
-        "virtual_pipeline",
-        "sequence_parallel",
-        "distributed_optimizer",
-        "overlap_grad_reduce",
-        "overlap_param_gather",
-        "recompute_granularity",
-        "recompute_method",
-        "recompute_num_layers",
-        "pipeline_stage_layers",
-        "transformer_impl",
-    ),
-    "checkpointing": ("save", "interval", "load", "pretrained", "format", "save_on_signal", "async_save",
-                      "optimizer_reshardable", "verify"),
-    "logging": (
-        "interval",
-        "tensorboard_dir",
-        "wandb_project",
-        "wandb_entity",
-        "wandb_name",
-        "wandb_dir",
-        "wandb_mode",
-        "throughput",
-        "peak_tflops",
-        "router_metrics",
-    ),
-}
-"""Top-level sections and their keys (one schema for every file); ``extends`` and
-``description`` are also allowed. ``megatron_mesh.training.arguments`` maps them to Megatron."""
+    "model": MODEL_KEYS, **{name: section_keys(name) for name in SECTIONS}}
+"""Top-level sections and their keys (one schema for every file; the sections but ``model``
+are typed in ``megatron_mesh.experiment``); ``extends`` and ``description`` are also allowed."""
 
 META_KEYS = ("extends", "description")
-
-
-class ConfigError(ValueError):
-    """A configuration file or override is invalid; the message names file, key and problem."""
 
 
 class _Loader(yaml.SafeLoader):

@@ -63,9 +63,10 @@ def tracked_iteration(save: Path) -> Optional[int]:
 
 
 def final_iteration(tree: dict) -> int:
+    from megatron_mesh.experiment import parse_experiment
     from megatron_mesh.training.arguments import train_iters
 
-    return train_iters(tree)
+    return train_iters(parse_experiment(tree, {}).training)
 
 
 def read_state(out: Path) -> dict:
