@@ -24,8 +24,10 @@ $(HF5)/.installed: requirements/transformers5.txt $(STAMP)
 	$(PIP) install -q --target $(HF5) -r requirements/transformers5.txt
 	touch $@
 
+# one worker per core (pytest-xdist); a test file's tests stay on one worker, so module fixtures
+# (a trained checkpoint) are built once
 test: setup lint $(HF5)/.installed
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n auto --dist loadfile $(PYTEST_ARGS)
 
 # the inner loop: unit tests only, no torchrun or tool subprocesses (tests marked slow)
 test-fast: setup

@@ -19,7 +19,9 @@ import megatron_mesh  # noqa: E402,F401  (CPU shims before megatron.core)
 if torch.cuda.is_available():
     raise RuntimeError("tests/conftest.py: CUDA was initialized before the suite could hide the GPUs")
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# `make test` runs the suite in parallel (pytest-xdist): the cores are shared between its workers
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // WORKERS)))
 
 
 @pytest.fixture(scope="session")
