@@ -27,7 +27,7 @@ from megatron_mesh.config import MeshConfig, refuse_unsupported
 from megatron_mesh.layers import RecursiveBlockSubmodules, default_block_spec
 from megatron_mesh.fused_mesh import CycleCompile
 from megatron_mesh.mesh import build_scheme
-from megatron_mesh.parallel.pipeline import TIED_COPY, replica_index
+from megatron_mesh.parallel.replicas import TIED_COPY, mark_replica_ids
 from megatron_mesh.unrolled import Op, stage_ops, unrolled_ops
 
 StateList = Optional[List[Tuple[str, Tensor]]]
@@ -287,11 +287,7 @@ class RecursiveMeshTransformerBlock(MegatronModule):
             # the explicit group gives replicated tensors (routers) a per-TP-rank replica id
             part = sharded_state_dict_default(module, path, sharded_offsets, metadata,
                                               tp_group=self.pg_collection.tp)
-            first = next(module.parameters(), None)
-            copy = replica_index(first) if first is not None else 0
-            if copy:  # a later pipeline stage's copy of a replicated weight: not the main replica
-                for item in part.values():
-                    item.replica_id = (copy, *item.replica_id[1:])
+            mark_replica_ids(part, module)
             out.update(part)
 
         for name, child in self.named_children():

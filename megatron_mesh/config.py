@@ -76,7 +76,7 @@ class MeshConfig(TransformerConfig):
 
     pipeline_carry_width: Optional[int] = None
     """Last dimension of the one tensor every pipeline boundary sends (the widest carry of the
-    split; parallel/pipeline.py). Set by the trainer when pipelining (training/providers.py), so
+    split; parallel/carry.py). Set by the trainer when pipelining (training/providers.py), so
     megatron-core's schedules send fixed shapes; None: carries are sent at their own width."""
 
     pipeline_stage_layers: Optional[Tuple[int, ...]] = None

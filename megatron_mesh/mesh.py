@@ -24,7 +24,7 @@ Precision (bf16 training; tests/test_mesh_precision.py):
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -56,6 +56,29 @@ class LoopState:
     h_emb: Tensor  # [s, b, h] scaled token embeddings
     h0: Optional[Tensor] = None  # [s, b, h] first loop state (anchor schemes)
     buffer: Optional[Tensor] = None  # [B, s, b, h] MeSH memory
+
+    # How the state crosses a pipeline boundary (parallel/carry.py): as [s, b, h] slices of the
+    # fields a scheme's steps read (``loop_state_fields``), the buffer one slice per slot.
+
+    def slices(self, fields: Tuple[str, ...]) -> List[Tensor]:
+        """The [s, b, h] slices of ``fields``, in order."""
+        out: List[Tensor] = []
+        for name in fields:
+            value = getattr(self, name)
+            out.extend(value.unbind(0) if name == "buffer" else [value])
+        return out
+
+    @staticmethod
+    def slice_count(fields: Tuple[str, ...], num_slots: Optional[int]) -> int:
+        return len(fields) + ((num_slots or 0) - 1 if "buffer" in fields else 0)
+
+    @classmethod
+    def from_slices(cls, fields: Tuple[str, ...], slices: Sequence[Tensor]) -> "LoopState":
+        """The inverse of ``slices`` (fields not carried stay None)."""
+        values = dict(zip(fields, slices))
+        if "buffer" in fields:  # the last field: every slice from it on is a slot
+            values["buffer"] = torch.stack(slices[fields.index("buffer"):], dim=0)  # [B, s, b, h]
+        return cls(h_emb=values.get("h_emb"), h0=values.get("h0"), buffer=values.get("buffer"))
 
 
 def normalize_scheme(name: str) -> str:

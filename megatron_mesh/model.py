@@ -25,14 +25,15 @@ from megatron.core.transformer.enums import ModelType
 from megatron_mesh.block import RecursiveMeshTransformerBlock, StateList
 from megatron_mesh.config import MeshConfig
 from megatron_mesh.layers import RecursiveBlockSubmodules
-from megatron_mesh.parallel import pipeline
+from megatron_mesh.parallel import carry as boundary
+from megatron_mesh.parallel import stages
 
 
 class MeshGPTModel(LanguageModule):
     """GPT-NeoX-style causal LM around the recursive block.
 
     Under pipeline parallelism it is one stage of the unrolled graph: model chunk ``vp_stage``
-    (virtual pipelining) of this pipeline rank (``megatron_mesh.parallel.pipeline``).
+    (virtual pipelining) of this pipeline rank (``megatron_mesh.parallel.stages``, ``.carry``).
 
     forward(input_ids [b, s], position_ids [b, s]) returns logits [b, s, V] (vocab-parallel
     unless ``parallel_output=False``), or, given labels [b, s], the per-token loss [b, s].
@@ -76,10 +77,10 @@ class MeshGPTModel(LanguageModule):
             raise ValueError(f"pipeline group of {pp.size()} ranks, but the config says "
                              f"pipeline_model_parallel_size={config.pipeline_model_parallel_size}")
         self.vp_stage = vp_stage
-        self.stage = pipeline.stage_of(config, pipeline.stage_index(config, pp.rank(), vp_stage))
+        self.stage = stages.stage_of(config, stages.stage_index(config, pp.rank(), vp_stage))
         self.decoder = RecursiveMeshTransformerBlock(config, spec, self.pg_collection, self.stage)
         # what the carry holds where this stage receives it and where it hands it on
-        self.carry_phases = tuple(pipeline.boundary_phase(config, q) for q in self.stage)
+        self.carry_phases = tuple(stages.boundary_phase(config, q) for q in self.stage)
         if post_process:
             self.output_layer = tensor_parallel.ColumnParallelLinear(
                 config.hidden_size,
@@ -112,11 +113,11 @@ class MeshGPTModel(LanguageModule):
             h_emb = self.embedding(input_ids=input_ids, position_ids=position_ids)  # [s, b, h]
             h_emb, carry = h_emb * self.decoder.embedding_scale(), None
         else:  # a later pipeline stage: [s, b, W] from the previous one
-            h_emb, carry = None, pipeline.unpack(self.input_tensor, self.carry_phases[0], self.config)
+            h_emb, carry = None, boundary.unpack(self.input_tensor, self.carry_phases[0], self.config)
         h = self.decoder(h_emb, attention_mask, rotary_pos_emb, num_loops=num_loops, states=states,
                          carry=carry)
         if not self.post_process:
-            return pipeline.pack(h, self.carry_phases[1], self.config)
+            return boundary.pack(h, self.carry_phases[1], self.config)
         logits, _ = self.output_layer(h)  # [s, b, V/tp]
         if labels is None:
             return logits.transpose(0, 1).contiguous()  # [b, s, V/tp]

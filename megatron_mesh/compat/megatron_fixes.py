@@ -103,7 +103,7 @@ def _load_checkpoints_of_another_spec() -> None:
 def _pipeline_carry_shape() -> None:
     # pipeline_parallel/schedules.py sizes every P2P receive [s, b, config.hidden_size]
     # (get_tensor_shapes :2116, the interleaved schedule :1157); a recursive block's stages hand
-    # over [s, b, W] carries (megatron_mesh.parallel.pipeline). megatron's answer to other
+    # over [s, b, W] carries (megatron_mesh.parallel.carry). megatron's answer to other
     # shapes, variable_seq_lengths, exchanges shapes before every send and receive
     # (p2p_communication.py:186 _communicate_shapes: a blocking handshake, a device sync and a
     # device-to-host copy). The carry's W is fixed per run: receive that width instead.

@@ -24,7 +24,7 @@ from megatron.training.utils import get_blend_and_blend_per_split
 from megatron_mesh.config import MeshConfig
 from megatron_mesh.layers import local_block_spec, te_block_spec
 from megatron_mesh.model import MeshGPTModel
-from megatron_mesh.parallel import pipeline
+from megatron_mesh.parallel import carry, replicas
 from megatron_mesh.training.router_log import RouterLog
 
 # TransformerConfig fields a MeshConfig derives itself from the model section.
@@ -42,7 +42,7 @@ def mesh_config_from_args(args) -> MeshConfig:
     if args.pipeline_model_parallel_size > 1:
         # every boundary sends [s, b, W], W the widest carry of the split, so megatron's
         # schedules need no shape exchange (megatron_fixes: _pipeline_carry_shape)
-        config.pipeline_carry_width = pipeline.carry_width(config)
+        config.pipeline_carry_width = carry.carry_width(config)
     return config
 
 
@@ -73,7 +73,7 @@ class MeshProviders:
             self.rank_chunks.clear()
         self.rank_chunks.append(model)
         if len(self.rank_chunks) == (model.config.virtual_pipeline_model_parallel_size or 1):
-            pipeline.connect_replicas([m.decoder for m in self.rank_chunks], model.config,
+            replicas.connect_replicas([m.decoder for m in self.rank_chunks], model.config,
                                       model.pg_collection.pp)
             self.rank_chunks.clear()
 
@@ -90,7 +90,7 @@ def _finalize_with_stage_replicas(model, *args, **kwargs):
     scheme weights) over the pipeline stages that hold copies of them."""
     from megatron.core.distributed import finalize_model_grads
 
-    pipeline.sum_replica_grads(model)
+    replicas.sum_replica_grads(model)
     return finalize_model_grads(model, *args, **kwargs)
 
 

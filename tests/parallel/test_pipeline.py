@@ -32,7 +32,8 @@ def test_pack_then_unpack_is_the_identity_at_every_boundary(megatron_world, sche
 
     from conftest import random_batch
     from megatron_mesh.model import MeshGPTModel
-    from megatron_mesh.parallel import pipeline
+    from megatron_mesh.parallel import carry as boundary
+    from megatron_mesh.parallel.stages import boundary_phase
 
     config = tiny_config("1+2R2+1", scheme)
     model = MeshGPTModel(config)
@@ -42,12 +43,12 @@ def test_pack_then_unpack_is_the_identity_at_every_boundary(megatron_world, sche
     padded = dataclasses.replace(config, pipeline_carry_width=9 * config.hidden_size)
     for position in range(1, 6):
         carry = carry_at(model, tokens, positions, position)
-        phase = pipeline.boundary_phase(config, position)
-        assert pipeline.carried_fields(phase, scheme)[2:] == (loop_fields if phase == "loop" else ())
+        phase = boundary_phase(config, position)
+        assert boundary.carried_fields(phase, scheme)[2:] == (loop_fields if phase == "loop" else ())
         for cfg, width in ((config, slots[phase]), (padded, 9)):
-            packed = pipeline.pack(carry, phase, cfg)
+            packed = boundary.pack(carry, phase, cfg)
             assert packed.shape[-1] == width * config.hidden_size
-            back = pipeline.unpack(packed, phase, cfg)
+            back = boundary.unpack(packed, phase, cfg)
             assert torch.equal(back["h"], carry["h"])
             if phase == "pre":
                 assert torch.equal(back["h_emb"], carry["h_emb"])
@@ -59,7 +60,7 @@ def test_pack_then_unpack_is_the_identity_at_every_boundary(megatron_world, sche
 
 
 def test_carry_width_is_the_widest_boundary_of_the_split():
-    from megatron_mesh.parallel.pipeline import carry_width
+    from megatron_mesh.parallel.carry import carry_width
 
     def width(stages):
         return carry_width(tiny_config("1+2R2+1", "mesh", pipeline_stage_layers=stages,
@@ -73,7 +74,7 @@ def test_carry_width_is_the_widest_boundary_of_the_split():
 
 
 def test_weight_holders():
-    from megatron_mesh.parallel.pipeline import weight_holders
+    from megatron_mesh.parallel.stages import weight_holders
 
     config = tiny_config("1+2R2+1", "mesh", pipeline_stage_layers=(2, 4),
                          pipeline_model_parallel_size=2, pipeline_dtype=torch.float32)
@@ -86,7 +87,7 @@ def test_weight_holders():
 def test_virtual_stages_interleave_over_ranks():
     """2 ranks x 2 virtual stages: chunk v of rank r runs stage 2v + r, so core layer 0 is held
     twice by rank 0 (stages 0 and 2) and core layer 1 by both ranks."""
-    from megatron_mesh.parallel.pipeline import stage_index, stage_of, weight_holders
+    from megatron_mesh.parallel.stages import stage_index, stage_of, weight_holders
 
     config = tiny_config("1+2R2+1", "mesh", pipeline_stage_layers=(2, 1, 2, 1),
                          pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2,
