@@ -33,6 +33,28 @@ from megatron_mesh.unrolled import Op, stage_ops, unrolled_ops
 StateList = Optional[List[Tuple[str, Tensor]]]
 
 
+class Recorded:
+    """Names of the states ``RecursiveMeshTransformerBlock.forward(states=[...])`` records, in
+    execution order; probes, depth studies and tests look them up by these."""
+
+    EMBEDDINGS = "h_emb"
+    """The (scaled) token embeddings the block starts from."""
+    PRELUDE = "prelude"
+    """The prelude's output (a vanilla layout's last layer output)."""
+    CODA = "coda"
+    """The coda's output, before the final norm."""
+
+    @staticmethod
+    def loop_state(t: int) -> str:
+        """h(t): the core's input at loop step t; h(0) comes out of the transitional step."""
+        return f"h{t}"
+
+    @staticmethod
+    def core_output(t: int) -> str:
+        """f_core(h(t)), before the scheme mixes it into h(t + 1)."""
+        return f"core{t}"
+
+
 def _refuse_unsupported(config: MeshConfig) -> None:
     """Settings megatron-core accepts but this block does not implement yet: fail loudly."""
     refuse_unsupported({"context_parallel_size": (config.context_parallel_size, 1)},
@@ -167,9 +189,13 @@ class RecursiveMeshTransformerBlock(MegatronModule):
         pipeline stage from the ``carry`` of the one before. The last stage returns the final
         normed state [s, b, h], others their carry. ``num_loops`` reads out after fewer (or, for
         tied cores, more) loop steps than the layout trains with. ``states``, if a list,
-        receives (name, tensor) in execution order for probes and tests: 'h_emb', 'prelude'
-        (its output), 'h0', then per loop step t 'core{t}' (f_core(h(t))) and 'h{t+1}', and
-        'coda' (its output, before the final norm).
+        receives (name, tensor) in execution order for probes and tests (names: ``Recorded``).
+
+        The ops run the recurrence h(0), state = scheme.begin(h_emb, prelude(h_emb));
+        h(t+1), state = scheme(t, h(t), core(h(t)), state); coda(h(K)), written out straight in
+        ``hf/modeling_megatron_mesh.py`` and ``tests/reference.py`` (the paper's equations).
+        Consecutive layer applications run together (``_run_layers``: recompute chunks); a
+        pipeline stage runs its slice of the ops from the carry it receives.
         """
         ops = self.ops
         if num_loops is not None:
@@ -183,7 +209,7 @@ class RecursiveMeshTransformerBlock(MegatronModule):
 
         x: Carry = dict(carry) if carry is not None else {"h": hidden_states, "h_emb": hidden_states}
         if carry is None:
-            record("h_emb", hidden_states)
+            record(Recorded.EMBEDDINGS, hidden_states)
         pending: List[Op] = []  # consecutive layer applications not run yet
 
         def flush() -> None:
@@ -198,20 +224,20 @@ class RecursiveMeshTransformerBlock(MegatronModule):
                     continue
                 flush()
                 if op.kind == "begin":
-                    record("prelude", x["h"])
+                    record(Recorded.PRELUDE, x["h"])
                     h, loop_state = self.scheme.begin(x["h_emb"], x["h"])
-                    record("h0", h)
+                    record(Recorded.loop_state(0), h)
                 else:
-                    record(f"core{op.index}", x["h"])  # f_core(h(t)), before the scheme mixes it
+                    record(Recorded.core_output(op.index), x["h"])
                     h, loop_state = self.scheme(op.index, x["h_loop"], x["h"], x["state"])
-                    record(f"h{op.index + 1}", h)
+                    record(Recorded.loop_state(op.index + 1), h)
                 x = {"h": h, "h_loop": h, "state": loop_state}
             flush()
         if not self.is_last_stage:
             return x
         if not self.config.parsed_layout.recursive:
-            record("prelude", x["h"])
-        record("coda", x["h"])
+            record(Recorded.PRELUDE, x["h"])
+        record(Recorded.CODA, x["h"])
         h = self.final_layernorm(x["h"])
         return make_viewless_tensor(h, requires_grad=h.requires_grad, keep_graph=True)
 

@@ -23,6 +23,7 @@ from typing import Dict, Iterable, List, Optional
 import torch
 from torch import Tensor
 
+from megatron_mesh.block import Recorded
 from megatron_mesh.evaluation.loading import LoadedModel
 from megatron_mesh.evaluation.perplexity import check_ids, progress, window_batches
 
@@ -68,7 +69,7 @@ def loop_states(model, inputs: Tensor, max_loops: int) -> List[Tensor]:
     states: List = []
     model(inputs, positions, num_loops=max_loops, states=states)
     named = dict(states)
-    return [named[f"h{t}"] for t in range(max_loops + 1)]
+    return [named[Recorded.loop_state(t)] for t in range(max_loops + 1)]
 
 
 @torch.no_grad()

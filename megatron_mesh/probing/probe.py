@@ -22,6 +22,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from megatron_mesh.block import Recorded
 from megatron_mesh.probing import metrics
 from megatron_mesh.probing.routers import RouterStats, mesh_scheme, state_dict_of
 
@@ -50,17 +51,17 @@ def block_labels(num_loops: int) -> List[str]:
 
 def state_tensors(recorded: Dict[str, Tensor], num_loops: int) -> List[Tensor]:
     """The recorded [s, b, h] tensors in ``state_labels`` order."""
-    loop = [recorded[f"h{t}"] for t in range(num_loops + 1)] if num_loops else []
-    return [recorded["h_emb"], *loop, recorded["coda"]]
+    loop = [recorded[Recorded.loop_state(t)] for t in range(num_loops + 1)] if num_loops else []
+    return [recorded[Recorded.EMBEDDINGS], *loop, recorded[Recorded.CODA]]
 
 
 def block_pairs(recorded: Dict[str, Tensor], num_loops: int) -> List[Tuple[Tensor, Tensor]]:
     """(input, output) [s, b, h] of each block in ``block_labels`` order."""
+    emb, prelude, coda = (recorded[n] for n in (Recorded.EMBEDDINGS, Recorded.PRELUDE, Recorded.CODA))
     if not num_loops:
-        return [(recorded["h_emb"], recorded["coda"])]
-    cores = [(recorded[f"h{t}"], recorded[f"core{t}"]) for t in range(num_loops)]
-    return [(recorded["h_emb"], recorded["prelude"]), *cores,
-            (recorded[f"h{num_loops}"], recorded["coda"])]
+        return [(emb, coda)]
+    cores = [(recorded[Recorded.loop_state(t)], recorded[Recorded.core_output(t)]) for t in range(num_loops)]
+    return [(emb, prelude), *cores, (recorded[Recorded.loop_state(num_loops)], coda)]
 
 
 # ---------------------------------------------------------------------------------------------

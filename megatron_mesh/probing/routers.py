@@ -33,6 +33,8 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Uni
 import torch
 from torch import Tensor
 
+from megatron_mesh.block import Recorded
+
 HISTOGRAM_BINS = 10
 """Bins of the weight histograms over [0, 1] (a softmax weight never leaves that range)."""
 
@@ -55,7 +57,7 @@ def step_label(step: int) -> str:
 
 def source_names(step: int) -> List[str]:
     """The terms of h(step + 1) in Eq. 7 order: 'emb', 'prelude', 'core0' .. f'core{step}'."""
-    return ["emb", "prelude", *(f"core{j}" for j in range(step + 1))]
+    return ["emb", "prelude", *(Recorded.core_output(j) for j in range(step + 1))]
 
 
 def state_dict_of(states: States) -> Dict[str, Tensor]:
@@ -83,8 +85,8 @@ def routing_weights(scheme, states: States) -> List[StepRouting]:
     computes them (module docstring), without an autograd graph. Steps whose input was not
     recorded (a pipeline stage that does not hold them) are left out."""
     recorded = state_dict_of(states)
-    inputs = [(-1, recorded.get("prelude"))]
-    inputs += [(t, recorded.get(f"h{t}")) for t in range(len(scheme.routers) - 1)]
+    inputs = [(-1, recorded.get(Recorded.PRELUDE))]
+    inputs += [(t, recorded.get(Recorded.loop_state(t))) for t in range(len(scheme.routers) - 1)]
     out = []
     for step, h in inputs:
         if h is None:
@@ -112,7 +114,7 @@ def effective_coefficients(routing: Sequence[StepRouting]) -> List[Dict[str, Ten
 def sources(states: States, step: int) -> Dict[str, Tensor]:
     """The recorded tensors [s, b, h] behind the coefficient names of ``step``."""
     recorded = state_dict_of(states)
-    names = {"emb": "h_emb", "prelude": "prelude"}
+    names = {"emb": Recorded.EMBEDDINGS, "prelude": Recorded.PRELUDE}
     return {name: recorded[names.get(name, name)] for name in source_names(step)}
 
 
