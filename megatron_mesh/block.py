@@ -26,7 +26,7 @@ from megatron.core.utils import make_viewless_tensor
 from megatron_mesh.config import MeshConfig, refuse_unsupported
 from megatron_mesh.layers import RecursiveBlockSubmodules, default_block_spec
 from megatron_mesh.fused_mesh import CycleCompile
-from megatron_mesh.mesh import build_scheme
+from megatron_mesh.mesh import LEARNED_SCHEMES, build_scheme
 from megatron_mesh.parallel.replicas import TIED_COPY, mark_replica_ids
 from megatron_mesh.unrolled import Op, stage_ops, unrolled_ops
 
@@ -278,7 +278,7 @@ class RecursiveMeshTransformerBlock(MegatronModule):
     def _check_num_loops(self, num_loops: int) -> int:
         trained = self.config.num_loops
         # per-step parameters (routers, coefficients, untied cores) exist for K steps only
-        per_step = self.config.state_scheme in ("mesh", "static_comb", "dynamic_comb")
+        per_step = self.config.state_scheme in LEARNED_SCHEMES
         limit = trained if per_step or not self.config.parsed_layout.tied else None
         if num_loops < 0 or (limit is not None and num_loops > limit):
             allowed = f"0..{limit}" if limit is not None else ">= 0"

@@ -35,6 +35,9 @@ SUPPLEMENTS = ("residual", "anchor", "anchor_star")
 """What the additive schemes of Eq. 1 add to the core output: h(t), h(0) or h_emb."""
 
 LEARNED_SCHEMES = ("mesh", "static_comb", "dynamic_comb")
+"""The schemes with parameters per loop step (routers, coefficients): they run K steps only
+(hf/modeling_megatron_mesh.py keeps its own copy: the export is self-contained)."""
+
 SCHEME_NAMES = ("vanilla", "base", *SUPPLEMENTS, *LEARNED_SCHEMES)
 """Single scheme names; additive supplements also combine with '+', e.g. 'anchor+anchor_star'."""
 
