@@ -32,10 +32,14 @@ def main(argv=None):
     parser.add_argument("--json-key", default="text")
     parser.add_argument("--strict", action="store_true", help="fail on the first bad record")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--allow-empty", action="store_true",
+                        help="write a 0-document dataset instead of failing when no document is "
+                             "left (shards of a larger input; no reader opens one alone)")
     args = parser.parse_args(argv)
     try:
         report = preprocess(args.input, args.output_prefix, args.tokenizer, args.workers,
-                            args.json_key, args.strict, progress=not args.no_progress)
+                            args.json_key, args.strict, progress=not args.no_progress,
+                            allow_empty=args.allow_empty)
     except (BadRecordError, FileNotFoundError, ValueError) as err:
         sys.exit(f"error: {err}")
     print(report.summary())

@@ -141,8 +141,11 @@ def preprocess(
     json_key: str = "text",
     strict: bool = False,
     progress: bool = True,
+    allow_empty: bool = False,
 ) -> Report:
-    """Tokenize ``inputs`` into ``output_prefix.bin/.idx`` (EOD after every document)."""
+    """Tokenize ``inputs`` into ``output_prefix.bin/.idx`` (EOD after every document). No
+    documents is an error (nothing is written) unless ``allow_empty`` (a shard that may come
+    out empty; tools/merge_datasets.py skips it)."""
     missing = [str(p) for p in inputs if not Path(p).is_file()]
     if missing:
         raise FileNotFoundError(f"{missing[0]}: input file not found")
@@ -173,7 +176,7 @@ def preprocess(
             if bar is not None:
                 bar.update(len(chunk))
                 bar.set_postfix(tokens_per_s=f"{report.tokens / max(time.time() - start, 1e-9):,.0f}")
-        if report.documents == 0:  # a 0-document dataset fails later, far from its cause
+        if report.documents == 0 and not allow_empty:  # it would fail later, far from its cause
             why = f"{len(report.bad)} bad records, e.g. {report.bad[0]}" if report.bad else "empty input"
             raise ValueError(f"{', '.join(map(str, inputs))}: no documents to write ({why})")
 

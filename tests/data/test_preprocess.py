@@ -133,3 +133,16 @@ def test_no_documents_is_an_error_and_writes_nothing(tmp_path):
     assert out.returncode != 0
     assert "empty.jsonl: no documents to write (empty input)" in out.stderr
     assert not list(tmp_path.glob("x*")), "a failed run left a dataset behind"
+
+
+def test_an_empty_shard_is_written_only_when_asked(tmp_path):
+    from megatron_mesh.data.indexed import train_bpe_tokenizer
+    from megatron_mesh.data.integrity import read_header
+    from megatron_mesh.data.preprocess import preprocess
+
+    (tmp_path / "empty.jsonl").write_text("")
+    tok = train_bpe_tokenizer(DOCS * 5, 300, tmp_path / "tok")
+    with pytest.raises(ValueError, match="no documents to write"):
+        preprocess([tmp_path / "empty.jsonl"], tmp_path / "x", tok, progress=False)
+    preprocess([tmp_path / "empty.jsonl"], tmp_path / "x", tok, progress=False, allow_empty=True)
+    assert read_header(str(tmp_path / "x")).sequences == 0  # an index of no documents
