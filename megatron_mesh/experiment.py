@@ -192,19 +192,19 @@ def _parse_section(name: str, cls: type, values: Dict[str, Any], origins: Dict[s
         if f.name not in values:
             continue
         value = values[f.name]
-        if not _type_ok(value, hints[f.name]):
+        if not type_ok(value, hints[f.name]):
             raise ConfigError(f"{where}: {name}.{f.name}={value!r} has type {type(value).__name__}, "
-                                  f"expected {_type_name(hints[f.name])}")
+                                  f"expected {type_name(hints[f.name])}")
         choices = f.metadata["choices"]
         if value is not None and choices and value not in choices:
             raise ConfigError(f"{where}: {name}.{f.name}={value!r}: expected one of {list(choices)}")
     return cls(**values)
 
 
-def _type_ok(value: Any, hint: Any) -> bool:
+def type_ok(value: Any, hint: Any) -> bool:
     origin = typing.get_origin(hint)
     if origin is Union:
-        return any(_type_ok(value, arg) for arg in typing.get_args(hint))
+        return any(type_ok(value, arg) for arg in typing.get_args(hint))
     if hint is type(None):
         return value is None
     if origin in (list, List):
@@ -218,9 +218,9 @@ def _type_ok(value: Any, hint: Any) -> bool:
     return isinstance(value, hint)
 
 
-def _type_name(hint: Any) -> str:
+def type_name(hint: Any) -> str:
     if typing.get_origin(hint) is Union:
-        return " or ".join(_type_name(a) for a in typing.get_args(hint) if a is not type(None))
+        return " or ".join(type_name(a) for a in typing.get_args(hint) if a is not type(None))
     if typing.get_origin(hint) in (list, List):
         return "list"
     return getattr(hint, "__name__", str(hint))
@@ -244,7 +244,7 @@ def configuration_markdown() -> str:
             meaning = f.metadata["doc"] + (f"; one of {', '.join(map(str, f.metadata['choices']))}"
                                            if f.metadata["choices"] else "")
             flag = f"`--{f.metadata['flag']}`" if f.metadata["flag"] else "(derived)"
-            lines.append(f"| `{f.name}` | {_type_name(hints[f.name])} | {_default_text(f)} | {meaning} | {flag} |")
+            lines.append(f"| `{f.name}` | {type_name(hints[f.name])} | {_default_text(f)} | {meaning} | {flag} |")
         lines.append("")
     lines += _model_markdown()
     return "\n".join(lines)

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import difflib
 import re
-from dataclasses import fields
+import typing
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Sequence, Tuple
 
 import yaml
 
 from megatron_mesh.config import MeshConfig
-from megatron_mesh.experiment import SECTIONS, ConfigError, section_keys
+from megatron_mesh.experiment import SECTIONS, ConfigError, section_keys, type_name, type_ok
 
 MODEL_KEYS = (
     "layout",
@@ -178,25 +178,13 @@ def load_config_tree(
     return tree, origins
 
 
-_FIELD_TYPES = {f.name: f.type for f in fields(MeshConfig)}
-
-
 def _check_type(key: str, value: Any, source: str) -> None:
-    declared = str(_FIELD_TYPES[key])
-    expected = next((t for t in (bool, int, float, str) if t.__name__ in declared), None)
-    ok = (
-        value is None and "Optional" in declared
-        or expected is float and isinstance(value, (int, float)) and not isinstance(value, bool)
-        or expected is int and isinstance(value, int) and not isinstance(value, bool)
-        or expected in (bool, str) and isinstance(value, expected)
-    )
-    if expected is str and isinstance(value, int) and not isinstance(value, bool):
-        ok = True  # layout: 24 is a vanilla layout
-    if not ok:
-        raise ConfigError(
-            f"{source}: model.{key}={value!r} has type {type(value).__name__}, "
-            f"expected {expected.__name__ if expected else declared}"
-        )
+    hint = typing.get_type_hints(MeshConfig)[key]
+    if key == "layout" and isinstance(value, int) and not isinstance(value, bool):
+        return  # 24 is a vanilla layout
+    if not type_ok(value, hint):
+        raise ConfigError(f"{source}: model.{key}={value!r} has type {type(value).__name__}, "
+                          f"expected {type_name(hint)}")
 
 
 def model_config(tree: Dict[str, Any], origins: Dict[str, str], **extra: Any) -> MeshConfig:
