@@ -31,7 +31,7 @@ test: setup lint $(HF5)/.installed
 
 # the inner loop: unit tests only, no torchrun or tool subprocesses (tests marked slow)
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n auto -m "not slow" $(PYTEST_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check megatron_mesh tools tests docker
