@@ -93,10 +93,15 @@ def write(ckpt, rank: int, world_size: int) -> Path:
     return path
 
 
+def has_manifest(ckpt: Path) -> bool:
+    """False for a checkpoint saved without manifests (before them, or by another tool)."""
+    return (Path(ckpt) / MANIFEST_DIR).is_dir()
+
+
 def read(ckpt: Path) -> Optional[List[RankManifest]]:
     """Every rank's manifest of ``ckpt``, or None when it has none (saved without manifests)."""
     folder = ckpt / MANIFEST_DIR
-    if not folder.is_dir():
+    if not has_manifest(ckpt):
         return None
     manifests = []
     for path in sorted(folder.glob("rank-*.json")):
@@ -109,11 +114,13 @@ def read(ckpt: Path) -> Optional[List[RankManifest]]:
     return manifests
 
 
-def problems(ckpt, share: Tuple[int, int] = (0, 1)) -> List[str]:
+def problems(ckpt, share: Tuple[int, int] = (0, 1),
+             extents: Optional[Dict[str, int]] = None) -> List[str]:
     """What is wrong with ``ckpt`` against its manifest: ranks whose manifest is missing,
     files torch's metadata lists that no manifest records, and (for this reader's ``share``
     ``(index, count)`` of the files, so that N ranks check a checkpoint once together) files
-    missing or differing in size or hash. Raises ManifestError when there is no manifest."""
+    missing or differing in size or hash. ``extents``: ``storage_extents(ckpt)`` if the caller
+    has read it already. Raises ManifestError when there is no manifest."""
     ckpt = Path(ckpt)
     manifests = read(ckpt)
     if not manifests:
@@ -126,7 +133,7 @@ def problems(ckpt, share: Tuple[int, int] = (0, 1)) -> List[str]:
     if not (ckpt / ".metadata").is_file():
         return found
     try:
-        listed = storage_extents(ckpt).keys()
+        listed = (extents if extents is not None else storage_extents(ckpt)).keys()
     except ManifestError as err:  # every reader meets an unreadable .metadata
         return found + [str(err)]
     return found + [f"{ckpt / name}: listed in the checkpoint's metadata but in no rank's manifest"

@@ -16,6 +16,14 @@ class CheckpointError(ValueError):
     """Not a checkpoint, or one that disagrees with its config."""
 
 
+def tracked_iteration(save_dir) -> Optional[int]:
+    """The iteration the tracker of ``save_dir`` points at (the last completed save), or None
+    (no tracker yet, or a converted 'release' checkpoint)."""
+    tracker = Path(save_dir) / TRACKER
+    text = tracker.read_text().strip() if tracker.is_file() else ""
+    return int(text) if text.isdigit() else None
+
+
 def iteration_dir(path, iteration: Optional[int] = None) -> Path:
     """The directory holding one torch_dist checkpoint: ``path`` itself if it is one, else
     ``iter_XXXXXXX`` (``iteration``, or the tracker's) or ``release`` (converted checkpoints)."""
@@ -51,6 +59,10 @@ def incomplete_files(ckpt: Path) -> List[str]:
         extents = checkpoint_manifest.storage_extents(ckpt)
     except checkpoint_manifest.ManifestError as err:
         return [str(err)]
+    return _short_files(ckpt, extents)
+
+
+def _short_files(ckpt: Path, extents) -> List[str]:
     problems = []
     for name, size in sorted(extents.items()):
         path = ckpt / name
@@ -71,17 +83,18 @@ def checkpoint_problems(ckpt: Path, share: Tuple[int, int] = (0, 1), hashes: boo
     each) and, with ``hashes``, every mismatch against its integrity manifest for this
     reader's ``share`` of the files (megatron_mesh.checkpoint_manifest). A checkpoint saved
     without a manifest gets the size check and a CheckpointWarning (when ``warn``)."""
-    problems = incomplete_files(ckpt)
-    if problems or not hashes:
-        return problems
-    try:
-        if checkpoint_manifest.read(ckpt) is None:
+    try:  # .metadata read once: the size check and the manifest's cross-check
+        extents = checkpoint_manifest.storage_extents(ckpt)
+        problems = _short_files(ckpt, extents)
+        if problems or not hashes:
+            return problems
+        if not checkpoint_manifest.has_manifest(ckpt):
             if warn:
                 warnings.warn(f"{ckpt}: no integrity manifest (saved by megatron-mesh before "
                               f"manifests, or by another tool): file sizes checked, contents "
                               f"not", CheckpointWarning, stacklevel=3)
             return []
-        return checkpoint_manifest.problems(ckpt, share)
+        return checkpoint_manifest.problems(ckpt, share, extents)
     except checkpoint_manifest.ManifestError as err:
         return [str(err)]
 

@@ -190,8 +190,8 @@ class MeshConfig(TransformerConfig):
 
 
 
-def field_docs() -> Dict[str, Tuple[str, str]]:
-    """name -> (default, docstring, shortened) of every MeshConfig field: the attribute
+def field_docs() -> Dict[str, str]:
+    """name -> docstring (shortened) of every MeshConfig field that has one: the attribute
     docstrings of this class and of megatron-core's TransformerConfig / ModelParallelConfig,
     read from their sources (docs/configuration.md is generated from them)."""
     import ast
@@ -206,7 +206,7 @@ def field_docs() -> Dict[str, Tuple[str, str]]:
             if (isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr)
                     and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
                 docs[node.target.id] = _shortened(after.value.value)
-    return {f.name: (_default_text(f), docs.get(f.name, "")) for f in dataclasses.fields(MeshConfig)}
+    return docs
 
 
 def _shortened(text: str, limit: int = 240) -> str:
@@ -217,10 +217,3 @@ def _shortened(text: str, limit: int = 240) -> str:
     end = flat.rfind(". ", 0, limit)
     return flat[:end + 1] if end > 0 else flat[:limit] + "..."
 
-
-def _default_text(f) -> str:
-    if f.default is not dataclasses.MISSING:
-        return "unset" if f.default is None else "required" if f.default == "" else f"`{f.default}`"
-    if f.default_factory is not dataclasses.MISSING:
-        return f"`{f.default_factory()}`"
-    return "required"

@@ -194,7 +194,7 @@ def _parse_section(name: str, cls: type, values: Dict[str, Any], origins: Dict[s
         value = values[f.name]
         if not type_ok(value, hints[f.name]):
             raise ConfigError(f"{where}: {name}.{f.name}={value!r} has type {type(value).__name__}, "
-                                  f"expected {type_name(hints[f.name])}")
+                              f"expected {type_name(hints[f.name])}")
         choices = f.metadata["choices"]
         if value is not None and choices and value not in choices:
             raise ConfigError(f"{where}: {name}.{f.name}={value!r}: expected one of {list(choices)}")
@@ -251,22 +251,23 @@ def configuration_markdown() -> str:
 
 
 def _default_text(f) -> str:
-    if f.metadata["required"]:
+    """A field's default for the docs: 'required' for keys without one (MeshConfig's layout
+    defaults to '')."""
+    if f.metadata.get("required") or f.default == "" or (f.default is MISSING and f.default_factory is MISSING):
         return REQUIRED
     default = f.default_factory() if f.default is MISSING else f.default
     return "unset" if default is None else f"`{default}`"
 
 
 def _model_markdown() -> List[str]:
-    from megatron_mesh.config import field_docs
+    from megatron_mesh.config import MeshConfig, field_docs
     from megatron_mesh.yaml_config import MODEL_KEYS
 
-    docs = field_docs()
+    docs, config_fields = field_docs(), {f.name: f for f in fields(MeshConfig)}
     lines = ["## model", "", "MeshConfig fields (`megatron_mesh/config.py`; the rest of a megatron-core",
              "TransformerConfig comes from the other sections).", "", "| key | default | meaning |", "|---|---|---|"]
     for name in MODEL_KEYS:
-        default, doc = docs[name]
-        lines.append(f"| `{name}` | {default} | {doc} |")
+        lines.append(f"| `{name}` | {_default_text(config_fields[name])} | {docs.get(name, '')} |")
     return lines + [""]
 
 

@@ -10,7 +10,7 @@ compat.megatron_fixes).
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Dict, Tuple
 
 import torch
 from torch import Tensor
@@ -68,5 +68,5 @@ def unpack(packed: Tensor, phase: str, config) -> Dict[str, object]:
     chunks = packed.split(config.hidden_size, dim=-1)[:carry_slices(phase, config)]
     if phase != "loop":
         return dict(zip(carried_fields(phase, config.state_scheme), chunks))
-    state: Optional[LoopState] = LoopState.from_slices(loop_state_fields(config.state_scheme), chunks[2:])
+    state = LoopState.from_slices(loop_state_fields(config.state_scheme), chunks[2:])
     return {"h": chunks[0], "h_loop": chunks[1], "state": state}

@@ -25,7 +25,8 @@ from typing import Dict, List
 import numpy as np
 
 from megatron_mesh.study.plan import Run, Study, StudyError, config_tree, data_prefixes
-from megatron_mesh.study.runner import final_iteration, run_dir, tracked_iteration
+from megatron_mesh.checkpoints import tracked_iteration
+from megatron_mesh.study.runner import final_iteration, run_dir
 
 TRAIN_TAG, VALID_TAG = "lm loss", "lm loss validation"
 

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
-from megatron_mesh.checkpoints import TRACKER
+from megatron_mesh.checkpoints import tracked_iteration
 from megatron_mesh.study.plan import Run, Study, StudyError, config_tree, set_item
 
 REPO = Path(__file__).resolve().parents[2]
@@ -53,13 +53,6 @@ class TimeLimit(Exception):
 
 def run_dir(out: Path, run: Run) -> Path:
     return Path(out) / "runs" / run.name
-
-
-def tracked_iteration(save: Path) -> Optional[int]:
-    """The iteration of the last completed save, or None."""
-    tracker = save / TRACKER
-    text = tracker.read_text().strip() if tracker.is_file() else ""
-    return int(text) if text.isdigit() else None
 
 
 def final_iteration(tree: dict) -> int:

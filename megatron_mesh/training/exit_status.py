@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
-from megatron_mesh.checkpoints import TRACKER
+from megatron_mesh.checkpoints import tracked_iteration
 from megatron_mesh.compat.megatron_fixes import wrap_once
 
 STATUS_FILE = "exit_status.json"
@@ -54,7 +54,8 @@ class ExitStatus:
 
 def write(path: Path, state: str, stop: Optional[str], save: Optional[str]) -> None:
     """Write the status file whole (temporary file, then rename)."""
-    status = ExitStatus(state, stop, REQUEUE.get(stop, False), _tracked_iteration(save), save,
+    iteration = tracked_iteration(save) if save else None
+    status = ExitStatus(state, stop, REQUEUE.get(stop, False), iteration, save,
                         socket.gethostname(), os.getpid(), time.strftime("%Y-%m-%d %H:%M:%S"))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -64,12 +65,6 @@ def write(path: Path, state: str, stop: Optional[str], save: Optional[str]) -> N
 
 def read(path: Path) -> ExitStatus:
     return ExitStatus(**json.loads(Path(path).read_text()))
-
-
-def _tracked_iteration(save: Optional[str]) -> Optional[int]:
-    tracker = Path(save) / TRACKER if save else None
-    text = tracker.read_text().strip() if tracker and tracker.is_file() else ""
-    return int(text) if text.isdigit() else None
 
 
 class StopRecorder:
