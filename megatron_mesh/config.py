@@ -10,8 +10,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import textwrap
-from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Tuple
+from dataclasses import MISSING, dataclass, field
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +22,46 @@ from megatron_mesh.layout import Layout, parse_layout
 from megatron_mesh.mesh import CYCLE_IMPLEMENTATIONS, normalize_scheme
 
 GELU_APPROXIMATIONS = ("none", "tanh")
+
+ROLE = "megatron_mesh"
+"""The dataclass-metadata key under which a MeshConfig field carries its ``Role``."""
+
+
+@dataclass(frozen=True)
+class Role:
+    """What a MeshConfig field is to megatron-mesh, declared once on the field (``metadata``);
+    the experiment's model keys, the resume architecture check and the fields taken from
+    megatron's arguments are all read from it (``fields_where``)."""
+
+    model_key: bool = True
+    """An experiment's ``model:`` section sets it (the rest of the TransformerConfig comes from
+    the other sections, i.e. megatron's arguments)."""
+    architecture: bool = False
+    """It changes the function the weights compute: a resume from a checkpoint whose value
+    differs is refused (training/resume.py)."""
+    derived_from: str = ""
+    """MeshConfig sets it from this other field, so megatron's argument-built value is not
+    copied (training/providers.py)."""
+
+
+MODEL = Role()
+ARCHITECTURE = Role(architecture=True)
+TRAINER = Role(model_key=False)
+"""Set by the trainer from the parallel layout, not by the experiment's model section."""
+
+
+def mesh_field(role: Role, default: Any = MISSING, **kwargs) -> Any:
+    return field(default=default, metadata={ROLE: role}, **kwargs)
+
+
+def inherited(name: str, role: Role, default: Any = MISSING) -> Any:
+    """megatron-core's TransformerConfig field ``name`` re-declared with a role (and, if given,
+    another default); its type position, metadata and docstring stay megatron's."""
+    base = TransformerConfig.__dataclass_fields__[name]
+    if default is MISSING and base.default_factory is not MISSING:
+        return field(default_factory=base.default_factory, metadata={**base.metadata, ROLE: role})
+    return field(default=base.default if default is MISSING else default,
+                 metadata={**base.metadata, ROLE: role})
 
 
 def refuse_unsupported(settings: Dict[str, Tuple[Any, Any]], owner: str) -> None:
@@ -35,60 +75,75 @@ def refuse_unsupported(settings: Dict[str, Tuple[Any, Any]], owner: str) -> None
 class MeshConfig(TransformerConfig):
     """A Prelude-Recurrent-Coda GPT-NeoX model. Defaults follow Pythia (GPT-NeoX) and the paper."""
 
-    layout: str = ""
+    layout: str = mesh_field(ARCHITECTURE, "")
     """'N' (vanilla), 'P+CRK+D' (tied core looped K times) or 'P+C1+...+CK+D' (untied cores)."""
 
-    state_scheme: str = "mesh"
+    state_scheme: str = mesh_field(ARCHITECTURE, "mesh")
     """How state passes between loop steps: vanilla, base, residual, anchor, anchor_star, mesh,
     static_comb, dynamic_comb, or a '+'-sum of residual/anchor/anchor_star."""
 
-    buffer_slots: Optional[int] = None
+    buffer_slots: Optional[int] = mesh_field(ARCHITECTURE, None)
     """MeSH buffer length B; default K + 3 (paper App. E.1). Only for state_scheme='mesh'."""
 
-    cycle_impl: str = "auto"
+    cycle_impl: str = mesh_field(MODEL, "auto")
     """MeSH cycle implementation: 'auto' (the fused, compiled cycle of fused_mesh.py on CUDA,
     the eager one on CPU), 'fused' or 'eager' everywhere. Same math."""
 
-    cycle_compile_fallback: bool = False
+    cycle_compile_fallback: bool = mesh_field(MODEL, False)
     """Where the fused MeSH cycle is compiled (CUDA) and torch.compile fails: stop with
     fused_mesh.CompileFailure (False) or warn and run it uncompiled (True): the same math with
     several more passes over the [B, s, b, h] buffer per loop step, a throughput loss a large job
     should choose rather than meet."""
 
-    scale_embeddings: bool = True
+    scale_embeddings: bool = mesh_field(ARCHITECTURE, True)
     """Multiply the input embeddings by sqrt(hidden_size) before the first layer (App. B)."""
 
-    vocab_size: int = 50304
+    vocab_size: int = mesh_field(ARCHITECTURE, 50304)
     """Padded vocabulary size (GPT-NeoX-20B tokenizer: 50277 ids padded to 50304)."""
 
-    max_sequence_length: int = 4096
+    max_sequence_length: int = mesh_field(MODEL, 4096)
     """Longest sequence the rotary tables are built for."""
 
-    rotary_percent: float = 0.25
+    rotary_percent: float = mesh_field(ARCHITECTURE, 0.25)
     """Fraction of each attention head that gets rotary embeddings (GPT-NeoX: 25%)."""
 
-    rotary_base: int = 10000
+    rotary_base: int = mesh_field(ARCHITECTURE, 10000)
     """Rotary embedding base period."""
 
-    gelu_approximation: str = "tanh"
+    gelu_approximation: str = mesh_field(ARCHITECTURE, "tanh")
     """'tanh' (what GPT-NeoX trained Pythia with, and megatron's fused bias-GELU) or 'none' (erf).
     The Hugging Face export declares the same activation."""
 
-    pipeline_carry_width: Optional[int] = None
+    pipeline_carry_width: Optional[int] = mesh_field(TRAINER, None)
     """Last dimension of the one tensor every pipeline boundary sends (the widest carry of the
     split; parallel/carry.py). Set by the trainer when pipelining (training/providers.py), so
     megatron-core's schedules send fixed shapes; None: carries are sent at their own width."""
 
-    pipeline_stage_layers: Optional[Tuple[int, ...]] = None
+    pipeline_stage_layers: Optional[Tuple[int, ...]] = mesh_field(TRAINER, None)
     """Layer applications of the unrolled graph per pipeline stage (one count per stage, summing
     to N_compute; with virtual pipelining one per virtual stage, in execution order: chunk v of
     rank r is stage v * pipeline_size + r); default an even split. Lets the embedding and
     LM-head stages take fewer."""
 
-    # Pythia / GPT-NeoX values for fields megatron-core defaults differently.
-    hidden_dropout: float = 0.0
-    attention_dropout: float = 0.0
-    layernorm_epsilon: float = 1e-5
+    # megatron-core's fields, with their role here; Pythia / GPT-NeoX values where megatron-core
+    # defaults differently (dropout, epsilon).
+    num_layers: int = inherited("num_layers", Role(derived_from="layout"))
+    hidden_size: int = inherited("hidden_size", ARCHITECTURE)
+    num_attention_heads: int = inherited("num_attention_heads", ARCHITECTURE)
+    ffn_hidden_size: Optional[int] = inherited("ffn_hidden_size", ARCHITECTURE)
+    kv_channels: Optional[int] = inherited("kv_channels", ARCHITECTURE)
+    init_method_std: float = inherited("init_method_std", MODEL)
+    layernorm_epsilon: float = inherited("layernorm_epsilon", ARCHITECTURE, 1e-5)
+    hidden_dropout: float = inherited("hidden_dropout", MODEL, 0.0)
+    attention_dropout: float = inherited("attention_dropout", MODEL, 0.0)
+    activation_func: Callable = inherited(
+        "activation_func", Role(model_key=False, derived_from="gelu_approximation"))
+    init_method: Optional[Callable] = inherited(
+        "init_method", Role(model_key=False, derived_from="init_method_std"))
+    output_layer_init_method: Optional[Callable] = inherited(
+        "output_layer_init_method", Role(model_key=False, derived_from="init_method_std"))
+    embedding_init_method: Optional[Callable] = inherited(
+        "embedding_init_method", Role(model_key=False, derived_from="init_method_std"))
     # megatron-core 0.19.2 defaults this to "full" and then warns that "full" is deprecated
     # (transformer_config.py:2415) for every config; [] is the same whole-layer coverage.
     cuda_graph_modules: list = field(default_factory=list)
@@ -188,6 +243,21 @@ class MeshConfig(TransformerConfig):
                 f"(default K+3 = {self.num_loops + 3})"
             )
 
+
+
+def fields_where(predicate: Callable[[Role], bool]) -> Tuple[str, ...]:
+    """Names of the MeshConfig fields whose role satisfies ``predicate``, in declaration order
+    (megatron-core's position for the ones it declares)."""
+    return tuple(f.name for f in dataclasses.fields(MeshConfig)
+                 if ROLE in f.metadata and predicate(f.metadata[ROLE]))
+
+
+MODEL_KEYS = fields_where(lambda role: role.model_key)
+"""The experiment's ``model:`` section."""
+ARCHITECTURE_FIELDS = fields_where(lambda role: role.architecture)
+"""What a resumed checkpoint must agree on."""
+DERIVED_FIELDS = fields_where(lambda role: bool(role.derived_from))
+"""TransformerConfig fields MeshConfig sets itself."""
 
 
 def field_docs() -> Dict[str, str]:

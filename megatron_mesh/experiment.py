@@ -260,8 +260,7 @@ def _default_text(f) -> str:
 
 
 def _model_markdown() -> List[str]:
-    from megatron_mesh.config import MeshConfig, field_docs
-    from megatron_mesh.yaml_config import MODEL_KEYS
+    from megatron_mesh.config import MODEL_KEYS, MeshConfig, field_docs
 
     docs, config_fields = field_docs(), {f.name: f for f in fields(MeshConfig)}
     lines = ["## model", "", "MeshConfig fields (`megatron_mesh/config.py`; the rest of a megatron-core",

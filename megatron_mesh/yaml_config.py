@@ -16,37 +16,14 @@ from typing import Any, Dict, Iterable, List, Sequence, Tuple
 
 import yaml
 
-from megatron_mesh.config import MeshConfig
+from megatron_mesh.config import MODEL_KEYS, MeshConfig
 from megatron_mesh.experiment import SECTIONS, ConfigError, section_keys, type_name, type_ok
-
-MODEL_KEYS = (
-    "layout",
-    "state_scheme",
-    "buffer_slots",
-    "cycle_impl",
-    "cycle_compile_fallback",
-    "scale_embeddings",
-    "hidden_size",
-    "num_attention_heads",
-    "ffn_hidden_size",
-    "kv_channels",
-    "num_layers",
-    "vocab_size",
-    "max_sequence_length",
-    "rotary_percent",
-    "rotary_base",
-    "gelu_approximation",
-    "init_method_std",
-    "layernorm_epsilon",
-    "hidden_dropout",
-    "attention_dropout",
-)
-"""The model section: the MeshConfig fields an experiment chooses (parallelism lives elsewhere)."""
 
 SCHEMA: Dict[str, Tuple[str, ...]] = {
     "model": MODEL_KEYS, **{name: section_keys(name) for name in SECTIONS}}
-"""Top-level sections and their keys (one schema for every file; the sections but ``model``
-are typed in ``megatron_mesh.experiment``); ``extends`` and ``description`` are also allowed."""
+"""Top-level sections and their keys (one schema for every file): ``model`` holds the MeshConfig
+fields whose role is a model key (config.Role), the others are typed in
+``megatron_mesh.experiment``; ``extends`` and ``description`` are also allowed."""
 
 META_KEYS = ("extends", "description")
 

@@ -4,6 +4,8 @@ import pytest
 
 from conftest import tiny_config
 
+from megatron_mesh.config import MeshConfig
+
 
 def test_defaults_follow_pythia_and_the_paper():
     cfg = tiny_config("4+8R2+4", "mesh", hidden_size=64, num_attention_heads=4)
@@ -66,3 +68,25 @@ def test_bad_configuration_names_field_value_and_allowed(kwargs, field, detail):
 
 def test_explicit_matching_num_layers_is_accepted():
     assert tiny_config("1+2R2+1", num_layers=6).num_layers == 6
+
+
+def test_field_roles_are_read_from_the_fields():
+    """The model section, the resume check and the args copy are derived from the field roles;
+    re-declared megatron-core fields keep megatron's metadata and default (unless Pythia's)."""
+    from dataclasses import fields
+
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from megatron_mesh.config import ARCHITECTURE_FIELDS, DERIVED_FIELDS, MODEL_KEYS, ROLE
+
+    assert {"layout", "state_scheme", "hidden_size", "num_attention_heads"} <= set(ARCHITECTURE_FIELDS)
+    assert set(ARCHITECTURE_FIELDS) <= set(MODEL_KEYS)
+    assert {"pipeline_carry_width", "activation_func"}.isdisjoint(MODEL_KEYS)
+    assert {"num_layers", "activation_func", "init_method"} <= set(DERIVED_FIELDS)
+    ours = {f.name: f for f in fields(MeshConfig)}
+    for base in fields(TransformerConfig):
+        mine = ours[base.name]
+        assert {k: v for k, v in mine.metadata.items() if k != ROLE} == dict(base.metadata)
+        if base.name not in ("hidden_dropout", "attention_dropout", "layernorm_epsilon",
+                             "cuda_graph_modules"):
+            assert mine.default == base.default, base.name

@@ -21,22 +21,17 @@ from megatron.training import get_args, get_tokenizer
 from megatron.training.arguments import core_transformer_config_from_args
 from megatron.training.utils import get_blend_and_blend_per_split
 
-from megatron_mesh.config import MeshConfig
+from megatron_mesh.config import DERIVED_FIELDS, MeshConfig
 from megatron_mesh.layers import local_block_spec, te_block_spec
 from megatron_mesh.model import MeshGPTModel
 from megatron_mesh.parallel import carry, replicas
 from megatron_mesh.training.router_log import RouterLog
 
-# TransformerConfig fields a MeshConfig derives itself from the model section.
-_DERIVED = {"num_layers", "activation_func", "init_method", "output_layer_init_method",
-            "embedding_init_method"}
-
-
 def mesh_config_from_args(args) -> MeshConfig:
     """Megatron's TransformerConfig fields (parallelism, precision, fusions) + the model section."""
     base = core_transformer_config_from_args(args)
     kwargs = {f.name: getattr(base, f.name) for f in fields(TransformerConfig)
-              if f.init and f.name not in _DERIVED}
+              if f.init and f.name not in DERIVED_FIELDS}
     kwargs.update(json.loads(args.mesh_model))
     config = MeshConfig(**kwargs, pipeline_stage_layers=args.mesh_pipeline_stage_layers)
     if args.pipeline_model_parallel_size > 1:

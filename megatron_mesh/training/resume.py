@@ -13,14 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 from megatron_mesh.checkpoints import TRACKER, iteration_dir, verify
-from megatron_mesh.config import MeshConfig
-
-# MeshConfig fields that define the function the weights compute
-ARCHITECTURE_FIELDS = (
-    "layout", "state_scheme", "buffer_slots", "hidden_size", "num_attention_heads",
-    "ffn_hidden_size", "vocab_size", "rotary_percent", "rotary_base", "layernorm_epsilon",
-    "gelu_approximation", "scale_embeddings",
-)
+from megatron_mesh.config import ARCHITECTURE_FIELDS, MeshConfig
 
 
 def checkpoint_to_load(args) -> Optional[Path]:
