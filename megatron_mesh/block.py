@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import math
-from typing import Dict, List, Optional, Tuple
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -26,7 +28,8 @@ from megatron.core.utils import make_viewless_tensor
 from megatron_mesh.config import MeshConfig, refuse_unsupported
 from megatron_mesh.layers import RecursiveBlockSubmodules, default_block_spec
 from megatron_mesh.fused_mesh import CycleCompile
-from megatron_mesh.mesh import LEARNED_SCHEMES, build_scheme
+from megatron_mesh.mesh import LoopState, SchemeOptions
+from megatron_mesh.schemes import build_scheme, has_per_step_parameters
 from megatron_mesh.parallel.replicas import TIED_COPY, mark_replica_ids
 from megatron_mesh.unrolled import Op, stage_ops, unrolled_ops
 
@@ -70,6 +73,17 @@ def _mark_sequence_parallel(scheme: Optional[nn.Module], sequence_parallel: bool
         setattr(param, "sequence_parallel", sequence_parallel)
 
 
+class _Recorder:
+    """Appends (name, state) to the caller's list, if it passed one (``forward(states=...)``)."""
+
+    def __init__(self, states: StateList):
+        self.states = states
+
+    def __call__(self, name: str, h: Tensor) -> None:
+        if self.states is not None:
+            self.states.append((name, h))
+
+
 def _layer_number(layout, op: Op) -> int:
     """megatron-core's 1-based layer_number, unique per layer that owns weights (not per
     application) and the same whichever pipeline stage builds the layer."""
@@ -95,9 +109,29 @@ def _apply_layers(layers, h: Tensor, attention_mask: Optional[Tensor],
     return h
 
 
-Carry = Dict[str, object]
-"""What flows along the unrolled graph: 'h' (current state), before the loop 'h_emb', in the loop
-'h_loop' (h(t), the core's input) and 'state' (the scheme's LoopState)."""
+@dataclass
+class Carry:
+    """What flows along the unrolled graph from one op to the next, and (packed by
+    parallel/carry.py) from one pipeline stage to the next."""
+
+    h: Tensor
+    """[s, b, h] the running hidden state."""
+    h_emb: Optional[Tensor] = None
+    """[s, b, h] before the loop: the embeddings the scheme's ``begin`` reads."""
+    h_loop: Optional[Tensor] = None
+    """[s, b, h] in the loop: the core's input at this step (what its ``step`` reads as h)."""
+    state: Optional[LoopState] = None
+    """In the loop: the scheme's state."""
+
+
+def scheme_options(config: MeshConfig) -> SchemeOptions:
+    return SchemeOptions(
+        hidden_size=config.hidden_size, num_loops=config.num_loops, init_method=config.init_method,
+        init_method_std=config.init_method_std, num_slots=config.buffer_slots or 0,
+        cycle_impl=config.cycle_impl,
+        compile_options=CycleCompile(fallback=config.cycle_compile_fallback),
+        initial_state=config.initial_state, initial_state_std=config.initial_state_std,
+        layernorm_epsilon=config.layernorm_epsilon)
 
 
 class RecursiveMeshTransformerBlock(MegatronModule):
@@ -141,10 +175,7 @@ class RecursiveMeshTransformerBlock(MegatronModule):
         self.scheme = None
         if any(op.kind != "layer" for op in self.ops):
             with _param_device(config):
-                self.scheme = build_scheme(config.state_scheme, config.hidden_size,
-                                           layout.num_loops, config.buffer_slots or 0,
-                                           config.init_method, config.cycle_impl,
-                                           CycleCompile(fallback=config.cycle_compile_fallback))
+                self.scheme = build_scheme(config.state_scheme, scheme_options(config))
             _mark_sequence_parallel(self.scheme, config.sequence_parallel)
         self.cores = nn.ModuleList(held("core", c) for c in range(len(layout.core_modules)))
         self.coda = held("coda")
@@ -191,55 +222,55 @@ class RecursiveMeshTransformerBlock(MegatronModule):
         tied cores, more) loop steps than the layout trains with. ``states``, if a list,
         receives (name, tensor) in execution order for probes and tests (names: ``Recorded``).
 
-        The ops run the recurrence h(0), state = scheme.begin(h_emb, prelude(h_emb));
-        h(t+1), state = scheme(t, h(t), core(h(t)), state); coda(h(K)), written out straight in
-        ``hf/modeling_megatron_mesh.py`` and ``tests/reference.py`` (the paper's equations).
-        Consecutive layer applications run together (``_run_layers``: recompute chunks); a
-        pipeline stage runs its slice of the ops from the carry it receives.
+        The ops (unrolled.py) run the recurrence
+            h(0), state = scheme.begin(h_emb, prelude(h_emb))
+            u(t) = scheme.inject(t, h(t), state)                    # = h(t) but for injection
+            h(t+1), state = scheme(t, u(t), core(u(t)), state)      # t = 0..K-1
+            out = final_norm(coda(scheme.end(h(K), state)))
+        written out straight in ``hf/modeling_megatron_mesh.py`` and ``tests/reference.py`` (the
+        paper's equations). A pipeline stage runs its slice of the ops from the carry it receives.
         """
         ops = self.ops
         if num_loops is not None:
             if self.stage != (0, self.config.parsed_layout.n_compute):
                 raise ValueError("num_loops can only be changed when one stage holds the whole model")
             ops = unrolled_ops(self.config.parsed_layout, self._check_num_loops(num_loops))
-
-        def record(name: str, h: Tensor) -> None:
-            if states is not None:
-                states.append((name, h))
-
-        x: Carry = dict(carry) if carry is not None else {"h": hidden_states, "h_emb": hidden_states}
+        record = _Recorder(states)
         if carry is None:
+            carry = Carry(h=hidden_states, h_emb=hidden_states)
             record(Recorded.EMBEDDINGS, hidden_states)
-        pending: List[Op] = []  # consecutive layer applications not run yet
-
-        def flush() -> None:
-            if pending:
-                x["h"] = self._run_layers(pending, x["h"], attention_mask, rotary_pos_emb)
-                pending.clear()
-
         with self._rng_context():
-            for op in ops:
-                if op.kind == "layer":
-                    pending.append(op)
-                    continue
-                flush()
-                if op.kind == "begin":
-                    record(Recorded.PRELUDE, x["h"])
-                    h, loop_state = self.scheme.begin(x["h_emb"], x["h"])
-                    record(Recorded.loop_state(0), h)
+            for is_layer, run in itertools.groupby(ops, key=lambda op: op.kind == "layer"):
+                if is_layer:  # consecutive layer applications run together (recompute chunks)
+                    h = self._run_layers(list(run), carry.h, attention_mask, rotary_pos_emb)
+                    carry = Carry(h, carry.h_emb, carry.h_loop, carry.state)
                 else:
-                    record(Recorded.core_output(op.index), x["h"])
-                    h, loop_state = self.scheme(op.index, x["h_loop"], x["h"], x["state"])
-                    record(Recorded.loop_state(op.index + 1), h)
-                x = {"h": h, "h_loop": h, "state": loop_state}
-            flush()
+                    for op in run:
+                        carry = self._scheme_op(op, carry, record)
         if not self.is_last_stage:
-            return x
+            return carry
         if not self.config.parsed_layout.recursive:
-            record(Recorded.PRELUDE, x["h"])
-        record(Recorded.CODA, x["h"])
-        h = self.final_layernorm(x["h"])
+            record(Recorded.PRELUDE, carry.h)
+        record(Recorded.CODA, carry.h)
+        h = self.final_layernorm(carry.h)
         return make_viewless_tensor(h, requires_grad=h.requires_grad, keep_graph=True)
+
+    def _scheme_op(self, op: Op, carry: Carry, record: "_Recorder") -> Carry:
+        """One state-scheme operation of the recurrence (unrolled.Op kinds)."""
+        if op.kind == "begin":
+            record(Recorded.PRELUDE, carry.h)
+            h, state = self.scheme.begin(carry.h_emb, carry.h)  # h(0)
+            record(Recorded.loop_state(0), h)
+            return Carry(h, h_loop=h, state=state)
+        if op.kind == "inject":
+            u = self.scheme.inject(op.index, carry.h, carry.state)  # the core's input
+            return Carry(u, h_loop=u, state=carry.state)
+        if op.kind == "step":
+            record(Recorded.core_output(op.index), carry.h)
+            h, state = self.scheme(op.index, carry.h_loop, carry.h, carry.state)  # h(t+1)
+            record(Recorded.loop_state(op.index + 1), h)
+            return Carry(h, h_loop=h, state=state)
+        return Carry(self.scheme.end(carry.h, carry.state))  # end: what the coda reads
 
     def _rng_context(self):
         """Under sequence parallelism each tensor-parallel rank holds other tokens, so dropout
@@ -278,7 +309,7 @@ class RecursiveMeshTransformerBlock(MegatronModule):
     def _check_num_loops(self, num_loops: int) -> int:
         trained = self.config.num_loops
         # per-step parameters (routers, coefficients, untied cores) exist for K steps only
-        per_step = self.config.state_scheme in LEARNED_SCHEMES
+        per_step = has_per_step_parameters(self.config.state_scheme)
         limit = trained if per_step or not self.config.parsed_layout.tied else None
         if num_loops < 0 or (limit is not None and num_loops > limit):
             allowed = f"0..{limit}" if limit is not None else ">= 0"

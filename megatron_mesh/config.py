@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import textwrap
 from dataclasses import MISSING, dataclass, field
 from typing import Any, Callable, Dict, Optional, Tuple
@@ -18,8 +19,10 @@ import torch.nn.functional as F
 
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_mesh.injection import INITIAL_STATES, InjectionScheme
 from megatron_mesh.layout import Layout, parse_layout
-from megatron_mesh.mesh import CYCLE_IMPLEMENTATIONS, normalize_scheme
+from megatron_mesh.mesh import CYCLE_IMPLEMENTATIONS
+from megatron_mesh.schemes import carried_state, normalize_scheme, scheme_class
 
 GELU_APPROXIMATIONS = ("none", "tanh")
 
@@ -42,6 +45,8 @@ class Role:
     derived_from: str = ""
     """MeshConfig sets it from this other field, so megatron's argument-built value is not
     copied (training/providers.py)."""
+    choices: Tuple[Any, ...] = ()
+    """The values it may take (checked by MeshConfig, listed in docs/configuration.md)."""
 
 
 MODEL = Role()
@@ -50,8 +55,8 @@ TRAINER = Role(model_key=False)
 """Set by the trainer from the parallel layout, not by the experiment's model section."""
 
 
-def mesh_field(role: Role, default: Any = MISSING, **kwargs) -> Any:
-    return field(default=default, metadata={ROLE: role}, **kwargs)
+def mesh_field(role: Role, default: Any = MISSING, choices: Tuple[Any, ...] = ()) -> Any:
+    return field(default=default, metadata={ROLE: dataclasses.replace(role, choices=choices)})
 
 
 def inherited(name: str, role: Role, default: Any = MISSING) -> Any:
@@ -79,13 +84,15 @@ class MeshConfig(TransformerConfig):
     """'N' (vanilla), 'P+CRK+D' (tied core looped K times) or 'P+C1+...+CK+D' (untied cores)."""
 
     state_scheme: str = mesh_field(ARCHITECTURE, "mesh")
-    """How state passes between loop steps: vanilla, base, residual, anchor, anchor_star, mesh,
-    static_comb, dynamic_comb, or a '+'-sum of residual/anchor/anchor_star."""
+    """How state passes between loop steps (schemes.SCHEME_NAMES): vanilla, base, residual,
+    anchor, anchor_star, mesh, static_comb, dynamic_comb, a '+'-sum of residual/anchor/anchor_star;
+    beyond the paper mesh_shared (one router pair for all loop steps) and the input injection of
+    Huginn / Parcae: additive_injection, linear_injection, diagonal_injection."""
 
     buffer_slots: Optional[int] = mesh_field(ARCHITECTURE, None)
-    """MeSH buffer length B; default K + 3 (paper App. E.1). Only for state_scheme='mesh'."""
+    """MeSH buffer length B; default K + 3 (paper App. E.1). Only for mesh and mesh_shared."""
 
-    cycle_impl: str = mesh_field(MODEL, "auto")
+    cycle_impl: str = mesh_field(MODEL, "auto", CYCLE_IMPLEMENTATIONS)
     """MeSH cycle implementation: 'auto' (the fused, compiled cycle of fused_mesh.py on CUDA,
     the eager one on CPU), 'fused' or 'eager' everywhere. Same math."""
 
@@ -94,6 +101,14 @@ class MeshConfig(TransformerConfig):
     fused_mesh.CompileFailure (False) or warn and run it uncompiled (True): the same math with
     several more passes over the [B, s, b, h] buffer per loop step, a throughput loss a large job
     should choose rather than meet."""
+
+    initial_state: str = mesh_field(ARCHITECTURE, "zero", INITIAL_STATES)
+    """Input injection schemes (injection.py): the loop's starting state x(0), 'zero' or
+    'random' (truncated normal, drawn on every forward, as Huginn and Parcae)."""
+
+    initial_state_std: float = mesh_field(ARCHITECTURE, math.sqrt(2 / 5))
+    """Standard deviation of a random x(0), cut at 3 std. Default Huginn's sqrt(2/5) (its
+    sqrt(2/(5h)) times its sqrt(h) embedding scale); Parcae's is sqrt(2/(5h))."""
 
     scale_embeddings: bool = mesh_field(ARCHITECTURE, True)
     """Multiply the input embeddings by sqrt(hidden_size) before the first layer (App. B)."""
@@ -110,7 +125,7 @@ class MeshConfig(TransformerConfig):
     rotary_base: int = mesh_field(ARCHITECTURE, 10000)
     """Rotary embedding base period."""
 
-    gelu_approximation: str = mesh_field(ARCHITECTURE, "tanh")
+    gelu_approximation: str = mesh_field(ARCHITECTURE, "tanh", GELU_APPROXIMATIONS)
     """'tanh' (what GPT-NeoX trained Pythia with, and megatron's fused bias-GELU) or 'none' (erf).
     The Hugging Face export declares the same activation."""
 
@@ -179,8 +194,7 @@ class MeshConfig(TransformerConfig):
             raise ValueError("layout is required: expected e.g. '24', '4+8R2+4' or '4+8+8+4'")
         layout = self.parsed_layout
         self.state_scheme = normalize_scheme(self.state_scheme)
-        if self.cycle_impl not in CYCLE_IMPLEMENTATIONS:
-            raise ValueError(f"cycle_impl={self.cycle_impl!r}: expected one of {list(CYCLE_IMPLEMENTATIONS)}")
+        self._check_choices()
         if layout.recursive == (self.state_scheme == "vanilla"):
             allowed = "'vanilla'" if not layout.recursive else "any scheme but 'vanilla'"
             raise ValueError(
@@ -206,13 +220,18 @@ class MeshConfig(TransformerConfig):
                 f"{self.num_attention_heads}: expected a multiple of the head count, e.g. "
                 f"{self.num_attention_heads * max(1, self.hidden_size // self.num_attention_heads)}"
             )
-        if self.gelu_approximation not in GELU_APPROXIMATIONS:
-            raise ValueError(
-                f"gelu_approximation={self.gelu_approximation!r}: expected one of "
-                f"{list(GELU_APPROXIMATIONS)}"
-            )
+        if self.initial_state != "zero" and not issubclass(
+                scheme_class(self.state_scheme) or type, InjectionScheme):
+            raise ValueError(f"initial_state={self.initial_state!r} is only used by the input "
+                             f"injection schemes, not {self.state_scheme!r}: remove it")
         if not 0.0 < self.rotary_percent <= 1.0:
             raise ValueError(f"rotary_percent={self.rotary_percent}: expected 0 < value <= 1")
+
+    def _check_choices(self) -> None:
+        for f in dataclasses.fields(self):
+            choices = f.metadata[ROLE].choices if ROLE in f.metadata else ()
+            if choices and getattr(self, f.name) not in choices:
+                raise ValueError(f"{f.name}={getattr(self, f.name)!r}: expected one of {list(choices)}")
 
     def _refuse_low_bit_formats(self) -> None:
         # TransformerEngine keeps fp8/fp4 scaling state (amax history, scales) per module and
@@ -228,10 +247,10 @@ class MeshConfig(TransformerConfig):
                     f"remove --{name}-format and train in bf16 (precision.dtype: bf16)")
 
     def _validate_slots(self) -> None:
-        if self.state_scheme != "mesh":
+        if "buffer" not in carried_state(self.state_scheme):
             if self.buffer_slots is not None:
                 raise ValueError(
-                    f"buffer_slots={self.buffer_slots} is only used by state_scheme='mesh', "
+                    f"buffer_slots={self.buffer_slots} is only used by the MeSH schemes, "
                     f"not {self.state_scheme!r}: remove it"
                 )
             return

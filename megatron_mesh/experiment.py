@@ -260,13 +260,15 @@ def _default_text(f) -> str:
 
 
 def _model_markdown() -> List[str]:
-    from megatron_mesh.config import MODEL_KEYS, MeshConfig, field_docs
+    from megatron_mesh.config import MODEL_KEYS, ROLE, MeshConfig, field_docs
 
     docs, config_fields = field_docs(), {f.name: f for f in fields(MeshConfig)}
     lines = ["## model", "", "MeshConfig fields (`megatron_mesh/config.py`; the rest of a megatron-core",
              "TransformerConfig comes from the other sections).", "", "| key | default | meaning |", "|---|---|---|"]
     for name in MODEL_KEYS:
-        lines.append(f"| `{name}` | {_default_text(config_fields[name])} | {docs.get(name, '')} |")
+        choices = config_fields[name].metadata[ROLE].choices
+        meaning = docs.get(name, "") + (f"; one of {', '.join(map(str, choices))}" if choices else "")
+        lines.append(f"| `{name}` | {_default_text(config_fields[name])} | {meaning} |")
     return lines + [""]
 
 

@@ -4,9 +4,12 @@ Pure tensor math, no parallelism (paper Sec. 3.1-3.2, Algorithms 1 and 2 in Appe
 learnable combinations of Appendix E.2). Hidden states are [s, b, h]; routing weights are
 [s, b, B] (softmax over the B slots, per token); the MeSH buffer is [B, s, b, h].
 
-A scheme is driven by the block in two calls:
-    h0, state = scheme.begin(h_emb, h_pre)        # h_pre = prelude output
-    h_next, state = scheme.step(t, h, h_core, state)   # h_core = f_core(h), t = 0..K-1
+A scheme is driven by the block (``StateScheme``; input injection schemes are in injection.py,
+the name -> class table in schemes.py):
+    h0, state = scheme.begin(h_emb, h_pre)              # h_pre = prelude output
+    u = scheme.inject(t, h, state)                      # the core's input at step t (here: h)
+    h_next, state = scheme.step(t, u, f_core(u), state) # t = 0..K-1
+    coda_input = scheme.end(h_K, state)                 # (here: h_K)
 
 Precision (bf16 training; tests/test_mesh_precision.py):
 - Router logits come out of the router's Linear in the activation dtype; the softmax runs in
@@ -24,7 +27,7 @@ Precision (bf16 training; tests/test_mesh_precision.py):
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, ClassVar, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -33,13 +36,6 @@ from megatron_mesh.fused_mesh import CycleCompile, mesh_cycle
 
 SUPPLEMENTS = ("residual", "anchor", "anchor_star")
 """What the additive schemes of Eq. 1 add to the core output: h(t), h(0) or h_emb."""
-
-LEARNED_SCHEMES = ("mesh", "static_comb", "dynamic_comb")
-"""The schemes with parameters per loop step (routers, coefficients): they run K steps only
-(hf/modeling_megatron_mesh.py keeps its own copy: the export is self-contained)."""
-
-SCHEME_NAMES = ("vanilla", "base", *SUPPLEMENTS, *LEARNED_SCHEMES)
-"""Single scheme names; additive supplements also combine with '+', e.g. 'anchor+anchor_star'."""
 
 COMB_INIT = (1.0, 1.0, 1.0)
 """Initial (alpha_core, alpha_h0, alpha_emb) of the E.2 combinations. The paper does not give an
@@ -58,6 +54,7 @@ class LoopState:
 
     h_emb: Tensor  # [s, b, h] scaled token embeddings
     h0: Optional[Tensor] = None  # [s, b, h] first loop state (anchor schemes)
+    injected: Optional[Tensor] = None  # [s, b, h] what injection schemes feed every step (e)
     buffer: Optional[Tensor] = None  # [B, s, b, h] MeSH memory
 
     # How the state crosses a pipeline boundary (parallel/carry.py): as [s, b, h] slices of the
@@ -81,44 +78,90 @@ class LoopState:
         values = dict(zip(fields, slices))
         if "buffer" in fields:  # the last field: every slice from it on is a slot
             values["buffer"] = torch.stack(slices[fields.index("buffer"):], dim=0)  # [B, s, b, h]
-        return cls(h_emb=values.get("h_emb"), h0=values.get("h0"), buffer=values.get("buffer"))
+        return cls(**{name: values.get(name) for name in ("h_emb", "h0", "injected", "buffer")})
 
 
-def normalize_scheme(name: str) -> str:
-    """Canonical scheme name ('anchor*' -> 'anchor_star', combos sorted); ValueError if unknown."""
-    parts = [p.strip().replace("anchor*", "anchor_star") for p in str(name).split("+")]
-    if len(parts) == 1 and parts[0] in SCHEME_NAMES:
-        return parts[0]
-    if len(parts) > 1 and all(p in SUPPLEMENTS for p in parts) and len(set(parts)) == len(parts):
-        return "+".join(sorted(parts, key=SUPPLEMENTS.index))
-    raise ValueError(
-        f"state_scheme={name!r} is not a known scheme: expected one of {list(SCHEME_NAMES)} "
-        f"or a '+'-combination of distinct {list(SUPPLEMENTS)} (e.g. 'anchor+anchor_star')"
-    )
+@dataclass(frozen=True)
+class SchemeOptions:
+    """What building a scheme takes (from MeshConfig: block.py)."""
+
+    hidden_size: int
+    num_loops: int
+    """K, the loop steps the layout trains with."""
+    init_method: InitMethod
+    """Initialiser of projection weights (megatron's normal(0, init_method_std))."""
+    init_method_std: float = 0.02
+    num_slots: int = 0
+    """MeSH buffer length B."""
+    cycle_impl: str = "auto"
+    compile_options: CycleCompile = CycleCompile()
+    initial_state: str = "zero"
+    """Injection schemes: the loop's starting state, 'zero' or 'random' (truncated normal)."""
+    initial_state_std: float = 0.0
+    layernorm_epsilon: float = 1e-5
 
 
 class StateScheme(nn.Module):
     """Base class: the recurrence h(t+1) = rule(h(t), f_core(h(t)), history)."""
 
+    names: ClassVar[Tuple[str, ...]] = ()
+    """The ``state_scheme`` names this class implements."""
+    per_step_parameters: ClassVar[bool] = False
+    """Whether it holds parameters per loop step (routers, coefficients): then it runs the K
+    steps it was built with, never another count."""
+    carried: ClassVar[Tuple[str, ...]] = ()
+    """The LoopState fields its steps read besides h(t) and the core output: what a pipeline
+    boundary inside the loop carries for it (``buffer`` last: it is sent one slice per slot)."""
+
+    @classmethod
+    def build(cls, name: str, options: SchemeOptions) -> "StateScheme":
+        return cls()
+
+    @classmethod
+    def carried_for(cls, name: str) -> Tuple[str, ...]:
+        return cls.carried
+
     def begin(self, h_emb: Tensor, h_pre: Tensor) -> Tuple[Tensor, LoopState]:
         return h_pre, LoopState(h_emb=h_emb, h0=h_pre)
+
+    def inject(self, t: int, h: Tensor, state: LoopState) -> Tensor:
+        """The core's input at loop step t (input injection schemes mix in the prelude output)."""
+        return h
 
     def step(self, t: int, h: Tensor, h_core: Tensor, state: LoopState) -> Tuple[Tensor, LoopState]:
         raise NotImplementedError
 
+    def end(self, h: Tensor, state: LoopState) -> Tensor:
+        """What the coda reads after the last step."""
+        return h
+
     def forward(self, t: int, h: Tensor, h_core: Tensor, state: LoopState) -> Tuple[Tensor, LoopState]:
         """``step`` through ``__call__``, so module hooks see the scheme's own parameters (e.g.
         static_comb's coefficients): megatron's DDP waits for a parameter's all-gather under
-        overlap_param_gather in a forward pre-hook of the module holding it."""
+        overlap_param_gather in a forward pre-hook of the module holding it (parameters used by
+        ``inject`` or ``end`` live in submodules, called through theirs)."""
         return self.step(t, h, h_core, state)
 
 
 class AdditiveScheme(StateScheme):
-    """Eq. 1: h(t+1) = f_core(h(t)) + sum of supplements (none: 'base')."""
+    """Eq. 1: h(t+1) = f_core(h(t)) + sum of supplements (none: 'base'); supplements combine
+    with '+', e.g. 'anchor+anchor_star'."""
+
+    names = ("base", *SUPPLEMENTS)
 
     def __init__(self, supplements: Sequence[str] = ()):
         super().__init__()
         self.supplements = tuple(supplements)
+
+    @classmethod
+    def build(cls, name, options):
+        return cls(() if name == "base" else name.split("+"))
+
+    @classmethod
+    def carried_for(cls, name):
+        parts = name.split("+")
+        return tuple(field for part, field in (("anchor", "h0"), ("anchor_star", "h_emb"))
+                     if part in parts)
 
     def step(self, t, h, h_core, state):
         sources = {"residual": h, "anchor": state.h0, "anchor_star": state.h_emb}
@@ -187,6 +230,10 @@ class MeshScheme(StateScheme):
     throughput loss a large job should not take silently).
     """
 
+    names = ("mesh",)
+    per_step_parameters = True
+    carried = ("buffer",)
+
     def __init__(self, hidden_size: int, num_loops: int, num_slots: int, init_method: InitMethod,
                  impl: str = "auto", compile_options: CycleCompile = CycleCompile()):
         super().__init__()
@@ -196,6 +243,11 @@ class MeshScheme(StateScheme):
         self.routers = nn.ModuleList(
             StepRouters(hidden_size, num_slots, init_method) for _ in range(num_loops + 1)
         )
+
+    @classmethod
+    def build(cls, name, options):
+        return cls(options.hidden_size, options.num_loops, options.num_slots, options.init_method,
+                   options.cycle_impl, options.compile_options)
 
     def _cycle(self, routers: StepRouters, route_from: Tensor, written: Tensor, buffer: Tensor):
         w_write, w_read = routers.write(route_from), routers.read(route_from)
@@ -211,16 +263,44 @@ class MeshScheme(StateScheme):
         return h0, LoopState(h_emb=h_emb, h0=h0, buffer=buffer)
 
     def step(self, t, h, h_core, state):
-        h_next, buffer = self._cycle(self.routers[t + 1], h, h_core, state.buffer)
+        h_next, buffer = self._cycle(self.step_routers(t), h, h_core, state.buffer)
         return h_next, replace(state, buffer=buffer)
+
+    def step_routers(self, t: int) -> StepRouters:
+        """The pair loop step t routes with (``routers[0]`` is the transitional pair)."""
+        return self.routers[t + 1]
+
+
+class SharedRouterMeshScheme(MeshScheme):
+    """MeSH with one router pair shared by every loop step (the transitional pair stays its
+    own): no per-step parameters, so it trains with a sampled loop depth and runs any number of
+    steps. An extension beyond the paper, whose routers are per step (Sec. 3.2)."""
+
+    names = ("mesh_shared",)
+    per_step_parameters = False
+
+    def __init__(self, hidden_size: int, num_loops: int, num_slots: int, init_method: InitMethod,
+                 impl: str = "auto", compile_options: CycleCompile = CycleCompile()):
+        super().__init__(hidden_size, 1, num_slots, init_method, impl, compile_options)
+
+    def step_routers(self, t: int) -> StepRouters:
+        return self.routers[1]
 
 
 class StaticCombScheme(StateScheme):
     """E.2 static combination: h(t+1) = a1 f_core(h) + a2 h(0) + a3 h_emb, scalars per step."""
 
+    names = ("static_comb",)
+    per_step_parameters = True
+    carried = ("h0", "h_emb")
+
     def __init__(self, num_loops: int):
         super().__init__()
         self.coefficients = nn.Parameter(torch.tensor([COMB_INIT] * num_loops))  # [K, 3]
+
+    @classmethod
+    def build(cls, name, options):
+        return cls(options.num_loops)
 
     def step(self, t, h, h_core, state):
         a = self.coefficients[t].to(h_core.dtype)
@@ -233,6 +313,10 @@ class DynamicCombScheme(StateScheme):
     The weights start at zero and the bias at COMB_INIT, so at init it equals the static scheme.
     """
 
+    names = ("dynamic_comb",)
+    per_step_parameters = True
+    carried = ("h0", "h_emb")
+
     def __init__(self, hidden_size: int, num_loops: int):
         super().__init__()
         self.coefficient_proj = nn.ModuleList(nn.Linear(hidden_size, 3) for _ in range(num_loops))
@@ -241,34 +325,10 @@ class DynamicCombScheme(StateScheme):
             with torch.no_grad():
                 proj.bias.copy_(torch.tensor(COMB_INIT))
 
+    @classmethod
+    def build(cls, name, options):
+        return cls(options.hidden_size, options.num_loops)
+
     def step(self, t, h, h_core, state):
         a = self.coefficient_proj[t](h).unsqueeze(-1)  # [s, b, 3, 1]
         return a[..., 0, :] * h_core + a[..., 1, :] * state.h0 + a[..., 2, :] * state.h_emb, state
-
-
-def loop_state_fields(name: str) -> Tuple[str, ...]:
-    """The LoopState fields the steps of scheme ``name`` read, besides h(t) and f_core(h(t)):
-    what a pipeline boundary inside the loop must carry for it (the rest stays behind)."""
-    if name == "mesh":
-        return ("buffer",)
-    if name in ("static_comb", "dynamic_comb"):
-        return ("h0", "h_emb")
-    parts = name.split("+")
-    return tuple(field for part, field in (("anchor", "h0"), ("anchor_star", "h_emb"))
-                 if part in parts)
-
-
-def build_scheme(
-    name: str, hidden_size: int, num_loops: int, num_slots: int, init_method: InitMethod,
-    impl: str = "auto", compile_options: CycleCompile = CycleCompile(),
-) -> Optional[StateScheme]:
-    """The scheme module for a canonical scheme name; None for 'vanilla' (no loop)."""
-    if name == "vanilla":
-        return None
-    if name == "mesh":
-        return MeshScheme(hidden_size, num_loops, num_slots, init_method, impl, compile_options)
-    if name == "static_comb":
-        return StaticCombScheme(num_loops)
-    if name == "dynamic_comb":
-        return DynamicCombScheme(hidden_size, num_loops)
-    return AdditiveScheme(() if name == "base" else name.split("+"))

@@ -20,13 +20,14 @@ class Op:
     """One operation of the unrolled graph."""
 
     kind: str
-    """'layer', 'begin' (scheme start after the prelude) or 'step' (scheme after step t)."""
+    """'layer', or a scheme operation: 'begin' (after the prelude), 'inject' (the core's input
+    at step t), 'step' (after the core at step t) or 'end' (after the loop)."""
     segment: str = ""
     """For layers: 'prelude', 'core' or 'coda'."""
     module: int = 0
     """For core layers: which core module holds the weights (0 when tied)."""
     index: int = 0
-    """For layers: the layer's index in its module. For 'step': the loop step t."""
+    """For layers: the layer's index in its module. For 'inject' and 'step': the loop step t."""
     position: int = -1
     """For layers: the application number in the unrolled graph."""
 
@@ -47,9 +48,11 @@ def unrolled_ops(layout: Layout, num_loops: Optional[int] = None) -> List[Op]:
         ops.append(Op("begin"))
         for t in range(K):
             module = 0 if layout.tied else t
+            ops.append(Op("inject", index=t))
             for j in range(layout.core[module]):
                 layer("core", j, module)
             ops.append(Op("step", index=t))
+        ops.append(Op("end"))
     for i in range(layout.coda):
         layer("coda", i)
     return ops
@@ -79,31 +82,38 @@ def _suggest(n: int, stages: int) -> List[int]:
     return [base + (1 if s >= stages - extra else 0) for s in range(stages)]
 
 
+RUN_WITH_NEXT_LAYER = ("begin", "inject")
+"""Scheme operations a stage runs with the layer application after them (the others, 'step' and
+'end', with the one before: so a loop of 0 steps runs on the stage after the prelude)."""
+
+
 def stage_ops(ops: List[Op], start: int, end: int) -> List[Op]:
-    """The operations a stage holding layer applications [start, end) runs: its layers, 'begin'
-    when it runs the first core application, 'step t' when it runs step t's last layer."""
-    out: List[Op] = []
-    for i, op in enumerate(ops):
+    """The operations a stage holding layer applications [start, end) runs: its layers and the
+    scheme operations that go with them (RUN_WITH_NEXT_LAYER)."""
+    positions = _anchor_positions(ops)
+    return [op for op, position in zip(ops, positions) if start <= position < end]
+
+
+def _anchor_positions(ops: List[Op]) -> List[int]:
+    """The layer application each op runs with: its own, the next one (RUN_WITH_NEXT_LAYER; the
+    last layer if none follows) or the previous one (the first layer if none precedes)."""
+    layers = [op.position for op in ops if op.kind == "layer"]
+    out, done = [], 0
+    for op in ops:
         if op.kind == "layer":
-            if start <= op.position < end:
-                out.append(op)
-        elif op.kind == "begin":
-            following = next(o for o in ops[i:] if o.kind == "layer")
-            if start <= following.position < end:
-                out.append(op)
-        else:  # step: belongs with the layer before it
-            previous = next(o for o in reversed(ops[:i]) if o.kind == "layer")
-            if start <= previous.position < end:
-                out.append(op)
+            out.append(op.position)
+            done += 1
+        elif op.kind in RUN_WITH_NEXT_LAYER:
+            out.append(layers[min(done, len(layers) - 1)])
+        else:
+            out.append(layers[max(done - 1, 0)])
     return out
 
 
 def phase_before(ops: List[Op], start: int) -> str:
     """'pre' (loop not begun), 'loop' or 'post' (loop done) at the boundary before application
-    ``start``: what the previous pipeline stage hands over. 'begin' runs with the application
-    after it, 'step' with the one before it (as in ``stage_ops``)."""
-    done = [op for op in stage_ops(ops, 0, start) if op.kind != "layer"]
+    ``start``: what the previous pipeline stage hands over (ops grouped as in ``stage_ops``)."""
+    done = [op.kind for op in stage_ops(ops, 0, start) if op.kind != "layer"]
     if not done:
         return "pre"
-    last_step = [op for op in ops if op.kind == "step"][-1:]
-    return "post" if last_step and done[-1] == last_step[0] else "loop"
+    return "post" if done[-1] == "end" else "loop"

@@ -93,8 +93,8 @@ def algorithm_1(h_emb, f_pre, f_cores, f_coda, variant):
     return f_coda(h)
 
 
-def algorithm_2(h_emb, f_pre, f_cores, f_coda, weights, num_slots):
-    """Algorithm 2, line by line."""
+def algorithm_2(h_emb, f_pre, f_cores, f_coda, weights, num_slots, shared=False):
+    """Algorithm 2, line by line (``shared``: every loop step routes with pair 1)."""
     M = [h_emb] + [torch.zeros_like(h_emb) for _ in range(num_slots - 1)]  # lines 7-8
     h_m = f_pre(h_emb)  # line 11
     w_write, w_read = router_weights(weights, 0, h_m)  # line 12
@@ -103,7 +103,7 @@ def algorithm_2(h_emb, f_pre, f_cores, f_coda, weights, num_slots):
     h = sum(M[b] * w_read[..., b : b + 1] for b in range(num_slots))  # line 16
     for t, f_core in enumerate(f_cores):  # line 19
         h_m = f_core(h)  # line 20
-        w_write, w_read = router_weights(weights, t + 1, h)  # line 21: routers read h(t)
+        w_write, w_read = router_weights(weights, 1 if shared else t + 1, h)  # line 21: read h(t)
         M = [M[b] + h_m * w_write[..., b : b + 1] for b in range(num_slots)]  # lines 22-25
         h = sum(M[b] * w_read[..., b : b + 1] for b in range(num_slots))  # line 26
     return f_coda(h)  # line 30
@@ -123,20 +123,48 @@ def combination(h_emb, f_pre, f_cores, f_coda, weights, dynamic):
     return f_coda(h)
 
 
-def reference_logits(weights, tokens, layout, scheme, hidden, heads, vocab, num_slots=None):
-    """Logits [b, s, V] of a Prelude-Recurrent-Coda model, computed from the paper."""
+def input_injection(h_emb, f_pre, f_cores, f_coda, weights, kind, x0=None):
+    """Huginn (recpre/raven_modeling_minimal.py) and Parcae (parcae_lm/modules/injection.py):
+    e = f_pre(h_emb); x(t+1) = f_core(inject(x(t), e)) from x(0) = x0 (zeros if None); the coda
+    reads x(K) through Huginn's norm or Parcae's C."""
+    p = "decoder.scheme"
+    e = f_pre(h_emb)
+    x = torch.zeros_like(e) if x0 is None else x0
+    for f_core in f_cores:
+        if kind == "additive_injection":
+            u = x + e
+        elif kind == "linear_injection":  # adapter(cat([x, e])), no bias
+            u = torch.cat([x, e], dim=-1) @ weights[f"{p}.injection.adapter.weight"].T
+        else:  # diagonal: exp(-dt A) x + dt B e, A = exp(A_log), dt = softplus(dt_bias)
+            dt = torch.nn.functional.softplus(weights[f"{p}.injection.dt_bias"])
+            decay = torch.exp(-dt * torch.exp(weights[f"{p}.injection.A_log"]))
+            u = decay * x + dt * (e @ weights[f"{p}.injection.B"].T)
+        x = f_core(u)
+    if kind == "linear_injection":
+        x = torch.nn.functional.layer_norm(x, x.shape[-1:], weights[f"{p}.readout.weight"],
+                                           weights[f"{p}.readout.bias"], eps=1e-5)
+    elif kind == "diagonal_injection":
+        x = x @ weights[f"{p}.readout.weight"].T
+    return f_coda(x)
+
+
+def reference_logits(weights, tokens, layout, scheme, hidden, heads, vocab, num_slots=None, x0=None):
+    """Logits [b, s, V] of a Prelude-Recurrent-Coda model, computed from the paper (and, for the
+    input injection schemes, from Huginn's and Parcae's code; ``x0`` their starting state)."""
     config = hf_config(hidden, heads, vocab)
     f_pre = Stack(config, weights, "decoder.prelude", layout["prelude"])
     cores = [Stack(config, weights, f"decoder.cores.{c}", n) for c, n in enumerate(layout["cores"])]
     f_cores = [cores[0 if layout["tied"] else t] for t in range(layout["loops"])]
     f_coda = Stack(config, weights, "decoder.coda", layout["coda"])
     h_emb = weights["embedding.word_embeddings.weight"][tokens] * math.sqrt(hidden)
-    if scheme == "mesh":
-        h = algorithm_2(h_emb, f_pre, f_cores, f_coda, weights, num_slots)
+    if scheme in ("mesh", "mesh_shared"):
+        h = algorithm_2(h_emb, f_pre, f_cores, f_coda, weights, num_slots, scheme == "mesh_shared")
     elif scheme in ("static_comb", "dynamic_comb"):
         h = combination(h_emb, f_pre, f_cores, f_coda, weights, scheme == "dynamic_comb")
     elif scheme == "vanilla":
         h = f_coda(f_pre(h_emb))
+    elif scheme.endswith("_injection"):
+        h = input_injection(h_emb, f_pre, f_cores, f_coda, weights, scheme, x0)
     else:
         h = algorithm_1(h_emb, f_pre, f_cores, f_coda, scheme)
     h = torch.nn.functional.layer_norm(

@@ -16,6 +16,10 @@ SCHEMES = [
     "mesh",
     "static_comb",
     "dynamic_comb",
+    "additive_injection",
+    "linear_injection",
+    "diagonal_injection",
+    "mesh_shared",
 ]
 
 
@@ -154,3 +158,43 @@ def test_selective_recompute_gives_the_same_gradients(megatron_world):
     assert (plain_calls, calls) == (8, 16)  # every attention application recomputed once
     for name in plain:
         torch.testing.assert_close(again[name], plain[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("scheme", ["additive_injection", "linear_injection", "diagonal_injection"])
+def test_injection_from_a_random_state_matches_reference_in_values_and_gradients(megatron_world, scheme):
+    """Random x(0) (recorded by the block, handed to the reference) and the gradients of every
+    scheme parameter, against the plain-torch loop written from Huginn's and Parcae's code."""
+    from megatron_mesh.block import Recorded
+
+    cfg = tiny_config("1+2R3+1", scheme, initial_state="random", initial_state_std=0.5)
+    model = build(cfg)
+    tokens, positions = random_batch(cfg)
+    states = []
+    ours = model(tokens, positions, states=states)
+    x0 = dict(states)[Recorded.loop_state(0)]  # [s, b, h]
+    assert 0.4 < x0.std().item() < 0.6 and x0.abs().max().item() <= 1.5 + 1e-6  # cut at 3 std
+    ours.sum().backward()
+    weights = {k: v.detach().clone() for k, v in model.state_dict().items()
+               if not k.endswith("_extra_state")}
+    scheme_keys = [k for k in weights if k.startswith("decoder.scheme.")]
+    for k in scheme_keys:
+        weights[k].requires_grad_(True)
+    layout = dict(prelude=1, cores=(2,), coda=1, loops=3, tied=True)
+    theirs = reference_logits(weights, tokens, layout, scheme, cfg.hidden_size,
+                              cfg.num_attention_heads, cfg.vocab_size, x0=x0.detach().transpose(0, 1))
+    assert (ours - theirs).abs().max().item() < 1e-5
+    theirs.sum().backward()
+    params = dict(model.named_parameters())
+    assert scheme == "additive_injection" or scheme_keys
+    for k in scheme_keys:
+        ref, got = weights[k].grad, params[k].grad
+        assert torch.allclose(got, ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item()), k
+
+
+def test_injection_runs_any_loop_count_mesh_does_not(megatron_world):
+    model = build(tiny_config("1+2R2+1", "linear_injection"))
+    tokens, positions = random_batch(model.config)
+    with torch.no_grad():
+        assert model(tokens, positions, num_loops=6).isfinite().all()
+    with pytest.raises(ValueError, match="num_loops=3 is out of range.*expected 0..2"):
+        build(tiny_config("1+2R2+1", "mesh"))(tokens, positions, num_loops=3)

@@ -7,25 +7,29 @@ from megatron_mesh.unrolled import phase_before, stage_bounds, stage_ops, unroll
 
 
 def names(ops):
-    return [f"{op.segment}{op.index}" if op.kind == "layer" else f"{op.kind}{op.index if op.kind == 'step' else ''}"
-            for op in ops]
+    return [f"{op.segment}{op.index}" if op.kind == "layer"
+            else f"{op.kind}{op.index if op.kind in ('inject', 'step') else ''}" for op in ops]
 
 
 def test_ops_follow_algorithm_order():
     ops = unrolled_ops(parse_layout("1+2R2+1"))
-    assert names(ops) == ["prelude0", "begin", "core0", "core1", "step0", "core0", "core1", "step1", "coda0"]
+    assert names(ops) == ["prelude0", "begin", "inject0", "core0", "core1", "step0",
+                          "inject1", "core0", "core1", "step1", "end", "coda0"]
     assert [op.position for op in ops if op.kind == "layer"] == list(range(6))
     untied = unrolled_ops(parse_layout("1+1+2+1"))
     assert [op.module for op in untied if op.segment == "core"] == [0, 1, 1]
     assert names(unrolled_ops(parse_layout("3"))) == ["prelude0", "prelude1", "prelude2"]
-    assert names(unrolled_ops(parse_layout("1+2R2+1"), num_loops=0)) == ["prelude0", "begin", "coda0"]
+    assert names(unrolled_ops(parse_layout("1+2R2+1"), num_loops=0)) == ["prelude0", "begin", "end", "coda0"]
 
 
 def test_stage_ops_keep_scheme_steps_with_their_layers():
     ops = unrolled_ops(parse_layout("1+2R2+1"))
     first, second = (stage_ops(ops, *b) for b in stage_bounds(6, 2, [2, 4]))
-    assert names(first) == ["prelude0", "begin", "core0"]          # begin goes with core0
-    assert names(second) == ["core1", "step0", "core0", "core1", "step1", "coda0"]
+    assert names(first) == ["prelude0", "begin", "inject0", "core0"]  # begin goes with core0
+    assert names(second) == ["core1", "step0", "inject1", "core0", "core1", "step1", "end", "coda0"]
+    # a boundary between two loop steps: the step with the layer before, inject with the one after
+    third, fourth = (stage_ops(ops, *b) for b in stage_bounds(6, 2, [3, 3]))
+    assert names(third)[-2:] == ["core1", "step0"] and names(fourth)[:2] == ["inject1", "core0"]
     assert names(stage_ops(ops, 0, 1)) == ["prelude0"]
 
 

@@ -37,6 +37,8 @@ class MegatronMeshConfig(PretrainedConfig):
         layout="4+8R2+4",
         state_scheme="mesh",
         buffer_slots=None,
+        initial_state="zero",
+        initial_state_std=0.0,
         scale_embeddings=True,
         rotary_pct=0.25,
         rotary_emb_base=10000,
@@ -58,6 +60,8 @@ class MegatronMeshConfig(PretrainedConfig):
         self.layout = str(layout)
         self.state_scheme = state_scheme
         self.buffer_slots = buffer_slots
+        self.initial_state = initial_state  # injection schemes' x(0): "zero" or "random"
+        self.initial_state_std = initial_state_std
         self.scale_embeddings = scale_embeddings
         self.rotary_pct = rotary_pct
         self.rotary_emb_base = rotary_emb_base

@@ -133,6 +133,9 @@ def _from_mesh_config(config: dict) -> dict:
                    state_scheme=config["state_scheme"], scale_embeddings=config["scale_embeddings"])
     if config.get("buffer_slots") is not None:
         section["buffer_slots"] = config["buffer_slots"]
+    if config.get("initial_state", "zero") != "zero":
+        section.update(initial_state=config["initial_state"],
+                       initial_state_std=config["initial_state_std"])
     return section
 
 

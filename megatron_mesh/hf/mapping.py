@@ -138,6 +138,8 @@ def hf_mesh_config_kwargs(config) -> Dict[str, object]:
         layout=str(config.parsed_layout),
         state_scheme=config.state_scheme,
         buffer_slots=config.buffer_slots,
+        initial_state=config.initial_state,
+        initial_state_std=config.initial_state_std,
         scale_embeddings=config.scale_embeddings,
         rotary_pct=config.rotary_percent,
         rotary_emb_base=config.rotary_base,

@@ -3,8 +3,9 @@
 Self-contained: torch + transformers only, copied into every export. The math equals
 ``megatron_mesh`` (paper Algorithms 1 and 2): GPT-NeoX parallel-residual layers with 25% rotary,
 embeddings x sqrt(d), a tied (or untied) core applied K times, and between steps the state
-scheme (base / residual / anchor / anchor_star sums, MeSH buffer with per-step routers, or the
-E.2 combinations). The KV cache keeps one slot per (loop step, layer) application.
+scheme (base / residual / anchor / anchor_star sums, MeSH buffer with per-step routers, the
+E.2 combinations, or the input injection of Huginn / Parcae: megatron_mesh/injection.py). The KV
+cache keeps one slot per (loop step, layer) application.
 """
 
 import math
@@ -21,6 +22,8 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from .configuration_megatron_mesh import MegatronMeshConfig, parse_layout
 
 SUPPLEMENTS = ("residual", "anchor", "anchor_star")
+PER_STEP_PARAMETERS = ("mesh", "static_comb", "dynamic_comb")  # these run K steps only
+INJECTIONS = ("additive_injection", "linear_injection", "diagonal_injection")
 
 
 def rotate_half(x):
@@ -100,19 +103,52 @@ class StepRouters(nn.Module):
         self.write, self.read = Router(hidden, slots), Router(hidden, slots)
 
 
+class LinearInjection(nn.Module):
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.adapter = nn.Linear(2 * hidden, hidden, bias=False)
+
+    def forward(self, x, e):
+        return self.adapter(torch.cat([x, e], dim=-1))
+
+
+class DiagonalInjection(nn.Module):
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.A_log = nn.Parameter(torch.zeros(hidden))
+        self.dt_bias = nn.Parameter(torch.zeros(hidden))
+        self.B = nn.Parameter(torch.eye(hidden))
+
+    def forward(self, x, e):
+        dt = F.softplus(self.dt_bias.float())
+        decay = torch.exp(-dt * torch.exp(self.A_log.float()))
+        return (decay * x.float() + dt * F.linear(e, self.B).float()).to(x.dtype)
+
+
 class Scheme(nn.Module):
     """State passing between loop steps; parameter names match megatron-mesh's."""
 
     def __init__(self, config: MegatronMeshConfig, loops: int):
         super().__init__()
         self.name, h = config.state_scheme, config.hidden_size
-        if self.name == "mesh":
+        if self.name in ("mesh", "mesh_shared"):  # mesh_shared: one pair for every loop step
             self.slots = config.buffer_slots or loops + 3
-            self.routers = nn.ModuleList(StepRouters(h, self.slots) for _ in range(loops + 1))
+            pairs = 2 if self.name == "mesh_shared" else loops + 1
+            self.routers = nn.ModuleList(StepRouters(h, self.slots) for _ in range(pairs))
         elif self.name == "static_comb":
             self.coefficients = nn.Parameter(torch.ones(loops, 3))
         elif self.name == "dynamic_comb":
             self.coefficient_proj = nn.ModuleList(nn.Linear(h, 3) for _ in range(loops))
+        elif self.name in INJECTIONS:
+            self.initial_state, self.initial_state_std = config.initial_state, config.initial_state_std
+            if self.name == "linear_injection":  # Huginn: adapter, then ln_f reads the last state
+                self.injection = LinearInjection(h)
+                self.readout = nn.LayerNorm(h, eps=config.layer_norm_eps)
+            elif self.name == "diagonal_injection":  # Parcae: diagonal recurrence, C reads it out
+                self.injection = DiagonalInjection(h)
+                self.readout = nn.Linear(h, h, bias=False)
+            else:
+                self.readout = nn.Identity()
 
     def _cycle(self, routers, route_from, written, buffer):  # buffer [B, b, s, h]
         # write and read computed in fp32 and rounded once to the buffer's dtype (bf16 exports
@@ -124,17 +160,35 @@ class Scheme(nn.Module):
         return (buffer.to(acc) * r).sum(0).to(buffer.dtype), buffer
 
     def begin(self, h_emb, h_pre):
-        state = {"h_emb": h_emb, "h0": h_pre}
-        if self.name == "mesh":
+        state = {"h_emb": h_emb, "h0": h_pre, "injected": h_pre}
+        if self.name in INJECTIONS:  # x(0): zeros or truncated normal, drawn per forward
+            x = torch.zeros(h_pre.shape, device=h_pre.device)
+            if self.initial_state == "random":
+                std = self.initial_state_std
+                nn.init.trunc_normal_(x, std=std, a=-3 * std, b=3 * std)
+            return x.to(h_pre.dtype), state
+        if self.name in ("mesh", "mesh_shared"):
             buffer = torch.cat([h_emb.unsqueeze(0), h_emb.new_zeros((self.slots - 1, *h_emb.shape))])
             h0, state["buffer"] = self._cycle(self.routers[0], h_pre, h_pre, buffer)
             state["h0"] = h0
             return h0, state
         return h_pre, state
 
+    def inject(self, h, state):
+        """The core's input: x + e, W [x ; e] or exp(-dt A) x + dt B e (injection schemes)."""
+        if self.name == "additive_injection":
+            return h + state["injected"]
+        return self.injection(h, state["injected"]) if self.name in INJECTIONS else h
+
+    def end(self, h):
+        return self.readout(h) if self.name in INJECTIONS else h
+
     def step(self, t, h, h_core, state):
-        if self.name == "mesh":
-            h_next, state["buffer"] = self._cycle(self.routers[t + 1], h, h_core, state["buffer"])
+        if self.name in INJECTIONS:
+            return h_core
+        if self.name in ("mesh", "mesh_shared"):
+            pair = self.routers[1 if self.name == "mesh_shared" else t + 1]
+            h_next, state["buffer"] = self._cycle(pair, h, h_core, state["buffer"])
             return h_next
         if self.name in ("static_comb", "dynamic_comb"):
             a = self.coefficients[t] if self.name == "static_comb" else self.coefficient_proj[t](h)
@@ -202,7 +256,7 @@ class MegatronMeshModel(MegatronMeshPreTrainedModel):
         mask = self._mask(attention_mask, b, s, past, input_ids.device)
         ctx = (cos, sin, mask, past_key_values if use_cache else None)
         loops = self.loops if num_loops is None else num_loops
-        if self.scheme is not None and self.scheme.name in ("mesh", "static_comb", "dynamic_comb") or not self.tied:
+        if self.scheme is not None and self.scheme.name in PER_STEP_PARAMETERS or not self.tied:
             if not 0 <= loops <= self.loops:
                 raise ValueError(f"num_loops={loops}: expected 0..{self.loops} for this layout and scheme")
         scale = math.sqrt(self.config.hidden_size) if self.config.scale_embeddings else 1.0
@@ -215,8 +269,10 @@ class MegatronMeshModel(MegatronMeshPreTrainedModel):
             states.append(h)
             for t in range(loops):
                 core = self.cores[0 if self.tied else t]
-                h = self.scheme.step(t, h, self._run(core, h, ctx, slot), loop_state)
+                u = self.scheme.inject(h, loop_state)
+                h = self.scheme.step(t, u, self._run(core, u, ctx, slot), loop_state)
                 states.append(h)
+            h = self.scheme.end(h)
         h = self._run(self.coda, h, ctx, slot)
         states.append(h)
         return self.final_layer_norm(h), (tuple(states) if output_hidden_states else None)

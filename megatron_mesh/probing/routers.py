@@ -26,6 +26,8 @@ Weights are [s, b, B] (softmax over the B slots, per token), hidden states [s, b
 
 from __future__ import annotations
 
+import itertools
+
 import math
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
@@ -86,14 +88,22 @@ def routing_weights(scheme, states: States) -> List[StepRouting]:
     recorded (a pipeline stage that does not hold them) are left out."""
     recorded = state_dict_of(states)
     inputs = [(-1, recorded.get(Recorded.PRELUDE))]
-    inputs += [(t, recorded.get(Recorded.loop_state(t))) for t in range(len(scheme.routers) - 1)]
+    inputs += [(t, recorded.get(Recorded.loop_state(t))) for t in range(_steps_run(scheme, recorded))]
     out = []
     for step, h in inputs:
         if h is None:
             break
-        routers = scheme.routers[step + 1]
+        routers = scheme.step_routers(step)
         out.append(StepRouting(step, routers.write(h), routers.read(h)))
     return out
+
+
+def _steps_run(scheme, recorded: Dict[str, Tensor]) -> int:
+    """Loop steps the routing covers: K for per-step routers; for shared routers (any depth)
+    those whose core output was recorded."""
+    if scheme.per_step_parameters:
+        return len(scheme.routers) - 1
+    return next(t for t in itertools.count() if Recorded.core_output(t) not in recorded)
 
 
 def effective_coefficients(routing: Sequence[StepRouting]) -> List[Dict[str, Tensor]]:

@@ -6,7 +6,8 @@ import torch
 from conftest import random_batch, tiny_config
 
 SCHEMES = ["base", "residual", "anchor", "anchor_star", "anchor+anchor_star", "mesh",
-           "static_comb", "dynamic_comb"]
+           "static_comb", "dynamic_comb", "additive_injection", "linear_injection",
+           "diagonal_injection", "mesh_shared"]
 
 
 def megatron_and_hf(cfg):
@@ -48,7 +49,25 @@ def test_vanilla_and_fewer_loops(megatron_world):
     assert len(hidden) == 1 + 1 + 1 + 3 + 1  # h_emb, prelude, h(0), h(1..3), coda
 
 
-@pytest.mark.parametrize("scheme", ["mesh", "anchor"])
+@pytest.mark.parametrize("scheme", ["linear_injection", "diagonal_injection", "anchor", "mesh_shared"])
+def test_any_loop_count_beyond_the_training_depth(megatron_world, scheme):
+    """Schemes without per-step parameters run more loop steps than trained, HF as Megatron,
+    as a forward argument or the exported config's num_loops."""
+    from megatron_mesh.hf.modeling_megatron_mesh import MegatronMeshForCausalLM
+
+    ours, hf = megatron_and_hf(tiny_config("1+2R2+1", scheme))
+    tokens, positions = random_batch(ours.config)
+    with torch.no_grad():
+        deeper = ours(tokens, positions, num_loops=5)
+        assert (deeper - hf(tokens, num_loops=5).logits).abs().max() < 1e-4
+        assert (deeper - ours(tokens, positions)).abs().max() > 1e-3  # the depth matters
+        hf.config.num_loops = 5
+        again = MegatronMeshForCausalLM(hf.config).eval()
+        again.load_state_dict(hf.state_dict())
+        assert (deeper - again(tokens).logits).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("scheme", ["mesh", "anchor", "linear_injection"])
 def test_cached_greedy_generation_equals_full_forward_argmax(megatron_world, scheme):
     _, hf = megatron_and_hf(tiny_config("1+2R2+1", scheme))
     prompt = torch.tensor([[5, 17, 42, 8, 9]])

@@ -23,7 +23,7 @@ def carry_at(model, tokens, positions, position):
 
 @pytest.mark.parametrize("scheme, loop_fields", [
     ("mesh", ("buffer",)), ("anchor", ("h0",)), ("anchor_star", ("h_emb",)), ("base", ()),
-    ("static_comb", ("h0", "h_emb")),
+    ("static_comb", ("h0", "h_emb")), ("linear_injection", ("injected",)),
 ])
 def test_pack_then_unpack_is_the_identity_at_every_boundary(megatron_world, scheme, loop_fields):
     """Each boundary carries h, h(t) and what the scheme's steps read (MeSH: (2 + B) h, not the
@@ -34,6 +34,7 @@ def test_pack_then_unpack_is_the_identity_at_every_boundary(megatron_world, sche
     from megatron_mesh.model import MeshGPTModel
     from megatron_mesh.parallel import carry as boundary
     from megatron_mesh.parallel.stages import boundary_phase
+    from megatron_mesh.schemes import carried_state
 
     config = tiny_config("1+2R2+1", scheme)
     model = MeshGPTModel(config)
@@ -44,18 +45,18 @@ def test_pack_then_unpack_is_the_identity_at_every_boundary(megatron_world, sche
     for position in range(1, 6):
         carry = carry_at(model, tokens, positions, position)
         phase = boundary_phase(config, position)
-        assert boundary.carried_fields(phase, scheme)[2:] == (loop_fields if phase == "loop" else ())
+        assert carried_state(scheme) == loop_fields
         for cfg, width in ((config, slots[phase]), (padded, 9)):
             packed = boundary.pack(carry, phase, cfg)
             assert packed.shape[-1] == width * config.hidden_size
             back = boundary.unpack(packed, phase, cfg)
-            assert torch.equal(back["h"], carry["h"])
+            assert torch.equal(back.h, carry.h)
             if phase == "pre":
-                assert torch.equal(back["h_emb"], carry["h_emb"])
+                assert torch.equal(back.h_emb, carry.h_emb)
             if phase == "loop":
-                assert torch.equal(back["h_loop"], carry["h_loop"])
+                assert torch.equal(back.h_loop, carry.h_loop)
                 for name in loop_fields:
-                    want, got = getattr(carry["state"], name), getattr(back["state"], name)
+                    want, got = getattr(carry.state, name), getattr(back.state, name)
                     assert torch.equal(got, want), (scheme, position, name)
 
 
