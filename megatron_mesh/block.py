@@ -213,13 +213,15 @@ class RecursiveMeshTransformerBlock(MegatronModule):
         num_loops: Optional[int] = None,
         states: StateList = None,
         carry: Optional[Carry] = None,
+        grad_loops: Optional[int] = None,
     ):
         """Run this block's share of the unrolled graph.
 
         The first stage starts from the (scaled) embeddings ``hidden_states`` [s, b, h]; a later
         pipeline stage from the ``carry`` of the one before. The last stage returns the final
         normed state [s, b, h], others their carry. ``num_loops`` reads out after fewer (or, for
-        tied cores, more) loop steps than the layout trains with. ``states``, if a list,
+        tied cores, more) loop steps than the layout trains with; ``grad_loops`` runs all but the
+        last that many without an autograd graph (truncated backprop). ``states``, if a list,
         receives (name, tensor) in execution order for probes and tests (names: ``Recorded``).
 
         The ops (unrolled.py) run the recurrence
@@ -239,14 +241,21 @@ class RecursiveMeshTransformerBlock(MegatronModule):
         if carry is None:
             carry = Carry(h=hidden_states, h_emb=hidden_states)
             record(Recorded.EMBEDDINGS, hidden_states)
+        loops = sum(op.kind == "step" for op in ops)
+        first_grad_step = loops - (loops if grad_loops is None else grad_loops)
+
+        def group(op: Op) -> Tuple[bool, bool]:  # (a layer, runs without gradients)
+            return op.kind == "layer", 0 <= op.loop < first_grad_step
+
         with self._rng_context():
-            for is_layer, run in itertools.groupby(ops, key=lambda op: op.kind == "layer"):
-                if is_layer:  # consecutive layer applications run together (recompute chunks)
-                    h = self._run_layers(list(run), carry.h, attention_mask, rotary_pos_emb)
-                    carry = Carry(h, carry.h_emb, carry.h_loop, carry.state)
-                else:
-                    for op in run:
-                        carry = self._scheme_op(op, carry, record)
+            for (is_layer, frozen), run in itertools.groupby(ops, key=group):
+                with torch.no_grad() if frozen else contextlib.nullcontext():
+                    if is_layer:  # consecutive layer applications run together (recompute chunks)
+                        h = self._run_layers(list(run), carry.h, attention_mask, rotary_pos_emb)
+                        carry = Carry(h, carry.h_emb, carry.h_loop, carry.state)
+                    else:
+                        for op in run:
+                            carry = self._scheme_op(op, carry, record)
         if not self.is_last_stage:
             return carry
         if not self.config.parsed_layout.recursive:
@@ -298,7 +307,7 @@ class RecursiveMeshTransformerBlock(MegatronModule):
         core application, coda; = one chunk per loop iteration when it equals the core size),
         'block' the first ``recompute_num_layers`` applications of the graph."""
         cfg = self.config
-        if cfg.recompute_granularity != "full" or not self.training:
+        if cfg.recompute_granularity != "full" or not self.training or not torch.is_grad_enabled():
             return [(0, num_layers, False)]
         n = cfg.recompute_num_layers
         if cfg.recompute_method == "uniform":

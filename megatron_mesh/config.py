@@ -19,10 +19,13 @@ import torch.nn.functional as F
 
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_mesh.depth import DEPTH_SAMPLERS, LoopDepth
 from megatron_mesh.injection import INITIAL_STATES, InjectionScheme
 from megatron_mesh.layout import Layout, parse_layout
 from megatron_mesh.mesh import CYCLE_IMPLEMENTATIONS
-from megatron_mesh.schemes import carried_state, normalize_scheme, scheme_class
+from megatron_mesh.schemes import (
+    carried_state, has_per_step_parameters, normalize_scheme, scheme_class,
+)
 
 GELU_APPROXIMATIONS = ("none", "tanh")
 
@@ -109,6 +112,22 @@ class MeshConfig(TransformerConfig):
     initial_state_std: float = mesh_field(ARCHITECTURE, math.sqrt(2 / 5))
     """Standard deviation of a random x(0), cut at 3 std. Default Huginn's sqrt(2/5) (its
     sqrt(2/(5h)) times its sqrt(h) embedding scale); Parcae's is sqrt(2/(5h))."""
+
+    loop_depth: str = mesh_field(MODEL, "fixed", DEPTH_SAMPLERS)
+    """Loop steps per training step (depth.py): 'fixed' (mean_loops, default the layout's K),
+    'poisson_lognormal' (Huginn: Poisson(LogNormal around mean_loops) + 1) or 'poisson'
+    (Parcae: max(Poisson(mean_loops), 1)); one draw per step, the same on every rank. Needs a
+    tied core, a scheme without per-step parameters and no pipeline parallelism."""
+
+    mean_loops: Optional[float] = mesh_field(MODEL, None)
+    """Mean loop steps of the depth sampler; default the layout's K."""
+
+    max_loops: Optional[int] = mesh_field(MODEL, None)
+    """Cap on a sampled depth (bounds activation memory); default none."""
+
+    backprop_loops: Optional[int] = mesh_field(MODEL, None)
+    """Truncated backprop: only the last this many loop steps carry gradients, the others run
+    without an autograd graph (Huginn, Parcae); default all."""
 
     scale_embeddings: bool = mesh_field(ARCHITECTURE, True)
     """Multiply the input embeddings by sqrt(hidden_size) before the first layer (App. B)."""
@@ -208,6 +227,7 @@ class MeshConfig(TransformerConfig):
                 f"{layout.n_compute}"
             )
         self._validate_slots()
+        self._validate_depth()
         self._refuse_low_bit_formats()
         if self.hidden_size <= 0 or self.num_attention_heads <= 0:
             raise ValueError(
@@ -226,6 +246,30 @@ class MeshConfig(TransformerConfig):
                              f"injection schemes, not {self.state_scheme!r}: remove it")
         if not 0.0 < self.rotary_percent <= 1.0:
             raise ValueError(f"rotary_percent={self.rotary_percent}: expected 0 < value <= 1")
+
+    def _validate_depth(self) -> None:
+        for name in ("mean_loops", "max_loops", "backprop_loops"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name}={value}: expected a value >= 1")
+        if self.mean_loops is None:
+            self.mean_loops = float(self.parsed_layout.num_loops)
+        if not LoopDepth.of(self).varies:
+            return
+        setting = (f"loop_depth={self.loop_depth!r}, mean_loops={self.mean_loops}, "
+                   f"backprop_loops={self.backprop_loops}")
+        if not self.parsed_layout.tied or not self.parsed_layout.recursive:
+            raise ValueError(f"{setting} needs a tied looped core ('P+CRK+D'), not layout={self.layout!r}")
+        if has_per_step_parameters(self.state_scheme):
+            raise ValueError(
+                f"{setting}: state_scheme={self.state_scheme!r} has parameters per loop step, so it "
+                "runs exactly its K steps, all with gradients; use mesh_shared or an injection scheme")
+        if self.pipeline_model_parallel_size > 1:
+            raise ValueError(
+                f"{setting} under pipeline_model_parallel_size={self.pipeline_model_parallel_size}: "
+                "each pipeline stage holds a fixed slice of the K-step unrolled graph, so a "
+                "sampled depth or a step without gradients cannot be split; use fixed depth, or "
+                "tensor/data parallelism")
 
     def _check_choices(self) -> None:
         for f in dataclasses.fields(self):

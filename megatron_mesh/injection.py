@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from megatron_mesh.mesh import InitMethod, LoopState, SchemeOptions, StateScheme
+from megatron_mesh.mesh import InitMethod, LoopState, SchemeOptions, StateScheme, matmul_weights
 
 INITIAL_STATES = ("zero", "random")
 """The injection schemes' x(0): zeros, or truncated normal (Huginn's and Parcae's 'like-init')."""
@@ -111,6 +111,9 @@ class InjectionScheme(StateScheme):
 
     def end(self, h, state):
         return self.readout(h)
+
+    def applied_matmul_weights(self, num_loops):
+        return num_loops * matmul_weights(self.injection) + matmul_weights(self.readout)
 
 
 class AdditiveInjectionScheme(InjectionScheme):

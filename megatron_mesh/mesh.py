@@ -135,12 +135,23 @@ class StateScheme(nn.Module):
         """What the coda reads after the last step."""
         return h
 
+    def applied_matmul_weights(self, num_loops: int) -> int:
+        """Matmul weights one token goes through in ``num_loops`` steps (stats.py counts FLOPs
+        from it): here every weight once, as per-step routers and coefficients are."""
+        return matmul_weights(self)
+
     def forward(self, t: int, h: Tensor, h_core: Tensor, state: LoopState) -> Tuple[Tensor, LoopState]:
         """``step`` through ``__call__``, so module hooks see the scheme's own parameters (e.g.
         static_comb's coefficients): megatron's DDP waits for a parameter's all-gather under
         overlap_param_gather in a forward pre-hook of the module holding it (parameters used by
         ``inject`` or ``end`` live in submodules, called through theirs)."""
         return self.step(t, h, h_core, state)
+
+
+def matmul_weights(module: nn.Module) -> int:
+    """Elements of the matrices ``module`` multiplies activations by: its 2-D parameters (not a
+    LayerNorm's vectors; static_comb, whose [K, 3] scalars multiply nothing, counts none)."""
+    return sum(p.numel() for p in module.parameters() if p.dim() == 2)
 
 
 class AdditiveScheme(StateScheme):
@@ -286,6 +297,9 @@ class SharedRouterMeshScheme(MeshScheme):
     def step_routers(self, t: int) -> StepRouters:
         return self.routers[1]
 
+    def applied_matmul_weights(self, num_loops: int) -> int:
+        return matmul_weights(self.routers[0]) + num_loops * matmul_weights(self.routers[1])
+
 
 class StaticCombScheme(StateScheme):
     """E.2 static combination: h(t+1) = a1 f_core(h) + a2 h(0) + a3 h_emb, scalars per step."""
@@ -301,6 +315,9 @@ class StaticCombScheme(StateScheme):
     @classmethod
     def build(cls, name, options):
         return cls(options.num_loops)
+
+    def applied_matmul_weights(self, num_loops):
+        return 0
 
     def step(self, t, h, h_core, state):
         a = self.coefficients[t].to(h_core.dtype)

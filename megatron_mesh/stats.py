@@ -7,7 +7,10 @@ weight gradient, data gradient), 2 FLOPs per multiply-add:
 
 - matmuls: 6 FLOPs per weight applied, summed over every layer *application* (N_compute =
   ``cfg.num_layers``: each of the K loop steps counts the core again) plus the state scheme's
-  router matmuls (MeSH read/write, dynamic_comb);
+  matmuls (its ``applied_matmul_weights``: MeSH routers, dynamic_comb, injection adapters);
+- a training step of sampled depth (depth.py) counts its loop steps: those without gradients
+  (truncated backprop) forward only, 1x instead of 3x; ``model_stats`` reports the mean over
+  the depth distribution;
 - core attention (QK^T and softmax(QK^T) V): 6 * s * q per layer application, q =
   kv_channels * num_attention_heads (the query projection width, not hidden_size): 12 * s * q
   for the full s x s scores, halved for the causal mask;
@@ -25,11 +28,17 @@ half (12 * s * q): 13% (1B, 1.4B) to 23% (160M) more FLOPs for the Pythia shapes
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Optional
 
+import torch
 from torch import nn
 
+from megatron_mesh.block import scheme_options
 from megatron_mesh.config import MeshConfig
+from megatron_mesh.depth import LoopDepth, LoopDraw
+from megatron_mesh.mesh import StateScheme
 from megatron_mesh.model import MeshGPTModel
+from megatron_mesh.schemes import build_scheme
 
 
 @dataclass
@@ -65,40 +74,71 @@ def applied_matmul_weights(model: MeshGPTModel) -> int:
     total = sum(_matmul_weights(layer) for layer in (*block.prelude.values(), *block.coda.values()))
     total += sum(_matmul_weights(layer) for t in range(layout.num_loops) for layer in block.core_for_step(t))
     if block.scheme is not None:
-        total += _matmul_weights(block.scheme)
+        total += block.scheme.applied_matmul_weights(layout.num_loops)
     return total
+
+
+def _layer_matmul_weights(cfg: MeshConfig) -> int:
+    h, attn = cfg.hidden_size, cfg.num_attention_heads * cfg.kv_channels
+    qkv = h * (attn + 2 * cfg.num_query_groups * cfg.kv_channels)
+    return qkv + attn * h + 2 * h * cfg.ffn_hidden_size
+
+
+def _scheme_of_config(cfg: MeshConfig) -> Optional[StateScheme]:
+    """The config's scheme module, built on the meta device (shapes only, no memory)."""
+    with torch.device("meta"):
+        return build_scheme(cfg.state_scheme, scheme_options(cfg))
 
 
 def applied_matmul_weights_of_config(cfg: MeshConfig) -> int:
     """The same count from the config alone (no model: usable inside a parallel job, where a
     built model holds only this rank's shard)."""
-    h, attn = cfg.hidden_size, cfg.num_attention_heads * cfg.kv_channels
-    qkv = h * (attn + 2 * cfg.num_query_groups * cfg.kv_channels)
-    per_layer = qkv + attn * h + 2 * h * cfg.ffn_hidden_size
-    scheme = 0
-    if cfg.state_scheme == "mesh":
-        scheme = (cfg.num_loops + 1) * 2 * h * cfg.buffer_slots
-    elif cfg.state_scheme == "dynamic_comb":
-        scheme = cfg.num_loops * 3 * h
-    return cfg.num_layers * per_layer + scheme
+    scheme = _scheme_of_config(cfg)
+    routing = scheme.applied_matmul_weights(cfg.num_loops) if scheme is not None else 0
+    return cfg.num_layers * _layer_matmul_weights(cfg) + routing
 
 
-def train_flops_per_token(cfg: MeshConfig, seq_length: int) -> float:
+def train_flops_per_token(cfg: MeshConfig, seq_length: int, draw: Optional[LoopDraw] = None) -> float:
     """Training FLOPs per token in megatron-core's convention (module docstring), every core
-    application counted: what the trainer's TFLOP/s and MFU are computed from."""
+    application counted: what the trainer's TFLOP/s and MFU are computed from. ``draw``: a
+    step of another depth (depth.py); its loop steps without gradients count forward only."""
     query = cfg.kv_channels * cfg.num_attention_heads  # width of Q and of the attention output
-    matmuls = 6 * applied_matmul_weights_of_config(cfg)  # 2 forward + 4 backward per weight
-    # QK^T and AV: 2 x 2 * s * q forward over the full scores, x 3 for training, / 2 causal
-    core_attention = 6 * cfg.num_layers * seq_length * query
-    logits = 6 * cfg.hidden_size * cfg.vocab_size
-    return float(matmuls + core_attention + logits)
+    # forward FLOPs of one layer application: its matmuls, and QK^T and AV (2 x 2 * s * q over
+    # the full scores, / 2 causal)
+    layer = 2 * _layer_matmul_weights(cfg) + 2 * seq_length * query
+    logits = 2 * cfg.hidden_size * cfg.vocab_size
+    scheme = _scheme_of_config(cfg)
+    layout = cfg.parsed_layout
+    if draw is None:  # the layout's own K steps, all with gradients
+        routing = scheme.applied_matmul_weights(layout.num_loops) if scheme is not None else 0
+        return float(3 * (cfg.num_layers * layer + 2 * routing + logits))
+    once, per_step = scheme.applied_matmul_weights(0), scheme.applied_matmul_weights(1)
+    per_step -= once
+    step = layout.core[0] * layer + 2 * per_step  # one loop step (a tied core), forward
+    outside = (layout.prelude + layout.coda) * layer + 2 * once + logits
+    frozen = draw.num_loops - draw.grad_loops
+    return float(3 * (outside + draw.grad_loops * step) + frozen * step)
+
+
+def expected_train_flops_per_token(cfg: MeshConfig, seq_length: int) -> float:
+    """``train_flops_per_token`` averaged over the config's loop-depth distribution (it is
+    linear in the depth and the gradient depth, so their means give the mean)."""
+    depth = LoopDepth.of(cfg)
+    if not depth.varies:
+        return train_flops_per_token(cfg, seq_length)
+    mean = depth.expected()
+    low, high = LoopDraw(0, 0), LoopDraw(1, 0)
+    base = train_flops_per_token(cfg, seq_length, low)
+    per_step = train_flops_per_token(cfg, seq_length, high) - base
+    per_grad_step = train_flops_per_token(cfg, seq_length, LoopDraw(1, 1)) - base - per_step
+    return base + mean.num_loops * per_step + mean.grad_loops * per_grad_step
 
 
 def model_stats(model: MeshGPTModel, seq_length: int) -> ModelStats:
     cfg = model.config
     embedding = _numel(model.embedding) + _numel(model.output_layer)
     total = _numel(model)
-    flops = train_flops_per_token(cfg, seq_length)
+    flops = expected_train_flops_per_token(cfg, seq_length)
     return ModelStats(
         layout=str(cfg.parsed_layout),
         state_scheme=cfg.state_scheme,

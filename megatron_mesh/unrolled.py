@@ -30,6 +30,8 @@ class Op:
     """For layers: the layer's index in its module. For 'inject' and 'step': the loop step t."""
     position: int = -1
     """For layers: the application number in the unrolled graph."""
+    loop: int = -1
+    """The loop step t a core layer, 'inject' or 'step' belongs to; -1 outside the loop."""
 
 
 def unrolled_ops(layout: Layout, num_loops: Optional[int] = None) -> List[Op]:
@@ -39,8 +41,8 @@ def unrolled_ops(layout: Layout, num_loops: Optional[int] = None) -> List[Op]:
 
     positions = itertools.count()
 
-    def layer(segment: str, index: int, module: int = 0) -> None:
-        ops.append(Op("layer", segment, module, index, next(positions)))
+    def layer(segment: str, index: int, module: int = 0, loop: int = -1) -> None:
+        ops.append(Op("layer", segment, module, index, next(positions), loop))
 
     for i in range(layout.prelude):
         layer("prelude", i)
@@ -48,10 +50,10 @@ def unrolled_ops(layout: Layout, num_loops: Optional[int] = None) -> List[Op]:
         ops.append(Op("begin"))
         for t in range(K):
             module = 0 if layout.tied else t
-            ops.append(Op("inject", index=t))
+            ops.append(Op("inject", index=t, loop=t))
             for j in range(layout.core[module]):
-                layer("core", j, module)
-            ops.append(Op("step", index=t))
+                layer("core", j, module, loop=t)
+            ops.append(Op("step", index=t, loop=t))
         ops.append(Op("end"))
     for i in range(layout.coda):
         layer("coda", i)

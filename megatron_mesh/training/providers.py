@@ -22,6 +22,7 @@ from megatron.training.arguments import core_transformer_config_from_args
 from megatron.training.utils import get_blend_and_blend_per_split
 
 from megatron_mesh.config import DERIVED_FIELDS, MeshConfig
+from megatron_mesh.depth import LoopDepth
 from megatron_mesh.layers import local_block_spec, te_block_spec
 from megatron_mesh.model import MeshGPTModel
 from megatron_mesh.parallel import carry, replicas
@@ -48,6 +49,8 @@ class MeshProviders:
         self.router_log = router_log or RouterLog(enabled=False)
         self.rank_chunks: List[MeshGPTModel] = []
         """This rank's model chunks built so far (megatron's get_model builds 0, 1, ... in turn)."""
+        self.depth: Optional[LoopDepth] = None
+        """The loop-depth sampler of the model built (depth.py)."""
 
     def model_provider(self, pre_process=True, post_process=True, vp_stage=None, config=None,
                        pg_collection=None) -> MeshGPTModel:
@@ -56,6 +59,7 @@ class MeshProviders:
         spec = te_block_spec() if args.transformer_impl == "transformer_engine" else local_block_spec()
         model = MeshGPTModel(cfg, spec=spec, pg_collection=pg_collection, pre_process=pre_process,
                              post_process=post_process, vp_stage=vp_stage)
+        self.depth = LoopDepth.of(cfg)
         if args.pipeline_model_parallel_size > 1:
             self._connect_when_all_chunks_built(model)
             cfg.finalize_model_grads_func = _finalize_with_stage_replicas
@@ -75,9 +79,20 @@ class MeshProviders:
     def forward_step(self, data_iterator, model: MeshGPTModel):
         tokens, labels, loss_mask, position_ids = get_batch(data_iterator)
         states = self.router_log.states_for(model)  # a list on the micro-batch whose routers are logged
-        output = model(tokens, position_ids, None, labels=labels, states=states)  # [b, s] token loss
+        output = model(tokens, position_ids, None, labels=labels, states=states,
+                       **self.loop_draw(model.training))  # [b, s] token loss
         self.router_log.write(model, states)
         return output, partial(loss_func, loss_mask)
+
+
+    def loop_draw(self, training: bool) -> dict:
+        """This training step's depth (the same on every rank: a function of the seed and the
+        iteration); evaluation runs the layout's K steps."""
+        if not training or self.depth is None or not self.depth.varies:
+            return {}
+        args = get_args()
+        draw = self.depth.draw(args.seed, args.curr_iteration)
+        return {"num_loops": draw.num_loops, "grad_loops": draw.grad_loops}
 
 
 def _finalize_with_stage_replicas(model, *args, **kwargs):

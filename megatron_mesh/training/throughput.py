@@ -15,6 +15,7 @@ every rank.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 import resource
 import time
 from typing import Optional, Tuple
@@ -23,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_mesh.config import MeshConfig
+from megatron_mesh.depth import LoopDepth
 from megatron_mesh.stats import train_flops_per_token
 
 PEAK_TFLOPS_BF16: Tuple[Tuple[str, float], ...] = (
@@ -73,11 +75,31 @@ def peak_memory_over_ranks() -> Tuple[int, str]:
     return value, kind
 
 
+@dataclass(frozen=True)
+class RealizedDepth:
+    """The loop depth each training step ran (depth.py: a function of the seed and iteration,
+    the draw the forward step made) and the FLOPs per token it cost."""
+
+    config: MeshConfig
+    depth: LoopDepth
+    seed: int
+    seq_length: int
+
+    def loops(self, iteration: int) -> int:
+        return self.depth.draw(self.seed, iteration).num_loops
+
+    def flops_per_token(self, iteration: int) -> float:
+        draw = self.depth.draw(self.seed, iteration)
+        return train_flops_per_token(self.config, self.seq_length, draw)
+
+
 class ThroughputLogger:
     """Wraps megatron.training.training.training_log to add the recursive-aware line."""
 
-    def __init__(self, per_token: float, peak_tflops: Optional[float] = None):
+    def __init__(self, per_token: float, peak_tflops: Optional[float] = None,
+                 depth: Optional[RealizedDepth] = None):
         self.per_token = per_token  # training FLOPs per token, megatron_mesh.stats
+        self.depth = depth  # a sampled loop depth: FLOPs per token vary by iteration
         self._peak = peak_tflops  # TFLOP/s of one device; None: the device's, at the first line
         self._peak_known = peak_tflops is not None
         self.last: Optional[tuple] = None  # (wall time, iteration) of the previous log line
@@ -90,8 +112,13 @@ class ThroughputLogger:
             self._peak, self._peak_known = default_peak_tflops(), True
         return self._peak
 
+    def per_token_at(self, iteration: int) -> float:
+        """FLOPs per token of the training step run at ``iteration`` (args.curr_iteration)."""
+        return self.per_token if self.depth is None else self.depth.flops_per_token(iteration)
+
     def num_floating_point_operations(self, args, batch_size, *_unused, **_kwargs) -> float:
-        return float(batch_size * args.seq_length * self.per_token)
+        per_token = self.per_token if self.depth is None else self.per_token_at(args.curr_iteration)
+        return float(batch_size * args.seq_length * per_token)
 
     def line(self, args, iteration: int, now: float) -> Optional[dict]:
         if self.last is None:
@@ -104,7 +131,9 @@ class ThroughputLogger:
         seconds_per_iter = (now - then) / (iteration - before)
         tokens_per_iter = args.global_batch_size * args.seq_length
         tokens_per_s = tokens_per_iter / seconds_per_iter
-        tflops = tokens_per_s * self.per_token / 1e12 / args.world_size
+        steps = range(before, iteration)  # the curr_iteration of each step since the last line
+        per_token = sum(self.per_token_at(i) for i in steps) / len(steps)
+        tflops = tokens_per_s * per_token / 1e12 / args.world_size
         stats = {
             "consumed-tokens": args.consumed_train_samples * args.seq_length,
             "tokens-per-sec": tokens_per_s,
@@ -114,6 +143,8 @@ class ThroughputLogger:
         peak = self.peak_tflops
         if peak:
             stats["mfu"] = tflops / peak
+        if self.depth is not None:
+            stats["loop-depth"] = sum(self.depth.loops(i) for i in steps) / len(steps)
         return stats
 
 
@@ -124,6 +155,8 @@ def _format(iteration: int, stats: dict) -> str:
             f"{stats['tflops-per-device']:.3f} |")
     if "mfu" in stats:
         text += f" MFU: {100 * stats['mfu']:.1f}% |"
+    if "loop-depth" in stats:
+        text += f" loop depth: {stats['loop-depth']:.2f} |"
     if "peak-memory-bytes" in stats:
         text += f" peak memory: {stats['peak-memory-bytes'] / 2**30:.3f} GiB ({stats['memory-kind']}) |"
     return text + f" ETA: {int(eta // 3600):d}:{int(eta % 3600 // 60):02d}:{int(eta % 60):02d}"
@@ -135,7 +168,10 @@ def install(config: MeshConfig, args) -> ThroughputLogger:
     from megatron.training import training
     from megatron.training.utils import print_rank_last
 
-    logger = ThroughputLogger(train_flops_per_token(config, args.seq_length), args.mesh_peak_tflops)
+    depth = LoopDepth.of(config)
+    realized = RealizedDepth(config, depth, args.seed, args.seq_length) if depth.varies else None
+    logger = ThroughputLogger(train_flops_per_token(config, args.seq_length), args.mesh_peak_tflops,
+                              realized)
     training.num_floating_point_operations = logger.num_floating_point_operations
     original = training.training_log
 
