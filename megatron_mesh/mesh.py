@@ -131,8 +131,9 @@ class StateScheme(nn.Module):
     def step(self, t: int, h: Tensor, h_core: Tensor, state: LoopState) -> Tuple[Tensor, LoopState]:
         raise NotImplementedError
 
-    def end(self, h: Tensor, state: LoopState) -> Tensor:
-        """What the coda reads after the last step."""
+    def end(self, h: Tensor, state: Optional[LoopState]) -> Tensor:
+        """What the coda reads after the last step (a function of h alone: depth lenses call it
+        with state None)."""
         return h
 
     def applied_matmul_weights(self, num_loops: int) -> int:

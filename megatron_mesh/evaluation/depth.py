@@ -10,11 +10,16 @@ windows of at most L tokens, mean NLL in nats/token summed in float64):
   logit lens): how far h(t) is from the output space without the coda's help.
 
 T may exceed the trained K only where the model can loop further: a tied core and a state
-scheme without per-step parameters (base, residual, anchor, ...; not mesh or the comb schemes).
+scheme without per-step parameters (base, residual, anchor, mesh_shared, the injection schemes;
+not mesh or the comb schemes). Both lenses read h(t) the way the coda reads the loop's end
+(``scheme.end``: the injection schemes' readout). Every forward starts from the same random
+state x(0) where the scheme draws one (FORWARD_SEED), so the curves are reproducible and the coda
+lens still equals the read-out.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 from pathlib import Path
@@ -28,6 +33,9 @@ from megatron_mesh.evaluation.loading import LoadedModel
 from megatron_mesh.evaluation.perplexity import check_ids, progress, window_batches
 
 CURVES = ("read_out", "coda_lens", "direct_lens")
+
+FORWARD_SEED = 0
+"""The torch seed each forward of the study runs under (random initial states)."""
 
 
 def trained_loops(loaded: LoadedModel) -> int:
@@ -55,7 +63,9 @@ def check_max_loops(loaded: LoadedModel, max_loops: int) -> None:
 
 
 def _head(model, h: Tensor, rotary: Tensor, coda: bool) -> Tensor:
-    """Logits [s, b, V] of a state h [s, b, h]: (coda layers +) final norm + output layer."""
+    """Logits [s, b, V] of a state h [s, b, h]: the scheme's readout, (coda layers +) final norm
+    and output layer."""
+    h = model.decoder.scheme.end(h, None)
     if coda:
         for layer in model.decoder.coda.values():
             h, _ = layer(h, attention_mask=None, rotary_pos_emb=rotary)
@@ -67,7 +77,8 @@ def loop_states(model, inputs: Tensor, max_loops: int) -> List[Tensor]:
     """h(0) .. h(max_loops) [s, b, h] of one forward pass."""
     positions = torch.arange(inputs.shape[1], device=inputs.device).expand_as(inputs)
     states: List = []
-    model(inputs, positions, num_loops=max_loops, states=states)
+    with _seeded(inputs.device):
+        model(inputs, positions, num_loops=max_loops, states=states)
     named = dict(states)
     return [named[Recorded.loop_state(t)] for t in range(max_loops + 1)]
 
@@ -78,7 +89,8 @@ def batch_nll(model, inputs: Tensor, labels: Tensor, max_loops: int) -> Dict[str
     positions = torch.arange(inputs.shape[1], device=inputs.device).expand_as(inputs)  # [b, s]
     out: Dict[str, List[float]] = {c: [] for c in CURVES}
     for t in range(max_loops + 1):
-        loss = model(inputs, positions, labels=labels, num_loops=t)  # [b, s]
+        with _seeded(inputs.device):
+            loss = model(inputs, positions, labels=labels, num_loops=t)  # [b, s]
         out["read_out"].append(loss.double().sum().item())
     rotary = model.rotary_pos_emb(inputs.shape[1])
     for h in loop_states(model, inputs, max_loops):
@@ -114,6 +126,15 @@ def study(loaded: LoadedModel, documents: Iterable[List[int]], seq_length: int,
     return {"model": loaded.name, "layout": config.layout, "state_scheme": config.state_scheme,
             "trained_loops": K, "max_loops": T, "data": str(source), "seq_length": seq_length,
             "tokens": tokens, "rows": rows}
+
+
+@contextlib.contextmanager
+def _seeded(device: torch.device):
+    """The same random draws in every forward, the caller's RNG state untouched."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(FORWARD_SEED)
+        yield
 
 
 def _stats(mean_nll: float) -> dict:

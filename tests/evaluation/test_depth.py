@@ -7,12 +7,12 @@ import torch
 from test_perplexity import L, SECTION
 
 
-def loaded_model(scheme, layout="1+2R2+1", seed=0):
+def loaded_model(scheme, layout="1+2R2+1", seed=0, **model):
     """A randomly initialised model as load_model returns it (routers perturbed off uniform)."""
     from megatron_mesh.evaluation.loading import LoadedModel
     from megatron_mesh.hf.importer import build_model
 
-    section = dict(SECTION, layout=layout, state_scheme=scheme)
+    section = dict(SECTION, layout=layout, state_scheme=scheme, **model)
     model = build_model(section, {}, ("",), seed).eval()
     with torch.no_grad():
         for p in model.decoder.scheme.parameters() if model.decoder.scheme else []:
@@ -56,11 +56,16 @@ def test_read_out_and_coda_lens_agree_with_the_model():
     assert len({round(r["read_out_loss"], 6) for r in rows}) == 3
 
 
-@pytest.mark.parametrize("scheme", ["base", "anchor"])
-def test_tied_schemes_without_per_step_parameters_loop_further(scheme):
+@pytest.mark.parametrize("scheme, model", [
+    ("base", {}), ("anchor", {}), ("mesh_shared", {}), ("diagonal_injection", {}),
+    ("linear_injection", {"initial_state": "random", "initial_state_std": 0.6}),
+])
+def test_tied_schemes_without_per_step_parameters_loop_further(scheme, model):
+    """Beyond K; the lenses read h(t) through the injection schemes' readout, and a random x(0)
+    is the same in every forward of the study (else the coda lens would not equal the read-out)."""
     from megatron_mesh.evaluation.depth import study
 
-    report = study(loaded_model(scheme), documents()[:2], L, max_loops=3)
+    report = study(loaded_model(scheme, **model), documents()[:2], L, max_loops=3)
     assert [r["t"] for r in report["rows"]] == [0, 1, 2, 3] and report["max_loops"] == 3
     beyond = report["rows"][3]
     assert beyond["coda_lens_loss"] == pytest.approx(beyond["read_out_loss"], rel=1e-5)
