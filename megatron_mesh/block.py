@@ -52,6 +52,15 @@ class Recorded:
         """h(t): the core's input at loop step t; h(0) comes out of the transitional step."""
         return f"h{t}"
 
+    CODA_INPUT = "coda_input"
+    """What the coda reads: ``scheme.end(h(K))`` (h(K) but for the injection schemes' readout)."""
+
+    @staticmethod
+    def core_input(t: int) -> str:
+        """u(t), the core's input at loop step t: ``scheme.inject(h(t))`` (h(t) but for the
+        input injection schemes)."""
+        return f"u{t}"
+
     @staticmethod
     def core_output(t: int) -> str:
         """f_core(h(t)), before the scheme mixes it into h(t + 1)."""
@@ -273,13 +282,16 @@ class RecursiveMeshTransformerBlock(MegatronModule):
             return Carry(h, h_loop=h, state=state)
         if op.kind == "inject":
             u = self.scheme.inject(op.index, carry.h, carry.state)  # the core's input
+            record(Recorded.core_input(op.index), u)
             return Carry(u, h_loop=u, state=carry.state)
         if op.kind == "step":
             record(Recorded.core_output(op.index), carry.h)
             h, state = self.scheme(op.index, carry.h_loop, carry.h, carry.state)  # h(t+1)
             record(Recorded.loop_state(op.index + 1), h)
             return Carry(h, h_loop=h, state=state)
-        return Carry(self.scheme.end(carry.h, carry.state))  # end: what the coda reads
+        h = self.scheme.end(carry.h, carry.state)  # end: what the coda reads
+        record(Recorded.CODA_INPUT, h)
+        return Carry(h)
 
     def _rng_context(self):
         """Under sequence parallelism each tensor-parallel rank holds other tokens, so dropout

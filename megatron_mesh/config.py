@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_mesh.depth import DEPTH_SAMPLERS, LoopDepth
+from megatron_mesh.loop_depth import DEPTH_SAMPLERS, LoopDepth
 from megatron_mesh.injection import INITIAL_STATES, InjectionScheme
 from megatron_mesh.layout import Layout, parse_layout
 from megatron_mesh.mesh import CYCLE_IMPLEMENTATIONS
@@ -114,7 +114,7 @@ class MeshConfig(TransformerConfig):
     sqrt(2/(5h)) times its sqrt(h) embedding scale); Parcae's is sqrt(2/(5h))."""
 
     loop_depth: str = mesh_field(MODEL, "fixed", DEPTH_SAMPLERS)
-    """Loop steps per training step (depth.py): 'fixed' (mean_loops, default the layout's K),
+    """Loop steps per training step (loop_depth.py): 'fixed' (mean_loops, default the layout's K),
     'poisson_lognormal' (Huginn: Poisson(LogNormal around mean_loops) + 1) or 'poisson'
     (Parcae: max(Poisson(mean_loops), 1)); one draw per step, the same on every rank. Needs a
     tied core, a scheme without per-step parameters and no pipeline parallelism."""

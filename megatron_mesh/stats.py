@@ -8,7 +8,7 @@ weight gradient, data gradient), 2 FLOPs per multiply-add:
 - matmuls: 6 FLOPs per weight applied, summed over every layer *application* (N_compute =
   ``cfg.num_layers``: each of the K loop steps counts the core again) plus the state scheme's
   matmuls (its ``applied_matmul_weights``: MeSH routers, dynamic_comb, injection adapters);
-- a training step of sampled depth (depth.py) counts its loop steps: those without gradients
+- a training step of sampled depth (loop_depth.py) counts its loop steps: those without gradients
   (truncated backprop) forward only, 1x instead of 3x; ``model_stats`` reports the mean over
   the depth distribution;
 - core attention (QK^T and softmax(QK^T) V): 6 * s * q per layer application, q =
@@ -35,7 +35,7 @@ from torch import nn
 
 from megatron_mesh.block import scheme_options
 from megatron_mesh.config import MeshConfig
-from megatron_mesh.depth import LoopDepth, LoopDraw
+from megatron_mesh.loop_depth import LoopDepth, LoopDraw
 from megatron_mesh.mesh import StateScheme
 from megatron_mesh.model import MeshGPTModel
 from megatron_mesh.schemes import build_scheme
@@ -101,7 +101,7 @@ def applied_matmul_weights_of_config(cfg: MeshConfig) -> int:
 def train_flops_per_token(cfg: MeshConfig, seq_length: int, draw: Optional[LoopDraw] = None) -> float:
     """Training FLOPs per token in megatron-core's convention (module docstring), every core
     application counted: what the trainer's TFLOP/s and MFU are computed from. ``draw``: a
-    step of another depth (depth.py); its loop steps without gradients count forward only."""
+    step of another depth (loop_depth.py); its loop steps without gradients count forward only."""
     query = cfg.kv_channels * cfg.num_attention_heads  # width of Q and of the attention output
     # forward FLOPs of one layer application: its matmuls, and QK^T and AV (2 x 2 * s * q over
     # the full scores, / 2 causal)

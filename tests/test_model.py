@@ -98,8 +98,8 @@ def test_states_are_recorded_for_probes(megatron_world):
     states = []
     with torch.no_grad():
         model(tokens, positions, states=states)
-    assert [n for n, _ in states] == ["h_emb", "prelude", "h0", "core0", "h1", "core1", "h2",
-                                      "core2", "h3", "coda"]
+    assert [n for n, _ in states] == ["h_emb", "prelude", "h0", "u0", "core0", "h1", "u1", "core1",
+                                      "h2", "u2", "core2", "h3", "coda_input", "coda"]
 
 
 def test_fewer_loops_at_inference_changes_the_output(megatron_world):

@@ -60,8 +60,8 @@ def block_pairs(recorded: Dict[str, Tensor], num_loops: int) -> List[Tuple[Tenso
     emb, prelude, coda = (recorded[n] for n in (Recorded.EMBEDDINGS, Recorded.PRELUDE, Recorded.CODA))
     if not num_loops:
         return [(emb, coda)]
-    cores = [(recorded[Recorded.loop_state(t)], recorded[Recorded.core_output(t)]) for t in range(num_loops)]
-    return [(emb, prelude), *cores, (recorded[Recorded.loop_state(num_loops)], coda)]
+    cores = [(recorded[Recorded.core_input(t)], recorded[Recorded.core_output(t)]) for t in range(num_loops)]
+    return [(emb, prelude), *cores, (recorded[Recorded.CODA_INPUT], coda)]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from megatron.training.arguments import core_transformer_config_from_args
 from megatron.training.utils import get_blend_and_blend_per_split
 
 from megatron_mesh.config import DERIVED_FIELDS, MeshConfig
-from megatron_mesh.depth import LoopDepth
+from megatron_mesh.loop_depth import LoopDepth
 from megatron_mesh.layers import local_block_spec, te_block_spec
 from megatron_mesh.model import MeshGPTModel
 from megatron_mesh.parallel import carry, replicas
@@ -50,7 +50,7 @@ class MeshProviders:
         self.rank_chunks: List[MeshGPTModel] = []
         """This rank's model chunks built so far (megatron's get_model builds 0, 1, ... in turn)."""
         self.depth: Optional[LoopDepth] = None
-        """The loop-depth sampler of the model built (depth.py)."""
+        """The loop-depth sampler of the model built (loop_depth.py)."""
 
     def model_provider(self, pre_process=True, post_process=True, vp_stage=None, config=None,
                        pg_collection=None) -> MeshGPTModel:

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_mesh.config import MeshConfig
-from megatron_mesh.depth import LoopDepth
+from megatron_mesh.loop_depth import LoopDepth
 from megatron_mesh.stats import train_flops_per_token
 
 PEAK_TFLOPS_BF16: Tuple[Tuple[str, float], ...] = (
@@ -77,7 +77,7 @@ def peak_memory_over_ranks() -> Tuple[int, str]:
 
 @dataclass(frozen=True)
 class RealizedDepth:
-    """The loop depth each training step ran (depth.py: a function of the seed and iteration,
+    """The loop depth each training step ran (loop_depth.py: a function of the seed and iteration,
     the draw the forward step made) and the FLOPs per token it cost."""
 
     config: MeshConfig

@@ -41,7 +41,7 @@ def test_sampled_depth_parallel_run_matches_single_process(start, single, tmp_pa
 
 
 def test_the_log_reports_the_depth_each_step_ran(single):
-    from megatron_mesh.depth import LoopDepth
+    from megatron_mesh.loop_depth import LoopDepth
 
     seed = int(re.search(r"seed \.+ (\d+)", single["log"]).group(1))
     depth = LoopDepth("poisson_lognormal", 3.0, trained=2, max=6, backprop=2)

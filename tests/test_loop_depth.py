@@ -1,4 +1,4 @@
-"""Loop depth sampling (depth.py) and truncated backprop through the block."""
+"""Loop depth sampling (loop_depth.py) and truncated backprop through the block."""
 
 import math
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import random_batch, tiny_config
-from megatron_mesh.depth import HUGINN_SIGMA, LoopDepth, LoopDraw
+from megatron_mesh.loop_depth import HUGINN_SIGMA, LoopDepth, LoopDraw
 
 
 def draws(depth, n=20000, seed=1234):
