@@ -88,10 +88,18 @@ def megatron_flops_per_token(cfg, seq_length: int) -> Optional[float]:
 
 
 def flops_rows(cfg, stats) -> list:
+    from megatron_mesh.loop_depth import LoopDepth
+
     """The FLOP rows: the convention, ours, and megatron-core's for a vanilla layout."""
     convention = "megatron-core's (causal attention halved), every core application counted"
-    rows = [("FLOP convention", convention),
-            (f"training FLOPs/token (seq {stats.seq_length})", f"{stats.train_flops_per_token:.4e}")]
+    rows = [("FLOP convention", convention)]
+    depth = LoopDepth.of(cfg)
+    if depth.varies:  # the FLOPs are the mean over the depth distribution
+        mean = depth.expected()
+        rows.append(("loop depth (training)", f"{depth.sampler}: mean {mean.num_loops:.2f} steps, "
+                     f"{mean.grad_loops:.2f} with gradients (over 20,000 draws)"))
+    per_token = "expected training FLOPs/token" if depth.varies else "training FLOPs/token"
+    rows.append((f"{per_token} (seq {stats.seq_length})", f"{stats.train_flops_per_token:.4e}"))
     theirs = megatron_flops_per_token(cfg, stats.seq_length)
     if theirs is not None:
         same = "equal" if theirs == stats.train_flops_per_token else "DIFFERS from ours"
@@ -120,7 +128,7 @@ def main(argv=None):
         ("total parameters", f"{stats.total_params:,}"),
         ("embedding parameters", f"{stats.embedding_params:,}"),
         ("non-embedding parameters", f"{stats.non_embedding_params:,}"),
-        ("router parameters", f"{stats.router_params:,}"),
+        ("state-scheme parameters (routers, adapters)", f"{stats.router_params:,}"),
         *flops_rows(cfg, stats),
     ]
     width = max(len(name) for name, _ in rows)
