@@ -74,9 +74,10 @@ class DiagonalInjection(nn.Module):
         return (decay * x.float() + dt * injected.float()).to(x.dtype)
 
     @torch.no_grad()
-    def spectral_radius(self) -> float:
-        """max_i exp(-dt_i A_i): the injection's contraction per step (< 1 always)."""
-        return self.rates()[0].max().item()
+    def spectral_radius(self) -> Tensor:
+        """max_i exp(-dt_i A_i): how much of x(t) survives a step at most (< 1: a contraction,
+        which is what keeps the recurrence stable at any depth; Parcae's get_spectral_norm)."""
+        return self.rates()[0].max()
 
 
 class InjectionScheme(StateScheme):
@@ -136,6 +137,11 @@ class LinearInjectionScheme(InjectionScheme):
 
 class DiagonalInjectionScheme(InjectionScheme):
     names = ("diagonal_injection",)
+
+    @torch.no_grad()
+    def metrics(self):
+        decay, dt = self.injection.rates()
+        return {"spectral_radius": decay.max(), "mean_decay": decay.mean(), "mean_dt": dt.mean()}
 
     @classmethod
     def build(cls, name, options: SchemeOptions):

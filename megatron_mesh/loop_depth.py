@@ -62,6 +62,12 @@ class LoopDepth:
         return (self.sampler != "fixed" or self.backprop is not None
                 or round(self.mean) != self.trained)
 
+    @property
+    def grad_steps_vary(self) -> bool:
+        """Whether the number of loop steps with gradients changes from step to step: a
+        sampled depth (which may draw 1) with all steps, or with more than the last one."""
+        return self.sampler != "fixed" and (self.backprop is None or self.backprop > 1)
+
     def draw(self, seed: int, iteration: int) -> LoopDraw:
         rng = np.random.default_rng([seed, iteration])
         steps = self._steps(rng)

@@ -27,7 +27,7 @@ Precision (bf16 training; tests/test_mesh_precision.py):
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Callable, ClassVar, List, Optional, Sequence, Tuple
+from typing import Callable, ClassVar, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -135,6 +135,10 @@ class StateScheme(nn.Module):
         """What the coda reads after the last step (a function of h alone: depth lenses call it
         with state None)."""
         return h
+
+    def metrics(self) -> Dict[str, Tensor]:
+        """Scalars of the scheme's own parameters for the training log (``mesh/scheme/<name>``)."""
+        return {}
 
     def applied_matmul_weights(self, num_loops: int) -> int:
         """Matmul weights one token goes through in ``num_loops`` steps (stats.py counts FLOPs

@@ -67,13 +67,18 @@ def state_dict_of(states: States) -> Dict[str, Tensor]:
     return dict(states.items() if isinstance(states, Mapping) else states)
 
 
-def mesh_scheme(model) -> Optional[torch.nn.Module]:
-    """The MeshScheme inside a (possibly DDP/Float16Module-wrapped) MeshGPTModel, else None."""
-    from megatron_mesh.mesh import MeshScheme
-
+def block_scheme(model) -> Optional[torch.nn.Module]:
+    """The state scheme inside a (possibly DDP/Float16Module-wrapped) MeshGPTModel, else None."""
     while hasattr(model, "module") and not hasattr(model, "decoder"):
         model = model.module
-    scheme = getattr(getattr(model, "decoder", None), "scheme", None)
+    return getattr(getattr(model, "decoder", None), "scheme", None)
+
+
+def mesh_scheme(model) -> Optional[torch.nn.Module]:
+    """The MeshScheme inside a (possibly wrapped) MeshGPTModel, else None."""
+    from megatron_mesh.mesh import MeshScheme
+
+    scheme = block_scheme(model)
     return scheme if isinstance(scheme, MeshScheme) else None
 
 

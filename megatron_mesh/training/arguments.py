@@ -14,6 +14,7 @@ from typing import Any, Dict, List
 
 from megatron_mesh.experiment import (SECTIONS, Data, Experiment, Parallelism, Training, flag_args,
                                       parse_experiment)
+from megatron_mesh.loop_depth import LoopDepth
 from megatron_mesh.unrolled import stage_bounds
 from megatron_mesh.yaml_config import ConfigError, model_config
 
@@ -22,6 +23,7 @@ def _parsed(tree: dict, origins: Dict[str, str]) -> Experiment:
     """The typed experiment, with the checks no single key can make."""
     exp = parse_experiment(tree, origins)
     _check_pipeline(exp, tree, origins)
+    _check_loop_depth(exp, tree, origins)
     if (exp.training.train_iters is None) == (exp.training.train_tokens is None):
         raise ConfigError("set exactly one of 'training.train_iters' and 'training.train_tokens'")
     if len(exp.optimizer.betas) != 2:
@@ -54,6 +56,25 @@ def _check_pipeline(exp: Experiment, tree: dict, origins: Dict[str, str]) -> Non
             f"{origins.get('parallelism.pipeline_stage_layers', where)}: pipeline_stage_layers="
             f"{list(split)}: megatron's validate_args needs the middle stages' {sum(split[1:-1])} "
             f"layer applications divisible by {ranks - 2} stages (the model itself builds any split)")
+
+
+def _check_loop_depth(exp: Experiment, tree: dict, origins: Dict[str, str]) -> None:
+    """A sampled depth (or truncated backprop) and the parallel settings it cannot follow."""
+    par = exp.parallelism
+    where = origins.get("model.loop_depth", origins.get("model.backprop_loops", "?"))
+    # MeshConfig refuses pipeline parallelism itself; ask it with this run's pipeline size
+    cfg = model_config(tree, origins, use_cpu_initialization=True,
+                       pipeline_model_parallel_size=par.pipeline)
+    depth = LoopDepth.of(cfg)
+    if par.overlap_grad_reduce and par.recompute_granularity == "full" and depth.grad_steps_vary:
+        raise ConfigError(
+            f"{where}: model.loop_depth={cfg.loop_depth!r} with backprop_loops="
+            f"{cfg.backprop_loops} varies the loop steps that get gradients, which full recompute "
+            "turns into a varying number of gradient hooks per core parameter; megatron-core's "
+            "DDP with parallelism.overlap_grad_reduce reduces a bucket only when every parameter's "
+            "hook fired as often as in the first step (param_and_grad_buffer.py, "
+            "golden_per_param_grad_ready_counts) and fails otherwise. Set model.backprop_loops: 1 "
+            "(always one step with gradients), or drop overlap_grad_reduce or the recompute")
 
 
 def _pipeline_args(par: Parallelism) -> List[str]:

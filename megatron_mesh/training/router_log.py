@@ -1,4 +1,6 @@
-"""MeSH router statistics in the training log (TensorBoard / W&B), at every log interval.
+"""MeSH router statistics and the state scheme's own scalars (``StateScheme.metrics``, e.g. the
+diagonal injection's spectral radius under ``mesh/scheme/...``) in the training log
+(TensorBoard / W&B), at every log interval.
 
 On the rank that owns the log writers (megatron's last rank), the first micro-batch of each
 logged step records the block's states and ``megatron_mesh.probing.routers.router_summary``
@@ -41,13 +43,16 @@ class RouterLog:
     def write(self, model, states: Optional[List]) -> None:
         from megatron.training import get_tensorboard_writer, get_wandb_writer
 
-        from megatron_mesh.probing.routers import router_summary
+        from megatron_mesh.probing.routers import block_scheme, router_summary
 
         if not states:
             return
-        summary = router_summary(model, states)
-        numbers = torch.stack(list(summary.values())).tolist() if summary else []  # one sync
-        values = {f"mesh/router/{k[len('mesh/'):]}": v for k, v in zip(summary, numbers)}
+        summary = {f"mesh/router/{k[len('mesh/'):]}": v for k, v in router_summary(model, states).items()}
+        scheme = block_scheme(model)
+        metrics = scheme.metrics() if scheme is not None else {}
+        summary.update({f"mesh/scheme/{k}": v for k, v in metrics.items()})
+        numbers = torch.stack([v.float() for v in summary.values()]).tolist() if summary else []  # one sync
+        values = dict(zip(summary, numbers))
         writer, wandb = get_tensorboard_writer(), get_wandb_writer()
         if writer:
             for key, value in values.items():

@@ -203,3 +203,21 @@ def test_gradient_accumulation_fusion_only_with_apex_extension(monkeypatch, mega
     monkeypatch.setattr(arguments.importlib.util, "find_spec",
                         lambda name: object() if name == "fused_weight_gradient_mlp_cuda" else real(name))
     assert parsed(config).gradient_accumulation_fusion is True
+
+
+def test_sampled_depth_refuses_what_the_trainer_cannot_follow():
+    """Checked before torchrun starts: pipeline parallelism, and megatron-core DDP's fixed
+    gradient-hook count per parameter under overlap + full recompute."""
+    from megatron_mesh.training.arguments import megatron_argv
+
+    tiny = REPO / "configs/tiny-cpu.yml"
+    sampled = ["model.state_scheme=linear_injection", "model.loop_depth=poisson", "model.mean_loops=2"]
+    with pytest.raises(ConfigError, match="under pipeline_model_parallel_size=2: each pipeline stage"):
+        megatron_argv(*load_config_tree(tiny, [*sampled, "parallelism.pipeline=2"]))
+    overlap = ["parallelism.overlap_grad_reduce=true",
+               "parallelism.distributed_optimizer=true", "parallelism.recompute_granularity=full",
+               "parallelism.recompute_method=uniform", "parallelism.recompute_num_layers=1"]
+    with pytest.raises(ConfigError, match="golden_per_param_grad_ready_counts"):
+        megatron_argv(*load_config_tree(tiny, [*sampled, *overlap, "model.backprop_loops=2"]))
+    megatron_argv(*load_config_tree(tiny, [*sampled, *overlap, "model.backprop_loops=1"]))
+    megatron_argv(*load_config_tree(tiny, [*sampled, *overlap[:2], "model.backprop_loops=2"]))
