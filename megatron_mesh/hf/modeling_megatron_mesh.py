@@ -237,6 +237,12 @@ class MegatronMeshModel(MegatronMeshPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
+    def applications(self, loops=None) -> int:
+        """Layer applications (KV cache slots) of a forward with ``loops`` loop steps."""
+        loops = self.loops if loops is None else loops
+        core = sum(len(self.cores[0 if self.tied else t]) for t in range(loops))
+        return len(self.prelude) + core + len(self.coda)
+
     def _run(self, layers, h, ctx, slots: List[int]):
         for layer in layers:
             if self.gradient_checkpointing and self.training:
@@ -288,6 +294,14 @@ class MegatronMeshModel(MegatronMeshPreTrainedModel):
         return causal.expand(b, 1, s, past + s)
 
 
+def _grow_cache(cache, slots: int) -> None:
+    """One KV slot per layer application: generate() sizes its cache for the trained depth
+    (config.num_hidden_layers); a deeper num_loops needs more slots of the same kind."""
+    layers = getattr(cache, "layers", None)
+    if layers and len(layers) < slots:
+        layers.extend(type(layers[0])() for _ in range(slots - len(layers)))
+
+
 class MegatronMeshForCausalLM(MegatronMeshPreTrainedModel, GenerationMixin):
     _tied_weights_keys = []
 
@@ -309,9 +323,11 @@ class MegatronMeshForCausalLM(MegatronMeshPreTrainedModel, GenerationMixin):
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache()
+        loops = num_loops if num_loops is not None else self.config.num_loops
+        if use_cache:
+            _grow_cache(past_key_values, self.model.applications(loops))
         h, states = self.model(input_ids, attention_mask, position_ids, past_key_values, use_cache,
-                               num_loops if num_loops is not None else self.config.num_loops,
-                               bool(output_hidden_states))
+                               loops, bool(output_hidden_states))
         logits = self.embed_out(h)
         loss = None
         if labels is not None:

@@ -67,16 +67,19 @@ def test_any_loop_count_beyond_the_training_depth(megatron_world, scheme):
         assert (deeper - again(tokens).logits).abs().max() < 1e-4
 
 
-@pytest.mark.parametrize("scheme", ["mesh", "anchor", "linear_injection"])
-def test_cached_greedy_generation_equals_full_forward_argmax(megatron_world, scheme):
+@pytest.mark.parametrize("scheme, loops", [("mesh", None), ("anchor", None),
+                                           ("linear_injection", None), ("linear_injection", 5)])
+def test_cached_greedy_generation_equals_full_forward_argmax(megatron_world, scheme, loops):
+    """Also with num_loops past the training depth passed to generate (more cache slots)."""
     _, hf = megatron_and_hf(tiny_config("1+2R2+1", scheme))
     prompt = torch.tensor([[5, 17, 42, 8, 9]])
     generated = hf.generate(prompt, max_new_tokens=12, do_sample=False, use_cache=True,
-                            pad_token_id=0, eos_token_id=None)
+                            pad_token_id=0, eos_token_id=None, num_loops=loops)
     tokens = prompt
     with torch.no_grad():
         for _ in range(12):
-            next_token = hf(tokens, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            logits = hf(tokens, use_cache=False, num_loops=loops).logits
+            next_token = logits[:, -1].argmax(-1, keepdim=True)
             tokens = torch.cat([tokens, next_token], dim=1)
     assert generated.tolist() == tokens.tolist()
 
