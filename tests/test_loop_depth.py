@@ -126,3 +126,30 @@ def test_frozen_steps_cost_forward_flops_only():
     mean = LoopDepth.of(cfg).expected()
     expected = at_k + (mean.num_loops - 2) * one_frozen + (mean.grad_loops - 2) * 2 * one_frozen
     assert expected_train_flops_per_token(cfg, 32) == pytest.approx(expected)
+
+
+def test_full_recompute_per_loop_step_under_truncated_backprop(megatron_world):
+    """Recompute chunks of one core application (uniform, 2 layers) run only for the steps with
+    gradients (the others keep no graph to recompute); the gradients are unchanged."""
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    from megatron_mesh.model import MeshGPTModel
+
+    def grads(**recompute):
+        torch.manual_seed(0)
+        model = MeshGPTModel(tiny_config("1+2R2+1", "linear_injection", **recompute)).train()
+        calls = []
+        for layer in model.decoder.layers:
+            layer.register_forward_hook(lambda *_: calls.append(1))
+        tokens, positions = random_batch(model.config)
+        model_parallel_cuda_manual_seed(7)
+        model(tokens, positions, labels=tokens, num_loops=4, grad_loops=2).sum().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}, len(calls)
+
+    plain, plain_calls = grads()
+    again, calls = grads(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=2)
+    assert plain_calls == 1 + 4 * 2 + 1
+    # prelude, the two steps with gradients (not the two without) and the coda run again
+    assert calls == plain_calls + 1 + 2 * 2 + 1
+    for name in plain:
+        torch.testing.assert_close(again[name], plain[name], rtol=1e-5, atol=1e-6, msg=name)

@@ -1,9 +1,13 @@
-"""A sampled loop depth with truncated backprop trains the same under TP=2 + SP and under DP=2
-with the distributed optimizer and overlapped gradient reduction as in one process: every rank
-draws the same depth (a rank drawing another would run another graph, and the DP average or
-the TP partial sums would differ from the single process at once), and megatron-core's DDP
-copes with a depth, and so a number of gradient contributions per core parameter, that changes
-every step. Real torchrun processes, fp32, gloo (tolerances: test_parity.py's module docstring).
+"""Input injection under the parallel layouts, against one process (real torchrun processes,
+fp32, gloo; tolerances: test_parity.py's module docstring).
+
+A sampled loop depth with truncated backprop trains the same under TP=2 + SP and under DP=2
+with the distributed optimizer and overlapped gradient reduction: every rank draws the same
+depth (a rank drawing another runs another graph: the collectives stop matching and the run
+fails), and megatron-core's DDP copes with a depth that changes every step (without recompute
+each parameter's gradient hook fires once per backward whatever the depth; with full recompute
+it would not, and the trainer refuses that: training/arguments.py). At a fixed depth the
+injection state crosses pipeline boundaries like MeSH's buffer: PP=2 x VP=2 with the core split.
 """
 
 import re
@@ -11,7 +15,7 @@ import re
 import pytest
 
 from batch import tiny_section
-from test_parity import DISTOPT, SP, assert_same_run, run
+from test_parity import DISTOPT, DISTOPT_PP, PP2_VP2, SP, assert_same_run, run
 
 pytestmark = pytest.mark.slow
 
@@ -49,3 +53,9 @@ def test_the_log_reports_the_depth_each_step_ran(single):
     # the line at iteration i covers the step run at curr_iteration i - 1
     assert logged == [depth.draw(seed, i).num_loops for i in range(1, len(logged) + 1)]
     assert len(logged) == 2
+
+
+def test_fixed_depth_injection_under_virtual_pipelining_matches_single_process(start, tmp_path):
+    """e (the prelude output every step re-injects) rides in the carry across 3 boundaries."""
+    fixed = run(tmp_path, start, "fixed")
+    assert_same_run(run(tmp_path, start, "pp2-vp2", 2, **PP2_VP2, **DISTOPT_PP), fixed)
