@@ -256,8 +256,7 @@ class MeshConfig(TransformerConfig):
             self.mean_loops = float(self.parsed_layout.num_loops)
         if not LoopDepth.of(self).varies:
             return
-        setting = (f"loop_depth={self.loop_depth!r}, mean_loops={self.mean_loops}, "
-                   f"backprop_loops={self.backprop_loops}")
+        setting = self.depth_setting()
         if not self.parsed_layout.tied or not self.parsed_layout.recursive:
             raise ValueError(f"{setting} needs a tied looped core ('P+CRK+D'), not layout={self.layout!r}")
         if has_per_step_parameters(self.state_scheme):
@@ -265,10 +264,18 @@ class MeshConfig(TransformerConfig):
                 f"{setting}: state_scheme={self.state_scheme!r} has parameters per loop step, so it "
                 "runs exactly its K steps, all with gradients; use mesh_shared or an injection scheme")
         if self.pipeline_model_parallel_size > 1:
-            raise ValueError(
-                f"{setting} under pipeline_model_parallel_size={self.pipeline_model_parallel_size}: "
-                "each pipeline stage holds a fixed slice of the K-step unrolled graph, so a "
-                "sampled depth or a step without gradients cannot be split; use fixed depth, or "
+            raise ValueError(self.pipeline_refusal(self.pipeline_model_parallel_size))
+
+    def depth_setting(self) -> str:
+        return (f"loop_depth={self.loop_depth!r}, mean_loops={self.mean_loops}, "
+                f"backprop_loops={self.backprop_loops}")
+
+    def pipeline_refusal(self, stages: int) -> str:
+        """Why a varying depth cannot run under ``stages``-way pipeline parallelism (the trainer
+        says it before launch, MeshConfig where it is built)."""
+        return (f"{self.depth_setting()} under pipeline_model_parallel_size={stages}: each "
+                "pipeline stage holds a fixed slice of the K-step unrolled graph, so a sampled "
+                "depth or a step without gradients cannot be split; use fixed depth, or "
                 "tensor/data parallelism")
 
     def _check_choices(self) -> None:

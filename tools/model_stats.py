@@ -128,7 +128,7 @@ def main(argv=None):
         ("total parameters", f"{stats.total_params:,}"),
         ("embedding parameters", f"{stats.embedding_params:,}"),
         ("non-embedding parameters", f"{stats.non_embedding_params:,}"),
-        ("state-scheme parameters (routers, adapters)", f"{stats.router_params:,}"),
+        ("scheme parameters", f"{stats.router_params:,}"),  # routers, adapters, coefficients
         *flops_rows(cfg, stats),
     ]
     width = max(len(name) for name, _ in rows)

@@ -62,10 +62,10 @@ def _check_loop_depth(exp: Experiment, tree: dict, origins: Dict[str, str]) -> N
     """A sampled depth (or truncated backprop) and the parallel settings it cannot follow."""
     par = exp.parallelism
     where = origins.get("model.loop_depth", origins.get("model.backprop_loops", "?"))
-    # MeshConfig refuses pipeline parallelism itself; ask it with this run's pipeline size
-    cfg = model_config(tree, origins, use_cpu_initialization=True,
-                       pipeline_model_parallel_size=par.pipeline)
+    cfg = model_config(tree, origins, use_cpu_initialization=True)
     depth = LoopDepth.of(cfg)
+    if depth.varies and par.pipeline > 1:
+        raise ConfigError(f"{where}: {cfg.pipeline_refusal(par.pipeline)}")
     if par.overlap_grad_reduce and par.recompute_granularity == "full" and depth.grad_steps_vary:
         raise ConfigError(
             f"{where}: model.loop_depth={cfg.loop_depth!r} with backprop_loops="
