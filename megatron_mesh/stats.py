@@ -120,18 +120,35 @@ def train_flops_per_token(cfg: MeshConfig, seq_length: int, draw: Optional[LoopD
     return float(3 * (outside + draw.grad_loops * step) + frozen * step)
 
 
+@dataclass(frozen=True)
+class DepthCost:
+    """``train_flops_per_token`` of a step as a function of its depth, which it is linear in:
+    base + per_step * loop steps + per_grad_step * loop steps with gradients (computed once, so
+    the trainer's per-step FLOP count builds nothing)."""
+
+    base: float
+    per_step: float
+    per_grad_step: float
+
+    @classmethod
+    def of(cls, cfg: MeshConfig, seq_length: int) -> "DepthCost":
+        base = train_flops_per_token(cfg, seq_length, LoopDraw(0, 0))
+        frozen = train_flops_per_token(cfg, seq_length, LoopDraw(1, 0))
+        with_grad = train_flops_per_token(cfg, seq_length, LoopDraw(1, 1))
+        return cls(base, frozen - base, with_grad - frozen)
+
+    def at(self, num_loops: float, grad_loops: float) -> float:
+        return self.base + num_loops * self.per_step + grad_loops * self.per_grad_step
+
+
 def expected_train_flops_per_token(cfg: MeshConfig, seq_length: int) -> float:
-    """``train_flops_per_token`` averaged over the config's loop-depth distribution (it is
-    linear in the depth and the gradient depth, so their means give the mean)."""
+    """``train_flops_per_token`` averaged over the config's loop-depth distribution (linear in
+    the depth and the gradient depth, so their means give the mean)."""
     depth = LoopDepth.of(cfg)
     if not depth.varies:
         return train_flops_per_token(cfg, seq_length)
     mean = depth.expected()
-    low, high = LoopDraw(0, 0), LoopDraw(1, 0)
-    base = train_flops_per_token(cfg, seq_length, low)
-    per_step = train_flops_per_token(cfg, seq_length, high) - base
-    per_grad_step = train_flops_per_token(cfg, seq_length, LoopDraw(1, 1)) - base - per_step
-    return base + mean.num_loops * per_step + mean.grad_loops * per_grad_step
+    return DepthCost.of(cfg, seq_length).at(mean.num_loops, mean.grad_loops)
 
 
 def model_stats(model: MeshGPTModel, seq_length: int) -> ModelStats:

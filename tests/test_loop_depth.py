@@ -114,7 +114,7 @@ def manual_loss(model, tokens, positions, num_loops, frozen):
 
 
 def test_frozen_steps_cost_forward_flops_only():
-    from megatron_mesh.stats import expected_train_flops_per_token, train_flops_per_token
+    from megatron_mesh.stats import DepthCost, expected_train_flops_per_token, train_flops_per_token
 
     cfg = tiny_config("1+2R2+1", "linear_injection", loop_depth="poisson", mean_loops=4.0,
                       backprop_loops=2)
@@ -123,6 +123,9 @@ def test_frozen_steps_cost_forward_flops_only():
     one_frozen = train_flops_per_token(cfg, 32, LoopDraw(3, 2)) - at_k
     one_more = train_flops_per_token(cfg, 32, LoopDraw(3, 3)) - at_k
     assert one_more == pytest.approx(3 * one_frozen)
+    cost = DepthCost.of(cfg, 32)  # what the trainer counts each step with
+    for draw in (LoopDraw(2, 2), LoopDraw(5, 2), LoopDraw(1, 1)):
+        assert cost.at(draw.num_loops, draw.grad_loops) == pytest.approx(train_flops_per_token(cfg, 32, draw))
     mean = LoopDepth.of(cfg).expected()
     expected = at_k + (mean.num_loops - 2) * one_frozen + (mean.grad_loops - 2) * 2 * one_frozen
     assert expected_train_flops_per_token(cfg, 32) == pytest.approx(expected)

@@ -15,9 +15,9 @@ every rank.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 import resource
 import time
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from megatron_mesh.config import MeshConfig
 from megatron_mesh.loop_depth import LoopDepth
-from megatron_mesh.stats import train_flops_per_token
+from megatron_mesh.stats import DepthCost, train_flops_per_token
 
 PEAK_TFLOPS_BF16: Tuple[Tuple[str, float], ...] = (
     (r"\bH100 PCIe\b", 756.0),
@@ -80,17 +80,16 @@ class RealizedDepth:
     """The loop depth each training step ran (loop_depth.py: a function of the seed and iteration,
     the draw the forward step made) and the FLOPs per token it cost."""
 
-    config: MeshConfig
     depth: LoopDepth
     seed: int
-    seq_length: int
+    cost: DepthCost
 
     def loops(self, iteration: int) -> int:
         return self.depth.draw(self.seed, iteration).num_loops
 
     def flops_per_token(self, iteration: int) -> float:
         draw = self.depth.draw(self.seed, iteration)
-        return train_flops_per_token(self.config, self.seq_length, draw)
+        return self.cost.at(draw.num_loops, draw.grad_loops)
 
 
 class ThroughputLogger:
@@ -112,13 +111,14 @@ class ThroughputLogger:
             self._peak, self._peak_known = default_peak_tflops(), True
         return self._peak
 
-    def per_token_at(self, iteration: int) -> float:
+    def per_token_at(self, iteration: Optional[int]) -> float:
         """FLOPs per token of the training step run at ``iteration`` (args.curr_iteration)."""
         return self.per_token if self.depth is None else self.depth.flops_per_token(iteration)
 
     def num_floating_point_operations(self, args, batch_size, *_unused, **_kwargs) -> float:
-        per_token = self.per_token if self.depth is None else self.per_token_at(args.curr_iteration)
-        return float(batch_size * args.seq_length * per_token)
+        # args.curr_iteration exists only inside megatron's training loop: read it only then
+        iteration = args.curr_iteration if self.depth is not None else None
+        return float(batch_size * args.seq_length * self.per_token_at(iteration))
 
     def line(self, args, iteration: int, now: float) -> Optional[dict]:
         if self.last is None:
@@ -169,7 +169,8 @@ def install(config: MeshConfig, args) -> ThroughputLogger:
     from megatron.training.utils import print_rank_last
 
     depth = LoopDepth.of(config)
-    realized = RealizedDepth(config, depth, args.seed, args.seq_length) if depth.varies else None
+    realized = (RealizedDepth(depth, args.seed, DepthCost.of(config, args.seq_length))
+                if depth.varies else None)
     logger = ThroughputLogger(train_flops_per_token(config, args.seq_length), args.mesh_peak_tflops,
                               realized)
     training.num_floating_point_operations = logger.num_floating_point_operations
