@@ -118,6 +118,30 @@ def _apply_layers(layers, h: Tensor, attention_mask: Optional[Tensor],
     return h
 
 
+class _StepGate:
+    """Per-sequence / per-token loop depth: loop step t updates only the elements ``mask[t]``
+    marks; the others keep the h(t) and scheme state they entered the step with. A gate
+    without a mask passes every step through."""
+
+    def __init__(self, mask: Optional[Tensor]):
+        self.mask = mask  # [steps, s|1, b, 1] bool, or None
+        self.entry: Optional[Carry] = None
+
+    def enter(self, carry: "Carry") -> None:
+        """The carry a loop step starts from (before the scheme's injection)."""
+        if self.mask is not None:
+            self.entry = carry
+
+    def __call__(self, t: int, h: Tensor, state: LoopState) -> Tuple[Tensor, LoopState]:
+        if self.mask is None:
+            return h, state
+        keep = self.mask[t]
+        # with gradients even in a frozen step: an element sitting it out keeps the graph of
+        # the state it entered with (e.g. h(0) from the prelude, its steps still to come)
+        with torch.enable_grad():
+            return torch.where(keep, h, self.entry.h), state.where(keep, self.entry.state)
+
+
 @dataclass
 class Carry:
     """What flows along the unrolled graph from one op to the next, and (packed by
@@ -223,6 +247,7 @@ class RecursiveMeshTransformerBlock(MegatronModule):
         states: StateList = None,
         carry: Optional[Carry] = None,
         grad_loops: Optional[int] = None,
+        step_mask: Optional[Tensor] = None,
     ):
         """Run this block's share of the unrolled graph.
 
@@ -230,7 +255,9 @@ class RecursiveMeshTransformerBlock(MegatronModule):
         pipeline stage from the ``carry`` of the one before. The last stage returns the final
         normed state [s, b, h], others their carry. ``num_loops`` reads out after fewer (or, for
         tied cores, more) loop steps than the layout trains with; ``grad_loops`` runs all but the
-        last that many without an autograd graph (truncated backprop). ``states``, if a list,
+        last that many without an autograd graph (truncated backprop); ``step_mask`` (bool
+        [num_loops, b] or [num_loops, b, s], per-sequence or per-token depth: loop_depth.py)
+        lets loop step t update only the sequences or tokens it marks. ``states``, if a list,
         receives (name, tensor) in execution order for probes and tests (names: ``Recorded``).
 
         The ops (unrolled.py) run the recurrence
@@ -247,24 +274,15 @@ class RecursiveMeshTransformerBlock(MegatronModule):
                 raise ValueError("num_loops can only be changed when one stage holds the whole model")
             ops = unrolled_ops(self.config.parsed_layout, self._check_num_loops(num_loops))
         record = _Recorder(states)
+        gate = _StepGate(self._local_step_mask(step_mask, ops))
         if carry is None:
             carry = Carry(h=hidden_states, h_emb=hidden_states)
             record(Recorded.EMBEDDINGS, hidden_states)
         loops = sum(op.kind == "step" for op in ops)
         first_grad_step = loops - (loops if grad_loops is None else grad_loops)
-
-        def group(op: Op) -> Tuple[bool, bool]:  # (a layer, runs without gradients)
-            return op.kind == "layer", 0 <= op.loop < first_grad_step
-
         with self._rng_context():
-            for (is_layer, frozen), run in itertools.groupby(ops, key=group):
-                with torch.no_grad() if frozen else contextlib.nullcontext():
-                    if is_layer:  # consecutive layer applications run together (recompute chunks)
-                        h = self._run_layers(list(run), carry.h, attention_mask, rotary_pos_emb)
-                        carry = Carry(h, carry.h_emb, carry.h_loop, carry.state)
-                    else:
-                        for op in run:
-                            carry = self._scheme_op(op, carry, record)
+            carry = self._run_ops(ops, carry, first_grad_step, (attention_mask, rotary_pos_emb),
+                                  record, gate)
         if not self.is_last_stage:
             return carry
         if not self.config.parsed_layout.recursive:
@@ -273,7 +291,30 @@ class RecursiveMeshTransformerBlock(MegatronModule):
         h = self.final_layernorm(carry.h)
         return make_viewless_tensor(h, requires_grad=h.requires_grad, keep_graph=True)
 
-    def _scheme_op(self, op: Op, carry: Carry, record: "_Recorder") -> Carry:
+    def _run_ops(self, ops: List[Op], carry: Carry, first_grad_step: int, layer_inputs: tuple,
+                 record: "_Recorder", gate: "_StepGate") -> Carry:
+        """The ops in order, loop steps before ``first_grad_step`` without gradients.
+
+        Consecutive layer applications run together (the recompute chunks). A frozen layer
+        run's output is detached: megatron-core's TransformerLayer adds the linear biases under
+        torch.enable_grad() (bias_dropout_add_exec_handler), so a layer run under no_grad still
+        returns a graph to its biases, which would get gradients through steps meant to have none.
+        """
+        def group(op: Op) -> Tuple[bool, bool]:  # (a layer, runs without gradients)
+            return op.kind == "layer", 0 <= op.loop < first_grad_step
+
+        for (is_layer, frozen), run in itertools.groupby(ops, key=group):
+            with torch.no_grad() if frozen else contextlib.nullcontext():
+                if is_layer:
+                    h = self._run_layers(list(run), carry.h, *layer_inputs)
+                    h = h.detach() if frozen else h
+                    carry = Carry(h, carry.h_emb, carry.h_loop, carry.state)
+                else:
+                    for op in run:
+                        carry = self._scheme_op(op, carry, record, gate)
+        return carry
+
+    def _scheme_op(self, op: Op, carry: Carry, record: "_Recorder", gate: "_StepGate") -> Carry:
         """One state-scheme operation of the recurrence (unrolled.Op kinds)."""
         if op.kind == "begin":
             record(Recorded.PRELUDE, carry.h)
@@ -281,17 +322,34 @@ class RecursiveMeshTransformerBlock(MegatronModule):
             record(Recorded.loop_state(0), h)
             return Carry(h, h_loop=h, state=state)
         if op.kind == "inject":
+            gate.enter(carry)
             u = self.scheme.inject(op.index, carry.h, carry.state)  # the core's input
             record(Recorded.core_input(op.index), u)
             return Carry(u, h_loop=u, state=carry.state)
         if op.kind == "step":
             record(Recorded.core_output(op.index), carry.h)
             h, state = self.scheme(op.index, carry.h_loop, carry.h, carry.state)  # h(t+1)
+            h, state = gate(op.index, h, state)
             record(Recorded.loop_state(op.index + 1), h)
             return Carry(h, h_loop=h, state=state)
         h = self.scheme.end(carry.h, carry.state)  # end: what the coda reads
         record(Recorded.CODA_INPUT, h)
         return Carry(h)
+
+    def _local_step_mask(self, step_mask: Optional[Tensor], ops: List[Op]) -> Optional[Tensor]:
+        """``step_mask`` [steps, b(, s)] as [steps, s|1, b, 1] over this rank's tokens (under
+        sequence parallelism a rank holds the s / tp tokens of its own chunk)."""
+        if step_mask is None:
+            return None
+        loops = sum(op.kind == "step" for op in ops)
+        if step_mask.shape[0] != loops or self.stage != (0, self.config.parsed_layout.n_compute):
+            raise ValueError(f"step_mask of {step_mask.shape[0]} steps for a block running {loops} "
+                             f"loop steps on stage {self.stage}: expected {loops} on one stage")
+        mask = step_mask.transpose(1, 2) if step_mask.dim() == 3 else step_mask.unsqueeze(1)
+        if self.config.sequence_parallel and mask.shape[1] > 1:
+            tp = self.pg_collection.tp
+            mask = mask.chunk(tp.size(), dim=1)[tp.rank()]
+        return mask.unsqueeze(-1)  # [steps, s|1, b, 1]
 
     def _rng_context(self):
         """Under sequence parallelism each tensor-parallel rank holds other tokens, so dropout

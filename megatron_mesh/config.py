@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_mesh.loop_depth import DEPTH_SAMPLERS, LoopDepth
+from megatron_mesh.loop_depth import DEPTH_SAMPLERS, DEPTH_UNITS, LoopDepth
 from megatron_mesh.injection import INITIAL_STATES, InjectionScheme
 from megatron_mesh.layout import Layout, parse_layout
 from megatron_mesh.mesh import CYCLE_IMPLEMENTATIONS
@@ -128,6 +128,12 @@ class MeshConfig(TransformerConfig):
     backprop_loops: Optional[int] = mesh_field(MODEL, None)
     """Truncated backprop: only the last this many loop steps carry gradients, the others run
     without an autograd graph (Huginn, Parcae); default all."""
+
+    loop_depth_per: str = mesh_field(MODEL, "batch", DEPTH_UNITS)
+    """What one draw of a sampled loop_depth covers: the global 'batch' of a training step, each
+    'sequence' or each 'token' (Parcae's recurrent_iteration_method). Per sequence or token a
+    micro-batch runs the steps its deepest element needs and the others keep their state
+    (loop_depth.py); the FLOPs and the logged depth count each element's own steps."""
 
     scale_embeddings: bool = mesh_field(ARCHITECTURE, True)
     """Multiply the input embeddings by sqrt(hidden_size) before the first layer (App. B)."""
@@ -254,6 +260,10 @@ class MeshConfig(TransformerConfig):
                 raise ValueError(f"{name}={value}: expected a value >= 1")
         if self.mean_loops is None:
             self.mean_loops = float(self.parsed_layout.num_loops)
+        if self.loop_depth_per != "batch" and self.loop_depth == "fixed":
+            raise ValueError(f"loop_depth_per={self.loop_depth_per!r} draws a depth per "
+                             f"{self.loop_depth_per}: it needs a sampled loop_depth "
+                             f"('poisson' or 'poisson_lognormal'), not 'fixed'")
         if not LoopDepth.of(self).varies:
             return
         setting = self.depth_setting()
@@ -267,7 +277,8 @@ class MeshConfig(TransformerConfig):
             raise ValueError(self.pipeline_refusal(self.pipeline_model_parallel_size))
 
     def depth_setting(self) -> str:
-        return (f"loop_depth={self.loop_depth!r}, mean_loops={self.mean_loops}, "
+        per = f" per {self.loop_depth_per}" if self.loop_depth_per != "batch" else ""
+        return (f"loop_depth={self.loop_depth!r}{per}, mean_loops={self.mean_loops}, "
                 f"backprop_loops={self.backprop_loops}")
 
     def pipeline_refusal(self, stages: int) -> str:

@@ -1,28 +1,40 @@
 """Loop depth as a training dimension: how many loop steps a training step runs, and through
 how many of the last ones the gradient flows (truncated backprop).
 
-Samplers (``MeshConfig.loop_depth``), one draw per training step for the whole global batch:
+Samplers (``MeshConfig.loop_depth``):
 - ``fixed``: round(mean) steps, every step;
 - ``poisson_lognormal`` (Huginn, recpre/model_dynamic.py 'poisson-lognormal-filling'):
   tau ~ LogNormal(log(mean) - sigma^2 / 2, sigma), so E[tau] = mean; steps = Poisson(tau) + 1;
-- ``poisson`` (Parcae, models/parcae/parcae.py ``_sample_batch_depths``, here per batch):
+- ``poisson`` (Parcae, models/parcae/parcae.py ``_sample_batch_depths``):
   steps = max(Poisson(mean), 1).
 ``max`` caps the draw (neither source has one; a cap bounds activation memory). The gradient
 flows through the last min(backprop, steps) steps; the others run without an autograd graph.
 
-The draw is a function of (seed, iteration) only, so every rank of a step (TP, DP, and a
-resumed run) draws the same depth without communicating.
+What one draw covers (``MeshConfig.loop_depth_per``, Parcae's ``recurrent_iteration_method``):
+- ``batch``: one depth for the whole global batch of a training step, from (seed, iteration);
+- ``sequence`` / ``token``: one depth per sequence / per token, from (seed, iteration, g) with
+  g the sequence's place in the global batch. A micro-batch runs as many steps as its deepest
+  element needs, frozen phase first and then the steps with gradients (Parcae's order); step t
+  updates only the elements still running in that phase (``LoopDraw.active``), the others keep
+  their state. Under per-token depth the tokens that stopped are still attended to.
+
+Every draw is a function of (seed, iteration[, g]) only, so every rank of a step (TP, DP, and a
+resumed run) draws the same depth for the same data without communicating, and a sequence gets
+the same depth whichever data-parallel rank and micro-batch it lands in.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field, replace
+from typing import Optional, Sequence
 
 import numpy as np
 
 DEPTH_SAMPLERS = ("fixed", "poisson_lognormal", "poisson")
+
+DEPTH_UNITS = ("batch", "sequence", "token")
+"""What one depth draw covers (module docstring)."""
 
 HUGINN_SIGMA = 0.5
 """The log-normal's sigma in Huginn's sampler (hard-coded there)."""
@@ -30,12 +42,36 @@ HUGINN_SIGMA = 0.5
 
 @dataclass(frozen=True)
 class LoopDraw:
-    """One training step's depth."""
+    """One training step's (or micro-batch's) depth."""
 
     num_loops: int
     """Loop steps run."""
     grad_loops: int
     """The last ``grad_loops`` of them carry gradients."""
+    active: Optional[np.ndarray] = field(default=None, compare=False)
+    """Per-sequence or per-token depth: bool [num_loops, b] or [num_loops, b, s], whether loop
+    step t updates each sequence or token. None: every step updates every element."""
+
+    @classmethod
+    def of_elements(cls, steps: np.ndarray, grad: np.ndarray) -> "LoopDraw":
+        """The draw that runs element i ``steps[i]`` steps, the last ``grad[i]`` with gradients:
+        max(frozen) steps without gradients, then max(grad) with, each element active for the
+        first of its own in each phase."""
+        frozen = steps - grad
+        phases = [(frozen, int(frozen.max())), (grad, int(grad.max()))]
+        active = np.stack([t < own for own, count in phases for t in range(count)])
+        return cls(len(active), phases[1][1], active)
+
+    @property
+    def mean_loops(self) -> float:
+        """Loop steps per element (the useful work: FLOPs and the logged depth count these)."""
+        return self.num_loops if self.active is None else float(self.active.sum(0).mean())
+
+    @property
+    def mean_grad_loops(self) -> float:
+        if self.active is None:
+            return self.grad_loops
+        return float(self.active[self.num_loops - self.grad_loops:].sum(0).mean())
 
 
 @dataclass(frozen=True)
@@ -49,12 +85,15 @@ class LoopDepth:
     max: Optional[int] = None
     backprop: Optional[int] = None
     sigma: float = HUGINN_SIGMA
+    per: str = "batch"
+    """What one draw covers: DEPTH_UNITS."""
 
     @classmethod
     def of(cls, config) -> "LoopDepth":
-        """From a MeshConfig (its loop_depth, mean_loops, max_loops, backprop_loops)."""
+        """From a MeshConfig (its loop_depth, mean_loops, max_loops, backprop_loops,
+        loop_depth_per)."""
         return cls(config.loop_depth, config.mean_loops, config.num_loops, config.max_loops,
-                   config.backprop_loops)
+                   config.backprop_loops, per=config.loop_depth_per)
 
     @property
     def varies(self) -> bool:
@@ -68,30 +107,59 @@ class LoopDepth:
         sampled depth (which may draw 1) with all steps, or with more than the last one."""
         return self.sampler != "fixed" and (self.backprop is None or self.backprop > 1)
 
-    def draw(self, seed: int, iteration: int) -> LoopDraw:
-        rng = np.random.default_rng([seed, iteration])
-        steps = self._steps(rng)
-        if self.max is not None:
-            steps = min(steps, self.max)
-        grad = steps if self.backprop is None else min(self.backprop, steps)
-        return LoopDraw(steps, grad)
+    def draw(self, seed: int, iteration: int, rows: Sequence[int] = (),
+             seq_length: int = 0) -> LoopDraw:
+        """The depth of training step ``iteration``; per sequence or token, that of the global
+        batch's sequences ``rows`` (of ``seq_length`` tokens)."""
+        if self.per == "batch":
+            steps = self._capped(self._steps(np.random.default_rng([seed, iteration])))
+            return LoopDraw(int(steps), int(self._grad(steps)))
+        steps = self._element_steps(seed, iteration, rows, seq_length)
+        return LoopDraw.of_elements(steps, self._grad(steps))
 
-    def _steps(self, rng: np.random.Generator) -> int:
+    def mean_depth(self, seed: int, iteration: int, rows: Sequence[int] = (),
+                   seq_length: int = 0) -> "MeanDepth":
+        """Steps and gradient steps per element of ``draw``'s elements, without building the
+        [steps, b, s] mask (the trainer's log averages a whole global batch)."""
+        if self.per == "batch":
+            draw = self.draw(seed, iteration)
+            return MeanDepth(draw.num_loops, draw.grad_loops)
+        steps = self._element_steps(seed, iteration, rows, seq_length)
+        return MeanDepth(float(steps.mean()), float(self._grad(steps).mean()))
+
+    def _element_steps(self, seed: int, iteration: int, rows: Sequence[int],
+                       seq_length: int) -> np.ndarray:
+        """Steps of each sequence ([b]) or token ([b, s]) of the global batch's ``rows``."""
+        size = (seq_length,) if self.per == "token" else None
+        return np.stack([self._capped(self._steps(np.random.default_rng([seed, iteration, g]), size))
+                         for g in rows])
+
+    def _steps(self, rng: np.random.Generator, size=None):
         if self.sampler == "fixed":
-            return int(round(self.mean))
+            return np.full(size, int(round(self.mean))) if size else int(round(self.mean))
         if self.sampler == "poisson_lognormal":
-            tau = rng.lognormal(math.log(self.mean) - self.sigma ** 2 / 2, self.sigma)
-            return int(rng.poisson(tau)) + 1
-        return max(int(rng.poisson(self.mean)), 1)
+            tau = rng.lognormal(math.log(self.mean) - self.sigma ** 2 / 2, self.sigma, size)
+            return rng.poisson(tau) + 1
+        return np.maximum(rng.poisson(self.mean, size), 1)
 
-    def expected(self, draws: int = 20000, seed: int = 0) -> "ExpectedDepth":
-        """Mean steps and mean gradient steps over ``draws`` draws (for the expected cost)."""
-        sample = [self.draw(seed, i) for i in range(draws)]
-        return ExpectedDepth(sum(d.num_loops for d in sample) / draws,
-                             sum(d.grad_loops for d in sample) / draws)
+    def _capped(self, steps):
+        return steps if self.max is None else np.minimum(steps, self.max)
+
+    def _grad(self, steps):
+        return steps if self.backprop is None else np.minimum(steps, self.backprop)
+
+    def expected(self, draws: int = 20000, seed: int = 0) -> "MeanDepth":
+        """Mean steps and mean gradient steps over ``draws`` draws (for the expected cost: per
+        sequence or token the same distribution, counted per element)."""
+        batch = replace(self, per="batch")
+        sample = [batch.draw(seed, i) for i in range(draws)]
+        return MeanDepth(sum(d.num_loops for d in sample) / draws,
+                         sum(d.grad_loops for d in sample) / draws)
 
 
 @dataclass(frozen=True)
-class ExpectedDepth:
+class MeanDepth:
+    """Loop steps and steps with gradients, averaged (over draws, or a batch's elements)."""
+
     num_loops: float
     grad_loops: float

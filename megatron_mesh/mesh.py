@@ -26,6 +26,7 @@ Precision (bf16 training; tests/test_mesh_precision.py):
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, replace
 from typing import Callable, ClassVar, Dict, List, Optional, Sequence, Tuple
 
@@ -57,6 +58,16 @@ class LoopState:
     injected: Optional[Tensor] = None  # [s, b, h] what injection schemes feed every step (e)
     buffer: Optional[Tensor] = None  # [B, s, b, h] MeSH memory
 
+    def where(self, keep: Tensor, other: "LoopState") -> "LoopState":
+        """This state where ``keep`` ([s|1, b, 1] bool, broadcast over each field's trailing
+        [s, b, h]) holds, ``other`` elsewhere: a loop step that some sequences or tokens sit
+        out (per-sequence and per-token loop depth)."""
+        def pick(new: Optional[Tensor], old: Optional[Tensor]) -> Optional[Tensor]:
+            return new if new is old or new is None else torch.where(keep, new, old)
+
+        return LoopState(**{name: pick(getattr(self, name), getattr(other, name))
+                            for name in STATE_FIELDS})
+
     # How the state crosses a pipeline boundary (parallel/carry.py): as [s, b, h] slices of the
     # fields a scheme's steps read (``loop_state_fields``), the buffer one slice per slot.
 
@@ -78,7 +89,10 @@ class LoopState:
         values = dict(zip(fields, slices))
         if "buffer" in fields:  # the last field: every slice from it on is a slot
             values["buffer"] = torch.stack(slices[fields.index("buffer"):], dim=0)  # [B, s, b, h]
-        return cls(**{name: values.get(name) for name in ("h_emb", "h0", "injected", "buffer")})
+        return cls(**{name: values.get(name) for name in STATE_FIELDS})
+
+
+STATE_FIELDS = tuple(f.name for f in dataclasses.fields(LoopState))
 
 
 @dataclass(frozen=True)

@@ -72,7 +72,8 @@ def test_refused_depth_settings_name_the_reason(overrides, message):
 @pytest.mark.parametrize("scheme", ["linear_injection", "mesh_shared", "anchor"])
 def test_truncated_backprop_equals_a_model_whose_first_steps_run_without_grad(megatron_world, scheme):
     """grad_loops=k: the parameters' gradients are those of the same model run step by step
-    with the first n - k steps under torch.no_grad (the sources' construction)."""
+    with the first n - k steps under torch.no_grad (the sources' construction) and computed by
+    a copy of the model, so that no gradient can reach the model's parameters through them."""
     from megatron_mesh.model import MeshGPTModel
 
     torch.manual_seed(0)
@@ -93,8 +94,15 @@ def test_truncated_backprop_equals_a_model_whose_first_steps_run_without_grad(me
 
 
 def manual_loss(model, tokens, positions, num_loops, frozen):
-    """The recurrence written out with the model's own modules (block.forward's docstring)."""
-    block = model.decoder
+    """The recurrence written out with the model's own modules (block.forward's docstring), the
+    first ``frozen`` loop steps under no_grad with a copy's: torch.no_grad alone would not do, as
+    megatron-core's TransformerLayer adds its biases under torch.enable_grad, so a step under
+    no_grad still passes gradients to its biases (here the copy's)."""
+    from megatron_mesh.model import MeshGPTModel
+
+    twin = MeshGPTModel(model.config)
+    twin.load_state_dict(model.state_dict())
+    block, copy_block = model.decoder, twin.decoder
     rotary = model.rotary_pos_emb(tokens.shape[1])
 
     def layers(modules, h):
@@ -105,9 +113,10 @@ def manual_loss(model, tokens, positions, num_loops, frozen):
     h_emb = model.embedding(input_ids=tokens, position_ids=positions) * block.embedding_scale()
     h, state = block.scheme.begin(h_emb, layers(block.prelude.values(), h_emb))
     for t in range(num_loops):
+        step_block = copy_block if t < frozen else block
         with torch.no_grad() if t < frozen else torch.enable_grad():
-            u = block.scheme.inject(t, h, state)
-            h, state = block.scheme.step(t, u, layers(block.core_for_step(t), u), state)
+            u = step_block.scheme.inject(t, h, state)
+            h, state = step_block.scheme.step(t, u, layers(step_block.core_for_step(t), u), state)
     h = block.final_layernorm(layers(block.coda.values(), block.scheme.end(h, state)))
     logits, _ = model.output_layer(h)
     return model.compute_language_model_loss(tokens, logits).sum()
@@ -156,3 +165,109 @@ def test_full_recompute_per_loop_step_under_truncated_backprop(megatron_world):
     assert calls == plain_calls + 1 + 2 * 2 + 1
     for name in plain:
         torch.testing.assert_close(again[name], plain[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+PER_ELEMENT = dict(sampler="poisson", mean=3.0, trained=2, max=6, backprop=2)
+
+
+def test_a_per_sequence_draw_runs_each_element_its_own_depth_frozen_steps_first():
+    """Parcae's order: max(frozen) steps without gradients, then max(grad) with; an element is
+    active for the first of its own steps in each phase."""
+    depth = LoopDepth(**PER_ELEMENT, per="sequence")
+    draw = depth.draw(1234, 3, range(16))
+    steps = np.array([depth.draw(1234, 3, [g]).num_loops for g in range(16)])
+    grad = np.minimum(steps, 2)
+    assert len(set(steps)) > 2
+    assert draw.num_loops == (steps - grad).max() + grad.max() and draw.grad_loops == grad.max()
+    frozen_phase, grad_phase = draw.active[:draw.num_loops - 2], draw.active[draw.num_loops - 2:]
+    np.testing.assert_array_equal(frozen_phase.sum(0), steps - grad)
+    np.testing.assert_array_equal(grad_phase.sum(0), grad)
+    for phase in (frozen_phase, grad_phase):  # no element resumes after sitting a step out
+        assert (np.diff(phase.astype(int), axis=0) <= 0).all()
+    assert draw.mean_loops == steps.mean() and draw.mean_grad_loops == grad.mean()
+
+
+@pytest.mark.parametrize("per, shape", [("sequence", (8,)), ("token", (8, 5))])
+def test_a_sequences_depth_does_not_depend_on_how_the_batch_is_split(per, shape):
+    """Sequence g's depth is drawn from (seed, iteration, g): DP ranks and micro-batches
+    holding other slices of the global batch draw the same depths as one process."""
+    depth = LoopDepth(**PER_ELEMENT, per=per)
+    whole = depth.draw(7, 11, range(8), seq_length=5)
+    halves = [depth.draw(7, 11, range(start, start + 4), seq_length=5) for start in (0, 4)]
+    def steps(draw):
+        return draw.active.sum(0)
+    assert steps(whole).shape == shape
+    np.testing.assert_array_equal(np.concatenate([steps(h) for h in halves]), steps(whole))
+    other = depth.draw(7, 12, range(8), seq_length=5)
+    assert not np.array_equal(steps(other), steps(whole))
+
+
+def test_per_token_depths_follow_the_sampler():
+    """Each token's depth has the sampler's distribution: Y = max(X, 1), X ~ Poisson(3), so
+    E[Y] = 3 + P(X=0) and Var Y = E[X^2] + P(X=0) - E[Y]^2 = 3 - 5 e^-3 - e^-6."""
+    draw = LoopDepth("poisson", 3.0, trained=2, per="token").draw(0, 0, range(40), seq_length=500)
+    steps = draw.active.sum(0)  # [b, s]
+    assert steps.min() == 1 and steps.mean() == pytest.approx(3 + math.exp(-3), rel=0.02)
+    assert steps.var() == pytest.approx(3 - 5 * math.exp(-3) - math.exp(-6), rel=0.03)
+
+
+def test_loop_depth_per_needs_a_sampled_depth():
+    with pytest.raises(ValueError, match="loop_depth_per='token' draws a depth per token: it needs "
+                                         "a sampled loop_depth"):
+        tiny_config("1+2R2+1", "linear_injection", loop_depth_per="token")
+
+
+@pytest.mark.parametrize("scheme", ["linear_injection", "mesh_shared", "anchor"])
+def test_per_sequence_depth_equals_each_sequence_run_alone(megatron_world, scheme):
+    """Token losses and parameter gradients of a batch whose sequences run 1..6 loop steps
+    (the last 2 with gradients) equal those of each sequence run alone at its own depth."""
+    from megatron_mesh.model import MeshGPTModel
+
+    torch.manual_seed(0)
+    model = MeshGPTModel(tiny_config("1+2R2+1", scheme))
+    tokens, positions = random_batch(model.config, batch=4)
+    draw = LoopDepth(**PER_ELEMENT, per="sequence").draw(1234, 3, range(4))
+    steps = draw.active.sum(0)
+    assert len(set(steps)) > 1
+    batch = model(tokens, positions, labels=tokens, num_loops=draw.num_loops,
+                  grad_loops=draw.grad_loops, step_mask=torch.from_numpy(draw.active))  # [b, s]
+    batch.sum().backward()
+    ours = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    alone = torch.cat([model(tokens[i:i + 1], positions[i:i + 1], labels=tokens[i:i + 1],
+                             num_loops=int(steps[i]), grad_loops=min(2, int(steps[i])))
+                       for i in range(4)])
+    alone.sum().backward()
+    torch.testing.assert_close(batch, alone, rtol=1e-5, atol=1e-6)
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(ours[name], param.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_per_token_depth_freezes_a_tokens_state_after_its_last_step(megatron_world):
+    """A token's h(t) stops changing once it has run its own steps (later steps still attend to
+    it); with every token of a sequence at the same depth it is that sequence's per-sequence run."""
+    from megatron_mesh.block import Recorded
+    from megatron_mesh.model import MeshGPTModel
+
+    torch.manual_seed(0)
+    model = MeshGPTModel(tiny_config("1+2R2+1", "mesh_shared"))
+    tokens, positions = random_batch(model.config, batch=2, seq=8)
+    draw = LoopDepth("poisson", 3.0, trained=2, max=6, per="token").draw(5, 1, range(2), seq_length=8)
+    steps = draw.active.sum(0)  # [b, s]
+    states = []
+    with torch.no_grad():
+        model(tokens, positions, num_loops=draw.num_loops, step_mask=torch.from_numpy(draw.active),
+              states=states)
+    named = dict(states)
+    final = named[Recorded.loop_state(draw.num_loops)]  # [s, b, h]
+    for b in range(2):
+        for s in range(8):
+            own = named[Recorded.loop_state(int(steps[b, s]))]
+            torch.testing.assert_close(final[s, b], own[s, b], rtol=0, atol=0)
+    assert len(np.unique(steps)) > 2
+    per_sequence = torch.from_numpy(np.repeat(draw.active[:, :, :1], 8, axis=2))  # token 0's depth
+    with torch.no_grad():
+        tokenwise = model(tokens, positions, labels=tokens, num_loops=draw.num_loops, step_mask=per_sequence)
+        sequencewise = model(tokens, positions, labels=tokens, num_loops=draw.num_loops,
+                             step_mask=per_sequence[:, :, 0])
+    torch.testing.assert_close(tokenwise, sequencewise, rtol=0, atol=0)

@@ -8,12 +8,13 @@
 from __future__ import annotations
 
 import json
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from functools import partial
 from typing import List, Optional
 
 import torch
 
+from megatron.core import parallel_state
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -51,6 +52,7 @@ class MeshProviders:
         """This rank's model chunks built so far (megatron's get_model builds 0, 1, ... in turn)."""
         self.depth: Optional[LoopDepth] = None
         """The loop-depth sampler of the model built (loop_depth.py)."""
+        self.microbatches = MicrobatchCounter()
 
     def model_provider(self, pre_process=True, post_process=True, vp_stage=None, config=None,
                        pg_collection=None) -> MeshGPTModel:
@@ -86,13 +88,37 @@ class MeshProviders:
 
 
     def loop_draw(self, training: bool) -> dict:
-        """This training step's depth (the same on every rank: a function of the seed and the
-        iteration); evaluation runs the layout's K steps."""
+        """This training micro-batch's depth, a function of the seed, the iteration and (per
+        sequence or token) the sequences' places in the global batch: the same on every rank
+        holding them; evaluation runs the layout's K steps."""
         if not training or self.depth is None or not self.depth.varies:
             return {}
         args = get_args()
-        draw = self.depth.draw(args.seed, args.curr_iteration)
-        return {"num_loops": draw.num_loops, "grad_loops": draw.grad_loops}
+        rows = self.microbatches.rows(args.curr_iteration, args.micro_batch_size)
+        draw = self.depth.draw(args.seed, args.curr_iteration, rows, args.seq_length)
+        out = {"num_loops": draw.num_loops, "grad_loops": draw.grad_loops}
+        if draw.active is not None:
+            device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+            out["step_mask"] = torch.from_numpy(draw.active).to(device)
+        return out
+
+
+@dataclass
+class MicrobatchCounter:
+    """Which sequences of the global batch a training forward step holds. Megatron's
+    pretraining sampler gives data-parallel rank r the micro-batch size (mbs) sequences at
+    r * mbs of each consecutive dp * mbs of the global batch, and forward_step does not learn
+    which micro-batch it runs: it is counted (without pipelining, in order)."""
+
+    iteration: int = -1
+    index: int = -1
+
+    def rows(self, iteration: int, micro_batch_size: int) -> range:
+        self.index = self.index + 1 if iteration == self.iteration else 0
+        self.iteration = iteration
+        dp = parallel_state.get_data_parallel_world_size()
+        start = (self.index * dp + parallel_state.get_data_parallel_rank()) * micro_batch_size
+        return range(start, start + micro_batch_size)
 
 
 def _finalize_with_stage_replicas(model, *args, **kwargs):

@@ -4,13 +4,16 @@ fp32, gloo; tolerances: test_parity.py's module docstring).
 A sampled loop depth with truncated backprop trains the same under TP=2 + SP and under DP=2
 with the distributed optimizer and overlapped gradient reduction: every rank draws the same
 depth (a rank drawing another runs another graph: the collectives stop matching and the run
-fails), and megatron-core's DDP copes with a depth that changes every step (without recompute
+fails); a depth per token too (each TP rank masks its own sequence chunk; each DP rank draws
+its sequences by their place in the global batch, as the single process does), and a run
+resumed from its step-2 checkpoint logs the uninterrupted step 3 bit for bit; and megatron-core's DDP copes with a depth that changes every step (without recompute
 each parameter's gradient hook fires once per backward whatever the depth; with full recompute
 it would not, and the trainer refuses that: training/arguments.py). At a fixed depth the
 injection state crosses pipeline boundaries like MeSH's buffer: PP=2 x VP=2 with the core split.
 """
 
 import re
+import shutil
 
 import pytest
 
@@ -21,6 +24,7 @@ pytestmark = pytest.mark.slow
 
 DEPTH = {"model.loop_depth": "poisson_lognormal", "model.mean_loops": 3, "model.max_loops": 6,
          "model.backprop_loops": 2}
+PER_TOKEN = {**DEPTH, "model.loop_depth": "poisson", "model.loop_depth_per": "token"}
 
 
 @pytest.fixture(scope="module")
@@ -59,3 +63,40 @@ def test_fixed_depth_injection_under_virtual_pipelining_matches_single_process(s
     """e (the prelude output every step re-injects) rides in the carry across 3 boundaries."""
     fixed = run(tmp_path, start, "fixed")
     assert_same_run(run(tmp_path, start, "pp2-vp2", 2, **PP2_VP2, **DISTOPT_PP), fixed)
+
+
+@pytest.fixture(scope="module")
+def single_per_token(start, tmp_path_factory):
+    """A depth per token (Parcae's 'per-token'), saving after every step."""
+    tmp = tmp_path_factory.mktemp("single-per-token")
+    return {**run(tmp, start, "single", save="single", **PER_TOKEN, **{"checkpointing.interval": 1}),
+            "dir": tmp / "single"}
+
+
+@pytest.mark.parametrize("name, nproc, settings", [("tp2-sp", 2, SP), ("dp2-distopt-overlap", 2, DISTOPT)])
+def test_per_token_depth_parallel_run_matches_single_process(start, single_per_token, tmp_path,
+                                                             name, nproc, settings):
+    assert_same_run(run(tmp_path, start, name, nproc, **PER_TOKEN, **settings), single_per_token)
+
+
+def test_the_log_reports_the_mean_depth_of_the_global_batchs_tokens(single_per_token):
+    from megatron_mesh.loop_depth import LoopDepth
+
+    seed = int(re.search(r"seed \.+ (\d+)", single_per_token["log"]).group(1))
+    depth = LoopDepth("poisson", 3.0, trained=2, max=6, backprop=2, per="token")
+    logged = [float(x) for x in re.findall(r"loop depth: ([0-9.]+)", single_per_token["log"])]
+    # 8 sequences of 64 tokens per step; the line at iteration i covers curr_iteration i - 1
+    want = [depth.mean_depth(seed, i, range(8), 64).num_loops for i in range(1, len(logged) + 1)]
+    assert logged == pytest.approx(want, abs=0.005) and len(logged) == 2
+    assert len({round(v, 2) for v in logged}) == 2 and all(v != round(v) for v in logged)
+
+
+def test_a_sampled_depth_run_resumes_exactly(start, single_per_token, tmp_path):
+    """Resumed from its step-2 checkpoint, the run draws step 3's depths again (a function of
+    the seed, the iteration and the sequence's place) and logs the uninterrupted step 3."""
+    saved = tmp_path / "resumed"
+    shutil.copytree(single_per_token["dir"] / "iter_0000002", saved / "iter_0000002")
+    (saved / "latest_checkpointed_iteration.txt").write_text("2")
+    resumed = run(tmp_path, start, "resumed", save="resumed", **PER_TOKEN)
+    for tag in ("lm loss", "grad-norm"):
+        assert resumed[tag] == {3: single_per_token[tag][3]}, tag
