@@ -10,8 +10,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
+from megatron_mesh.config import MeshConfig
 from megatron_mesh.experiment import (SECTIONS, Data, Experiment, Parallelism, Training, flag_args,
                                       parse_experiment)
 from megatron_mesh.loop_depth import LoopDepth
@@ -19,20 +20,21 @@ from megatron_mesh.unrolled import stage_bounds
 from megatron_mesh.yaml_config import ConfigError, model_config
 
 
-def _parsed(tree: dict, origins: Dict[str, str]) -> Experiment:
-    """The typed experiment, with the checks no single key can make."""
+def _parsed(tree: dict, origins: Dict[str, str]) -> Tuple[Experiment, MeshConfig]:
+    """The typed experiment and model config, with the checks no single key can make."""
     exp = parse_experiment(tree, origins)
-    _check_pipeline(exp, tree, origins)
-    _check_loop_depth(exp, tree, origins)
+    cfg = model_config(tree, origins, use_cpu_initialization=True)  # validates the section
+    _check_pipeline(exp, cfg, origins)
+    _check_loop_depth(exp, cfg, origins)
     if (exp.training.train_iters is None) == (exp.training.train_tokens is None):
         raise ConfigError("set exactly one of 'training.train_iters' and 'training.train_tokens'")
     if len(exp.optimizer.betas) != 2:
         raise ConfigError(f"{origins.get('optimizer.betas', '?')}: optimizer.betas={exp.optimizer.betas!r}: "
                           f"expected [beta1, beta2]")
-    return exp
+    return exp, cfg
 
 
-def _check_pipeline(exp: Experiment, tree: dict, origins: Dict[str, str]) -> None:
+def _check_pipeline(exp: Experiment, cfg: MeshConfig, origins: Dict[str, str]) -> None:
     """The stage split is valid, and no setting the replicated core weights cannot follow."""
     par = exp.parallelism
     ranks, virtual, split = par.pipeline, par.virtual_pipeline or 1, par.pipeline_stage_layers
@@ -47,7 +49,7 @@ def _check_pipeline(exp: Experiment, tree: dict, origins: Dict[str, str]) -> Non
             "the data-parallel reduction, which overlap would start during the backward pass")
     if ranks * virtual > 1 or split is not None:
         try:
-            stage_bounds(model_config(tree, origins, use_cpu_initialization=True).num_layers,
+            stage_bounds(cfg.num_layers,
                          ranks * virtual, split)
         except ValueError as err:
             raise ConfigError(f"{origins.get('parallelism.pipeline_stage_layers', where)}: {err}") from None
@@ -58,11 +60,10 @@ def _check_pipeline(exp: Experiment, tree: dict, origins: Dict[str, str]) -> Non
             f"layer applications divisible by {ranks - 2} stages (the model itself builds any split)")
 
 
-def _check_loop_depth(exp: Experiment, tree: dict, origins: Dict[str, str]) -> None:
+def _check_loop_depth(exp: Experiment, cfg: MeshConfig, origins: Dict[str, str]) -> None:
     """A sampled depth (or truncated backprop) and the parallel settings it cannot follow."""
     par = exp.parallelism
     where = origins.get("model.loop_depth", origins.get("model.backprop_loops", "?"))
-    cfg = model_config(tree, origins, use_cpu_initialization=True)
     depth = LoopDepth.of(cfg)
     if depth.varies and par.pipeline > 1:
         raise ConfigError(f"{where}: {cfg.pipeline_refusal(par.pipeline)}")
@@ -119,8 +120,7 @@ def _one_to_one_args(exp: Experiment) -> List[str]:
             for arg in _flag(flag, value)]
 
 
-def _model_args(tree: dict, origins: Dict[str, str]) -> List[str]:
-    cfg = model_config(tree, origins, use_cpu_initialization=True)  # validates the section
+def _model_args(cfg: MeshConfig, section: dict) -> List[str]:
     return [
         *_flag("num-layers", cfg.num_layers),  # N_compute: every core application
         *_flag("hidden-size", cfg.hidden_size),
@@ -138,7 +138,7 @@ def _model_args(tree: dict, origins: Dict[str, str]) -> List[str]:
         *_flag("attention-dropout", cfg.attention_dropout),
         *_flag("untie-embeddings-and-output-weights", True),
         *_flag("padded-vocab-size", cfg.vocab_size),
-        *_flag("mesh-model", json.dumps(tree["model"], sort_keys=True)),
+        *_flag("mesh-model", json.dumps(section, sort_keys=True)),
     ]
 
 
@@ -228,8 +228,8 @@ def _transformer_impl(choice: str) -> str:
 def megatron_argv(tree: dict, origins: Dict[str, str]) -> List[str]:
     """Megatron-LM arguments for a loaded experiment tree (``yaml_config.load_config_tree``):
     the one-to-one keys by their fields' flags, then the derived ones."""
-    exp = _parsed(tree, origins)
-    return (_model_args(tree, origins) + _one_to_one_args(exp) + _data_args(exp.data)
+    exp, cfg = _parsed(tree, origins)
+    return (_model_args(cfg, tree["model"]) + _one_to_one_args(exp) + _data_args(exp.data)
             + _training_args(exp) + _system_args(exp))
 
 
