@@ -6,9 +6,10 @@ with the distributed optimizer and overlapped gradient reduction: every rank dra
 depth (a rank drawing another runs another graph: the collectives stop matching and the run
 fails); a depth per token too (each TP rank masks its own sequence chunk; each DP rank draws
 its sequences by their place in the global batch, as the single process does), and a run
-resumed from its step-2 checkpoint logs the uninterrupted step 3 bit for bit; and megatron-core's DDP copes with a depth that changes every step (without recompute
-each parameter's gradient hook fires once per backward whatever the depth; with full recompute
-it would not, and the trainer refuses that: training/arguments.py). At a fixed depth the
+resumed from its step-2 checkpoint logs the uninterrupted step 3 bit for bit; and
+megatron-core's DDP copes with a depth that changes every step (without recompute each
+parameter's gradient hook fires once per backward whatever the depth; with full recompute it
+would not, and the trainer refuses that: training/arguments.py). At a fixed depth the
 injection state crosses pipeline boundaries like MeSH's buffer: PP=2 x VP=2 with the core split.
 """
 
