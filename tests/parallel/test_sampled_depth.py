@@ -4,7 +4,8 @@ fp32, gloo; tolerances: test_parity.py's module docstring).
 A sampled loop depth with truncated backprop trains the same under TP=2 + SP and under DP=2
 with the distributed optimizer and overlapped gradient reduction: every rank draws the same
 depth (a rank drawing another runs another graph: the collectives stop matching and the run
-fails); a depth per token too (each TP rank masks its own sequence chunk; each DP rank draws
+fails); a depth per token too (each TP rank masks its own sequence chunk, here with full
+recompute per loop step; each DP rank draws
 its sequences by their place in the global batch, as the single process does), and a run
 resumed from its step-2 checkpoint logs the uninterrupted step 3 bit for bit; and
 megatron-core's DDP copes with a depth that changes every step (without recompute each
@@ -74,10 +75,19 @@ def single_per_token(start, tmp_path_factory):
             "dir": tmp / "single"}
 
 
-@pytest.mark.parametrize("name, nproc, settings", [("tp2-sp", 2, SP), ("dp2-distopt-overlap", 2, DISTOPT)])
+# full recompute per loop step (uniform, 2 = the core's layers): recomputing changes nothing
+RECOMPUTE = {"parallelism.recompute_granularity": "full", "parallelism.recompute_method": "uniform",
+             "parallelism.recompute_num_layers": 2}
+
+
+@pytest.mark.parametrize("name, nproc, settings", [("tp2-sp-recompute", 2, {**SP, **RECOMPUTE}),
+                                                   ("dp2-distopt-overlap", 2, DISTOPT)])
 def test_per_token_depth_parallel_run_matches_single_process(start, single_per_token, tmp_path,
                                                              name, nproc, settings):
-    assert_same_run(run(tmp_path, start, name, nproc, **PER_TOKEN, **settings), single_per_token)
+    got = run(tmp_path, start, name, nproc, **PER_TOKEN, **settings)
+    assert_same_run(got, single_per_token)
+    if "recompute" in name:
+        assert re.search(r"recompute_granularity \.+ full", got["log"])
 
 
 def test_the_log_reports_the_mean_depth_of_the_global_batchs_tokens(single_per_token):
