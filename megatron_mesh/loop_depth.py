@@ -117,16 +117,6 @@ class LoopDepth:
         steps = self._element_steps(seed, iteration, rows, seq_length)
         return LoopDraw.of_elements(steps, self._grad(steps))
 
-    def mean_depth(self, seed: int, iteration: int, rows: Sequence[int] = (),
-                   seq_length: int = 0) -> "MeanDepth":
-        """Steps and gradient steps per element of ``draw``'s elements, without building the
-        [steps, b, s] mask (the trainer's log averages a whole global batch)."""
-        if self.per == "batch":
-            draw = self.draw(seed, iteration)
-            return MeanDepth(draw.num_loops, draw.grad_loops)
-        steps = self._element_steps(seed, iteration, rows, seq_length)
-        return MeanDepth(float(steps.mean()), float(self._grad(steps).mean()))
-
     def _element_steps(self, seed: int, iteration: int, rows: Sequence[int],
                        seq_length: int) -> np.ndarray:
         """Steps of each sequence ([b]) or token ([b, s]) of the global batch's ``rows``."""

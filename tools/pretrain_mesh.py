@@ -123,12 +123,14 @@ def run(megatron_args, exit_status_file=None):
         if cpu.cuda_available() and not args.gradient_accumulation_fusion:
             print("[mesh] gradient accumulation fusion off (apex's fused_weight_gradient_mlp_cuda "
                   "is not installed, or --no-gradient-accumulation-fusion was passed)", flush=True)
-        throughput.install(config, args)
+        depth_tally = throughput.DepthTally()  # the forward steps' depth draws, for the log
+        throughput.install(config, args, depth_tally)
         save_guard.install()
         try:
             with _save_directory_lock(args, save_lock):  # before the status: a refused run writes none
                 stops = exit_status.StopRecorder(_exit_status_path(exit_status_file, args), args)
-                run_providers = providers.MeshProviders(RouterLog(enabled=args.mesh_router_metrics))
+                run_providers = providers.MeshProviders(RouterLog(enabled=args.mesh_router_metrics),
+                                                        depth_tally)
                 _pretrain_recording_the_stop(cfg, run_providers, stops)
         except (save_lock.SaveDirectoryBusy, save_guard.CheckpointSaveError,
                 save_guard.NonFiniteWeights, DatasetIntegrityError) as err:

@@ -28,6 +28,7 @@ from megatron_mesh.layers import local_block_spec, te_block_spec
 from megatron_mesh.model import MeshGPTModel
 from megatron_mesh.parallel import carry, replicas
 from megatron_mesh.training.router_log import RouterLog
+from megatron_mesh.training.throughput import DepthTally
 
 def mesh_config_from_args(args) -> MeshConfig:
     """Megatron's TransformerConfig fields (parallelism, precision, fusions) + the model section."""
@@ -46,8 +47,11 @@ def mesh_config_from_args(args) -> MeshConfig:
 class MeshProviders:
     """``model_provider`` and ``forward_step`` for megatron's pretrain, with their shared state."""
 
-    def __init__(self, router_log: Optional[RouterLog] = None):
+    def __init__(self, router_log: Optional[RouterLog] = None,
+                 depth_tally: Optional[DepthTally] = None):
         self.router_log = router_log or RouterLog(enabled=False)
+        self.depth_tally = depth_tally or DepthTally()
+        """Where the training micro-batches' depth draws go (the throughput log reads them)."""
         self.rank_chunks: List[MeshGPTModel] = []
         """This rank's model chunks built so far (megatron's get_model builds 0, 1, ... in turn)."""
         self.depth: Optional[LoopDepth] = None
@@ -96,6 +100,7 @@ class MeshProviders:
         args = get_args()
         rows = self.microbatches.rows(args.curr_iteration, args.micro_batch_size)
         draw = self.depth.draw(args.seed, args.curr_iteration, rows, args.seq_length)
+        self.depth_tally.add(args.curr_iteration, draw)
         out = {"num_loops": draw.num_loops, "grad_loops": draw.grad_loops}
         if draw.active is not None:
             device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"

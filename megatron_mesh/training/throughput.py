@@ -22,9 +22,10 @@ from typing import Dict, Optional, Tuple
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
 
 from megatron_mesh.config import MeshConfig
-from megatron_mesh.loop_depth import LoopDepth, MeanDepth
+from megatron_mesh.loop_depth import LoopDepth, LoopDraw, MeanDepth
 from megatron_mesh.stats import DepthCost, train_flops_per_token
 
 PEAK_TFLOPS_BF16: Tuple[Tuple[str, float], ...] = (
@@ -76,26 +77,51 @@ def peak_memory_over_ranks() -> Tuple[int, str]:
 
 
 @dataclass
-class RealizedDepth:
-    """The loop depth each training step ran (loop_depth.py: a function of the seed, iteration
-    and, per sequence or token, the place in the global batch: the draws the forward steps
-    made) and the FLOPs per token it cost: per sequence or token, each element's own steps
-    (steps a micro-batch runs for its deepest element are not counted for the others)."""
+class DepthTally:
+    """The loop depth this rank's training micro-batches ran in one step: the draws forward_step
+    made (``MeshProviders.loop_draw``), per element (sequence or token) where the depth is."""
 
-    depth: LoopDepth
-    seed: int
+    iteration: int = -1
+    loops: float = 0.0
+    grad_loops: float = 0.0
+    microbatches: int = 0
+
+    def add(self, iteration: int, draw: LoopDraw) -> None:
+        if iteration != self.iteration:
+            self.iteration, self.loops, self.grad_loops, self.microbatches = iteration, 0.0, 0.0, 0
+        self.loops += draw.mean_loops
+        self.grad_loops += draw.mean_grad_loops
+        self.microbatches += 1
+
+    def data_parallel_mean(self, iteration: int) -> MeanDepth:
+        """The mean over every micro-batch of the step (all of equal size) on all data-parallel
+        ranks: a three-number all-reduce; call on every rank."""
+        if iteration != self.iteration or not self.microbatches:
+            raise RuntimeError(f"no loop depth was drawn for iteration {iteration} (last drawn: "
+                               f"{self.iteration}): the FLOP count needs the forward step's draw")
+        sums = [self.loops, self.grad_loops, float(self.microbatches)]
+        if dist.is_initialized() and parallel_state.get_data_parallel_world_size() > 1:
+            device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+            summed = torch.tensor(sums, dtype=torch.float64, device=device)
+            dist.all_reduce(summed, group=parallel_state.get_data_parallel_group())
+            sums = summed.tolist()
+        return MeanDepth(sums[0] / sums[2], sums[1] / sums[2])
+
+
+@dataclass
+class RealizedDepth:
+    """The loop depth each training step ran and the FLOPs per token it cost: per sequence or
+    token each element's own steps, averaged over the global batch (steps a micro-batch runs
+    for its deepest element are not counted for the others)."""
+
+    tally: DepthTally
     cost: DepthCost
-    global_batch_size: int = 1
-    seq_length: int = 0
     _means: Dict[int, MeanDepth] = field(default_factory=dict, repr=False)
-    """Per-iteration cache: a global batch's per-token draw takes ~0.5 s (1024 x 4096 tokens)."""
+    """Per iteration: megatron counts a step's FLOPs once per step and again in its log line."""
 
     def mean(self, iteration: int) -> MeanDepth:
         if iteration not in self._means:
-            if len(self._means) > 1024:
-                self._means.clear()
-            self._means[iteration] = self.depth.mean_depth(
-                self.seed, iteration, range(self.global_batch_size), self.seq_length)
+            self._means[iteration] = self.tally.data_parallel_mean(iteration)
         return self._means[iteration]
 
     def loops(self, iteration: int) -> float:
@@ -104,6 +130,10 @@ class RealizedDepth:
     def flops_per_token(self, iteration: int) -> float:
         mean = self.mean(iteration)
         return self.cost.at(mean.num_loops, mean.grad_loops)
+
+    def forget_before(self, iteration: int) -> None:
+        for old in [i for i in self._means if i < iteration]:
+            del self._means[old]
 
 
 class ThroughputLogger:
@@ -159,6 +189,7 @@ class ThroughputLogger:
             stats["mfu"] = tflops / peak
         if self.depth is not None:
             stats["loop-depth"] = sum(self.depth.loops(i) for i in steps) / len(steps)
+            self.depth.forget_before(iteration)
         return stats
 
 
@@ -176,16 +207,20 @@ def _format(iteration: int, stats: dict) -> str:
     return text + f" ETA: {int(eta // 3600):d}:{int(eta % 3600 // 60):02d}:{int(eta % 60):02d}"
 
 
-def install(config: MeshConfig, args) -> ThroughputLogger:
-    """Patch megatron.training's FLOP count and log function for this run."""
+def install(config: MeshConfig, args, tally: Optional[DepthTally] = None) -> ThroughputLogger:
+    """Patch megatron.training's FLOP count and log function for this run; under a varying loop
+    depth the forward steps record their draws in ``tally``."""
     from megatron.training import get_tensorboard_writer, get_wandb_writer
     from megatron.training import training
     from megatron.training.utils import print_rank_last
 
     depth = LoopDepth.of(config)
-    realized = (RealizedDepth(depth, args.seed, DepthCost.of(config, args.seq_length),
-                              args.global_batch_size, args.seq_length)
-                if depth.varies else None)
+    realized = None
+    if depth.varies:
+        if tally is None:
+            raise ValueError(f"{config.depth_setting()}: the throughput log needs the forward "
+                             "steps' DepthTally")
+        realized = RealizedDepth(tally, DepthCost.of(config, args.seq_length))
     logger = ThroughputLogger(train_flops_per_token(config, args.seq_length), args.mesh_peak_tflops,
                               realized)
     training.num_floating_point_operations = logger.num_floating_point_operations

@@ -55,7 +55,7 @@ def test_the_log_reports_the_depth_each_step_ran(single):
 
     seed = int(re.search(r"seed \.+ (\d+)", single["log"]).group(1))
     depth = LoopDepth("poisson_lognormal", 3.0, trained=2, max=6, backprop=2)
-    logged = [float(x) for x in re.findall(r"loop depth: ([0-9.]+)", single["log"])]
+    logged = logged_depths(single["log"])
     # the line at iteration i covers the step run at curr_iteration i - 1
     assert logged == [depth.draw(seed, i).num_loops for i in range(1, len(logged) + 1)]
     assert len(logged) == 2
@@ -86,6 +86,8 @@ def test_per_token_depth_parallel_run_matches_single_process(start, single_per_t
                                                              name, nproc, settings):
     got = run(tmp_path, start, name, nproc, **PER_TOKEN, **settings)
     assert_same_run(got, single_per_token)
+    # the logged depth: each rank's draws, averaged over the data-parallel ranks
+    assert logged_depths(got["log"]) == logged_depths(single_per_token["log"])
     if "recompute" in name:
         assert re.search(r"recompute_granularity \.+ full", got["log"])
 
@@ -95,9 +97,9 @@ def test_the_log_reports_the_mean_depth_of_the_global_batchs_tokens(single_per_t
 
     seed = int(re.search(r"seed \.+ (\d+)", single_per_token["log"]).group(1))
     depth = LoopDepth("poisson", 3.0, trained=2, max=6, backprop=2, per="token")
-    logged = [float(x) for x in re.findall(r"loop depth: ([0-9.]+)", single_per_token["log"])]
+    logged = logged_depths(single_per_token["log"])
     # 8 sequences of 64 tokens per step; the line at iteration i covers curr_iteration i - 1
-    want = [depth.mean_depth(seed, i, range(8), 64).num_loops for i in range(1, len(logged) + 1)]
+    want = [depth.draw(seed, i, range(8), 64).mean_loops for i in range(1, len(logged) + 1)]
     assert logged == pytest.approx(want, abs=0.005) and len(logged) == 2
     assert len({round(v, 2) for v in logged}) == 2 and all(v != round(v) for v in logged)
 
@@ -111,3 +113,7 @@ def test_a_sampled_depth_run_resumes_exactly(start, single_per_token, tmp_path):
     resumed = run(tmp_path, start, "resumed", save="resumed", **PER_TOKEN)
     for tag in ("lm loss", "grad-norm"):
         assert resumed[tag] == {3: single_per_token[tag][3]}, tag
+
+
+def logged_depths(log):
+    return [float(x) for x in re.findall(r"loop depth: ([0-9.]+)", log)]

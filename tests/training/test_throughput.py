@@ -107,3 +107,23 @@ def test_a_given_peak_never_queries_the_device(installed, capsys):
         log(training, iteration)
     assert cuda.queries == [] and logger.peak_tflops == 500.0
     assert "MFU:" in capsys.readouterr().out
+
+
+def test_the_realized_depth_is_the_mean_of_the_forward_steps_draws():
+    """Per micro-batch each element's own steps (not the micro-batch's deepest); a step whose
+    draws were not recorded is an error, not a guess."""
+    import numpy as np
+
+    from megatron_mesh.loop_depth import LoopDraw
+    from megatron_mesh.stats import DepthCost
+    from megatron_mesh.training.throughput import DepthTally, RealizedDepth
+
+    tally = DepthTally()
+    tally.add(6, LoopDraw(9, 9))  # a stale step
+    tally.add(7, LoopDraw.of_elements(np.array([1, 3]), np.array([1, 2])))  # 2 and 1.5 per element
+    tally.add(7, LoopDraw(4, 2))
+    realized = RealizedDepth(tally, DepthCost(base=10.0, per_step=1.0, per_grad_step=2.0))
+    assert realized.loops(7) == pytest.approx((2 + 4) / 2)
+    assert realized.flops_per_token(7) == pytest.approx(10 + 3 + 2 * (1.5 + 2) / 2)
+    with pytest.raises(RuntimeError, match="no loop depth was drawn for iteration 8"):
+        realized.loops(8)
