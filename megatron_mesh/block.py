@@ -273,13 +273,13 @@ class RecursiveMeshTransformerBlock(MegatronModule):
             if self.stage != (0, self.config.parsed_layout.n_compute):
                 raise ValueError("num_loops can only be changed when one stage holds the whole model")
             ops = unrolled_ops(self.config.parsed_layout, self._check_num_loops(num_loops))
+        loops = self.config.parsed_layout.num_loops if num_loops is None else num_loops  # whole graph
+        first_grad_step = loops - (loops if grad_loops is None else grad_loops)
         record = _Recorder(states)
-        gate = _StepGate(self._local_step_mask(step_mask, ops))
+        gate = _StepGate(self._local_step_mask(step_mask, loops))
         if carry is None:
             carry = Carry(h=hidden_states, h_emb=hidden_states)
             record(Recorded.EMBEDDINGS, hidden_states)
-        loops = sum(op.kind == "step" for op in ops)
-        first_grad_step = loops - (loops if grad_loops is None else grad_loops)
         with self._rng_context():
             carry = self._run_ops(ops, carry, first_grad_step, (attention_mask, rotary_pos_emb),
                                   record, gate)
@@ -336,15 +336,15 @@ class RecursiveMeshTransformerBlock(MegatronModule):
         record(Recorded.CODA_INPUT, h)
         return Carry(h)
 
-    def _local_step_mask(self, step_mask: Optional[Tensor], ops: List[Op]) -> Optional[Tensor]:
-        """``step_mask`` [steps, b(, s)] as [steps, s|1, b, 1] over this rank's tokens (under
-        sequence parallelism a rank holds the s / tp tokens of its own chunk)."""
+    def _local_step_mask(self, step_mask: Optional[Tensor], loops: int) -> Optional[Tensor]:
+        """``step_mask`` [steps, b(, s)] of the whole graph's ``loops`` steps as
+        [steps, s|1, b, 1] over this rank's tokens (under sequence parallelism a rank holds the
+        s / tp tokens of its own chunk)."""
         if step_mask is None:
             return None
-        loops = sum(op.kind == "step" for op in ops)
-        if step_mask.shape[0] != loops or self.stage != (0, self.config.parsed_layout.n_compute):
-            raise ValueError(f"step_mask of {step_mask.shape[0]} steps for a block running {loops} "
-                             f"loop steps on stage {self.stage}: expected {loops} on one stage")
+        if step_mask.shape[0] != loops:
+            raise ValueError(f"step_mask of {step_mask.shape[0]} steps for a graph of {loops} "
+                             f"loop steps")
         mask = step_mask.transpose(1, 2) if step_mask.dim() == 3 else step_mask.unsqueeze(1)
         if self.config.sequence_parallel and mask.shape[1] > 1:
             tp = self.pg_collection.tp

@@ -26,6 +26,7 @@ from megatron_mesh.mesh import CYCLE_IMPLEMENTATIONS
 from megatron_mesh.schemes import (
     carried_state, has_per_step_parameters, normalize_scheme, scheme_class,
 )
+from megatron_mesh.unrolled import loop_step_cut_at, stage_bounds, unrolled_ops
 
 GELU_APPROXIMATIONS = ("none", "tanh")
 
@@ -116,8 +117,10 @@ class MeshConfig(TransformerConfig):
     loop_depth: str = mesh_field(MODEL, "fixed", DEPTH_SAMPLERS)
     """Loop steps per training step (loop_depth.py): 'fixed' (mean_loops, default the layout's K),
     'poisson_lognormal' (Huginn: Poisson(LogNormal around mean_loops) + 1) or 'poisson'
-    (Parcae: max(Poisson(mean_loops), 1)); one draw per step, the same on every rank. Needs a
-    tied core, a scheme without per-step parameters and no pipeline parallelism."""
+    (Parcae: max(Poisson(mean_loops), 1)); one draw per step (or per sequence or token:
+    loop_depth_per), the same on every rank. Needs a tied core and a scheme without per-step
+    parameters; under pipeline parallelism max_loops <= K and stage boundaries between loop
+    steps (every draw is masked into the layout's K-step graph)."""
 
     mean_loops: Optional[float] = mesh_field(MODEL, None)
     """Mean loop steps of the depth sampler; default the layout's K."""
@@ -274,20 +277,36 @@ class MeshConfig(TransformerConfig):
                 f"{setting}: state_scheme={self.state_scheme!r} has parameters per loop step, so it "
                 "runs exactly its K steps, all with gradients; use mesh_shared or an injection scheme")
         if self.pipeline_model_parallel_size > 1:
-            raise ValueError(self.pipeline_refusal(self.pipeline_model_parallel_size))
+            stages = self.pipeline_model_parallel_size * (self.virtual_pipeline_model_parallel_size or 1)
+            problem = self.pipeline_depth_problem(stages, self.pipeline_stage_layers)
+            if problem:
+                raise ValueError(problem)
 
     def depth_setting(self) -> str:
         per = f" per {self.loop_depth_per}" if self.loop_depth_per != "batch" else ""
         return (f"loop_depth={self.loop_depth!r}{per}, mean_loops={self.mean_loops}, "
                 f"backprop_loops={self.backprop_loops}")
 
-    def pipeline_refusal(self, stages: int) -> str:
-        """Why a varying depth cannot run under ``stages``-way pipeline parallelism (the trainer
-        says it before launch, MeshConfig where it is built)."""
-        return (f"{self.depth_setting()} under pipeline_model_parallel_size={stages}: each "
-                "pipeline stage holds a fixed slice of the K-step unrolled graph, so a sampled "
-                "depth or a step without gradients cannot be split; use fixed depth, or "
-                "tensor/data parallelism")
+    def pipeline_depth_problem(self, stages: int,
+                               stage_layers: Optional[Tuple[int, ...]] = None) -> Optional[str]:
+        """Why this varying depth cannot run on ``stages`` pipeline stages (virtual ones
+        included), or None. The stages hold slices of the layout's fixed K-step graph and every
+        draw is masked into it (loop_depth.LoopDepth.graph_slots), so the draw must fit in K
+        steps and a stage boundary must not cut a loop step (whose step mask needs the state the
+        step started from). Both checked before launch (trainer) and where the model is built."""
+        layout, where = self.parsed_layout, f"{self.depth_setting()} under {stages} pipeline stages"
+        if self.max_loops is None or self.max_loops > layout.num_loops:
+            return (f"{where}: the stages hold a fixed graph of the layout's K={layout.num_loops} "
+                    f"loop steps and mask each draw into it, so a draw must fit: set max_loops <= "
+                    f"{layout.num_loops} (got {self.max_loops}), or a layout with K = max_loops")
+        ops = unrolled_ops(layout)
+        for start, _ in stage_bounds(layout.n_compute, stages, stage_layers)[1:]:
+            step = loop_step_cut_at(ops, start)
+            if step is not None:
+                return (f"{where}: a stage starts at layer application {start}, inside loop step "
+                        f"{step}; set pipeline_stage_layers so that every stage boundary falls "
+                        f"between loop steps or outside the loop")
+        return None
 
     def _check_choices(self) -> None:
         for f in dataclasses.fields(self):

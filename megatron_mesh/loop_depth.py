@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -53,14 +53,20 @@ class LoopDraw:
     step t updates each sequence or token. None: every step updates every element."""
 
     @classmethod
-    def of_elements(cls, steps: np.ndarray, grad: np.ndarray) -> "LoopDraw":
+    def of_elements(cls, steps: np.ndarray, grad: np.ndarray,
+                    slots: Optional[Tuple[int, int]] = None) -> "LoopDraw":
         """The draw that runs element i ``steps[i]`` steps, the last ``grad[i]`` with gradients:
-        max(frozen) steps without gradients, then max(grad) with, each element active for the
-        first of its own in each phase."""
+        max(frozen) steps without gradients, then max(grad) with (or the ``slots`` = (frozen,
+        with gradients) of a fixed graph), each element active for the first of its own in each
+        phase."""
         frozen = steps - grad
-        phases = [(frozen, int(frozen.max())), (grad, int(grad.max()))]
-        active = np.stack([t < own for own, count in phases for t in range(count)])
-        return cls(len(active), phases[1][1], active)
+        counts = slots or (int(frozen.max()), int(grad.max()))
+        if frozen.max() > counts[0] or grad.max() > counts[1]:
+            raise ValueError(f"a draw of {int(frozen.max())} steps without and {int(grad.max())} "
+                             f"with gradients does not fit the graph's {counts}")
+        active = np.stack([t < own for own, count in zip((frozen, grad), counts)
+                           for t in range(count)])
+        return cls(len(active), counts[1], active)
 
     @property
     def mean_loops(self) -> float:
@@ -107,15 +113,26 @@ class LoopDepth:
         sampled depth (which may draw 1) with all steps, or with more than the last one."""
         return self.sampler != "fixed" and (self.backprop is None or self.backprop > 1)
 
-    def draw(self, seed: int, iteration: int, rows: Sequence[int] = (),
-             seq_length: int = 0) -> LoopDraw:
+    def draw(self, seed: int, iteration: int, rows: Sequence[int] = (), seq_length: int = 0,
+             slots: Optional[Tuple[int, int]] = None) -> LoopDraw:
         """The depth of training step ``iteration``; per sequence or token, that of the global
-        batch's sequences ``rows`` (of ``seq_length`` tokens)."""
+        batch's sequences ``rows`` (of ``seq_length`` tokens). ``slots`` (``graph_slots``): laid
+        out on a fixed graph, every element masked into it (pipeline parallelism)."""
         if self.per == "batch":
             steps = self._capped(self._steps(np.random.default_rng([seed, iteration])))
-            return LoopDraw(int(steps), int(self._grad(steps)))
-        steps = self._element_steps(seed, iteration, rows, seq_length)
-        return LoopDraw.of_elements(steps, self._grad(steps))
+            if slots is None:
+                return LoopDraw(int(steps), int(self._grad(steps)))
+            steps = np.full(len(rows), steps)
+        else:
+            steps = self._element_steps(seed, iteration, rows, seq_length)
+        return LoopDraw.of_elements(steps, self._grad(steps), slots)
+
+    @property
+    def graph_slots(self) -> Tuple[int, int]:
+        """(steps without, steps with gradients) of the fixed graph of the layout's K steps that
+        a pipeline runs every draw on: the last ``backprop`` (default all) carry gradients."""
+        grad = self.trained if self.backprop is None else min(self.backprop, self.trained)
+        return self.trained - grad, grad
 
     def _element_steps(self, seed: int, iteration: int, rows: Sequence[int],
                        seq_length: int) -> np.ndarray:

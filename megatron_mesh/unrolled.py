@@ -119,3 +119,13 @@ def phase_before(ops: List[Op], start: int) -> str:
     if not done:
         return "pre"
     return "post" if done[-1] == "end" else "loop"
+
+
+def loop_step_cut_at(ops: List[Op], start: int) -> Optional[int]:
+    """The loop step t a stage boundary before layer application ``start`` cuts (its layers on
+    both sides), or None."""
+    layers = {op.position: op for op in ops if op.kind == "layer"}
+    before, after = layers.get(start - 1), layers.get(start)
+    if before is not None and after is not None and before.loop == after.loop >= 0:
+        return after.loop
+    return None

@@ -57,8 +57,13 @@ def test_fixed_depth_varies_only_when_it_differs_from_the_layout():
     (dict(scheme="mesh", loop_depth="poisson"), "state_scheme='mesh' has parameters per loop step"),
     (dict(scheme="static_comb", backprop_loops=1), "has parameters per loop step"),
     (dict(layout="1+1+2+1", scheme="linear_injection", loop_depth="poisson"), "needs a tied looped core"),
-    (dict(scheme="mesh_shared", loop_depth="poisson", pipeline_model_parallel_size=2),
-     "under pipeline_model_parallel_size=2: each pipeline stage holds a fixed slice"),
+    (dict(scheme="mesh_shared", loop_depth="poisson", pipeline_model_parallel_size=2,
+          pipeline_dtype=torch.float32),
+     "under 2 pipeline stages: the stages hold a fixed graph of the layout's K=2 loop steps and "
+     "mask each draw into it, so a draw must fit: set max_loops <= 2 [(]got None[)]"),
+    (dict(layout="1+2R4+1", scheme="linear_injection", loop_depth="poisson", max_loops=4,
+          pipeline_model_parallel_size=2, pipeline_dtype=torch.float32, pipeline_stage_layers=(4, 6)),
+     "a stage starts at layer application 4, inside loop step 1; set pipeline_stage_layers"),
     (dict(scheme="linear_injection", backprop_loops=0), "backprop_loops=0: expected a value >= 1"),
     (dict(scheme="linear_injection", loop_depth="gamma"), "loop_depth='gamma': expected one of"),
 ])
@@ -271,3 +276,50 @@ def test_per_token_depth_freezes_a_tokens_state_after_its_last_step(megatron_wor
         sequencewise = model(tokens, positions, labels=tokens, num_loops=draw.num_loops,
                              step_mask=per_sequence[:, :, 0])
     torch.testing.assert_close(tokenwise, sequencewise, rtol=0, atol=0)
+
+
+def test_a_pipeline_draw_is_masked_into_the_layouts_graph():
+    """Under pipeline parallelism every draw runs on the fixed graph of K steps, (K - k) without
+    gradients and k with: each element still runs its own steps, the last min(k, n) with."""
+    depth = LoopDepth("poisson", 2.0, trained=4, max=4, backprop=2, per="sequence")
+    assert depth.graph_slots == (2, 2)
+    for iteration in range(20):
+        free = depth.draw(3, iteration, range(4))
+        fixed = depth.draw(3, iteration, range(4), slots=depth.graph_slots)
+        assert fixed.num_loops == 4 and fixed.grad_loops == 2
+        np.testing.assert_array_equal(fixed.active[2:].sum(0), free.active[free.num_loops - free.grad_loops:].sum(0))
+        np.testing.assert_array_equal(fixed.active.sum(0), free.active.sum(0))
+    batch = LoopDepth("poisson", 2.0, trained=4, max=4, backprop=2)
+    fixed = batch.draw(3, 5, range(3), slots=batch.graph_slots)
+    assert (fixed.active.sum(0) == batch.draw(3, 5).num_loops).all()
+    with pytest.raises(ValueError, match="does not fit the graph"):
+        LoopDepth("poisson", 2.0, trained=4, max=6, backprop=2, per="sequence").draw(
+            3, 1, range(64), slots=(2, 2))
+
+
+@pytest.mark.parametrize("scheme", ["linear_injection", "mesh_shared"])
+def test_a_draw_masked_into_the_fixed_graph_equals_the_draw_run_alone(megatron_world, scheme):
+    """The padding steps a pipeline runs are no-ops: losses and gradients as without them."""
+    from megatron_mesh.model import MeshGPTModel
+
+    torch.manual_seed(0)
+    model = MeshGPTModel(tiny_config("1+2R4+1", scheme))
+    tokens, positions = random_batch(model.config, batch=4)
+    depth = LoopDepth("poisson", 1.0, trained=4, max=4, backprop=2, per="token")
+    # a step whose deepest token needs fewer than the graph's 4 steps
+    step = next(i for i in range(100) if depth.draw(1234, i, range(4), tokens.shape[1]).num_loops < 4)
+
+    def run(**draw_kwargs):
+        draw = depth.draw(1234, step, range(4), tokens.shape[1], **draw_kwargs)
+        model.zero_grad()
+        loss = model(tokens, positions, labels=tokens, num_loops=draw.num_loops,
+                     grad_loops=draw.grad_loops, step_mask=torch.from_numpy(draw.active))
+        loss.sum().backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, draw
+
+    loss, grads, draw = run()
+    padded_loss, padded_grads, padded = run(slots=depth.graph_slots)
+    assert draw.num_loops < padded.num_loops == 4
+    torch.testing.assert_close(padded_loss, loss, rtol=1e-5, atol=1e-6)
+    for name in grads:
+        torch.testing.assert_close(padded_grads[name], grads[name], rtol=1e-4, atol=1e-6)

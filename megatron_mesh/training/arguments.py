@@ -66,7 +66,10 @@ def _check_loop_depth(exp: Experiment, cfg: MeshConfig, origins: Dict[str, str])
     where = origins.get("model.loop_depth", origins.get("model.backprop_loops", "?"))
     depth = LoopDepth.of(cfg)
     if depth.varies and par.pipeline > 1:
-        raise ConfigError(f"{where}: {cfg.pipeline_refusal(par.pipeline)}")
+        problem = cfg.pipeline_depth_problem(par.pipeline * (par.virtual_pipeline or 1),
+                                             par.pipeline_stage_layers)
+        if problem:
+            raise ConfigError(f"{where}: {problem}")
     if par.overlap_grad_reduce and par.recompute_granularity == "full" and depth.grad_steps_vary:
         raise ConfigError(
             f"{where}: model.loop_depth={cfg.loop_depth!r} with backprop_loops="

@@ -8,9 +8,9 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from functools import partial
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import torch
 
@@ -86,22 +86,28 @@ class MeshProviders:
         tokens, labels, loss_mask, position_ids = get_batch(data_iterator)
         states = self.router_log.states_for(model)  # a list on the micro-batch whose routers are logged
         output = model(tokens, position_ids, None, labels=labels, states=states,
-                       **self.loop_draw(model.training))  # [b, s] token loss
+                       **self.loop_draw(model.training, _chunk(model)))  # [b, s] token loss
         self.router_log.write(model, states)
         return output, partial(loss_func, loss_mask)
 
 
-    def loop_draw(self, training: bool) -> dict:
+    def loop_draw(self, training: bool, chunk: Optional[int] = None) -> dict:
         """This training micro-batch's depth, a function of the seed, the iteration and (per
         sequence or token) the sequences' places in the global batch: the same on every rank
-        holding them; evaluation runs the layout's K steps."""
+        holding them; evaluation runs the layout's K steps. Under pipeline parallelism every
+        stage draws it and masks it into the layout's fixed graph (``LoopDepth.graph_slots``)."""
         if not training or self.depth is None or not self.depth.varies:
             return {}
         args = get_args()
-        rows = self.microbatches.rows(args.curr_iteration, args.micro_batch_size)
-        draw = self.depth.draw(args.seed, args.curr_iteration, rows, args.seq_length)
-        self.depth_tally.add(args.curr_iteration, draw)
-        out = {"num_loops": draw.num_loops, "grad_loops": draw.grad_loops}
+        rows = self.microbatches.rows(args.curr_iteration, args.micro_batch_size, chunk)
+        pipelined = args.pipeline_model_parallel_size > 1
+        slots = self.depth.graph_slots if pipelined else None
+        draw = self.depth.draw(args.seed, args.curr_iteration, rows, args.seq_length, slots)
+        if not chunk:  # one tally per micro-batch, not per model chunk
+            self.depth_tally.add(args.curr_iteration, draw)
+        out = {"grad_loops": draw.grad_loops}
+        if not pipelined:  # a pipeline stage runs the layout's graph, the draw masked into it
+            out["num_loops"] = draw.num_loops
         if draw.active is not None:
             device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
             out["step_mask"] = torch.from_numpy(draw.active).to(device)
@@ -113,17 +119,28 @@ class MicrobatchCounter:
     """Which sequences of the global batch a training forward step holds. Megatron's
     pretraining sampler gives data-parallel rank r the micro-batch size (mbs) sequences at
     r * mbs of each consecutive dp * mbs of the global batch, and forward_step does not learn
-    which micro-batch it runs: it is counted (without pipelining, in order)."""
+    which micro-batch it runs: it is counted, per model chunk (megatron's schedules run each
+    chunk's forward steps in micro-batch order)."""
 
     iteration: int = -1
-    index: int = -1
+    counts: Dict[Optional[int], int] = field(default_factory=dict)
+    """Forward steps so far this iteration, per model chunk (virtual pipeline stage)."""
 
-    def rows(self, iteration: int, micro_batch_size: int) -> range:
-        self.index = self.index + 1 if iteration == self.iteration else 0
-        self.iteration = iteration
+    def rows(self, iteration: int, micro_batch_size: int, chunk: Optional[int] = None) -> range:
+        if iteration != self.iteration:
+            self.iteration, self.counts = iteration, {}
+        index = self.counts.get(chunk, 0)
+        self.counts[chunk] = index + 1
         dp = parallel_state.get_data_parallel_world_size()
-        start = (self.index * dp + parallel_state.get_data_parallel_rank()) * micro_batch_size
+        start = (index * dp + parallel_state.get_data_parallel_rank()) * micro_batch_size
         return range(start, start + micro_batch_size)
+
+
+def _chunk(model) -> Optional[int]:
+    """The virtual pipeline stage of a (DDP- and Float16Module-wrapped) model chunk."""
+    from megatron.core.utils import get_attr_wrapped_model
+
+    return get_attr_wrapped_model(model, "vp_stage")
 
 
 def _finalize_with_stage_replicas(model, *args, **kwargs):

@@ -117,3 +117,34 @@ def test_a_sampled_depth_run_resumes_exactly(start, single_per_token, tmp_path):
 
 def logged_depths(log):
     return [float(x) for x in re.findall(r"loop depth: ([0-9.]+)", log)]
+
+
+# Under pipeline parallelism the stages hold the layout's graph of K = 4 steps (2 without
+# gradients, 2 with) and every draw is masked into it; stage boundaries between loop steps:
+# [prelude, step 0], [step 1], [step 2], [step 3, coda], two per rank (interleaved).
+PIPELINED_DEPTH = {"model.layout": "1+2R4+1", "model.loop_depth": "poisson",
+                   "model.loop_depth_per": "token", "model.mean_loops": 2, "model.max_loops": 4,
+                   "model.backprop_loops": 2}
+PP2_VP2_STEPS = {"parallelism.pipeline": 2, "parallelism.virtual_pipeline": 2,
+                 "parallelism.pipeline_stage_layers": "[3,2,2,3]"}
+
+
+@pytest.fixture(scope="module")
+def start_k4(megatron_world, tmp_path_factory):
+    """The linear-injection model of ``start`` with a 4-step loop."""
+    from megatron_mesh.hf.importer import build_model, checkpoint_args, save_release_checkpoint
+
+    section = dict(tiny_section("linear_injection"), layout="1+2R4+1")
+    out = tmp_path_factory.mktemp("start-linear-k4") / "ckpt"
+    save_release_checkpoint(build_model(section, {}, ("",), seed=5), checkpoint_args(section, None), out)
+    return "linear_injection", out
+
+
+def test_a_sampled_depth_under_virtual_pipelining_matches_single_process(start_k4, tmp_path):
+    """Every stage draws the micro-batch's per-token depths (counting micro-batches per model
+    chunk) and masks them into its slice of the fixed graph; the single process runs each
+    draw's own depth, without padding steps."""
+    single = run(tmp_path, start_k4, "single", **PIPELINED_DEPTH)
+    pipelined = run(tmp_path, start_k4, "pp2-vp2", 2, **PIPELINED_DEPTH, **PP2_VP2_STEPS, **DISTOPT_PP)
+    assert_same_run(pipelined, single)
+    assert logged_depths(pipelined["log"]) == logged_depths(single["log"])

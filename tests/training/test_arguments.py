@@ -206,14 +206,19 @@ def test_gradient_accumulation_fusion_only_with_apex_extension(monkeypatch, mega
 
 
 def test_sampled_depth_refuses_what_the_trainer_cannot_follow():
-    """Checked before torchrun starts: pipeline parallelism, and megatron-core DDP's fixed
+    """Checked before torchrun starts: under pipeline parallelism a draw that may not fit the
+    layout's K steps or a stage boundary inside a loop step, and megatron-core DDP's fixed
     gradient-hook count per parameter under overlap + full recompute."""
     from megatron_mesh.training.arguments import megatron_argv
 
-    tiny = REPO / "configs/tiny-cpu.yml"
+    tiny = REPO / "configs/tiny-cpu.yml"  # 1+2R2+1: prelude 0, step 0 at 1-2, step 1 at 3-4
     sampled = ["model.state_scheme=linear_injection", "model.loop_depth=poisson", "model.mean_loops=2"]
-    with pytest.raises(ConfigError, match="under pipeline_model_parallel_size=2: each pipeline stage"):
+    with pytest.raises(ConfigError, match=r"graph of the layout's K=2 loop steps .* set max_loops <= 2"):
         megatron_argv(*load_config_tree(tiny, [*sampled, "parallelism.pipeline=2"]))
+    with pytest.raises(ConfigError, match="a stage starts at layer application 2, inside loop step 0"):
+        megatron_argv(*load_config_tree(tiny, [*sampled, "model.max_loops=2", "parallelism.pipeline=2",
+                                               "parallelism.pipeline_stage_layers=[2,4]"]))
+    megatron_argv(*load_config_tree(tiny, [*sampled, "model.max_loops=2", "parallelism.pipeline=2"]))
     overlap = ["parallelism.overlap_grad_reduce=true",
                "parallelism.distributed_optimizer=true", "parallelism.recompute_granularity=full",
                "parallelism.recompute_method=uniform", "parallelism.recompute_num_layers=1"]
