@@ -126,7 +126,9 @@ class MeshConfig(TransformerConfig):
     """Mean loop steps of the depth sampler; default the layout's K."""
 
     max_loops: Optional[int] = mesh_field(MODEL, None)
-    """Cap on a sampled depth (bounds activation memory); default none."""
+    """Cap on a sampled depth (bounds activation memory); default none. Required for a depth per
+    sequence or token (a micro-batch runs its deepest element's draw) and, <= K, under pipeline
+    parallelism."""
 
     backprop_loops: Optional[int] = mesh_field(MODEL, None)
     """Truncated backprop: only the last this many loop steps carry gradients, the others run
@@ -267,6 +269,10 @@ class MeshConfig(TransformerConfig):
             raise ValueError(f"loop_depth_per={self.loop_depth_per!r} draws a depth per "
                              f"{self.loop_depth_per}: it needs a sampled loop_depth "
                              f"('poisson' or 'poisson_lognormal'), not 'fixed'")
+        if self.loop_depth_per != "batch" and self.max_loops is None:
+            raise ValueError(f"loop_depth_per={self.loop_depth_per!r}: a micro-batch runs the steps "
+                             f"its deepest {self.loop_depth_per} draws, the maximum of many draws: "
+                             f"set max_loops to bound its memory and time")
         if not LoopDepth.of(self).varies:
             return
         setting = self.depth_setting()
@@ -287,6 +293,13 @@ class MeshConfig(TransformerConfig):
         return (f"loop_depth={self.loop_depth!r}{per}, mean_loops={self.mean_loops}, "
                 f"backprop_loops={self.backprop_loops}")
 
+    def deepest_draw(self) -> Optional[int]:
+        """The most loop steps a training step may draw (None: unbounded)."""
+        if self.loop_depth == "fixed":
+            steps = round(self.mean_loops)
+            return steps if self.max_loops is None else min(steps, self.max_loops)
+        return self.max_loops
+
     def pipeline_depth_problem(self, stages: int,
                                stage_layers: Optional[Tuple[int, ...]] = None) -> Optional[str]:
         """Why this varying depth cannot run on ``stages`` pipeline stages (virtual ones
@@ -295,7 +308,8 @@ class MeshConfig(TransformerConfig):
         steps and a stage boundary must not cut a loop step (whose step mask needs the state the
         step started from). Both checked before launch (trainer) and where the model is built."""
         layout, where = self.parsed_layout, f"{self.depth_setting()} under {stages} pipeline stages"
-        if self.max_loops is None or self.max_loops > layout.num_loops:
+        deepest = self.deepest_draw()
+        if deepest is None or deepest > layout.num_loops:
             return (f"{where}: the stages hold a fixed graph of the layout's K={layout.num_loops} "
                     f"loop steps and mask each draw into it, so a draw must fit: set max_loops <= "
                     f"{layout.num_loops} (got {self.max_loops}), or a layout with K = max_loops")

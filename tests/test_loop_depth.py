@@ -216,10 +216,23 @@ def test_per_token_depths_follow_the_sampler():
     assert steps.var() == pytest.approx(3 - 5 * math.exp(-3) - math.exp(-6), rel=0.03)
 
 
-def test_loop_depth_per_needs_a_sampled_depth():
+def test_loop_depth_per_needs_a_sampled_depth_and_a_cap():
     with pytest.raises(ValueError, match="loop_depth_per='token' draws a depth per token: it needs "
                                          "a sampled loop_depth"):
         tiny_config("1+2R2+1", "linear_injection", loop_depth_per="token")
+    with pytest.raises(ValueError, match="a micro-batch runs the steps its deepest sequence draws, "
+                                         "the maximum of many draws: set max_loops"):
+        tiny_config("1+2R2+1", "linear_injection", loop_depth="poisson", loop_depth_per="sequence")
+
+
+def test_truncated_backprop_at_a_fixed_depth_fits_the_pipelines_graph():
+    """No max_loops needed when the depth is fixed at most K: only the backprop is truncated."""
+    config = tiny_config("1+2R2+1", "linear_injection", backprop_loops=1,
+                         pipeline_model_parallel_size=2, pipeline_dtype=torch.float32)
+    assert config.deepest_draw() == 2
+    with pytest.raises(ValueError, match="set max_loops <= 2"):
+        tiny_config("1+2R2+1", "linear_injection", mean_loops=3, pipeline_model_parallel_size=2,
+                    pipeline_dtype=torch.float32)
 
 
 @pytest.mark.parametrize("scheme", ["linear_injection", "mesh_shared", "anchor"])

@@ -49,8 +49,7 @@ def _check_pipeline(exp: Experiment, cfg: MeshConfig, origins: Dict[str, str]) -
             "the data-parallel reduction, which overlap would start during the backward pass")
     if ranks * virtual > 1 or split is not None:
         try:
-            stage_bounds(cfg.num_layers,
-                         ranks * virtual, split)
+            stage_bounds(cfg.num_layers, ranks * virtual, split)
         except ValueError as err:
             raise ConfigError(f"{origins.get('parallelism.pipeline_stage_layers', where)}: {err}") from None
     if virtual == 1 and ranks > 2 and split is not None and sum(split[1:-1]) % (ranks - 2):

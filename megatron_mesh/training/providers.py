@@ -15,9 +15,11 @@ from typing import Dict, List, Optional
 import torch
 
 from megatron.core import parallel_state
+from megatron.core.num_microbatches_calculator import get_num_microbatches
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.utils import get_attr_wrapped_model
 from megatron.training import get_args, get_tokenizer
 from megatron.training.arguments import core_transformer_config_from_args
 from megatron.training.utils import get_blend_and_blend_per_split
@@ -120,7 +122,8 @@ class MicrobatchCounter:
     pretraining sampler gives data-parallel rank r the micro-batch size (mbs) sequences at
     r * mbs of each consecutive dp * mbs of the global batch, and forward_step does not learn
     which micro-batch it runs: it is counted, per model chunk (megatron's schedules run each
-    chunk's forward steps in micro-batch order)."""
+    chunk's forward steps in micro-batch order), modulo the micro-batches per step (megatron's
+    rerun state machine may run a step's forward-backward again, replaying the same data)."""
 
     iteration: int = -1
     counts: Dict[Optional[int], int] = field(default_factory=dict)
@@ -129,8 +132,9 @@ class MicrobatchCounter:
     def rows(self, iteration: int, micro_batch_size: int, chunk: Optional[int] = None) -> range:
         if iteration != self.iteration:
             self.iteration, self.counts = iteration, {}
-        index = self.counts.get(chunk, 0)
-        self.counts[chunk] = index + 1
+        count = self.counts.get(chunk, 0)
+        self.counts[chunk] = count + 1
+        index = count % get_num_microbatches()
         dp = parallel_state.get_data_parallel_world_size()
         start = (index * dp + parallel_state.get_data_parallel_rank()) * micro_batch_size
         return range(start, start + micro_batch_size)
@@ -138,8 +142,6 @@ class MicrobatchCounter:
 
 def _chunk(model) -> Optional[int]:
     """The virtual pipeline stage of a (DDP- and Float16Module-wrapped) model chunk."""
-    from megatron.core.utils import get_attr_wrapped_model
-
     return get_attr_wrapped_model(model, "vp_stage")
 
 

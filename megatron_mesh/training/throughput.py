@@ -116,8 +116,12 @@ class RealizedDepth:
 
     tally: DepthTally
     cost: DepthCost
-    _means: Dict[int, MeanDepth] = field(default_factory=dict, repr=False)
+    _means: Dict[int, MeanDepth] = field(default_factory=dict, init=False, repr=False)
     """Per iteration: megatron counts a step's FLOPs once per step and again in its log line."""
+
+    def ran(self, iteration: int) -> bool:
+        """Whether the step ran and was counted (megatron's --iterations-to-skip skips both)."""
+        return iteration in self._means
 
     def mean(self, iteration: int) -> MeanDepth:
         if iteration not in self._means:
@@ -175,7 +179,10 @@ class ThroughputLogger:
         seconds_per_iter = (now - then) / (iteration - before)
         tokens_per_iter = args.global_batch_size * args.seq_length
         tokens_per_s = tokens_per_iter / seconds_per_iter
-        steps = range(before, iteration)  # the curr_iteration of each step since the last line
+        # the curr_iteration of each step run since the last line
+        steps = [i for i in range(before, iteration) if self.depth is None or self.depth.ran(i)]
+        if not steps:
+            return None
         per_token = sum(self.per_token_at(i) for i in steps) / len(steps)
         tflops = tokens_per_s * per_token / 1e12 / args.world_size
         stats = {

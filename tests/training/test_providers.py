@@ -39,3 +39,19 @@ def test_every_model_key_reaches_the_trainers_config(overrides):
     assert got.num_layers == expected.num_layers and got.pipeline_carry_width is None
     bf16 = "precision.dtype=bf16" in overrides
     assert (got.bf16, got.params_dtype) == (bf16, torch.bfloat16 if bf16 else torch.float32)
+
+
+def test_the_microbatch_counter_gives_each_rank_its_rows_of_the_global_batch(monkeypatch):
+    """Rank r of dp holds the mbs rows at r * mbs of each dp * mbs (megatron's pretraining
+    sampler); chunks count apart; a rerun of the step (megatron's rerun state machine) replays
+    the same rows; a new iteration starts over."""
+    from megatron_mesh.training import providers
+
+    monkeypatch.setattr(providers, "get_num_microbatches", lambda: 2)
+    monkeypatch.setattr(providers.parallel_state, "get_data_parallel_world_size", lambda: 2)
+    monkeypatch.setattr(providers.parallel_state, "get_data_parallel_rank", lambda: 1)
+    counter = providers.MicrobatchCounter()
+    rows = [counter.rows(5, 3) for _ in range(4)]  # two micro-batches, then their rerun
+    assert rows == [range(3, 6), range(9, 12), range(3, 6), range(9, 12)]
+    assert counter.rows(5, 3, chunk=1) == range(3, 6)
+    assert counter.rows(6, 3) == range(3, 6)

@@ -127,3 +127,24 @@ def test_the_realized_depth_is_the_mean_of_the_forward_steps_draws():
     assert realized.flops_per_token(7) == pytest.approx(10 + 3 + 2 * (1.5 + 2) / 2)
     with pytest.raises(RuntimeError, match="no loop depth was drawn for iteration 8"):
         realized.loops(8)
+
+
+def test_a_skipped_iteration_leaves_the_log_lines_depth_to_the_steps_that_ran():
+    """megatron's --iterations-to-skip runs no forward step and counts no FLOPs for a step."""
+    from megatron_mesh.loop_depth import LoopDraw
+    from megatron_mesh.stats import DepthCost
+    from megatron_mesh.training.throughput import DepthTally, RealizedDepth, ThroughputLogger
+
+    tally = DepthTally()
+    realized = RealizedDepth(tally, DepthCost(base=10.0, per_step=1.0, per_grad_step=0.0))
+    logger = ThroughputLogger(10.0, peak_tflops=1.0, depth=realized)
+    args = SimpleNamespace(global_batch_size=2, seq_length=4, world_size=1, train_iters=10,
+                           consumed_train_samples=8, curr_iteration=0)
+    logger.line(args, 0, now=0.0)
+    for iteration, loops in ((0, 2), (2, 4)):  # iteration 1 skipped
+        tally.add(iteration, LoopDraw(loops, loops))
+        args.curr_iteration = iteration
+        logger.num_floating_point_operations(args, 2)
+    stats = logger.line(args, 3, now=3.0)
+    assert stats["loop-depth"] == pytest.approx(3.0)
+    assert stats["tflops-per-device"] == pytest.approx(8 / 1.0 * 13.0 / 1e12)
