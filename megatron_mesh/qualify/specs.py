@@ -7,7 +7,8 @@ every gradient are compared in fp32, where two correct implementations differ by
 (~1e-6 relative) and a wiring error (sequential residual, a missing norm or bias) by percents.
 
 On the CPU (no TransformerEngine) the same code compares the local spec's two core attentions
-(torch SDPA vs megatron-core's DotProductAttention) as the stand-in.
+(torch SDPA vs megatron-core's DotProductAttention) as the stand-in. Schemes without per-step
+parameters run a sampled per-token depth with truncated backprop (SAMPLED_DEPTH).
 """
 
 from __future__ import annotations
@@ -17,12 +18,16 @@ from typing import Callable, Dict, Tuple
 import torch
 import torch.nn.functional as F
 
+from megatron_mesh.loop_depth import LoopDepth
 from megatron_mesh.qualify.context import Context
 from megatron_mesh.qualify.report import FAIL, PASS, CheckResult, markdown_table
 
 TOLERANCE = 5e-3
 """Max |logit difference| over max |logit|, and each gradient's relative L2 difference."""
-SCHEMES = ("mesh", "anchor")
+SCHEMES = ("mesh", "anchor", "mesh_shared", "linear_injection", "diagonal_injection")
+SAMPLED_DEPTH = LoopDepth("poisson", 2.0, trained=2, max=4, backprop=1, per="token")
+"""How the schemes without per-step parameters run: a per-token depth of up to 4 steps, the
+first ones without gradients (the step mask and the frozen steps' bias detach under each spec)."""
 
 
 def spec_pair(cpu: bool) -> Tuple[str, Callable, str, Callable]:
@@ -72,9 +77,20 @@ def perturb(model, seed: int = 0) -> None:
         param.add_(noise * (0.1 if param.dim() == 1 else 0.02))
 
 
-def logits_and_grads(model, tokens, positions, labels):
+def depth_kwargs(scheme: str, batch: int, seq: int, device: torch.device) -> dict:
+    """The model's depth arguments: the layout's K for per-step schemes, else SAMPLED_DEPTH."""
+    from megatron_mesh.schemes import has_per_step_parameters
+
+    if has_per_step_parameters(scheme):
+        return {}
+    draw = SAMPLED_DEPTH.draw(0, 0, range(batch), seq)
+    return {"num_loops": draw.num_loops, "grad_loops": draw.grad_loops,
+            "step_mask": torch.from_numpy(draw.active).to(device)}
+
+
+def logits_and_grads(model, tokens, positions, labels, **depth):
     model.zero_grad(set_to_none=True)
-    logits = model(tokens, positions)  # [b, s, V]
+    logits = model(tokens, positions, **depth)  # [b, s, V]
     F.cross_entropy(logits.float().flatten(0, 1), labels.flatten()).backward()
     grads = {k: p.grad.float() for k, p in checkpoint_tensors(model).items() if p.grad is not None}
     return logits.detach().float(), grads
@@ -91,7 +107,8 @@ def compare(ctx: Context, scheme: str, first: Callable, second: Callable) -> dic
     tokens, labels = (torch.randint(0, section["vocab_size"], (batch, seq), generator=g).to(ctx.device)
                       for _ in range(2))
     positions = torch.arange(seq, device=ctx.device).unsqueeze(0).expand(batch, seq)
-    (la, ga), (lb, gb) = (logits_and_grads(m, tokens, positions, labels) for m in (a, b))
+    depth = depth_kwargs(scheme, batch, seq, ctx.device)
+    (la, ga), (lb, gb) = (logits_and_grads(m, tokens, positions, labels, **depth) for m in (a, b))
     if ga.keys() != gb.keys():
         raise AssertionError(f"{scheme}: different parameters got gradients")
     grad_errors = {k: ((ga[k] - gb[k]).norm() / gb[k].norm().clamp_min(1e-30)).item() for k in gb}
