@@ -36,6 +36,9 @@ DEPTH_SAMPLERS = ("fixed", "poisson_lognormal", "poisson")
 DEPTH_UNITS = ("batch", "sequence", "token")
 """What one depth draw covers (module docstring)."""
 
+EXPECTED_DRAWS = 20000
+"""Draws ``LoopDepth.expected`` averages (the expected cost ``model_stats`` reports)."""
+
 HUGINN_SIGMA = 0.5
 """The log-normal's sigma in Huginn's sampler (hard-coded there)."""
 
@@ -155,7 +158,7 @@ class LoopDepth:
     def _grad(self, steps):
         return steps if self.backprop is None else np.minimum(steps, self.backprop)
 
-    def expected(self, draws: int = 20000, seed: int = 0) -> "MeanDepth":
+    def expected(self, draws: int = EXPECTED_DRAWS, seed: int = 0) -> "MeanDepth":
         """Mean steps and mean gradient steps over ``draws`` draws (for the expected cost: per
         sequence or token the same distribution, counted per element)."""
         batch = replace(self, per="batch")

@@ -35,8 +35,8 @@ from torch import nn
 
 from megatron_mesh.block import scheme_options
 from megatron_mesh.config import MeshConfig
-from megatron_mesh.loop_depth import LoopDepth, LoopDraw
-from megatron_mesh.mesh import StateScheme
+from megatron_mesh.loop_depth import LoopDepth, LoopDraw, MeanDepth
+from megatron_mesh.mesh import StateScheme, matmul_weights
 from megatron_mesh.model import MeshGPTModel
 from megatron_mesh.schemes import build_scheme
 
@@ -53,6 +53,9 @@ class ModelStats:
     router_params: int
     seq_length: int
     train_flops_per_token: float
+    """The mean over the loop-depth distribution where the depth varies (``loop_depth``)."""
+    loop_depth: Optional[MeanDepth] = None
+    """The expected training depth (``expected_depth``); None: the layout's K, all with gradients."""
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -62,17 +65,12 @@ def _numel(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def _matmul_weights(module: nn.Module) -> int:
-    # linear-layer weights; not e.g. static_comb's [K, 3] coefficients, which multiply nothing
-    return sum(p.numel() for n, p in module.named_parameters() if p.dim() == 2 and n.endswith("weight"))
-
-
 def applied_matmul_weights(model: MeshGPTModel) -> int:
     """Matmul weights summed over every layer *application* of the unrolled graph."""
     block = model.decoder
     layout = model.config.parsed_layout
-    total = sum(_matmul_weights(layer) for layer in (*block.prelude.values(), *block.coda.values()))
-    total += sum(_matmul_weights(layer) for t in range(layout.num_loops) for layer in block.core_for_step(t))
+    total = sum(matmul_weights(layer) for layer in (*block.prelude.values(), *block.coda.values()))
+    total += sum(matmul_weights(layer) for t in range(layout.num_loops) for layer in block.core_for_step(t))
     if block.scheme is not None:
         total += block.scheme.applied_matmul_weights(layout.num_loops)
     return total
@@ -141,13 +139,19 @@ class DepthCost:
         return self.base + num_loops * self.per_step + grad_loops * self.per_grad_step
 
 
-def expected_train_flops_per_token(cfg: MeshConfig, seq_length: int) -> float:
-    """``train_flops_per_token`` averaged over the config's loop-depth distribution (linear in
-    the depth and the gradient depth, so their means give the mean)."""
+def expected_depth(cfg: MeshConfig) -> Optional[MeanDepth]:
+    """The mean training depth over the config's loop-depth distribution; None where it is the
+    layout's K every step, all with gradients."""
     depth = LoopDepth.of(cfg)
-    if not depth.varies:
+    return depth.expected() if depth.varies else None
+
+
+def expected_train_flops_per_token(cfg: MeshConfig, seq_length: int,
+                                   mean: Optional[MeanDepth]) -> float:
+    """``train_flops_per_token`` averaged over the loop-depth distribution whose mean is ``mean``
+    (``expected_depth``): linear in the depth and the gradient depth, so their means give it."""
+    if mean is None:
         return train_flops_per_token(cfg, seq_length)
-    mean = depth.expected()
     return DepthCost.of(cfg, seq_length).at(mean.num_loops, mean.grad_loops)
 
 
@@ -155,7 +159,8 @@ def model_stats(model: MeshGPTModel, seq_length: int) -> ModelStats:
     cfg = model.config
     embedding = _numel(model.embedding) + _numel(model.output_layer)
     total = _numel(model)
-    flops = expected_train_flops_per_token(cfg, seq_length)
+    mean = expected_depth(cfg)
+    flops = expected_train_flops_per_token(cfg, seq_length, mean)
     return ModelStats(
         layout=str(cfg.parsed_layout),
         state_scheme=cfg.state_scheme,
@@ -167,4 +172,5 @@ def model_stats(model: MeshGPTModel, seq_length: int) -> ModelStats:
         router_params=_numel(model.decoder.scheme) if model.decoder.scheme is not None else 0,
         seq_length=seq_length,
         train_flops_per_token=flops,
+        loop_depth=mean,
     )

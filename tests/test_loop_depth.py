@@ -128,7 +128,8 @@ def manual_loss(model, tokens, positions, num_loops, frozen):
 
 
 def test_frozen_steps_cost_forward_flops_only():
-    from megatron_mesh.stats import DepthCost, expected_train_flops_per_token, train_flops_per_token
+    from megatron_mesh.stats import (DepthCost, expected_depth, expected_train_flops_per_token,
+                                     train_flops_per_token)
 
     cfg = tiny_config("1+2R2+1", "linear_injection", loop_depth="poisson", mean_loops=4.0,
                       backprop_loops=2)
@@ -142,7 +143,7 @@ def test_frozen_steps_cost_forward_flops_only():
         assert cost.at(draw.num_loops, draw.grad_loops) == pytest.approx(train_flops_per_token(cfg, 32, draw))
     mean = LoopDepth.of(cfg).expected()
     expected = at_k + (mean.num_loops - 2) * one_frozen + (mean.grad_loops - 2) * 2 * one_frozen
-    assert expected_train_flops_per_token(cfg, 32) == pytest.approx(expected)
+    assert expected_train_flops_per_token(cfg, 32, expected_depth(cfg)) == pytest.approx(expected)
 
 
 def test_full_recompute_per_loop_step_under_truncated_backprop(megatron_world):

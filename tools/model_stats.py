@@ -88,17 +88,16 @@ def megatron_flops_per_token(cfg, seq_length: int) -> Optional[float]:
 
 
 def flops_rows(cfg, stats) -> list:
-    from megatron_mesh.loop_depth import LoopDepth
-
     """The FLOP rows: the convention, ours, and megatron-core's for a vanilla layout."""
+    from megatron_mesh.loop_depth import EXPECTED_DRAWS
+
     convention = "megatron-core's (causal attention halved), every core application counted"
     rows = [("FLOP convention", convention)]
-    depth = LoopDepth.of(cfg)
-    if depth.varies:  # the FLOPs are the mean over the depth distribution
-        mean = depth.expected()
-        rows.append(("loop depth (training)", f"{depth.sampler}: mean {mean.num_loops:.2f} steps, "
-                     f"{mean.grad_loops:.2f} with gradients (over 20,000 draws)"))
-    per_token = "expected training FLOPs/token" if depth.varies else "training FLOPs/token"
+    mean = stats.loop_depth
+    if mean is not None:  # the FLOPs are the mean over the depth distribution
+        rows.append(("loop depth (training)", f"{cfg.loop_depth}: mean {mean.num_loops:.2f} steps, "
+                     f"{mean.grad_loops:.2f} with gradients (over {EXPECTED_DRAWS:,} draws)"))
+    per_token = "training FLOPs/token" if mean is None else "expected training FLOPs/token"
     rows.append((f"{per_token} (seq {stats.seq_length})", f"{stats.train_flops_per_token:.4e}"))
     theirs = megatron_flops_per_token(cfg, stats.seq_length)
     if theirs is not None:

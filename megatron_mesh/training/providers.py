@@ -30,7 +30,7 @@ from megatron_mesh.layers import local_block_spec, te_block_spec
 from megatron_mesh.model import MeshGPTModel
 from megatron_mesh.parallel import carry, replicas
 from megatron_mesh.training.router_log import RouterLog
-from megatron_mesh.training.throughput import DepthTally
+from megatron_mesh.training.throughput import DepthTally, rank_device
 
 def mesh_config_from_args(args) -> MeshConfig:
     """Megatron's TransformerConfig fields (parallelism, precision, fusions) + the model section."""
@@ -111,8 +111,7 @@ class MeshProviders:
         if not pipelined:  # a pipeline stage runs the layout's graph, the draw masked into it
             out["num_loops"] = draw.num_loops
         if draw.active is not None:
-            device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
-            out["step_mask"] = torch.from_numpy(draw.active).to(device)
+            out["step_mask"] = torch.from_numpy(draw.active).to(rank_device())
         return out
 
 
@@ -157,9 +156,8 @@ def _finalize_with_stage_replicas(model, *args, **kwargs):
 def get_batch(data_iterator):
     """tokens, labels, loss_mask, position_ids of the next micro-batch ([b, s] each)."""
     batch = next(data_iterator)
-    device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
     keys = ("tokens", "labels", "loss_mask", "position_ids")
-    return tuple(batch[k].to(device, non_blocking=True) for k in keys)
+    return tuple(batch[k].to(rank_device(), non_blocking=True) for k in keys)
 
 
 def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):

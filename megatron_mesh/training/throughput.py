@@ -58,6 +58,11 @@ def default_peak_tflops() -> Optional[float]:
     return peak_tflops_of(torch.cuda.get_device_name(torch.cuda.current_device()))
 
 
+def rank_device():
+    """This rank's device: the GPU megatron set for it, else the CPU (gloo)."""
+    return torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+
+
 def peak_memory() -> Tuple[int, str]:
     """(bytes, what was measured) of this process so far."""
     if torch.cuda.is_available():
@@ -69,8 +74,7 @@ def peak_memory_over_ranks() -> Tuple[int, str]:
     """``peak_memory`` maximised over every rank (a one-element all-reduce; call on all ranks)."""
     value, kind = peak_memory()
     if dist.is_initialized() and dist.get_world_size() > 1:
-        device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
-        peak = torch.tensor([value], dtype=torch.float64, device=device)
+        peak = torch.tensor([value], dtype=torch.float64, device=rank_device())
         dist.all_reduce(peak, op=dist.ReduceOp.MAX)
         value = int(peak.item())
     return value, kind
@@ -101,8 +105,7 @@ class DepthTally:
                                f"{self.iteration}): the FLOP count needs the forward step's draw")
         sums = [self.loops, self.grad_loops, float(self.microbatches)]
         if dist.is_initialized() and parallel_state.get_data_parallel_world_size() > 1:
-            device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
-            summed = torch.tensor(sums, dtype=torch.float64, device=device)
+            summed = torch.tensor(sums, dtype=torch.float64, device=rank_device())
             dist.all_reduce(summed, group=parallel_state.get_data_parallel_group())
             sums = summed.tolist()
         return MeanDepth(sums[0] / sums[2], sums[1] / sums[2])
