@@ -58,10 +58,12 @@ import importlib.util
 import inspect
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Tuple, Union
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
+
+from megatron_mesh.compat.torch_compile import TORCH_COMPILE, Backend, CompileFeatures, compile_region
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 _HAVE_TRITON = importlib.util.find_spec("triton") is not None  # inductor's CUDA code generator
@@ -135,12 +137,11 @@ specialises sizes 1 (and the strides of size-1 dims), and there is a graph per d
 the backward, per missing upstream gradient (the last loop step's new buffer is unused). A fixed
 training shape needs 1 forward and 2 backward graphs; training and evaluating at other lengths
 and micro-batch sizes, size 1 included, took 7 and 10 on CPU, past dynamo's default limit of 8.
-It is an argument of ``torch.compile``, not ``torch._dynamo.config.recompile_limit``: dynamo's
-config overrides are per thread (ContextVars), and on CUDA the backward runs, and compiles, on
-autograd's device thread, which never sees what the main thread set."""
+The limit is the region's own, on whichever thread compiles it (on CUDA the backward compiles on
+autograd's device thread): ``compat/torch_compile.py`` passes it to ``torch.compile`` where that
+takes it, and makes up for it where not (torch 2.11)."""
 
-Backend = Union[str, Callable]
-Compiler = Tuple[Backend, int]  # (torch.compile backend, recompile limit)
+Compiler = Tuple[Backend, int, CompileFeatures]  # (torch.compile backend, limit, what torch takes)
 
 
 class CompileFailure(RuntimeError):
@@ -148,17 +149,17 @@ class CompileFailure(RuntimeError):
     for which inputs, and how to run it uncompiled instead); the compiler's error is the cause."""
 
 
-_compiled: Dict[Tuple[str, Backend, int], Callable] = {}
+_compiled: Dict[Tuple[str, Compiler], Callable] = {}
 
 
-def _compile(name: str, fn: Callable, backend: Backend, recompile_limit: int) -> Callable:
-    """torch.compile ``fn`` once per process and compiler, on first use (never at import)."""
-    key = (name, backend, recompile_limit)
+def _compile(name: str, fn: Callable, compiler: Compiler) -> Callable:
+    """torch.compile ``fn`` once per process and compiler, on first use (never at import): an
+    isolated fullgraph region, so dynamo raises past its recompile limit instead of running the
+    frame uncompiled, and counts only this region's graphs against it."""
+    key = (name, compiler)
     if key not in _compiled:
-        # an isolated region counts only this wrapper's graphs against its limit; fullgraph
-        # makes dynamo raise past the limit instead of running the frame uncompiled
-        _compiled[key] = torch.compile(fn, backend=backend, dynamic=None, fullgraph=True,
-                                       recompile_limit=recompile_limit, isolate_recompiles=True)
+        backend, limit, features = compiler
+        _compiled[key] = compile_region(fn, name, backend, limit, features)
     return _compiled[key]
 
 
@@ -176,13 +177,16 @@ class CycleCompile:
     fallback: bool = False
     """On a compile failure: raise CompileFailure (False) or warn and run that half uncompiled
     from then on (True)."""
+    features: CompileFeatures = TORCH_COMPILE
+    """What this torch's torch.compile takes (detected at import; tests pass the other case)."""
 
     def compiler(self, like: Tensor) -> Optional[Compiler]:
         """How to compile a half whose inputs are on ``like``'s device; None: run it as is."""
+        compiler = self.backend, self.recompile_limit, self.features
         if self.devices == "all":
-            return self.backend, self.recompile_limit
+            return compiler
         if self.devices == "cuda" and like.is_cuda and not torch.compiler.is_compiling() and _HAVE_TRITON:
-            return self.backend, self.recompile_limit
+            return compiler
         return None  # CPU, or inside a model that torch.compile traces already
 
 
@@ -201,7 +205,7 @@ def _run(name: str, fn: Callable, like: Tensor, options: CycleCompile, *args):
     try:
         # detached: dynamo guards on requires_grad, which cannot matter here (autograd.Function
         # runs both halves without grad) but would double the graphs (training vs evaluation)
-        return _compile(name, fn, *compiler)(*(_detached(a) for a in args))
+        return _compile(name, fn, compiler)(*(_detached(a) for a in args))
     except Exception as err:  # noqa: BLE001  (inductor/triton raise many types)
         oom = _out_of_memory(err)
         if oom is not None:
@@ -233,7 +237,7 @@ def _out_of_memory(err: BaseException) -> Optional[BaseException]:
 def _failure_message(name: str, fn: Callable, compiler: Compiler, args, err: Exception) -> str:
     from torch._dynamo.exc import FailOnRecompileLimitHit  # failures only: no dynamo at import
 
-    backend, limit = compiler
+    backend, limit, _ = compiler
     names = inspect.signature(fn).parameters
     inputs = ", ".join(f"{arg} {_describe(t)}" for arg, t in zip(names, args))
     hint = ""
@@ -261,7 +265,7 @@ def compile_failures() -> Dict[str, str]:
     """Compiled halves that failed in this process ('half:backend' -> error), whether that was
     raised or (fallback=True) the half now runs uncompiled."""
     return {f"{name}:{_backend_name(backend)}": error
-            for (name, (backend, _)), error in _FAILED.items()}
+            for (name, (backend, *_)), error in _FAILED.items()}
 
 
 class MeshCycle(torch.autograd.Function):

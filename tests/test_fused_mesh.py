@@ -14,6 +14,7 @@ import torch
 
 from conftest import random_batch, tiny_config
 from megatron_mesh import fused_mesh, mesh
+from megatron_mesh.compat.torch_compile import TORCH_COMPILE, CompileFeatures
 from megatron_mesh.fused_mesh import CycleCompile, mesh_cycle
 from megatron_mesh.mesh import MeshScheme
 from megatron_mesh.qualify.cycle import eager_cycle
@@ -134,7 +135,7 @@ def test_compiled_cycle_matches_eager(backend):
     cycle = functools.partial(mesh_cycle, options=CycleCompile(devices="all", backend=backend))
     compiled = values_and_grads(cycle, inputs)
     last_step = values_and_grads(cycle, inputs, use_buffer=False)
-    keys = {(half, backend, fused_mesh.RECOMPILE_LIMIT) for half in ("forward", "backward")}
+    keys = {(half, (backend, fused_mesh.RECOMPILE_LIMIT, TORCH_COMPILE)) for half in ("forward", "backward")}
     assert keys <= fused_mesh._compiled.keys()
     expected = values_and_grads(eager_cycle, inputs) + values_and_grads(eager_cycle, inputs, False)
     for a, b in zip(compiled + last_step, expected):
@@ -167,12 +168,22 @@ class CountingBackend:
         return run
 
 
-@pytest.fixture
-def compiling(monkeypatch):
+NATIVE, EMULATED = CompileFeatures(recompile_limit=True), CompileFeatures(recompile_limit=False)
+FEATURES = [  # torch.compile as torch 2.13 offers it, and as compat/torch_compile emulates it on 2.11
+    pytest.param(NATIVE, id="native", marks=pytest.mark.skipif(
+        not TORCH_COMPILE.recompile_limit, reason=f"torch {torch.__version__}'s torch.compile "
+                                                  "takes no recompile_limit")),
+    pytest.param(EMULATED, id="emulated"),
+]
+
+
+@pytest.fixture(params=FEATURES)
+def compiling(monkeypatch, request):
     """``compiling(backend, **kw)``: the CycleCompile that compiles on every device with
-    ``backend``, with this test's own failure record (compile_failures() is per process)."""
+    ``backend``, with this test's own failure record (compile_failures() is per process), once
+    with each way of giving a region its own recompile limit."""
     monkeypatch.setattr(fused_mesh, "_FAILED", {})
-    return functools.partial(CycleCompile, "all")
+    return functools.partial(CycleCompile, "all", features=request.param)
 
 
 def in_thread(fn):
@@ -313,25 +324,19 @@ def test_hitting_the_recompile_limit_is_a_compile_failure(compiling, fallback):
 
 def test_compiled_backward_on_another_thread_ignores_main_thread_dynamo_config(compiling):
     """On CUDA the backward runs (and first compiles) on autograd's device thread. dynamo's config
-    overrides are per thread (ContextVars): a limit patched here is not the device thread's, so
-    the cycle passes its own to torch.compile and both halves compile alike on any thread."""
+    overrides are per thread in torch 2.13 (ContextVars) and process-wide in 2.11: either way a
+    limit the caller patched is not the cycle's, which compiles both halves alike on any thread
+    under its own limit."""
     backend = CountingBackend()
     cycle = functools.partial(mesh_cycle, options=compiling(backend))
-    seen = {"default": torch._dynamo.config.recompile_limit}
+    backward = lambda loss: in_thread(loss.backward)  # noqa: E731
 
-    def backward(loss):
-        def run():
-            seen["worker"] = torch._dynamo.config.recompile_limit
-            loss.backward()
-        in_thread(run)
-
-    # read from the thread's config, a limit of 1 would fail the forward's second length here
+    # a limit of 1 would fail the forward's second length and the backward's
     with torch._dynamo.config.patch(recompile_limit=1):
-        seen["main"] = torch._dynamo.config.recompile_limit
         for s in LENGTHS[:3]:
             inputs = cycle_inputs(s=s, dtype=torch.float32)
             assert_matches_eager(values_and_grads(cycle, inputs, backward=backward), inputs)
-    assert seen["main"] == 1 and seen["worker"] == seen["default"] > 1  # the patch stayed here
+        assert torch._dynamo.config.recompile_limit == 1  # the caller's patch stands
     assert backend.calls == {"forward": 3, "backward": 3}  # every call compiled, on both threads
     assert not fused_mesh.compile_failures()
 

@@ -22,7 +22,8 @@ __all__ = ["CheckpointError", "OutputExistsError", "export"]
 def build_hf_model(state: Dict[str, torch.Tensor], config: MeshConfig):
     """GPTNeoXForCausalLM for vanilla layouts (sqrt(d) folded into embed_in), else the
     megatron-mesh remote-code model; both in fp32 with the trained activation declared."""
-    from megatron_mesh.hf.mapping import gpt_neox_names, hf_mesh_config_kwargs, megatron_to_hf_mesh
+    from megatron_mesh.hf.mapping import (gpt_neox_names, gpt_neox_output_name, hf_mesh_config_kwargs,
+                                          megatron_to_hf_mesh)
 
     kwargs = hf_mesh_config_kwargs(config)
     if config.state_scheme == "vanilla":
@@ -38,7 +39,8 @@ def build_hf_model(state: Dict[str, torch.Tensor], config: MeshConfig):
             tie_word_embeddings=False, bos_token_id=0, eos_token_id=0)
         model = GPTNeoXForCausalLM(hf_config)
         scale = math.sqrt(config.hidden_size) if config.scale_embeddings else 1.0
-        model.load_state_dict(gpt_neox_names(state, config.parsed_layout, scale), strict=True)
+        output = gpt_neox_output_name(model.state_dict())
+        model.load_state_dict(gpt_neox_names(state, config.parsed_layout, scale, output), strict=True)
         return model
     from megatron_mesh.hf.configuration_megatron_mesh import MegatronMeshConfig
     from megatron_mesh.hf.modeling_megatron_mesh import MegatronMeshForCausalLM

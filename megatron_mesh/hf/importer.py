@@ -141,10 +141,10 @@ def _from_mesh_config(config: dict) -> dict:
 
 def megatron_state_from_hf(config: dict, hf_state: Dict[str, Tensor], section: dict) -> Dict[str, Tensor]:
     """The HF weights under MeshGPTModel state-dict names."""
-    if config["model_type"] == "gpt_neox":
-        return gpt_neox_to_megatron(hf_state, parse_layout(section["layout"]))
-    names = list(parameter_shapes(MeshConfig(**section, use_cpu_initialization=True)))
     try:
+        if config["model_type"] == "gpt_neox":
+            return gpt_neox_to_megatron(hf_state, parse_layout(section["layout"]))
+        names = list(parameter_shapes(MeshConfig(**section, use_cpu_initialization=True)))
         return hf_mesh_to_megatron(hf_state, names)
     except KeyError as err:
         raise CheckpointError(f"config.json and the weights disagree: {err.args[0]}") from None

@@ -29,6 +29,21 @@ LAYER_NAMES = {  # megatron-core TransformerLayer suffix -> HF GPTNeoXLayer suff
 }
 
 
+GPT_NEOX_OUTPUT_NAMES = ("embed_out.weight", "lm_head.weight")
+"""GPTNeoXForCausalLM's output layer: ``embed_out`` in Pythia's files and transformers 4.x's
+module, ``lm_head`` in 5.x's module (5.x renames ``embed_out`` on load, so files written with
+the first name load in both)."""
+
+
+def gpt_neox_output_name(names) -> str:
+    """Which of ``GPT_NEOX_OUTPUT_NAMES`` a GPT-NeoX state dict (or model's keys) uses."""
+    found = [n for n in GPT_NEOX_OUTPUT_NAMES if n in names]
+    if len(found) != 1:
+        raise KeyError(f"a GPT-NeoX state dict holds one output layer, {' or '.join(GPT_NEOX_OUTPUT_NAMES)}; "
+                       f"this one holds {found or 'neither'}")
+    return found[0]
+
+
 def megatron_layer_prefixes(layout: Layout) -> List[str]:
     """Module paths of the layers that own weights, in execution order of first use."""
     prefixes = [f"decoder.prelude.{i}" for i in range(layout.prelude)]
@@ -53,28 +68,30 @@ def gpt_neox_to_megatron(
             f"the GPT-NeoX checkpoint has {hf_layers} layers, layout={layout} expects "
             f"{layout.n_compute}"
         )
-    names = gpt_neox_name_pairs(layout)
+    names = gpt_neox_name_pairs(layout, gpt_neox_output_name(hf_state))
     out = {ours: hf_state[theirs] for ours, theirs in names}
     out["embedding.word_embeddings.weight"] = out["embedding.word_embeddings.weight"] / embedding_scale
     return out
 
 
-def gpt_neox_name_pairs(layout: Layout) -> List[Tuple[str, str]]:
+def gpt_neox_name_pairs(layout: Layout, output_name: str = GPT_NEOX_OUTPUT_NAMES[0]) -> List[Tuple[str, str]]:
     """(megatron-mesh name, GPTNeoXForCausalLM name) for every tensor of a vanilla layout."""
     pairs = [
         ("embedding.word_embeddings.weight", "gpt_neox.embed_in.weight"),
         ("decoder.final_layernorm.weight", "gpt_neox.final_layer_norm.weight"),
         ("decoder.final_layernorm.bias", "gpt_neox.final_layer_norm.bias"),
-        ("output_layer.weight", "embed_out.weight"),
+        ("output_layer.weight", output_name),
     ]
     for i, prefix in enumerate(megatron_layer_prefixes(layout)):
         pairs += [(f"{prefix}.{ours}", f"gpt_neox.layers.{i}.{theirs}") for ours, theirs in LAYER_NAMES.items()]
     return pairs
 
 
-def gpt_neox_names(state: Dict[str, Tensor], layout: Layout, embedding_scale: float = 1.0) -> Dict[str, Tensor]:
-    """A vanilla MeshGPTModel state dict as GPTNeoXForCausalLM names (scale folded into embed_in)."""
-    out = {theirs: state[ours] for ours, theirs in gpt_neox_name_pairs(layout)}
+def gpt_neox_names(state: Dict[str, Tensor], layout: Layout, embedding_scale: float = 1.0,
+                   output_name: str = GPT_NEOX_OUTPUT_NAMES[0]) -> Dict[str, Tensor]:
+    """A vanilla MeshGPTModel state dict as GPTNeoXForCausalLM names (scale folded into embed_in;
+    ``output_name``: the installed transformers' name of the output layer)."""
+    out = {theirs: state[ours] for ours, theirs in gpt_neox_name_pairs(layout, output_name)}
     out["gpt_neox.embed_in.weight"] = out["gpt_neox.embed_in.weight"] * embedding_scale
     return out
 

@@ -22,7 +22,8 @@ DOCS = [
 
 
 def write_inputs(tmp_path):
-    import zstandard
+    zstandard = pytest.importorskip(  # requirements/cpu.txt has it; the GPU image has not
+        "zstandard", reason="zstd-compressed jsonl needs zstandard")
 
     lines = [json.dumps({"text": d, "meta": i}) + "\n" for i, d in enumerate(DOCS)]
     (tmp_path / "a.jsonl").write_text("".join(lines[:2]))

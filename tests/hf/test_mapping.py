@@ -72,7 +72,7 @@ def test_layer_count_mismatch_is_refused():
 
 def test_gpt_neox_round_trip_is_bit_identical(megatron_world):
     """Pythia -> megatron-mesh (no embedding scale, as Pythia trained) -> GPT-NeoX names."""
-    from megatron_mesh.hf.mapping import gpt_neox_names, gpt_neox_to_megatron
+    from megatron_mesh.hf.mapping import gpt_neox_names, gpt_neox_output_name, gpt_neox_to_megatron
     from megatron_mesh.model import MeshGPTModel
 
     cfg = tiny_config("2", "vanilla", scale_embeddings=False)
@@ -83,9 +83,25 @@ def test_gpt_neox_round_trip_is_bit_identical(megatron_world):
     original = {k: v for k, v in hf.state_dict().items() if "rotary" not in k and "masked_bias" not in k}
     ours = MeshGPTModel(cfg).eval()
     ours.load_state_dict(gpt_neox_to_megatron(original, cfg.parsed_layout), strict=False)
-    back = gpt_neox_names(ours.state_dict(), cfg.parsed_layout)
+    back = gpt_neox_names(ours.state_dict(), cfg.parsed_layout, output_name=gpt_neox_output_name(original))
     assert back.keys() == original.keys()
     assert all(torch.equal(back[k], original[k]) for k in original)
     tokens, positions = random_batch(cfg)
     with torch.no_grad():
         assert (ours(tokens, positions) - hf(tokens).logits).abs().max() < 1e-4
+
+
+def test_both_names_of_the_output_layer_map_and_a_missing_one_is_named():
+    """transformers 4.x's GPT-NeoX module and Pythia's files say embed_out, 5.x's module lm_head."""
+    from megatron_mesh.hf.mapping import GPT_NEOX_OUTPUT_NAMES, gpt_neox_name_pairs, gpt_neox_to_megatron
+    from megatron_mesh.layout import parse_layout
+
+    layout = parse_layout("1")
+    for output in GPT_NEOX_OUTPUT_NAMES:
+        state = {theirs: torch.full((1,), float(i)) for i, (_, theirs) in
+                 enumerate(gpt_neox_name_pairs(layout, output))}
+        assert torch.equal(gpt_neox_to_megatron(state, layout)["output_layer.weight"], state[output])
+    del state["lm_head.weight"]
+    with pytest.raises(KeyError, match="one output layer, embed_out.weight or lm_head.weight; "
+                                       "this one holds neither"):
+        gpt_neox_to_megatron(state, layout)

@@ -4,6 +4,7 @@ import builtins
 import errno
 import io
 import os
+import sys
 
 import pytest
 import torch
@@ -35,6 +36,9 @@ class FullDisk(io.FileIO):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self.name)
 
 
+@pytest.mark.skipif((3, 12, 0) <= sys.version_info[:3] < (3, 12, 2),
+                    reason="CPython 3.12.0-3.12.1 segfault collecting the failed write's BytesIO "
+                           "buffer (python/cpython#111049, fixed in 3.12.2; README: support matrix)")
 def test_a_full_disk_is_named_with_the_file_and_the_free_space(model, tmp_path, monkeypatch):
     """megatron's writer logs the OSError and raises 'Worker failure: <class 'OSError'>'."""
     from megatron.core import dist_checkpointing
