@@ -6,7 +6,7 @@
     python tools/gpu_check.py --plan      # the expected time per check, from the FLOP counts
 
 Checks, in order (megatron_mesh/qualify/): versions; specs (TransformerEngine spec == local spec,
-logits and gradients, mesh and anchor); attention (the SDPA kernel: flash); cycle (the compiled
+logits and gradients, mesh and anchor); attention (the SDPA kernel: a fused one); cycle (the compiled
 MeSH cycle == eager within bf16 rounding bounds, and faster); trainer (tools/pretrain_mesh.py,
 bf16 + distributed optimizer, 160M base and mesh: loss falls, no NaN, save, resume, export);
 throughput (410M and 1.4B 4+8R2+4 MeSH MFU, MeSH vs base step time and memory, vanilla 24,
@@ -55,6 +55,7 @@ def selected(names, available):
 def main(argv=None):
     args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # exports load from disk; never reach a hub
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers 5's, between verdicts
     if args.tiny:  # the CPU stand-in runs on the CPU on a GPU machine too (before torch sees CUDA)
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
     import megatron_mesh  # (CPU shims before megatron.core)

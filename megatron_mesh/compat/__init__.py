@@ -10,6 +10,7 @@ megatron_mesh``) refuses another version before anything is patched, and
 from __future__ import annotations
 
 import contextlib
+import logging
 import warnings
 
 MEGATRON_CORE = "0.19.2"
@@ -89,9 +90,37 @@ def silence_known_megatron_warnings() -> None:
         warnings.filterwarnings("ignore", message=message, module=r"megatron\.")
 
 
+KNOWN_IMPORT_LOG_LINES = {
+    # torch's CUDA build on a machine without a GPU (a CPU node, or gpu_check --tiny hiding the
+    # GPU), logged when megatron.core.tensor_parallel imports torch.utils.cpp_extension; the
+    # package builds no extension
+    "torch.utils.cpp_extension": "No CUDA runtime is found",
+}
+"""logger name -> start of a message it logs while megatron-core is imported, saying nothing a
+user can act on."""
+
+
+class _DropKnownLine(logging.Filter):
+    def __init__(self, start: str):
+        super().__init__()
+        self.start = start
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.start)
+
+
 @contextlib.contextmanager
 def known_megatron_warnings_silenced():
-    """``silence_known_megatron_warnings`` for the duration of a block (the package's import)."""
-    with warnings.catch_warnings():
-        silence_known_megatron_warnings()
-        yield
+    """``silence_known_megatron_warnings`` and ``KNOWN_IMPORT_LOG_LINES`` dropped for the
+    duration of a block (the package's import)."""
+    filters = [(logging.getLogger(name), _DropKnownLine(start))
+               for name, start in KNOWN_IMPORT_LOG_LINES.items()]
+    for logger, drop in filters:
+        logger.addFilter(drop)
+    try:
+        with warnings.catch_warnings():
+            silence_known_megatron_warnings()
+            yield
+    finally:
+        for logger, drop in filters:
+            logger.removeFilter(drop)

@@ -8,10 +8,12 @@ from importlib import metadata
 
 import torch
 
+from megatron_mesh.compat.torch_compile import TORCH_COMPILE
 from megatron_mesh.qualify.context import Context
 from megatron_mesh.qualify.report import FAIL, PASS, CheckResult
 
-PACKAGES = ("megatron-core", "transformer-engine", "transformers", "apex")
+PACKAGES = ("megatron-core", "transformer-engine", "transformers", "apex", "numpy", "triton",
+            "tokenizers", "huggingface-hub")
 
 
 def _version(package: str) -> str:
@@ -43,12 +45,15 @@ def describe() -> dict:
     count = torch.cuda.device_count() if cuda else 0
     device = (f"{count} x {torch.cuda.get_device_name(0)}" if cuda
               else f"CPU ({platform.processor() or platform.machine()})")
-    return {"device": device, "gpus": count, "versions": versions}
+    return {"device": device, "gpus": count, "versions": versions,
+            "adaptations": TORCH_COMPILE.adaptations()}
 
 
 def check(ctx: Context) -> CheckResult:
     info = describe()
     summary = f"{info['device']}; " + ", ".join(f"{k} {v}" for k, v in info["versions"].items())
+    if info["adaptations"]:
+        summary += f"; {len(info['adaptations'])} adaptation(s) to this torch (report.json)"
     if not ctx.profile.cpu and not info["gpus"]:
         return CheckResult("versions", FAIL, "no CUDA device visible: " + summary, details=info)
     return CheckResult("versions", PASS, summary, details=info)

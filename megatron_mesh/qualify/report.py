@@ -56,6 +56,7 @@ class Report:
         lines = [f"### gpu_check ({self.profile}), {time.strftime('%Y-%m-%d', time.gmtime(self.started))}",
                  "", f"- device: {env.get('device', '?')}",
                  "- versions: " + ", ".join(f"{k} {v}" for k, v in env.get("versions", {}).items()),
+                 *[f"- adapted: {line}" for line in env.get("adaptations", [])],
                  f"- command: `{env.get('command', 'tools/gpu_check.py')}`",
                  f"- total: {time.time() - self.started:.0f} s, "
                  + ("all checks passed" if self.passed else "FAILED"), "",

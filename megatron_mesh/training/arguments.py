@@ -28,6 +28,7 @@ def _parsed(tree: dict, origins: Dict[str, str]) -> Tuple[Experiment, MeshConfig
     _check_loop_depth(exp, cfg, origins)
     if (exp.training.train_iters is None) == (exp.training.train_tokens is None):
         raise ConfigError("set exactly one of 'training.train_iters' and 'training.train_tokens'")
+    _check_wandb(exp.logging, origins)
     if len(exp.optimizer.betas) != 2:
         raise ConfigError(f"{origins.get('optimizer.betas', '?')}: optimizer.betas={exp.optimizer.betas!r}: "
                           f"expected [beta1, beta2]")
@@ -78,6 +79,15 @@ def _check_loop_depth(exp: Experiment, cfg: MeshConfig, origins: Dict[str, str])
             "hook fired as often as in the first step (param_and_grad_buffer.py, "
             "golden_per_param_grad_ready_counts) and fails otherwise. Set model.backprop_loops: 1 "
             "(always one step with gradients), or drop overlap_grad_reduce or the recompute")
+
+
+def _check_wandb(log, origins: Dict[str, str]) -> None:
+    """W&B asked for where wandb is not installed (the lent GPU image has none): refused here,
+    naming the key, rather than as megatron's ImportError once every rank has started."""
+    if log.wandb_project and log.wandb_mode != "disabled" and importlib.util.find_spec("wandb") is None:
+        raise ConfigError(f"{origins.get('logging.wandb_project', '?')}: logging.wandb_project="
+                          f"{log.wandb_project!r} logs to Weights & Biases, but the wandb package is "
+                          "not installed: pip install wandb, or set logging.wandb_mode: disabled")
 
 
 def _pipeline_args(par: Parallelism) -> List[str]:

@@ -1,6 +1,7 @@
 """tools/evaluate.py lm-eval: lm-evaluation-harness on an export, checked against a direct
 computation of the same accuracies with the HF model."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -36,6 +37,8 @@ def direct_accuracies(export):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None,
+                    reason="lm-evaluation-harness is not installed (not in the GPU image)")
 def test_lm_eval_table_matches_a_direct_computation(tmp_path, megatron_world):
     export, tasks = tiny_export(tmp_path), toy_tasks(tmp_path, names=("toy_a", "toy_b"))
     out = subprocess.run(

@@ -1,5 +1,6 @@
 """The real lm-evaluation-harness CLI evaluates an export on a local task, offline."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -9,7 +10,9 @@ import pytest
 
 from toy_tasks import OFFLINE, tiny_export, toy_tasks
 
-pytestmark = pytest.mark.slow  # real subprocesses (torchrun, the tools): make test-fast skips them
+pytestmark = [pytest.mark.slow,  # real subprocesses (torchrun, the tools): make test-fast skips them
+              pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None,
+                                 reason="lm-evaluation-harness is not installed (not in the GPU image)")]
 
 
 def test_lm_eval_cli_on_a_local_task(tmp_path, megatron_world):

@@ -122,3 +122,4 @@ def test_every_trainer_run_of_a_profile_maps_to_megatron_arguments(profile_name,
         assert args.tensor_model_parallel_size * args.pipeline_model_parallel_size <= nproc
         assert args.global_batch_size % (args.micro_batch_size * nproc // (
             args.tensor_model_parallel_size * args.pipeline_model_parallel_size)) == 0
+

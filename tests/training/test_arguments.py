@@ -164,14 +164,41 @@ def test_flops_in_the_log_agree_with_model_stats():
     assert line["mfu"] == pytest.approx(line["tflops-per-device"] / 989.0)
 
 
-def test_wandb_disabled_never_reaches_megatron():
+@pytest.fixture
+def wandb_installed(monkeypatch):
+    """``wandb_installed(bool)``: importlib sees wandb or not (the GPU image has none)."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+
+    def pretend(installed):
+        monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: (
+            (real("json") if installed else None) if name == "wandb" else real(name, *a)))
+    return pretend
+
+
+def test_wandb_disabled_never_reaches_megatron(wandb_installed):
     from megatron_mesh.training.arguments import megatron_argv
 
+    wandb_installed(True)
     sets = ["logging.wandb_project=p", "logging.wandb_mode=disabled"]
     argv = megatron_argv(*load_config_tree(REPO / "configs/tiny-cpu.yml", sets))
     assert "--wandb-project" not in argv  # Megatron only imports wandb when a project is set
     argv = megatron_argv(*load_config_tree(REPO / "configs/tiny-cpu.yml", sets[:1]))
     assert argv[argv.index("--wandb-project") + 1] == "p"
+
+
+def test_wandb_without_the_package_is_refused_naming_the_key(wandb_installed):
+    from megatron_mesh.training.arguments import megatron_argv
+
+    wandb_installed(False)
+    tree = load_config_tree(REPO / "configs/tiny-cpu.yml", ["logging.wandb_project=p"])
+    with pytest.raises(ConfigError, match=r"--set logging.wandb_project=p: logging.wandb_project='p' logs "
+                                          r"to Weights & Biases, but the wandb package is not installed: "
+                                          r"pip install wandb, or set logging.wandb_mode: disabled"):
+        megatron_argv(*tree)
+    tree = load_config_tree(REPO / "configs/tiny-cpu.yml", ["logging.wandb_project=p", "logging.wandb_mode=disabled"])
+    assert "--wandb-project" not in megatron_argv(*tree)
 
 
 
