@@ -10,28 +10,29 @@
 #       PYTHON=.venv-image/bin/python OUT=runs/image-check bash scripts/device/gpu-check.sh --tiny
 #
 # Arguments go to gpu_check.py (e.g. --tiny, --checks cycle,trainer). Environment: PYTHON
-# (python3), OUT (required), SITE (where the kit goes), DEADLINE_S (540: install, checks and
-# packing all end by then; the device limit is 600 s a call). Exit status: gpu_check's (0 all
+# (python3), OUT (required), KIT (the wheels: .whl), SITE (where they go), DEADLINE_S (540:
+# install, checks and packing all end by then; the device limit is 600 s a call). Exit status: gpu_check's (0 all
 # passed, 1 a check failed), 3 the kit did not install, 4 more than 8 files in $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 PYTHON=${PYTHON:-python3}
 OUT=${OUT:?set OUT to the directory the device call returns}
+KIT=${KIT:-.whl}
 SITE=${SITE:-/tmp/megatron-mesh-kit}
 DEADLINE_S=${DEADLINE_S:-540}
 PACK_S=20  # packing the report and logs after gpu_check stops
 mkdir -p "$OUT"
 
 shopt -s nullglob
-wheels=(.whl/*.whl)
+wheels=("$KIT"/*.whl)
 if [ ${#wheels[@]} -eq 0 ]; then
-  echo "error: no wheels in .whl/: run 'make gpu-kit' here and carry .whl" >&2
+  echo "error: no wheels in $KIT/: run 'make gpu-kit' here and carry .whl" >&2
   exit 3
 fi
 # compiled at install (no --no-compile): megatron's modules then never print Python 3.12's
 # SyntaxWarnings for their docstrings when first imported
 "$PYTHON" -m pip install -q --disable-pip-version-check --no-index --no-deps --no-cache-dir \
-  --upgrade --target "$SITE" "${wheels[@]}" || { echo "error: installing .whl/ into $SITE failed" >&2; exit 3; }
+  --upgrade --target "$SITE" "${wheels[@]}" || { echo "error: installing $KIT/*.whl into $SITE failed" >&2; exit 3; }
 export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 
 {
