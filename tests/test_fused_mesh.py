@@ -168,9 +168,12 @@ class CountingBackend:
         return run
 
 
-NATIVE, EMULATED = CompileFeatures(recompile_limit=True), CompileFeatures(recompile_limit=False)
+NATIVE, EMULATED = CompileFeatures(True, True), CompileFeatures(False, False)
 FEATURES = [  # torch.compile as torch 2.13 offers it, and as compat/torch_compile emulates it on 2.11
     pytest.param(NATIVE, id="native", marks=pytest.mark.skipif(
+        TORCH_COMPILE != NATIVE, reason=f"torch {torch.__version__}'s torch.compile takes no "
+                                        "recompile_limit or isolate_recompiles")),
+    pytest.param(CompileFeatures(True, False), id="limit-only", marks=pytest.mark.skipif(  # 2.12
         not TORCH_COMPILE.recompile_limit, reason=f"torch {torch.__version__}'s torch.compile "
                                                   "takes no recompile_limit")),
     pytest.param(EMULATED, id="emulated"),

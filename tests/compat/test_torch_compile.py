@@ -10,7 +10,7 @@ import torch
 from megatron_mesh.compat import torch_compile
 from megatron_mesh.compat.torch_compile import TORCH_COMPILE, CompileFeatures, compile_region
 
-EMULATED = CompileFeatures(recompile_limit=False)
+EMULATED = CompileFeatures(recompile_limit=False, isolate_recompiles=False)
 
 
 def double(x):
@@ -19,17 +19,18 @@ def double(x):
 
 def test_detection_reads_torch_compile_signature():
     taken = inspect.signature(torch.compile).parameters
-    assert TORCH_COMPILE.recompile_limit == ("recompile_limit" in taken)
-    assert TORCH_COMPILE.adaptations() == ([] if TORCH_COMPILE.recompile_limit else EMULATED.adaptations())
+    assert TORCH_COMPILE.recompile_limit == ("recompile_limit" in taken)  # torch 2.12 on
+    assert TORCH_COMPILE.isolate_recompiles == ("isolate_recompiles" in taken)  # torch 2.13 on
+    assert len(TORCH_COMPILE.adaptations()) == 2 - len({"recompile_limit", "isolate_recompiles"} & taken.keys())
 
 
 def test_emulation_logs_one_line_per_process(caplog):
-    torch_compile._log_adaptation.cache_clear()  # as in a new process
+    torch_compile._log_adaptations.cache_clear()  # as in a new process
     with caplog.at_level(logging.WARNING, logger=torch_compile.__name__):
         compile_region(double, "a", "eager", 2, EMULATED)
         compile_region(double, "b", "aot_eager", 2, EMULATED)
     lines = [r.getMessage() for r in caplog.records]
-    assert len(lines) == 1, lines
+    assert lines == [f"megatron-mesh adapted to {line}" for line in EMULATED.adaptations()]
     assert lines[0].startswith(f"megatron-mesh adapted to torch {torch.__version__}: torch.compile "
                                "takes no recompile_limit")
 
