@@ -31,8 +31,8 @@ LAYER_NAMES = {  # megatron-core TransformerLayer suffix -> HF GPTNeoXLayer suff
 
 GPT_NEOX_OUTPUT_NAMES = ("embed_out.weight", "lm_head.weight")
 """GPTNeoXForCausalLM's output layer: ``embed_out`` in Pythia's files and transformers 4.x's
-module, ``lm_head`` in 5.x's module (5.x renames ``embed_out`` on load, so files written with
-the first name load in both)."""
+module, ``lm_head`` in 5.x's module. 5.x renames ``embed_out`` on load and back on save (seen
+with 5.17), so the files either version writes load in both."""
 
 
 def gpt_neox_output_name(names) -> str:

@@ -13,7 +13,7 @@ import math
 from typing import Any, Dict, List, Tuple
 
 from megatron_mesh.config import MeshConfig
-from megatron_mesh.experiment import (SECTIONS, Data, Experiment, Parallelism, Training, flag_args,
+from megatron_mesh.experiment import (SECTIONS, Data, Experiment, Logging, Parallelism, Training, flag_args,
                                       parse_experiment)
 from megatron_mesh.loop_depth import LoopDepth
 from megatron_mesh.unrolled import stage_bounds
@@ -81,7 +81,7 @@ def _check_loop_depth(exp: Experiment, cfg: MeshConfig, origins: Dict[str, str])
             "(always one step with gradients), or drop overlap_grad_reduce or the recompute")
 
 
-def _check_wandb(log, origins: Dict[str, str]) -> None:
+def _check_wandb(log: Logging, origins: Dict[str, str]) -> None:
     """W&B asked for where wandb is not installed (the lent GPU image has none): refused here,
     naming the key, rather than as megatron's ImportError once every rank has started."""
     if log.wandb_project and log.wandb_mode != "disabled" and importlib.util.find_spec("wandb") is None:

@@ -11,8 +11,9 @@
 #
 # Arguments go to gpu_check.py (e.g. --tiny, --checks cycle,trainer). Environment: PYTHON
 # (python3), OUT (required), KIT (the wheels: .whl), SITE (where they go), DEADLINE_S (540:
-# install, checks and packing all end by then; the device limit is 600 s a call). Exit status: gpu_check's (0 all
-# passed, 1 a check failed), 3 the kit did not install, 4 more than 8 files in $OUT.
+# install, checks and packing all end by then; the device limit is 600 s a call).
+# Exit status: gpu_check's (0 all passed, 1 a check failed, 124 stopped at the deadline),
+# 3 the kit did not install, 4 more than 8 files in $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 PYTHON=${PYTHON:-python3}
