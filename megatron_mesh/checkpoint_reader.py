@@ -29,12 +29,14 @@ def load_checkpoint(path: str, iteration: Optional[int] = None,
     """Model tensors (under the local spec's module names, whichever spec saved them) and the
     saved common state (args, iteration) of a torch_dist checkpoint, verified against its
     integrity manifest first (``verify_hashes=False``: file sizes only)."""
-    from torch.distributed.checkpoint import FileSystemReader, load
+    from torch.distributed.checkpoint import load
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from megatron_mesh import checkpoint_unpickle
 
     ckpt = iteration_dir(path, iteration)
     verify(ckpt, "read {path} instead", "pass --no-verify", hashes=verify_hashes)
-    reader = FileSystemReader(str(ckpt))
+    reader = checkpoint_unpickle.Reader(str(ckpt))  # pickles by the allowlist (its docstring)
     metadata = reader.read_metadata()
     state = {k: torch.empty(m.size, dtype=m.properties.dtype)
              for k, m in metadata.state_dict_metadata.items()
@@ -44,7 +46,8 @@ def load_checkpoint(path: str, iteration: Optional[int] = None,
     state[COMMON_STATE] = None
     with warnings.catch_warnings():  # one process without torch.distributed is the point here
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        load(state, storage_reader=reader, no_dist=True)
+        with checkpoint_unpickle.refusals_unwrapped():
+            load(state, storage_reader=reader, planner=checkpoint_unpickle.Planner(), no_dist=True)
     common = state.pop(COMMON_STATE)[0]
     return module_names(state), common
 
