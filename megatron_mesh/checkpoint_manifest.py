@@ -5,7 +5,11 @@ EOFError, and bytes overwritten inside a tensor load silently (a run then trains
 an export writes it out). So after a save each rank records the files it wrote in
 ``<iteration>/manifest/rank-RRRRR-of-WWWWW.json`` (rank 0 also the metadata files), before
 megatron's barrier and tracker update: the tracker never points at an iteration whose manifest
-is incomplete. Readers check the manifest is complete and every file matches it.
+is incomplete. Readers check the manifest is complete and every file matches it, and refuse a
+checkpoint without one unless told to skip the hashes. megatron saves into an existing iteration
+directory over what an earlier, interrupted save left there (serialization.py:420 only warns), so
+a save first removes that save's manifests and completion markers (``clear_earlier_save``): two
+saves' manifests in one directory would reject the new save, or vouch for a mix of both.
 
 The hash is xxh3-128: 9.4 GB/s on one core of the CPU CI machine, against 1.4 for SHA-256,
 2.0 for CRC-32 and 0.54 for BLAKE2b (docs/benchmarks.md). It guards against corruption
@@ -17,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -93,6 +98,29 @@ def write(ckpt, rank: int, world_size: int) -> Path:
     return path
 
 
+EARLIER_SAVE_MARKERS = (MANIFEST_DIR, ".metadata", "metadata.json")
+"""What makes an iteration directory look complete: the manifests, torch's and megatron's metadata
+(each written after the data files). Stale data files are left: each rank overwrites its own, and
+neither the new .metadata nor the new manifests list those of ranks the new save lacks."""
+
+
+def clear_earlier_save(ckpt) -> List[str]:
+    """Before a save into ``ckpt`` (on the first rank, before any rank writes): remove what an
+    earlier save left there that would make it look complete; returns the names removed."""
+    ckpt = Path(ckpt)
+    removed = []
+    for name in EARLIER_SAVE_MARKERS:
+        path = ckpt / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+        else:
+            continue
+        removed.append(name)
+    return removed
+
+
 def has_manifest(ckpt: Path) -> bool:
     """False for a checkpoint saved without manifests (before them, or by another tool)."""
     return (Path(ckpt) / MANIFEST_DIR).is_dir()
@@ -152,11 +180,14 @@ def _missing_ranks(ckpt: Path, manifests: List[RankManifest]) -> List[str]:
 
 def storage_extents(ckpt: Path) -> Dict[str, int]:
     """The data files torch's ``.metadata`` places tensors in, each with the least size that
-    holds them all; ManifestError naming ``.metadata`` when it cannot be read."""
-    from torch.distributed.checkpoint import FileSystemReader
+    holds them all; ManifestError naming ``.metadata`` when it cannot be read, or names a global
+    outside the allowlist (megatron_mesh.checkpoint_unpickle): no flag skips that."""
+    from megatron_mesh import checkpoint_unpickle
 
     try:
-        storage = FileSystemReader(str(ckpt)).read_metadata().storage_data
+        storage = checkpoint_unpickle.metadata_of(ckpt).storage_data
+    except checkpoint_unpickle.RefusedPickleError as err:
+        raise ManifestError(str(err)) from None
     except Exception as err:  # unpickling garbage raises anything
         raise ManifestError(f"{ckpt / '.metadata'}: unreadable ({type(err).__name__}: {err})") from None
     extents: Dict[str, int] = {}

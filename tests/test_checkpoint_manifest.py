@@ -86,18 +86,54 @@ def test_missing_rank_manifest_and_unrecorded_files_are_named(saved_run):
         checkpoint_manifest.problems(latest)
 
 
-def test_a_checkpoint_without_manifest_loads_with_a_warning(saved_run):
-    from megatron_mesh.checkpoints import CheckpointError, CheckpointWarning, verify
+def test_a_checkpoint_without_manifest_is_refused_unless_the_hashes_are_skipped(saved_run):
+    """A copy that left out manifest/ would load unchecked: flipped bytes would train on."""
+    from megatron_mesh.checkpoints import CheckpointError, verify
 
     latest = saved_run / "iter_0000008"
     shutil.rmtree(latest / "manifest")
-    with pytest.warns(CheckpointWarning, match="no integrity manifest.*sizes checked, contents not"):
-        verify(latest, "")
+    with pytest.raises(CheckpointError, match=rf"^{latest}: unverifiable checkpoint: {latest}/manifest: "
+                                              rf"missing, so the contents of its files cannot be "
+                                              rf"checked .*iter_0000004 verifies: use 4\. To load it "
+                                              rf"unverified anyway: --skip$"):
+        verify(latest, "use {iteration}", "--skip")
+    verify(latest, "", hashes=False)  # the opt-out: sizes only
     data = latest / "__0_0.distcp"
     data.write_bytes(data.read_bytes()[:-100])  # sizes are still checked, and never skipped
     with pytest.raises(CheckpointError, match=rf"{data}: truncated.*iter_0000004 verifies") as err:
         verify(latest, "use {iteration}", "--skip", hashes=False)
     assert "unverified" not in str(err.value)
+
+
+def test_a_save_into_an_interrupted_iteration_directory_starts_clean(saved_run, monkeypatch):
+    """A 2-rank save of iteration 8 wrote its manifests, then the run died before the tracker
+    moved; resumed on 1 rank, the run saves iteration 8 again into that directory. megatron
+    saves over what is there (serialization.py:420 warns), so the old save's manifests stayed
+    and every reader rejected the new, valid save."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_mesh import checkpoint_manifest
+    from megatron_mesh.compat import megatron_fixes
+    from megatron_mesh.model import MeshGPTModel
+
+    latest = saved_run / "iter_0000008"
+    record = json.loads((latest / "manifest" / "rank-00000-of-00001.json").read_text())
+    for rank in (0, 1):
+        (latest / "manifest" / f"rank-{rank:05d}-of-00002.json").write_text(
+            json.dumps({**record, "rank": rank, "world_size": 2}))
+
+    def save_again():
+        torch.manual_seed(1)
+        dist_checkpointing.save(MeshGPTModel(tiny_config()).sharded_state_dict(), str(latest))
+        checkpoint_manifest.write(latest, rank=0, world_size=1)  # as save_guard does after it
+        return checkpoint_manifest.problems(latest)
+
+    if not getattr(dist_checkpointing.save, "_mesh_wraps", None):  # megatron's own save
+        assert f"{latest}/manifest: manifests of different saves (world sizes [1, 2])" in save_again()
+    monkeypatch.setattr(dist_checkpointing, "save", dist_checkpointing.save)  # undone afterwards
+    megatron_fixes._start_each_save_clean()  # (apply_trainer's)
+    assert save_again() == []
+    assert [p.name for p in (latest / "manifest").iterdir()] == ["rank-00000-of-00001.json"]
 
 
 def test_hf_to_megatron_writes_a_manifest(tmp_path, megatron_world):

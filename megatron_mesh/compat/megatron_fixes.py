@@ -6,23 +6,31 @@ apex nor TransformerEngine: CPU runs and GPU images without them; found by the C
 tools/gpu_check.py, held by tests/parallel/test_parity.py::test_bf16_resume_is_exact); loading a
 checkpoint that lacks TE's _extra_state entries (tests/test_checkpoints.py); fixed-shape
 pipeline sends for the recursive block's carry (tests/parallel/test_parity.py); the loss
-average of a run's first logged interval (tests/tools/test_pretrain.py, resume).
+average of a run's first logged interval (tests/tools/test_pretrain.py, resume); the tracker
+rewritten whole and a save into a used iteration directory starting clean
+(tests/test_checkpoints.py); megatron's HuggingFaceTokenizer taking a tokenizer.json
+(tests/tools/test_pretrain.py); checkpoints unpickled by an allowlist
+(tests/test_checkpoint_unpickle.py).
 """
 
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import torch
 
 
 def wrap_once(owner, name: str, wrap: Callable[[Callable], Callable]) -> None:
-    """``owner.name = wrap(owner.name)``, once per process however often the fixes are applied."""
+    """``owner.name = wrap(owner.name)``, once per process and ``wrap`` however often the fixes
+    are applied (several wraps of one function stack, each once)."""
     original = getattr(owner, name)
-    if getattr(original, "_mesh_fixed", False):
+    key = f"{wrap.__module__}.{wrap.__qualname__}"
+    applied = getattr(original, "_mesh_wraps", frozenset())
+    if key in applied:
         return
     wrapped = wrap(original)
-    wrapped._mesh_fixed = True
+    wrapped._mesh_wraps = applied | {key}
     setattr(owner, name, wrapped)
 
 
@@ -140,9 +148,131 @@ def _reset_loss_averages_at_every_logged_interval() -> None:
     wrap_once(training, "training_log", wrap)
 
 
+class _TrackerWrittenWhole:
+    """megatron's storage shim (``maybe_msc``), opening the tracker for writing as a file written
+    whole and renamed over it (megatron_mesh.checkpoints.replacing_file)."""
+
+    def __init__(self, storage):
+        self._storage = storage
+
+    def __getattr__(self, name):
+        return getattr(self._storage, name)
+
+    def open(self, path, mode="r", *args, **kwargs):
+        from megatron.core.msc_utils import MultiStorageClientFeature
+
+        from megatron_mesh.checkpoints import TRACKER, replacing_file
+
+        if (mode == "w" and not args and not kwargs and os.path.basename(str(path)) == TRACKER
+                and not MultiStorageClientFeature.is_enabled()):
+            return replacing_file(path)
+        return self._storage.open(path, mode, *args, **kwargs)
+
+
+def _write_the_tracker_whole() -> None:
+    # training/checkpointing.py:1011 (save_checkpoint's iter_finalize_fn) rewrites the tracker in
+    # place, `with maybe_msc.open(tracker_filename, 'w') as f: f.write(...)`: opening truncates
+    # it and nothing fsyncs it, so a kill in between (or a crash before the page cache reached
+    # the disk) leaves an empty tracker, which every reader refuses although every iteration is
+    # intact. Open it through a shim that writes a temporary file, fsyncs and renames it over.
+    from megatron.training import checkpointing
+
+    if not isinstance(checkpointing.maybe_msc, _TrackerWrittenWhole):
+        checkpointing.maybe_msc = _TrackerWrittenWhole(checkpointing.maybe_msc)
+
+
+def _start_each_save_clean() -> None:
+    # core/dist_checkpointing/serialization.py:420 saves into an iteration directory that an
+    # earlier, interrupted save left behind with a warning only ("Overwriting old incomplete /
+    # corrupted checkpoint"), and training/checkpointing.py:822 leaves it as it is ("TODO Handle
+    # non-empty directories"). That save's manifests stay beside the new save's: at another
+    # world size every reader then rejects the new, valid save ("manifests of different
+    # saves"). The first rank removes them (and torch's and megatron's metadata) before saving;
+    # no rank writes its manifest before the first rank has entered the save's collectives.
+    from megatron.core import dist_checkpointing
+
+    from megatron_mesh import checkpoint_manifest
+
+    def wrap(save):
+        def save_into_a_clean_directory(sharded_state_dict, checkpoint_dir, *args, **kwargs):
+            first = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+            removed = checkpoint_manifest.clear_earlier_save(checkpoint_dir) if first else []
+            if removed:
+                print(f"[mesh] {checkpoint_dir}: removed {', '.join(removed)} of an earlier, "
+                      f"unfinished save of this iteration before saving it again", flush=True)
+            return save(sharded_state_dict, checkpoint_dir, *args, **kwargs)
+        return save_into_a_clean_directory
+
+    wrap_once(dist_checkpointing, "save", wrap)
+
+
+class _TokenizerByTheRule:
+    """transformers' AutoTokenizer as megatron's HuggingFaceTokenizer calls it, but loading a
+    tokenizer.json (a file, or a directory without a tokenizer_config.json naming a class) by
+    the project's tokenizer rule (megatron_mesh.data.tokenizer.hf_tokenizer)."""
+
+    @staticmethod
+    def from_pretrained(pretrained_model_name_or_path, *args, **kwargs):
+        from transformers import AutoTokenizer
+
+        from megatron_mesh.data.tokenizer import hf_tokenizer, tokenizer_source
+
+        name = pretrained_model_name_or_path
+        if not args and not kwargs.get("vocab_file") and tokenizer_source(name).kind == "tokenizer_json":
+            return hf_tokenizer(name)
+        return AutoTokenizer.from_pretrained(name, *args, **kwargs)
+
+
+def _tokenizer_files_for_the_huggingface_tokenizer() -> None:
+    # core/tokenizers/text/libraries/huggingface_tokenizer.py:70 hands --tokenizer-model to
+    # AutoTokenizer.from_pretrained, which takes a hub name or a directory whose
+    # tokenizer_config.json (or config.json) names the tokenizer's class: a tokenizer.json file
+    # (GPT-NeoX-20B's, which docs/configuration.md and tools/preprocess_data.py take) fails as
+    # an invalid hub repo id, a directory holding only tokenizer.json as "Unrecognized model".
+    from megatron.core.tokenizers.text.libraries import huggingface_tokenizer
+
+    huggingface_tokenizer.AutoTokenizer = _TokenizerByTheRule
+
+
+def _unpickle_checkpoints_by_the_allowlist() -> None:
+    # torch/distributed/checkpoint/filesystem.py:930 (FileSystemReader.read_metadata) reads
+    # .metadata with pickle.load, default_planner.py:382 (load_bytes; :362 in torch 2.11) every
+    # non-tensor item (megatron's common state, RNG, rerun, optimizer and TE extra state) with
+    # torch.load(weights_only=False) (the same code in torch 2.11 and 2.13), and
+    # core/dist_checkpointing/serialization.py:225 prefers an older save's common.pt wherever
+    # one exists (torch.load's default, weights_only unless TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD).
+    # A pickle planted in a shared checkpoint would run its code on resume, manifest or not (it
+    # can be regenerated). Read them all by megatron_mesh.checkpoint_unpickle's allowlist, the
+    # project's own readers' rule, and let a refusal out of torch's CheckpointException (a
+    # BaseException) as the ValueError it is: the trainer then stops with "error: refusing ...".
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing import serialization
+    from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+
+    from megatron_mesh import checkpoint_unpickle
+
+    FileSystemReader.read_metadata = checkpoint_unpickle.read_metadata  # same body, other unpickler
+    DefaultLoadPlanner.load_bytes = checkpoint_unpickle.load_bytes
+    serialization.load_common = checkpoint_unpickle.load_common
+    wrap_once(FileSystemReader, "read_data", checkpoint_unpickle.naming_the_checkpoint)
+
+    def wrap(load):
+        def load_unwrapping_refusals(*args, **kwargs):
+            with checkpoint_unpickle.refusals_unwrapped():
+                return load(*args, **kwargs)
+        return load_unwrapping_refusals
+
+    wrap_once(dist_checkpointing, "load", wrap)
+    wrap_once(dist_checkpointing, "load_common_state_dict", wrap)
+
+
 def apply_trainer() -> None:
     """Fixes for megatron.training runs; call before ``pretrain``."""
+    _unpickle_checkpoints_by_the_allowlist()
+    _tokenizer_files_for_the_huggingface_tokenizer()
     _resume_distributed_optimizer_with_torch_adam()
     _load_checkpoints_of_another_spec()
     _pipeline_carry_shape()
     _reset_loss_averages_at_every_logged_interval()
+    _write_the_tracker_whole()
+    _start_each_save_clean()

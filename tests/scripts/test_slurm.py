@@ -67,6 +67,7 @@ def test_requeues_a_stop_that_asks_for_it_and_nothing_else(tmp_path, script):
     assert "asks to resume" in out
 
     for state, stop, code in (("finished", "finished", 0), ("stopped", "exit_interval", 0),
+                              ("stopped", "rerun_limit", 1),  # the same device again and again
                               ("running", None, 1)):  # running: the run failed before a stop
         rc, requeued, out = sbatch(tmp_path, script, status_text(tmp_path, state, stop), rc=code)
         assert not requeued and rc == code, (state, out)

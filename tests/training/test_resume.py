@@ -76,3 +76,52 @@ def test_a_checkpoint_of_another_model_is_refused_naming_each_field(tmp_path, me
                                          r"model section \(state_scheme: checkpoint 'mesh', config 'anchor'; "
                                          r"buffer_slots: checkpoint 5, config None\)"):
         check_resume_model(run(state_scheme="anchor", buffer_slots=None))
+
+
+def schedule_run(tmp_path, monkeypatch, overrides=(), passthrough=()):
+    """Megatron's arguments for tiny-cpu.yml resuming from ``tmp_path``, set as megatron's global
+    args (what the trainer's check finds after parse_and_validate_args)."""
+    from megatron.training import global_vars
+
+    from conftest import REPO
+    from megatron_mesh.yaml_config import load_config_tree
+    from test_arguments import megatron_parser
+    from megatron_mesh.training.arguments import megatron_argv
+
+    sets = [f"checkpointing.save={tmp_path}", *overrides]
+    args = megatron_parser().parse_args(megatron_argv(*load_config_tree(REPO / "configs/tiny-cpu.yml", sets))
+                                        + list(passthrough))
+    args.start_weight_decay = args.end_weight_decay = args.weight_decay  # as validate_args sets them
+    monkeypatch.setattr(global_vars, "_GLOBAL_ARGS", args)
+    return args
+
+
+def test_another_schedule_is_refused_before_loading_naming_the_keys_and_the_flags(tmp_path, monkeypatch):
+    """megatron's scheduler load (optimizer_param_scheduler.py:333) asserted "class input value 32
+    and checkpointvalue 16 for total number of iterations do not match" once the model was built."""
+    from megatron_mesh.training.resume import _check_schedule, this_runs_schedule
+
+    ckpt = tmp_path / "iter_0000020"
+    schedule_run(tmp_path, monkeypatch)
+    saved = {"opt_param_scheduler": this_runs_schedule()}  # what a run of tiny-cpu.yml saves
+    assert saved["opt_param_scheduler"]["lr_decay_steps"] == 40 * 8
+    _check_schedule(schedule_run(tmp_path, monkeypatch), ckpt, saved)  # the same run resumes
+    longer = schedule_run(tmp_path, monkeypatch, ["training.train_iters=80"])
+    with pytest.raises(ValueError) as err:
+        _check_schedule(longer, ckpt, saved)
+    assert str(err.value).startswith(
+        f"{ckpt}: this run's optimizer schedule differs from the checkpoint's (lr_warmup_steps: "
+        f"checkpoint 32.0, this run 64.0, from schedule.warmup_fraction of the decay steps or "
+        f"schedule.warmup_iters x training.global_batch_size; lr_decay_steps: checkpoint 320, this run 640, "
+        f"from schedule.decay_iters (default: training.train_iters) x training.global_batch_size, "
+        f"--lr-decay-iters; wd_incr_steps: checkpoint 320, this run 640, from training.train_iters x "
+        f"training.global_batch_size), and megatron resumes only the same schedule. Pass "
+        f"`-- --override-opt_param-scheduler` to continue with this run's")
+    with pytest.raises(ValueError, match=r"\(max_lr: checkpoint 0.003, this run 0.001, from optimizer.lr, --lr; "
+                                         r"min_lr: .*from optimizer.lr x schedule.min_lr_ratio, --min-lr\)"):
+        _check_schedule(schedule_run(tmp_path, monkeypatch, ["optimizer.lr=1e-3"]), ckpt, saved)
+    for settled in (["--override-opt_param-scheduler"], ["--use-checkpoint-opt_param-scheduler"],
+                    ["--no-load-optim"], ["--finetune"]):
+        _check_schedule(schedule_run(tmp_path, monkeypatch, ["training.train_iters=80"], settled), ckpt, saved)
+    _check_schedule(longer, tmp_path / "release", saved)  # a converted model starts a fresh schedule
+    _check_schedule(longer, tmp_path / "elsewhere" / "iter_0000020", saved)  # pretrained: megatron fine-tunes
