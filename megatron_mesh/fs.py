@@ -40,12 +40,40 @@ def atomic_directory(out, force: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    honour_umask(tmp)
     old = _beside(out, "old", os.getpid())
     if out.exists():
         os.replace(out, old)
     os.replace(tmp, out)
     if old.exists():
         shutil.rmtree(old) if old.is_dir() else old.unlink()
+
+
+def honour_umask(directory: Path) -> None:
+    """Give ``directory`` and everything in it the mode a plain open() or mkdir() gives a new
+    one: 0666 (directories and executables 0777) less the umask. Writers that write a temporary
+    file and rename it leave 0600 whatever the umask (safetensors >= 0.8 writes model.safetensors
+    through tempfile's NamedTempFile), so colleagues on a shared cluster could not read an
+    export whose other files they can."""
+    mask = current_umask()
+    for path in [directory, *directory.rglob("*")]:
+        if path.is_symlink():
+            continue
+        full = 0o777 if path.is_dir() or path.stat().st_mode & 0o111 else 0o666
+        path.chmod(full & ~mask)
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux says it (/proc/self/status)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _beside(out: Path, kind: str, pid: int) -> Path:

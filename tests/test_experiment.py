@@ -57,3 +57,17 @@ def test_one_to_one_keys_become_their_flags(tmp_path):
             for flag, value in experiment.flag_args(getattr(exp, name))}
     assert args["log-interval"] == 5 and args["tensor-model-parallel-size"] == 2
     assert args["sequence-parallel"] is True and args["exit-signal-handler"] is True
+
+
+def test_bounds_come_from_the_fields(tmp_path):
+    """micro_batch_size 0 and lr -1 reached megatron's bare asserts; lr 1e39 torch's overflow."""
+    B = experiment.Bounds
+    assert [str(b) for b in (B(low=1), B(low=0, low_open=True), B(0, 1, high_open=True), B(high=2))] == [
+        ">= 1", "> 0", "0 <= value < 1", "<= 2"]
+    assert not any(B(low=0).holds(v) for v in (-1, float("inf"), float("nan")))
+    with pytest.raises(ConfigError, match=r"run.yml: training.micro_batch_size=0: expected >= 1$"):
+        typed(tmp_path, BASE.replace("micro_batch_size: 1", "micro_batch_size: 0"))
+    with pytest.raises(ConfigError, match=r"--set optimizer.lr=1e39: optimizer.lr=1e\+39: expected 0 <= value <= "
+                                          r"3.40282e\+38 \(megatron holds the learning rate in a float32 tensor\)"):
+        typed(tmp_path, BASE, ["optimizer.lr=1e39"])
+    assert typed(tmp_path, BASE, ["optimizer.lr=3e38"]).optimizer.lr == 3e38

@@ -56,3 +56,27 @@ def test_an_output_set_aside_goes_back_when_nothing_replaced_it(tmp_path):
     (old / "model.safetensors").write_text("weights")
     clean_leftovers(out)
     assert (out / "model.safetensors").read_text() == "weights" and not old.exists()
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_every_file_of_an_output_honours_the_umask(tmp_path, umask):
+    """A writer that renames a temporary file into place (safetensors >= 0.8: model.safetensors)
+    left 0600 beside the umask's 0644 of every other file."""
+    import tempfile
+
+    old = os.umask(umask)
+    try:
+        with atomic_directory(tmp_path / "export") as tmp:
+            (tmp / "config.json").write_text("{}")
+            handle, name = tempfile.mkstemp(dir=tmp)  # 0600, as NamedTempFile
+            os.close(handle)
+            os.replace(name, tmp / "model.safetensors")
+            (tmp / "sub").mkdir()
+            (tmp / "sub" / "run.sh").write_text("#!/bin/sh\n")
+            (tmp / "sub" / "run.sh").chmod(0o700)
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "export").rglob("*")}
+    assert modes == {"config.json": 0o666 & ~umask, "model.safetensors": 0o666 & ~umask,
+                     "sub": 0o777 & ~umask, "run.sh": 0o777 & ~umask}
+    assert (tmp_path / "export").stat().st_mode & 0o777 == 0o777 & ~umask

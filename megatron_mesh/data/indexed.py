@@ -136,5 +136,6 @@ def train_bpe_tokenizer(documents: List[str], vocab_size: int, out_dir: str) -> 
         "tokenizer_class": "PreTrainedTokenizerFast",
         "eos_token": EOD_TOKEN, "bos_token": EOD_TOKEN, "unk_token": EOD_TOKEN,
         "pad_token": PAD_TOKEN, "model_max_length": 1_000_000,
+        "model_input_names": ["input_ids", "attention_mask"],  # GPT-NeoX's: no token_type_ids
     }, indent=2))
     return str(out)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -14,6 +14,7 @@ from megatron_mesh.checkpoint_reader import (check_finite, check_shapes, load_ch
                                              saved_model_config)
 from megatron_mesh.checkpoints import CheckpointError
 from megatron_mesh.config import MeshConfig
+from megatron_mesh.data.tokenizer import MODEL_INPUT_NAMES, TokenizerSpecError, hf_tokenizer, tokenizer_source
 from megatron_mesh.fs import OutputExistsError, atomic_directory, check_writable
 
 __all__ = ["CheckpointError", "OutputExistsError", "export"]
@@ -67,31 +68,47 @@ def export(checkpoint: str, output: str, dtype: str = "fp32", tokenizer: Optiona
            iteration: Optional[int] = None, force: bool = False, verify_hashes: bool = True,
            allow_non_finite: bool = False) -> Path:
     check_writable(Path(output), force)
+    if tokenizer:
+        tokenizer_source(tokenizer, "--tokenizer")  # before the (slow) read
     state, common = load_checkpoint(checkpoint, iteration, verify_hashes)
     if not allow_non_finite:
         check_finite(state, checkpoint)
     config = saved_model_config(common["args"])
     check_shapes(state, config)
+    tok, what = (tokenizer, "--tokenizer") if tokenizer else trained_tokenizer(checkpoint, common["args"])
     model = build_hf_model(state, config)
     if dtype == "bf16":
         model = model.to(torch.bfloat16)
     with atomic_directory(output, force) as tmp:
         model.save_pretrained(tmp, safe_serialization=True, max_shard_size="2GB")
-        tok = tokenizer or getattr(common["args"], "tokenizer_model", None)
         if tok:
-            save_tokenizer(tok, tmp)
+            save_tokenizer(tok, tmp, what)
         (tmp / "README.md").write_text(model_card(config, common))
     return Path(output)
 
 
-def save_tokenizer(spec: str, out: Path) -> None:
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+def trained_tokenizer(checkpoint: str, args) -> Tuple[Optional[str], str]:
+    """The Hugging Face tokenizer a checkpoint's run trained with (None for e.g. NullTokenizer),
+    checked by the tokenizer rule, and how errors name it."""
+    spec, what = getattr(args, "tokenizer_model", None), "the checkpoint's tokenizer.model"
+    if not spec or getattr(args, "tokenizer_type", None) not in (None, "HuggingFaceTokenizer"):
+        return None, what
+    try:
+        tokenizer_source(spec, what)
+    except TokenizerSpecError as err:
+        raise TokenizerSpecError(f"{checkpoint}: {err}; pass --tokenizer to export with one found "
+                                 f"here") from None
+    return spec, what
 
-    path = Path(spec)
-    tok = (PreTrainedTokenizerFast(tokenizer_file=str(path), eos_token="<|endoftext|>")
-           if path.is_file() else AutoTokenizer.from_pretrained(spec))
-    tok.save_pretrained(out)
+
+def save_tokenizer(spec: str, out: Path, what: str = "tokenizer") -> None:
+    """``spec``'s tokenizer (megatron_mesh.data.tokenizer's rule) beside an export. Its config
+    names its class (AutoTokenizer needs it for custom model types) and GPT-NeoX's input names:
+    the exported models take no token_type_ids, as HF's GPTNeoX, and `generate(**tok(text))`
+    refuses the ones a plain PreTrainedTokenizerFast returns."""
+    hf_tokenizer(spec, what).save_pretrained(out)
     config_file = out / "tokenizer_config.json"
     data = json.loads(config_file.read_text())
-    data.setdefault("tokenizer_class", "PreTrainedTokenizerFast")  # needed for custom model types
+    data.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
+    data["model_input_names"] = list(MODEL_INPUT_NAMES)
     config_file.write_text(json.dumps(data, indent=2))

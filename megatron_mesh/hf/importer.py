@@ -32,6 +32,7 @@ from megatron_mesh import checkpoint_manifest
 from megatron_mesh.checkpoint_reader import check_shapes, parameter_shapes
 from megatron_mesh.checkpoints import CheckpointError
 from megatron_mesh.config import MeshConfig
+from megatron_mesh.data.tokenizer import TokenizerSource, TokenizerSpecError, tokenizer_source
 from megatron_mesh.fs import atomic_directory, check_writable
 from megatron_mesh.hf.mapping import gpt_neox_to_megatron, hf_mesh_to_megatron
 from megatron_mesh.layout import Layout, parse_layout
@@ -43,11 +44,23 @@ HF_GELU = {"gelu": "none", "gelu_pytorch_tanh": "tanh", "gelu_new": "tanh", "gel
 
 def read_hf_directory(path) -> Tuple[dict, Dict[str, Tensor]]:
     """config.json and every weight of an HF model directory (safetensors or .bin, sharded or not)."""
-    path = Path(path)
-    config_file = path / "config.json"
+    return read_hf_config(path), _read_weights(Path(path))
+
+
+def read_hf_config(path) -> dict:
+    """An HF model directory's config.json."""
+    config_file = Path(path) / "config.json"
     if not config_file.is_file():
         raise CheckpointError(f"{path}: not a Hugging Face model directory (no config.json)")
-    return _read_json(config_file), _read_weights(path)
+    return _read_json(config_file)
+
+
+def hf_model_section(path, config: dict) -> dict:
+    """``model_section_from_hf``, its errors naming the directory's config.json."""
+    try:
+        return model_section_from_hf(config)
+    except CheckpointError as err:
+        raise CheckpointError(f"{Path(path) / 'config.json'}: {str(err).removeprefix('config.json: ')}") from None
 
 
 def _read_json(file: Path) -> dict:
@@ -98,16 +111,29 @@ def model_section_from_hf(config: dict) -> dict:
     raise CheckpointError(f"config.json: model_type={kind!r}: expected 'gpt_neox' or 'megatron_mesh'")
 
 
+def _required(config: dict, key: str, kind: type = int):
+    """config[key], which a megatron-mesh model cannot do without: a CheckpointError naming the
+    key and what was expected when it is missing or of another type."""
+    if key not in config:
+        raise CheckpointError(f"config.json: no '{key}': a {config.get('model_type')} model needs it "
+                              f"(expected {kind.__name__})")
+    value = config[key]
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise CheckpointError(f"config.json: {key}={value!r}: expected {kind.__name__}, got "
+                              f"{type(value).__name__}")
+    return value
+
+
 def _shared_fields(config: dict) -> dict:
     act = config.get("hidden_act", "gelu")
     if act not in HF_GELU:
         raise CheckpointError(f"config.json: hidden_act={act!r}: expected one of {sorted(HF_GELU)}")
     return dict(
-        hidden_size=config["hidden_size"],
-        num_attention_heads=config["num_attention_heads"],
-        ffn_hidden_size=config["intermediate_size"],
-        vocab_size=config["vocab_size"],
-        max_sequence_length=config["max_position_embeddings"],
+        hidden_size=_required(config, "hidden_size"),
+        num_attention_heads=_required(config, "num_attention_heads"),
+        ffn_hidden_size=_required(config, "intermediate_size"),
+        vocab_size=_required(config, "vocab_size"),
+        max_sequence_length=_required(config, "max_position_embeddings"),
         rotary_percent=config.get("rotary_pct", 0.25),
         rotary_base=config.get("rotary_emb_base", 10000),
         layernorm_epsilon=config.get("layer_norm_eps", 1e-5),
@@ -124,13 +150,14 @@ def _from_gpt_neox_config(config: dict) -> dict:
     for key, want in expected.items():
         if config.get(key, want) != want:
             raise CheckpointError(f"config.json: {key}={config[key]!r}: megatron-mesh supports {want!r}")
-    return dict(_shared_fields(config), layout=str(config["num_hidden_layers"]),
+    return dict(_shared_fields(config), layout=str(_required(config, "num_hidden_layers")),
                 state_scheme="vanilla", scale_embeddings=False)
 
 
 def _from_mesh_config(config: dict) -> dict:
-    section = dict(_shared_fields(config), layout=config["layout"],
-                   state_scheme=config["state_scheme"], scale_embeddings=config["scale_embeddings"])
+    section = dict(_shared_fields(config), layout=_required(config, "layout", str),
+                   state_scheme=_required(config, "state_scheme", str),
+                   scale_embeddings=_required(config, "scale_embeddings", bool))
     if config.get("buffer_slots") is not None:
         section["buffer_slots"] = config["buffer_slots"]
     if config.get("initial_state", "zero") != "zero":
@@ -247,9 +274,11 @@ def hf_to_megatron(source, output, layout: Optional[str] = None, state_scheme: O
                    force: bool = False, seed: int = 1234) -> Path:
     """Convert an HF directory; ``layout``/``state_scheme`` re-shape a vanilla source (module doc)."""
     check_writable(Path(output), force)
-    config, hf_state = read_hf_directory(source)
-    section = model_section_from_hf(config)
-    state = megatron_state_from_hf(config, hf_state, section)
+    if tokenizer:
+        tokenizer = _local_paths_absolute(tokenizer_source(tokenizer, "--tokenizer"))  # before the read
+    config = read_hf_config(source)
+    section = hf_model_section(source, config)  # before the (slow) read of the weights
+    state = megatron_state_from_hf(config, _read_weights(Path(source)), section)
     fresh: Tuple[str, ...] = ()
     if layout is not None or state_scheme is not None:
         section, state = _reshape(section, state, layout, state_scheme, core_init, buffer_slots)
@@ -261,8 +290,21 @@ def hf_to_megatron(source, output, layout: Optional[str] = None, state_scheme: O
         state["embedding.word_embeddings.weight"] = table / factor if scale_embeddings else table * factor
         section["scale_embeddings"] = scale_embeddings
     model = build_model(section, state, fresh, seed)
-    tok = tokenizer or (str(Path(source).resolve()) if (Path(source) / "tokenizer.json").is_file() else None)
-    return save_release_checkpoint(model, checkpoint_args(section, tok), output, force)
+    return save_release_checkpoint(model, checkpoint_args(section, tokenizer or _tokenizer_of(source)),
+                                   output, force)
+
+
+def _tokenizer_of(source) -> Optional[str]:
+    """The HF directory itself where it holds a tokenizer by the one tokenizer rule."""
+    try:
+        return _local_paths_absolute(tokenizer_source(str(source)))
+    except TokenizerSpecError:
+        return None
+
+
+def _local_paths_absolute(source: TokenizerSource) -> str:
+    """What the checkpoint records: local paths absolute, so an export from elsewhere finds them."""
+    return source.spec if source.kind == "hub_name" else str(Path(source.spec).expanduser().resolve())
 
 
 def _reshape(section, state, layout, state_scheme, core_init, buffer_slots):

@@ -10,11 +10,15 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-from typing import Any, Dict, List, Tuple
+import typing
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from megatron_mesh.config import MeshConfig
-from megatron_mesh.experiment import (SECTIONS, Data, Experiment, Logging, Parallelism, Training, flag_args,
-                                      parse_experiment)
+from megatron_mesh.data.tokenizer import EXPECTED, TokenizerSpecError, tokenizer_source
+from megatron_mesh.experiment import (SECTIONS, Data, Experiment, Logging, Parallelism, Tokenizer, Training,
+                                      flag_args, parse_experiment, type_ok, value_problem)
 from megatron_mesh.loop_depth import LoopDepth
 from megatron_mesh.unrolled import stage_bounds
 from megatron_mesh.yaml_config import ConfigError, model_config
@@ -29,10 +33,46 @@ def _parsed(tree: dict, origins: Dict[str, str]) -> Tuple[Experiment, MeshConfig
     if (exp.training.train_iters is None) == (exp.training.train_tokens is None):
         raise ConfigError("set exactly one of 'training.train_iters' and 'training.train_tokens'")
     _check_wandb(exp.logging, origins)
-    if len(exp.optimizer.betas) != 2:
-        raise ConfigError(f"{origins.get('optimizer.betas', '?')}: optimizer.betas={exp.optimizer.betas!r}: "
-                          f"expected [beta1, beta2]")
+    betas = exp.optimizer.betas
+    if len(betas) != 2 or not all(type_ok(b, float) and 0 <= b < 1 for b in betas):
+        raise ConfigError(f"{origins.get('optimizer.betas', '?')}: optimizer.betas={betas!r}: "
+                          f"expected [beta1, beta2], each 0 <= beta < 1")
+    _check_warmup(exp, origins)
     return exp, cfg
+
+
+def _check_warmup(exp: Experiment, origins: Dict[str, str]) -> None:
+    """megatron's scheduler asserts warmup < decay steps (optimizer_param_scheduler.py:160)."""
+    warmup, decay = exp.schedule.warmup_iters, exp.schedule.decay_iters or train_iters(exp.training)
+    if warmup is not None and warmup >= decay:
+        raise ConfigError(f"{origins.get('schedule.warmup_iters', '?')}: schedule.warmup_iters={warmup}: "
+                          f"expected fewer than the {decay} decay iterations (schedule.decay_iters, "
+                          f"default training.train_iters)")
+
+
+HF_TOKENIZER = "HuggingFaceTokenizer"
+FILE_TOKENIZERS = ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer", "TikTokenizer")
+
+
+def check_tokenizer(tok: Tokenizer, origins: Dict[str, str]) -> None:
+    """tokenizer.model by the one tokenizer rule (megatron_mesh.data.tokenizer) before megatron
+    starts: megatron would otherwise fail ~25 s later inside transformers' hub-name check."""
+    where = origins.get("tokenizer.model", origins.get("tokenizer.type", "?"))
+    if tok.type == HF_TOKENIZER:
+        if not tok.model:
+            raise ConfigError(f"{where}: tokenizer.model is unset: tokenizer.type={HF_TOKENIZER} needs "
+                              f"{EXPECTED} (mock data needs none: tokenizer.type: NullTokenizer with "
+                              f"tokenizer.vocab_size)")
+        try:
+            source = tokenizer_source(tok.model, "tokenizer.model")
+        except TokenizerSpecError as err:
+            raise ConfigError(f"{where}: {err}") from None
+        if source.kind == "sentencepiece":
+            raise ConfigError(f"{where}: tokenizer.model={tok.model!r} is a SentencePiece model: set "
+                              f"tokenizer.type: SentencePieceTokenizer")
+    elif tok.type in FILE_TOKENIZERS and not (tok.model and Path(tok.model).expanduser().is_file()):
+        raise ConfigError(f"{where}: tokenizer.model={tok.model!r}: tokenizer.type={tok.type} needs "
+                          f"the path of an existing tokenizer model file")
 
 
 def _check_pipeline(exp: Experiment, cfg: MeshConfig, origins: Dict[str, str]) -> None:
@@ -208,6 +248,12 @@ def _system_args(exp: Experiment) -> List[str]:
         # Megatron requires an interval with --save; by default save only at the end
         *_flag("save-interval", ckpt.interval or (train_iters(exp.training) if ckpt.save else None)),
         *_flag("load", ckpt.load or ckpt.save),
+        # megatron drops --async-save without its persistent worker, with a warning (arguments.py:1741);
+        # mcore's writer whatever is installed: its helper processes survive a stop signal
+        # (training.stop_signals), nvidia-resiliency-ext's would not
+        *_flag("async-save", ckpt.async_save),
+        *_flag("use-persistent-ckpt-worker", ckpt.async_save),
+        *_flag("async-strategy", "mcore" if ckpt.async_save else None),
         # resume only from a checkpoint whose files match their integrity manifest's hashes
         *_flag("mesh-skip-checkpoint-verification", not ckpt.verify),
         *_flag("log-timers-to-tensorboard", bool(log.tensorboard_dir)),
@@ -237,12 +283,51 @@ def _transformer_impl(choice: str) -> str:
     return "transformer_engine" if torch.cuda.is_available() and transformer_engine_available() else "local"
 
 
-def megatron_argv(tree: dict, origins: Dict[str, str]) -> List[str]:
+def megatron_argv(tree: dict, origins: Dict[str, str], check_paths: bool = True) -> List[str]:
     """Megatron-LM arguments for a loaded experiment tree (``yaml_config.load_config_tree``):
-    the one-to-one keys by their fields' flags, then the derived ones."""
+    the one-to-one keys by their fields' flags, then the derived ones. ``check_paths``: also
+    check that the files the config names exist and can serve (the tokenizer); off only for
+    listing what a config maps to on a machine without its files."""
     exp, cfg = _parsed(tree, origins)
+    if check_paths:
+        check_tokenizer(exp.tokenizer, origins)
     return (_model_args(cfg, tree["model"]) + _one_to_one_args(exp) + _data_args(exp.data)
             + _training_args(exp) + _system_args(exp))
+
+
+def check_passthrough(argv: Sequence[str]) -> None:
+    """The numbers given after `--` to the flags of bounded keys, checked against those bounds:
+    Megatron takes these flags unchecked, and `-- --lr 1e39` would stop ~25 s later as torch's
+    overflow in megatron's scheduler; it gets the sentence `--set optimizer.lr=1e39` gets. A
+    value that is no number is left to Megatron's parser (which names flag and value)."""
+    bounded = {f.metadata["flag"]: (name, f, typing.get_type_hints(cls)[f.name])
+               for name, cls in SECTIONS.items() for f in fields(cls)
+               if f.metadata["flag"] and f.metadata["bounds"]}
+    for i, item in enumerate(argv):
+        flag, sep, text = item.partition("=")
+        if not flag.startswith("--") or flag[2:] not in bounded:
+            continue
+        text = text if sep else (argv[i + 1] if i + 1 < len(argv) else "")
+        name, f, hint = bounded[flag[2:]]
+        number = _number(text, int if int in (hint, *typing.get_args(hint)) else float)
+        problem = None if number is None else value_problem(f, number)
+        if problem:
+            raise ConfigError(f"-- {flag} {text} (the flag of {name}.{f.name}): {problem}")
+
+
+def _number(text: str, kind: type):
+    try:
+        return kind(text)
+    except ValueError:
+        return None
+
+
+def console_log_dir(tree: dict, origins: Dict[str, str]) -> Optional[Path]:
+    """Where each rank appends its whole console output (training.console): logging.log_dir,
+    else the save directory's logs/, else nowhere."""
+    exp, _ = _parsed(tree, origins)
+    directory = exp.logging.log_dir or (exp.checkpointing.save and Path(exp.checkpointing.save) / "logs")
+    return Path(directory) if directory else None
 
 
 def add_mesh_arguments(parser):

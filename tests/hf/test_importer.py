@@ -160,3 +160,21 @@ def test_errors(tmp_path, megatron_world):
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # truncated
     with pytest.raises(CheckpointError, match=r"pythia/model.safetensors: unreadable, truncated"):
         hf_to_megatron(source, tmp_path / "out")
+
+
+@pytest.mark.parametrize("drop, change, message", [
+    ("hidden_size", {}, "no 'hidden_size': a gpt_neox model needs it (expected int)"),
+    ("num_hidden_layers", {}, "no 'num_hidden_layers': a gpt_neox model needs it (expected int)"),
+    (None, {"intermediate_size": "256"}, "intermediate_size='256': expected int, got str"),
+])
+def test_a_config_json_without_a_needed_key_is_named(tmp_path, megatron_world, drop, change, message):
+    """A config.json without hidden_size ended in a bare KeyError('hidden_size')."""
+    from megatron_mesh.hf.export import CheckpointError
+    from megatron_mesh.hf.importer import hf_to_megatron
+
+    _, source = random_pythia(tmp_path)
+    config = {k: v for k, v in json.loads((source / "config.json").read_text()).items() if k != drop}
+    (source / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(CheckpointError) as err:
+        hf_to_megatron(source, tmp_path / "out")
+    assert str(err.value) == f"{source / 'config.json'}: {message}"
