@@ -17,24 +17,29 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import megatron_mesh  # noqa: E402  (CPU shims before megatron.core)
-megatron_mesh.compat.silence_known_megatron_warnings()  # its notes on absent kernels
+
+BOUNDARY_HELP = "per_row (default), contiguous or contiguous_masked (megatron_mesh.data.pythia.BOUNDARIES)"
+"""--boundary's values, named here so that --help imports nothing heavy (tests check the list)."""
 
 
 def main(argv=None):
-    from megatron_mesh.data.pythia import BOUNDARIES, PythiaPreshuffledDataset
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", required=True, help="prefix of the merged .bin/.idx")
     parser.add_argument("--seq-length", type=int, required=True)
     parser.add_argument("--global-batch-size", type=int, required=True)
     parser.add_argument("--step", type=int, required=True, help="0-based training step")
     parser.add_argument("--sequence", type=int, default=None, help="one sequence of the batch")
-    parser.add_argument("--boundary", choices=BOUNDARIES, default="per_row")
+    parser.add_argument("--boundary", default="per_row", help=BOUNDARY_HELP)
     parser.add_argument("--tokenizer", default=None, help="decode the tokens with this tokenizer")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
+    import megatron_mesh  # after parsing (--help stays light): CPU shims before megatron.core
 
+    megatron_mesh.compat.silence_known_megatron_warnings()  # its notes on absent kernels
+    from megatron_mesh.data.pythia import BOUNDARIES, PythiaPreshuffledDataset
+
+    if args.boundary not in BOUNDARIES:
+        parser.error(f"--boundary {args.boundary!r}: expected one of {', '.join(BOUNDARIES)}")
     try:
         dataset = PythiaPreshuffledDataset(args.data, args.seq_length, args.boundary)
     except ValueError as err:  # DatasetIntegrityError names the file; bad seq_length/boundary

@@ -67,9 +67,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import megatron_mesh  # noqa: E402  (CPU shims before megatron.core)
-megatron_mesh.compat.silence_known_megatron_warnings()  # its notes on absent kernels
-
 FLOPS_CONVENTION = (
     "training FLOPs per token = 3 x forward (megatron_mesh.stats.train_flops_per_token at the "
     "benchmark seq length): every core application counted, routers included, recompute not counted"
@@ -339,12 +336,15 @@ def print_text(args, info, results):
 
 
 def main(argv=None):
+    args = parse_args(argv)
+    import megatron_mesh  # after parsing (--help stays light): CPU shims before megatron.core
+
+    megatron_mesh.compat.silence_known_megatron_warnings()  # its notes on absent kernels
     import torch
 
     from megatron_mesh.parallel.process_groups import initialize_single_process
     from megatron_mesh.training.throughput import default_peak_tflops
 
-    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     initialize_single_process()
     cuda = torch.cuda.is_available()

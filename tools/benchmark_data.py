@@ -22,9 +22,6 @@ import numpy
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import megatron_mesh  # noqa: E402  (CPU shims before megatron.core)
-megatron_mesh.compat.silence_known_megatron_warnings()  # its notes on absent kernels
-
 
 def bench_preprocess(args):
     from megatron_mesh.data.local_corpus import python_docs_corpus
@@ -100,6 +97,9 @@ def main(argv=None):
     o.add_argument("--dir", default=None)
     o.add_argument("--keep", action="store_true")
     args = parser.parse_args(argv)
+    import megatron_mesh  # after parsing (--help stays light): CPU shims before megatron.core
+
+    megatron_mesh.compat.silence_known_megatron_warnings()  # its notes on absent kernels
     bench_preprocess(args) if args.what == "preprocess" else bench_open(args)
 
 

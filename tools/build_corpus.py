@@ -28,22 +28,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy  # noqa: E402
 
-import megatron_mesh  # noqa: E402  (CPU shims before megatron.core)
-from megatron_mesh.data import debian_docs  # noqa: E402
-from megatron_mesh.data.debian_docs import SPLITS, PackageError  # noqa: E402
-from megatron_mesh.data.integrity import check_indexed_dataset  # noqa: E402
-from megatron_mesh.data.preprocess import BadRecordError, preprocess  # noqa: E402
-from megatron_mesh.data.tokenizer import load_tokenizer  # noqa: E402
-from megatron_mesh.fs import OutputExistsError, atomic_directory, check_writable  # noqa: E402
-
-megatron_mesh.compat.silence_known_megatron_warnings()  # its notes on absent kernels
+DEFAULT_PACKAGES_HELP = "linux-doc-6.1 python3.11-doc"
+"""megatron_mesh.data.debian_docs.DEFAULT_PACKAGES, named here so that --help imports nothing
+heavy (tests check they agree)."""
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", "--out", dest="out", required=True, type=Path, help="output directory")
     parser.add_argument("--tokenizer", required=True, help="e.g. 20B_tokenizer.json")
-    parser.add_argument("--packages", nargs="+", default=list(debian_docs.DEFAULT_PACKAGES))
+    parser.add_argument("--packages", nargs="+", default=None,
+                        help=f"Debian documentation packages (default: {DEFAULT_PACKAGES_HELP})")
     parser.add_argument("--no-install", action="store_true",
                         help="use the packages as installed; never call apt-get")
     parser.add_argument("--valid-fraction", type=float, default=0.02)
@@ -64,6 +59,8 @@ def parse_args(argv=None):
 
 def document_tokens(prefix: Path) -> numpy.ndarray:
     """Token count of every document, read from the .idx (checked against the .bin first)."""
+    from megatron_mesh.data.integrity import check_indexed_dataset
+
     header = check_indexed_dataset(str(prefix))
     return numpy.fromfile(f"{prefix}.idx", dtype=numpy.int32, count=header.sequences,
                           offset=header.header_bytes)
@@ -72,6 +69,9 @@ def document_tokens(prefix: Path) -> numpy.ndarray:
 def tokenize(work: Path, stats, args) -> dict:
     """{split: {package: tokens}}; each split's documents come package by package, so the
     package of a document follows from the per-package document counts."""
+    from megatron_mesh.data.debian_docs import SPLITS
+    from megatron_mesh.data.preprocess import preprocess
+
     tokens = {}
     for split in SPLITS:
         prefix = work / f"{split}_text_document"
@@ -87,6 +87,8 @@ def tokenize(work: Path, stats, args) -> dict:
 
 
 def summarise(args, versions, stats, tokens, seconds) -> dict:
+    from megatron_mesh.data.debian_docs import SPLITS
+
     def split_entry(split, packages):
         return {"documents": sum(stats[p].splits[split].documents for p in packages),
                 "characters": sum(stats[p].splits[split].characters for p in packages),
@@ -104,6 +106,11 @@ def summarise(args, versions, stats, tokens, seconds) -> dict:
 
 
 def build(args) -> dict:
+    from megatron_mesh.data import debian_docs
+    from megatron_mesh.data.debian_docs import SPLITS
+    from megatron_mesh.data.tokenizer import load_tokenizer
+    from megatron_mesh.fs import atomic_directory, check_writable
+
     start = time.time()
     check_writable(args.out, args.force)       # refuse before installing anything
     load_tokenizer(args.tokenizer)             # a bad path fails now, not after extraction
@@ -129,6 +136,14 @@ def build(args) -> dict:
 
 def main(argv=None):
     args = parse_args(argv)
+    import megatron_mesh  # after parsing (--help stays light): CPU shims before megatron.core
+
+    megatron_mesh.compat.silence_known_megatron_warnings()  # its notes on absent kernels
+    from megatron_mesh.data.debian_docs import DEFAULT_PACKAGES, PackageError
+    from megatron_mesh.data.preprocess import BadRecordError
+    from megatron_mesh.fs import OutputExistsError
+
+    args.packages = args.packages or list(DEFAULT_PACKAGES)
     try:
         report = build(args)
     except (PackageError, OutputExistsError, BadRecordError, FileNotFoundError, ValueError) as err:

@@ -30,9 +30,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import megatron_mesh  # noqa: E402  (CPU shims before megatron.core)
-megatron_mesh.compat.silence_known_megatron_warnings()  # its notes on absent kernels
-
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -68,9 +65,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None):
+    args = parse_args(argv)
+    import megatron_mesh  # after parsing (--help stays light): CPU shims before megatron.core
+
+    megatron_mesh.compat.silence_known_megatron_warnings()  # its notes on absent kernels
     from megatron_mesh.hf.export import export
 
-    args = parse_args(argv)
     try:
         if args.direction == "megatron-to-hf":
             out = export(args.load, args.output, args.dtype, args.tokenizer, args.iteration,

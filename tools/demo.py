@@ -22,9 +22,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import megatron_mesh  # noqa: E402  (CPU shims before megatron.core)
-megatron_mesh.compat.silence_known_megatron_warnings()  # its notes on absent kernels
-
 SHOW = re.compile(r"^ \[mesh\]|saving checkpoint|successfully saved|Error|error:")
 LOSS = re.compile(r"iteration\s+(\d+)/\s*(\d+) \|.*?learning rate: ([0-9.eE+-]+).*?lm loss: ([0-9.eE+-]+)"
                   r".*?grad norm: ([0-9.]+)")
@@ -100,6 +97,9 @@ def main(argv=None):
     parser.add_argument("--iters", type=int, default=300)
     parser.add_argument("--vocab-size", type=int, default=4096)
     args, extra = parser.parse_known_args(argv)
+    import megatron_mesh  # after parsing (--help stays light): CPU shims before megatron.core
+
+    megatron_mesh.compat.silence_known_megatron_warnings()  # its notes on absent kernels
     out = Path(args.out)
     start = time.time()
     tok_dir, prefix = build_data(out, args.vocab_size)

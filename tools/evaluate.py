@@ -11,8 +11,9 @@ percent; byte-length-normalised accuracy for PIQA, HellaSwag, ARC and SciQ) and 
 lm-eval's full results. Datasets come from the Hugging Face cache (HF_DATASETS_OFFLINE=1 on
 machines without network); --include-path adds local task YAMLs.
 
-    python tools/evaluate.py ppl --model M [--model M2 ...] --data D [--data D2 ...] \
-        [--tokenizer T] [--seq-length L] [--batch-size B] [--max-documents N] [--output FILE.json]
+    python tools/evaluate.py ppl --model M [--model M2 ...] [--name N --name N2 ...] --data D \
+        [--data D2 ...] [--tokenizer T] [--seq-length L] [--batch-size B] [--max-documents N] \
+        [--output FILE.json] [--no-progress]
 
 ppl prints the perplexity of every model (Megatron checkpoint directory, run as MeshGPTModel, or
 HF export / GPT-NeoX directory, run through transformers) on every dataset (indexed-dataset
@@ -22,12 +23,16 @@ non-overlapping windows of at most L tokens (default: the model's max_sequence_l
 window conditioned only on itself (lm-eval's rolling loglikelihood without overlap). --output
 saves token counts, mean NLL (nats/token), perplexity and bits per token as JSON.
 
-    python tools/evaluate.py depth --model M --data D [--max-loops T] [--output-dir DIR] ...
+    python tools/evaluate.py depth --model M [--name N] --data D [--max-loops T] [--output-dir DIR] ...
 
 depth scores a recursive model after t = 0..T loop iterations (default T = the trained K; more
 only for tied cores without per-step parameters): the t-loop read-out, the coda lens (coda +
 final norm + output layer on h(t)) and the direct lens (final norm + output layer on h(t)),
 with the same windows as ppl. --output-dir writes depth.json and depth.png.
+
+Models are labelled with --name, else after their run (runs/demo/checkpoints: 'demo',
+runs/demo/hf: 'demo/hf'). ppl and depth print progress lines to stderr (documents done, tokens/s,
+ETA; --no-progress: none); stdout holds only the table and what was written.
 """
 
 import argparse
@@ -35,6 +40,11 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+TRUST_HELP = ("run the Python files of a foreign Hugging Face model directory (its auto_map), "
+              "as transformers' trust_remote_code; megatron-mesh exports always load with this "
+              "package's own code, never the folder's")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -49,19 +59,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     lm.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     lm.add_argument("--limit", type=float, default=None, help="examples per task (smoke runs only)")
     lm.add_argument("--include-path", default=None, help="directory of extra task YAMLs")
-    lm.add_argument("--name", default=None, help="row label (default: the model directory name)")
+    lm.add_argument("--name", default=None, help="row label (default: the run, e.g. 'demo/hf' for runs/demo/hf)")
     lm.add_argument("--output", default=None, help="JSON report (default: MODEL/lm_eval.json)")
+    lm.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
 
     ppl = sub.add_parser("ppl", help="perplexity of models on datasets",
                          description=CONTEXT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     ppl.add_argument("--model", action="append", required=True,
                      help="Megatron checkpoint or HF model directory (repeat for several)")
+    ppl.add_argument("--name", action="append", default=None,
+                     help="row label per --model, in order (default: the run, e.g. 'demo' for "
+                          "runs/demo/checkpoints, 'demo/hf' for runs/demo/hf)")
     _data_args(ppl, many=True)
     ppl.add_argument("--output", default=None, help="JSON report (default: print only)")
+    ppl.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
 
     depth = sub.add_parser("depth", help="loss after each loop iteration, with logit lenses",
                            description=CONTEXT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     depth.add_argument("--model", required=True, help="Megatron checkpoint or HF model directory")
+    depth.add_argument("--name", default=None,
+                       help="label in the table and figure (default: the run, e.g. 'demo' for "
+                            "runs/demo/checkpoints)")
     _data_args(depth, many=False)
     depth.add_argument("--max-loops", type=int, default=None,
                        help="read out after 0..T iterations (default: the trained K)")
@@ -93,6 +111,8 @@ def _data_args(parser: argparse.ArgumentParser, many: bool) -> None:
     parser.add_argument("--max-documents", type=int, default=None,
                         help="score only the first N documents of each dataset")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress lines (on stderr: they never mix into the table or --output)")
     parser.add_argument("--no-verify", action="store_true",
                         help="skip the hash check of a Megatron checkpoint against its integrity manifest "
                              "(file sizes are still checked)")
@@ -117,7 +137,7 @@ def lm_eval_main(args):
     device = _device(args)
     tasks = [t for t in args.tasks.split(",") if t] if args.tasks else None
     report = downstream.evaluate(model, tasks, shots, args.batch_size, device, args.limit,
-                                 args.include_path, args.dtype)
+                                 args.include_path, args.dtype, args.trust_remote_code)
     output = Path(args.output) if args.output else model / "lm_eval.json"
     downstream.save(report, output)
     print(downstream.table(report, args.name))
@@ -146,6 +166,23 @@ def _check_inputs(args, models, datasets) -> None:
         sys.exit("error: --batch-size and --max-documents must be >= 1")
     if args.seq_length is not None and args.seq_length < 1:
         sys.exit(f"error: --seq-length {args.seq_length}: expected >= 1")
+    if args.tokenizer:
+        from megatron_mesh.data.tokenizer import TokenizerSpecError, tokenizer_source
+
+        try:
+            tokenizer_source(args.tokenizer, "--tokenizer")  # the one tokenizer rule
+        except TokenizerSpecError as err:
+            sys.exit(f"error: {err}")
+    if args.command == "ppl" and args.name is not None and len(args.name) != len(models):
+        sys.exit(f"error: --name given {len(args.name)} times for {len(models)} --model: "
+                 f"expected one per model, in order")
+
+
+def _progress(args):
+    """Progress lines on stderr (stdout holds the table), or none with --no-progress."""
+    from megatron_mesh.progress import SILENT, ProgressLines
+
+    return SILENT if args.no_progress else ProgressLines(prefix=f"[{args.command}]")
 
 
 def _documents(args, data: str, model_tokenizer):
@@ -161,16 +198,21 @@ def _documents(args, data: str, model_tokenizer):
 
 def ppl_main(args):
     _check_inputs(args, args.model, args.data)
+    from megatron_mesh.data.documents import count_documents
     from megatron_mesh.evaluation import downstream, perplexity
 
-    device, records = _device(args), []
-    for path in args.model:
+    device, records, progress = _device(args), [], _progress(args)
+    for i, path in enumerate(args.model):
         try:
-            scorer = perplexity.load_scorer(path, device, verify_hashes=not args.no_verify)
+            progress.note(f"loading {path}")
+            scorer = perplexity.load_scorer(path, device, verify_hashes=not args.no_verify,
+                                            name=args.name[i] if args.name else None,
+                                            trust_remote_code=args.trust_remote_code)
             seq_length = perplexity.check_seq_length(args.seq_length, scorer.max_length, scorer.name)
             for data in args.data:
                 result = perplexity.evaluate(scorer, _documents(args, data, scorer.tokenizer),
-                                             seq_length, args.batch_size, args.max_documents, data)
+                                             seq_length, args.batch_size, args.max_documents, data,
+                                             progress, count_documents(data))
                 records.append({"model": str(path), "name": scorer.name, "backend": scorer.backend,
                                 "data": str(data), "seq_length": seq_length, **result.as_dict()})
         except (ValueError, FileNotFoundError) as err:
@@ -185,16 +227,21 @@ def depth_main(args):
     _check_inputs(args, [args.model], [args.data])
     if args.max_loops is not None and args.max_loops < 0:
         sys.exit(f"error: --max-loops {args.max_loops}: expected >= 0")
+    from megatron_mesh.data.documents import count_documents
     from megatron_mesh.evaluation import depth, downstream, perplexity
     from megatron_mesh.evaluation.loading import load_model
 
+    progress = _progress(args)
     try:
+        progress.note(f"loading {args.model}")
         loaded = load_model(args.model, device=_device(args), verify_hashes=not args.no_verify)
+        loaded.name = args.name or loaded.name
         depth.trained_loops(loaded)
         seq_length = perplexity.check_seq_length(args.seq_length, loaded.section["max_sequence_length"],
                                                  loaded.name)
         report = depth.study(loaded, _documents(args, args.data, loaded.tokenizer), seq_length,
-                             args.max_loops, args.batch_size, args.max_documents, args.data)
+                             args.max_loops, args.batch_size, args.max_documents, args.data,
+                             progress, count_documents(args.data))
     except (ValueError, FileNotFoundError) as err:
         sys.exit(f"error: {err}")
     print(depth.table(report))

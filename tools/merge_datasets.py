@@ -16,9 +16,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import megatron_mesh  # noqa: E402  (CPU shims before megatron.core)
-megatron_mesh.compat.silence_known_megatron_warnings()  # its notes on absent kernels
-
 
 def merge(inputs, output_prefix):
     from megatron_mesh.data.indexed import concatenate_indexed
@@ -30,12 +27,15 @@ def merge(inputs, output_prefix):
 
 
 def main(argv=None):
-    from megatron_mesh.data.integrity import DatasetIntegrityError
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--input", "--inputs", dest="inputs", nargs="+", required=True, help="shard prefixes, in order")
     parser.add_argument("--output-prefix", required=True)
     args = parser.parse_args(argv)
+    import megatron_mesh  # after parsing (--help stays light): CPU shims before megatron.core
+
+    megatron_mesh.compat.silence_known_megatron_warnings()  # its notes on absent kernels
+    from megatron_mesh.data.integrity import DatasetIntegrityError
+
     try:
         rows = merge(args.inputs, args.output_prefix)
     except DatasetIntegrityError as err:

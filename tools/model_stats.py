@@ -20,9 +20,6 @@ from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import megatron_mesh  # noqa: E402  (CPU shims before megatron.core)
-megatron_mesh.compat.silence_known_megatron_warnings()  # its notes on absent kernels
-
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -107,9 +104,12 @@ def flops_rows(cfg, stats) -> list:
 
 
 def main(argv=None):
+    args = parse_args(argv)
+    import megatron_mesh  # after parsing (--help stays light): CPU shims before megatron.core
+
+    megatron_mesh.compat.silence_known_megatron_warnings()  # its notes on absent kernels
     from megatron_mesh.yaml_config import ConfigError
 
-    args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as err:

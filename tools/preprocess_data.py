@@ -17,11 +17,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import megatron_mesh  # noqa: E402  (CPU shims before megatron.core)
-from megatron_mesh.data.preprocess import BadRecordError, preprocess  # noqa: E402
-
-megatron_mesh.compat.silence_known_megatron_warnings()  # its notes on absent kernels
-
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -36,6 +31,11 @@ def main(argv=None):
                         help="write a 0-document dataset instead of failing when no document is "
                              "left (shards of a larger input; no reader opens one alone)")
     args = parser.parse_args(argv)
+    import megatron_mesh  # after parsing (--help stays light): CPU shims before megatron.core
+
+    megatron_mesh.compat.silence_known_megatron_warnings()  # its notes on absent kernels
+    from megatron_mesh.data.preprocess import BadRecordError, preprocess
+
     try:
         report = preprocess(args.input, args.output_prefix, args.tokenizer, args.workers,
                             args.json_key, args.strict, progress=not args.no_progress,

@@ -15,7 +15,8 @@ defaults to 512 capped by the model's max_sequence_length. DIR receives
     spectrum.png           Fig. 5: top-50 normalised singular values per state, mean +- std
     probe.json             all numbers (also linear CKA) and, for MeSH, router statistics
 
-with one 450 x 400 pixel panel per model (titled with --name or the directory name). h_out is
+with one 450 x 400 pixel panel per model (titled with --name, else after the run: 'demo' for
+runs/demo/checkpoints, 'demo/hf' for runs/demo/hf). h_out is
 the coda output before the final layer norm. DIR appears only when everything is written; a
 non-empty DIR is replaced only with --force.
 """
@@ -44,7 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--output", "--out", dest="out", required=True, help="output directory")
     parser.add_argument("--force", action="store_true", help="replace a non-empty --out")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress lines (stderr: samples done, tokens/s, ETA)")
     parser.add_argument("--no-verify", action="store_true",
                         help="skip the hash check of a Megatron checkpoint against its integrity manifest "
                              "(file sizes are still checked)")
@@ -78,13 +80,15 @@ def main(argv=None):
     import torch
 
     from megatron_mesh.probing import probe
+    from megatron_mesh.progress import SILENT, ProgressLines
 
     try:
         check_writable(Path(args.out), args.force)
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         probes = probe.probe_paths(args.model, args.data, args.samples, args.seq_length,
                                    args.tokenizer, args.name, args.cka_threshold,
-                                   args.batch_size, device, progress=not args.no_progress,
+                                   args.batch_size, device,
+                                   progress=SILENT if args.no_progress else ProgressLines(prefix="[probe]"),
                                    verify_hashes=not args.no_verify)
         settings = {"data": str(args.data), "samples": args.samples,
                     "cka_threshold": args.cka_threshold, "device": device}

@@ -20,9 +20,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import megatron_mesh  # noqa: E402  (CPU shims before megatron.core)
-megatron_mesh.compat.silence_known_megatron_warnings()  # its notes on absent kernels
-
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -40,15 +37,22 @@ def parse_args(argv=None):
     parser.add_argument("--report-only", action="store_true", help="train nothing; report finished runs")
     parser.add_argument("--keep-checkpoints", action="store_true",
                         help="keep every saved iteration (default: only each run's final one)")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress lines of the held-out evaluations and probes (stderr)")
     return parser.parse_args(argv)
 
 
 def main(argv=None):
+    args = parse_args(argv)
+    import megatron_mesh  # CPU shims before megatron.core
+
+    megatron_mesh.compat.silence_known_megatron_warnings()  # its notes on absent kernels
     import torch
 
+    from megatron_mesh.progress import SILENT, ProgressLines
     from megatron_mesh.study import plan, report, runner
 
-    args = parse_args(argv)
+    progress = SILENT if args.no_progress else ProgressLines(prefix="[study]")
     start = time.time()
     try:
         seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
@@ -59,7 +63,7 @@ def main(argv=None):
             deadline = start + 60 * args.time_limit if args.time_limit else None
             runner.train_all(study, runs, out, cpu=not torch.cuda.is_available(), deadline=deadline,
                              keep_intermediate=args.keep_checkpoints)
-        results = report.write(study, runs, out, with_probes=not args.skip_probes)
+        results = report.write(study, runs, out, with_probes=not args.skip_probes, progress=progress)
     except runner.TimeLimit as err:
         print(f"[study] {err}; rerun the same command to continue", file=sys.stderr)
         sys.exit(3)

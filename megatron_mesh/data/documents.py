@@ -51,6 +51,20 @@ def read_documents(source, tokenizer: Optional[str] = None, key: str = "text",
             yield ids
 
 
+def count_documents(source) -> int:
+    """How many documents ``read_documents(source)`` yields, for progress totals: an indexed
+    dataset's non-empty documents (from its index), or a jsonl file's non-blank lines (a text
+    that tokenizes to nothing is skipped when read, so that count may be one or two high)."""
+    if is_indexed_prefix(source) or _half_indexed_prefix(source):
+        from megatron_mesh.data.integrity import open_indexed_dataset
+
+        dataset = open_indexed_dataset(str(source))  # kept while its memory map is read
+        bounds = dataset.document_indices  # [documents + 1]
+        return int((bounds[1:] > bounds[:-1]).sum())
+    with open(source, encoding="utf-8") as f:
+        return sum(1 for line in f if line.strip())
+
+
 def _indexed_documents(prefix: str) -> Iterator[List[int]]:
     """Whole documents: the sequences between consecutive document boundaries, joined (one
     sequence per document, or one per sentence for tools/preprocess_data.py --split-sentences).

@@ -30,7 +30,8 @@ from torch import Tensor
 
 from megatron_mesh.block import Recorded
 from megatron_mesh.evaluation.loading import LoadedModel
-from megatron_mesh.evaluation.perplexity import check_ids, progress, window_batches
+from megatron_mesh.evaluation.perplexity import check_ids, expected_documents, window_batches
+from megatron_mesh.progress import SILENT, Progress
 
 CURVES = ("read_out", "coda_lens", "direct_lens")
 
@@ -102,30 +103,50 @@ def batch_nll(model, inputs: Tensor, labels: Tensor, max_loops: int) -> Dict[str
 
 def study(loaded: LoadedModel, documents: Iterable[List[int]], seq_length: int,
           max_loops: Optional[int] = None, batch_size: int = 8,
-          max_documents: Optional[int] = None, source: str = "data") -> dict:
-    """The depth report: per t, the NLL and perplexity of each curve (module docstring)."""
+          max_documents: Optional[int] = None, source: str = "data", progress: Progress = SILENT,
+          total_documents: Optional[int] = None) -> dict:
+    """The depth report: per t, the NLL and perplexity of each curve (module docstring);
+    ``progress`` hears of every batch (``total_documents``: how many ``documents`` holds)."""
     K = trained_loops(loaded)
     T = K if max_loops is None else max_loops
     check_max_loops(loaded, T)
     model = loaded.model
     device = model.output_layer.weight.device
     sums = {c: [0.0] * (T + 1) for c in CURVES}
-    tokens = 0
-    docs = progress(itertools.islice(documents, max_documents), loaded.name)
+    tokens, docs = 0, _Counted(itertools.islice(documents, max_documents))
+    progress.start(f"{loaded.name} on {Path(source).name}, t = 0..{T}",
+                   expected_documents(total_documents, max_documents))
     for inputs, labels in window_batches(docs, seq_length, batch_size):
         check_ids(torch.cat([inputs, labels[:, -1:]], 1), loaded.section["vocab_size"], source)
         nll = batch_nll(model, inputs.to(device), labels.to(device), T)
         for curve in CURVES:
             sums[curve] = [a + b for a, b in zip(sums[curve], nll[curve])]
         tokens += labels.numel()
+        progress.update(docs.count, tokens)
     if not tokens:
         raise ValueError(f"{source}: no document with at least 2 tokens to score")
+    progress.finish(docs.count, tokens)
     rows = [{"t": t, **{f"{c}_{k}": v for c in CURVES
                          for k, v in _stats(sums[c][t] / tokens).items()}} for t in range(T + 1)]
     config = model.config
     return {"model": loaded.name, "layout": config.layout, "state_scheme": config.state_scheme,
             "trained_loops": K, "max_loops": T, "data": str(source), "seq_length": seq_length,
             "tokens": tokens, "rows": rows}
+
+
+class _Counted:
+    """Iterates ``items``, counting how many it has handed out."""
+
+    def __init__(self, items: Iterable):
+        self.items, self.count = iter(items), 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        item = next(self.items)
+        self.count += 1
+        return item
 
 
 @contextlib.contextmanager
@@ -153,28 +174,75 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(report: dict, path) -> None:
-    """Perplexity (log scale) against t for the three curves, K marked; written atomically."""
+CURVE_STYLES = {
+    # the coda lens equals the read-out (module docstring): drawn on top with its own line and
+    # marker, over the read-out's larger hollow circles, so neither hides the other
+    "read_out": dict(label="read-out", linestyle="-", marker="o", markersize=9, fillstyle="none", zorder=2),
+    "coda_lens": dict(label="coda lens", linestyle="--", marker="x", markersize=7, zorder=3),
+    "direct_lens": dict(label="direct lens", linestyle=":", marker="s", markersize=5, zorder=2),
+}
+"""matplotlib keywords of each curve in ``depth_figure``."""
+
+FIGURE_INCHES, FIGURE_DPI = (10.0, 4.5), 100
+
+
+def _losses(report: dict, curve: str) -> List[float]:
+    return [r[f"{curve}_loss"] for r in report["rows"]]
+
+
+def _coda_lens_label(report: dict) -> str:
+    """'coda lens (= read-out)' where the two agree at every t, as they should."""
+    same = all(math.isclose(a, b, rel_tol=1e-5)
+               for a, b in zip(_losses(report, "coda_lens"), _losses(report, "read_out")))
+    return "coda lens (= read-out)" if same else "coda lens"
+
+
+def _panel(ax, report: dict, curves, title: str) -> None:
+    t = [r["t"] for r in report["rows"]]
+    for curve in curves:
+        style = dict(CURVE_STYLES[curve], color=f"C{CURVES.index(curve)}")
+        if curve == "coda_lens":
+            style["label"] = _coda_lens_label(report)
+        ax.plot(t, _losses(report, curve), **style)
+    ax.axvline(report["trained_loops"], color="grey", linestyle="--", linewidth=1,
+               label=f"trained K = {report['trained_loops']}")
+    ax.set_yscale("linear")  # loss differences, which a log perplexity axis would squash
+    ax.ticklabel_format(axis="y", useOffset=False)  # losses as they are, not '+6.257' and offsets
+    ax.set_xticks(t)
+    ax.set_xlabel("loop iterations t")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+
+
+def depth_figure(report: dict):
+    """Loss (nats/token, linear) against t: the read-out and coda lens (left), the direct lens
+    with the read-out for reference (right, its own scale: it is often nats away); one legend
+    below the panels, never over the data."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    t = [r["t"] for r in report["rows"]]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for curve, label in zip(CURVES, ("read-out", "coda lens", "direct lens")):
-        ax.plot(t, [r[f"{curve}_ppl"] for r in report["rows"]], marker="o", label=label)
-    ax.axvline(report["trained_loops"], color="grey", linestyle="--",
-               label=f"trained K = {report['trained_loops']}")
-    ax.set_yscale("log")
-    ax.set_xticks(t)
-    ax.set_xlabel("loop iterations t")
-    ax.set_ylabel("perplexity")
-    ax.set_title(f"{report['model']} ({report['layout']}, {report['state_scheme']})")
-    ax.legend()
-    fig.tight_layout()
+    fig, (left, right) = plt.subplots(1, 2, figsize=FIGURE_INCHES, dpi=FIGURE_DPI, layout="constrained")
+    _panel(left, report, ("read_out", "coda_lens"), "read-out after t loops, coda lens on h(t)")
+    _panel(right, report, ("read_out", "direct_lens"), "direct lens: final norm + output layer on h(t)")
+    handles = dict(zip(*reversed(left.get_legend_handles_labels())))
+    handles.update(zip(*reversed(right.get_legend_handles_labels())))
+    fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncols=len(handles),
+               fontsize=9, frameon=False)
+    fig.suptitle(f"{report['model']} ({report['layout']}, {report['state_scheme']}): "
+                 f"{report['tokens']:,} tokens of {Path(report['data']).name}", fontsize=11)
+    return fig
+
+
+def plot(report: dict, path) -> None:
+    """``depth_figure`` as a PNG, written atomically."""
+    import matplotlib.pyplot as plt
+
+    fig = depth_figure(report)
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format="png", dpi=100)
+    fig.savefig(tmp, format="png", dpi=FIGURE_DPI)
     plt.close(fig)
     tmp.replace(path)

@@ -60,15 +60,16 @@ def metric_value(results: dict, column: Column) -> float:
 
 def evaluate(model_dir, tasks: Optional[Sequence[str]] = None, shots: Sequence[int] = (0, 5),
              batch_size: int = 8, device: str = "cpu", limit: Optional[float] = None,
-             include_path: Optional[str] = None, dtype: str = "float32") -> dict:
-    """Run lm-eval once per few-shot setting on one loaded model; return a JSON-able report."""
+             include_path: Optional[str] = None, dtype: str = "float32",
+             trust_remote_code: bool = False) -> dict:
+    """Run lm-eval once per few-shot setting on one loaded model; return a JSON-able report.
+    ``trust_remote_code``: run the Python files of a foreign model directory (never those of a
+    megatron-mesh export: megatron_mesh.hf.auto)."""
     import lm_eval
-    from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
     columns = columns_for(tasks)
-    lm = HFLM(pretrained=str(model_dir), trust_remote_code=True, batch_size=batch_size,
-              device=device, dtype=dtype)
+    lm = harness_model(model_dir, batch_size, device, dtype, trust_remote_code)
     manager = TaskManager(include_path=include_path) if include_path else TaskManager()
     report = {"model": str(model_dir), "lm_eval_version": lm_eval.__version__, "limit": limit,
               "columns": [c.__dict__ for c in columns], "shots": {}}
@@ -81,10 +82,28 @@ def evaluate(model_dir, tasks: Optional[Sequence[str]] = None, shots: Sequence[i
     return report
 
 
+def harness_model(model_dir, batch_size: int, device: str, dtype: str, trust_remote_code: bool):
+    """lm-eval's HFLM over ``model_dir``. A megatron-mesh export is handed over loaded by the
+    project's own class (HFLM given a path would import the folder's modeling file)."""
+    from lm_eval.models.huggingface import HFLM
+
+    from megatron_mesh.hf.auto import is_megatron_mesh_export, load_causal_lm
+
+    if not is_megatron_mesh_export(model_dir):
+        return HFLM(pretrained=str(model_dir), trust_remote_code=trust_remote_code,
+                    batch_size=batch_size, device=device, dtype=dtype)
+    import torch
+
+    model = load_causal_lm(model_dir).to(device=device, dtype=getattr(torch, dtype)).eval()
+    return HFLM(pretrained=model, tokenizer=str(model_dir), batch_size=batch_size)
+
+
 def table(report: dict, name: Optional[str] = None) -> str:
     """Rows per few-shot setting, a column per task and the average, in percent (Table 2)."""
+    from megatron_mesh.evaluation.names import model_name
+
     labels = [c["label"] for c in report["columns"]]
-    name = name or Path(report["model"]).name
+    name = name or model_name(report["model"])  # the run, not 'hf'
     header = ["Model", "Variant", *labels, "Avg."]
     rows = [[name, f"{n}-shot", *(f"{100 * r['values'][k]:.2f}" for k in labels),
              f"{100 * r['average']:.2f}"] for n, r in report["shots"].items()]

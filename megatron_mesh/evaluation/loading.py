@@ -14,7 +14,8 @@ from typing import Optional
 
 import torch
 
-from megatron_mesh.checkpoints import TRACKER, CheckpointError
+from megatron_mesh.checkpoints import TRACKER, CheckpointError, iterations
+from megatron_mesh.evaluation.names import model_name
 
 
 @dataclass
@@ -24,7 +25,8 @@ class LoadedModel:
     section: dict
     """The model section (layout, state_scheme, sizes) it was built from."""
     name: str
-    """A short label for tables and figure panels (the directory name)."""
+    """A short label for tables and figure panels (``names.model_name``: the run, not
+    'checkpoints')."""
     tokenizer: Optional[str]
     """What the checkpoint says tokenized its data (path or tokenizer name), if it says."""
 
@@ -34,7 +36,10 @@ def is_hf_directory(path) -> bool:
 
 
 def is_megatron_checkpoint(path) -> bool:
-    return (Path(path) / TRACKER).is_file()
+    """A save directory (with its tracker, or with iteration directories: the reader then says
+    what the tracker lacks) or one iteration directory."""
+    path = Path(path)
+    return (path / TRACKER).is_file() or (path / "metadata.json").is_file() or bool(iterations(path))
 
 
 def load_model(path, iteration: Optional[int] = None, device: str = "cpu",
@@ -54,7 +59,7 @@ def load_model(path, iteration: Optional[int] = None, device: str = "cpu",
     # megatron's RotaryEmbedding keeps inv_freq as a plain attribute (not a buffer): .to() skips it
     rotary = model.rotary_pos_emb
     rotary.inv_freq = rotary.inv_freq.to(device)
-    return LoadedModel(model, section, path.resolve().name, tokenizer)
+    return LoadedModel(model, section, model_name(path), tokenizer)
 
 
 def _check_device(device: str) -> None:

@@ -12,9 +12,9 @@ Context handling, the convention behind every number here:
   nats per token; perplexity = exp(mean NLL); bits per token = mean NLL / ln 2.
 
 The two backends are independent implementations of the model: a Megatron checkpoint runs as
-megatron-mesh's ``MeshGPTModel``, an HF directory (export or GPT-NeoX) through transformers'
-``AutoModelForCausalLM``; both give logits [b, s, V] and share only the scoring below, so their
-agreement checks the export.
+megatron-mesh's ``MeshGPTModel``, an HF directory (export or GPT-NeoX) through transformers
+(``megatron_mesh.hf.auto.load_causal_lm``: an export as the exported HF model class); both give
+logits [b, s, V] and share only the scoring below, so their agreement checks the export.
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ import torch
 from torch import Tensor
 
 from megatron_mesh.checkpoints import CheckpointError
+from megatron_mesh.evaluation.names import model_name
+from megatron_mesh.progress import SILENT, Progress
 
 Window = Tuple[List[int], List[int]]
 """(inputs, labels) of one window: labels[i] is the token after inputs[i]."""
@@ -50,9 +52,12 @@ class Scorer:
     device: str
 
 
-def load_scorer(path, device: str = "cpu", verify_hashes: bool = True) -> Scorer:
+def load_scorer(path, device: str = "cpu", verify_hashes: bool = True,
+                name: Optional[str] = None, trust_remote_code: bool = False) -> Scorer:
     """The model in ``path``: a Megatron checkpoint directory (``verify_hashes``: against its
-    integrity manifest) or an HF model directory."""
+    integrity manifest) or an HF model directory (megatron_mesh.hf.auto: the folder's code runs
+    only with ``trust_remote_code``, never for megatron-mesh exports); ``name`` labels it
+    (default ``names.model_name``)."""
     from megatron_mesh.evaluation.loading import is_hf_directory, is_megatron_checkpoint
 
     path = Path(path)
@@ -61,9 +66,10 @@ def load_scorer(path, device: str = "cpu", verify_hashes: bool = True) -> Scorer
     if is_megatron_checkpoint(path):
         from megatron_mesh.evaluation.loading import load_model
 
-        return megatron_scorer(load_model(path, device=device, verify_hashes=verify_hashes), device)
+        return megatron_scorer(load_model(path, device=device, verify_hashes=verify_hashes), device,
+                               name)
     if is_hf_directory(path):
-        return _hf_scorer(path, device)
+        return _hf_scorer(path, device, name, trust_remote_code)
     raise CheckpointError(f"{path}: neither a Megatron checkpoint nor a Hugging Face model directory")
 
 
@@ -79,17 +85,18 @@ def megatron_scorer(loaded, device: str, name: Optional[str] = None) -> Scorer:
                   section["vocab_size"], loaded.tokenizer, device)
 
 
-def _hf_scorer(path: Path, device: str) -> Scorer:
-    from transformers import AutoModelForCausalLM
+def _hf_scorer(path: Path, device: str, name: Optional[str] = None,
+               trust_remote_code: bool = False) -> Scorer:
+    from megatron_mesh.hf.auto import load_causal_lm
 
-    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)
+    model = load_causal_lm(path, trust_remote_code)
     model = model.float().to(device).eval()  # fp32 whatever the export's dtype
 
     def logits(tokens: Tensor) -> Tensor:  # [b, s] -> [b, s, V]
         return model(input_ids=tokens, use_cache=False).logits
 
     tokenizer = str(path.resolve()) if (path / "tokenizer.json").is_file() else None
-    return Scorer(path.resolve().name, "hf", logits, model.config.max_position_embeddings,
+    return Scorer(name or model_name(path), "hf", logits, model.config.max_position_embeddings,
                   model.config.vocab_size, tokenizer, device)
 
 
@@ -168,17 +175,20 @@ def check_ids(tokens: Tensor, vocab_size: int, source: str) -> None:
                          f"(data tokenized for another model?)")
 
 
-def progress(documents: Iterable[List[int]], desc: str) -> Iterable[List[int]]:
-    """A tqdm bar over documents on a terminal; plain iteration otherwise."""
-    from tqdm import tqdm
-
-    return tqdm(documents, desc=desc, unit="doc", disable=None, leave=False)
+def expected_documents(total: Optional[int], max_documents: Optional[int]) -> Optional[int]:
+    """The documents a run will score, for progress lines: ``total`` (the data's count, if
+    known) capped by ``max_documents``."""
+    if total is None or max_documents is None:
+        return max_documents if total is None else total
+    return min(total, max_documents)
 
 
 @torch.no_grad()
 def evaluate(scorer: Scorer, documents: Iterable[List[int]], seq_length: int, batch_size: int = 8,
-             max_documents: Optional[int] = None, source: str = "data") -> Result:
-    """Score ``documents`` (lists of token ids) with ``scorer`` in windows of ``seq_length``."""
+             max_documents: Optional[int] = None, source: str = "data", progress: Progress = SILENT,
+             total_documents: Optional[int] = None) -> Result:
+    """Score ``documents`` (lists of token ids) with ``scorer`` in windows of ``seq_length``;
+    ``progress`` hears of every batch (``total_documents``: how many ``documents`` holds)."""
     result = Result()
 
     def counted(docs: Iterable[List[int]]) -> Iterator[List[int]]:
@@ -186,14 +196,17 @@ def evaluate(scorer: Scorer, documents: Iterable[List[int]], seq_length: int, ba
             result.documents += 1
             yield doc
 
-    docs = progress(counted(documents), f"{scorer.name} {Path(source).name}")
-    for inputs, labels in window_batches(docs, seq_length, batch_size):
+    progress.start(f"{scorer.name} on {Path(source).name}",
+                   expected_documents(total_documents, max_documents))
+    for inputs, labels in window_batches(counted(documents), seq_length, batch_size):
         check_ids(torch.cat([inputs, labels[:, -1:]], 1), scorer.vocab_size, source)
         logits = scorer.logits(inputs.to(scorer.device))  # [b, s, V]
         result.nll += nll_sum(logits, labels.to(scorer.device))
         result.tokens += labels.numel()
+        progress.update(result.documents, result.tokens)
     if not result.tokens:
         raise ValueError(f"{source}: no document with at least 2 tokens to score")
+    progress.finish(result.documents, result.tokens)
     return result
 
 

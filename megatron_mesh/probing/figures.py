@@ -7,6 +7,7 @@ DPI, panels side by side, saved without tight bounding boxes, so a PNG of n mode
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Dict, Sequence, Tuple
 
@@ -67,8 +68,22 @@ def cka_figure(models: Sequence[dict], kind: str = "rbf"):
                 ax.text(j, i, f"{mean[i, j]:.2f}", ha="center", va="center", fontsize=size,
                         color="black" if mean[i, j] > 0.6 else "white")
         ax.set_title(model["name"])
+        ax.set_xlabel(cka_caption(model), fontsize=7)
     fig.colorbar(image, ax=axes, shrink=0.8, label=f"CKA ({kind})")
     return fig, axes
+
+
+def cka_caption(model: dict) -> str:
+    """What h(0) is for this model (probe.first_state) and what h_out is, wrapped to the panel."""
+    parts = [model["h0"]["caption"]] if model.get("h0") and "h(0)" in model["cka"]["states"] else []
+    parts.append("h_out = the coda output before the final norm")
+    return "\n".join(textwrap.fill(part, 70) for part in parts)
+
+
+def state_label(model: dict, state: str) -> str:
+    """A legend entry: 'h(0) = random start x(0)' for the loop's first state, else the state."""
+    h0 = model.get("h0")
+    return f"h(0) = {h0['short']}" if state == "h(0)" and h0 else state
 
 
 def spectrum_figure(models: Sequence[dict]):
@@ -82,12 +97,13 @@ def spectrum_figure(models: Sequence[dict]):
         colours = plt.cm.viridis(np.linspace(0, 0.9, len(data["states"])))
         for label, m, s, colour in zip(data["states"], mean, std, colours):
             floor = m[m > 0].min() * 1e-2 if (m > 0).any() else 1e-12
-            ax.plot(x, m, label=label, color=colour)
+            ax.plot(x, m, label=state_label(model, label), color=colour)
             ax.fill_between(x, np.maximum(m - s, floor), m + s, color=colour, alpha=0.2)
         ax.set_yscale("log")
         ax.set_xlabel("singular value index i")
         ax.set_title(model["name"])
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncols=3,
+                  frameon=False)  # below the panel: the curves fill its corners
     axes[0].set_ylabel(r"$\sigma_i / \sigma_0$")
     return fig, axes
 

@@ -25,6 +25,7 @@ from torch import Tensor
 from megatron_mesh.block import Recorded
 from megatron_mesh.probing import metrics
 from megatron_mesh.probing.routers import RouterStats, mesh_scheme, state_dict_of
+from megatron_mesh.progress import SILENT, Progress
 
 SPECTRUM_K = 50
 """Singular values per state in Fig. 5."""
@@ -47,6 +48,27 @@ def block_labels(num_loops: int) -> List[str]:
     if not num_loops:
         return ["stack"]
     return ["prelude", *(f"core {t + 1}" for t in range(num_loops)), "coda"]
+
+
+def first_state(section: dict) -> Optional[Dict[str, str]]:
+    """What h(0), the loop's first state, is under the model's scheme, as a short legend label
+    and a figure caption; None without a loop (vanilla)."""
+    from megatron_mesh.injection import InjectionScheme
+    from megatron_mesh.mesh import MeshScheme
+    from megatron_mesh.schemes import normalize_scheme, scheme_class
+
+    cls = scheme_class(normalize_scheme(section["state_scheme"]))
+    if cls is None:
+        return None
+    if issubclass(cls, InjectionScheme):
+        start = section.get("initial_state", "zero")
+        kind = "random start x(0), drawn afresh per forward" if start == "random" else "zero start x(0)"
+        return {"short": kind.split(",")[0],
+                "caption": f"h(0) = the {kind}, not the prelude output (the prelude output is injected)"}
+    if issubclass(cls, MeshScheme):
+        return {"short": "transitional read", "caption": "h(0) = the transitional step's read of the "
+                "MeSH buffer (prelude output written), the core's first input"}
+    return {"short": "prelude output", "caption": "h(0) = the prelude output, the core's first input"}
 
 
 def state_tensors(recorded: Dict[str, Tensor], num_loops: int) -> List[Tensor]:
@@ -119,7 +141,7 @@ class ModelProbe:
         states = state_labels(self.num_loops)
         return {
             "name": self.name, "path": self.path, "layout": self.section["layout"],
-            "state_scheme": self.section["state_scheme"],
+            "state_scheme": self.section["state_scheme"], "h0": first_state(self.section),
             "samples": int(self.per_sample["update_magnitude"].shape[0]),
             "seq_length": self.seq_length,
             "update_magnitude": {"blocks": block_labels(self.num_loops),
@@ -145,11 +167,10 @@ def batches(samples: Sequence[Sequence[int]], batch_size: int,
 
 @torch.no_grad()
 def probe_model(loaded, samples: Sequence[Sequence[int]], threshold: float = 1.0,
-                batch_size: int = 1, progress: bool = False, path: str = "") -> ModelProbe:
+                batch_size: int = 1, progress: Progress = SILENT, path: str = "") -> ModelProbe:
     """Run ``loaded`` (a ``LoadedModel``) over ``samples`` (equal-length token lists) and keep
-    every sample's probes, plus router statistics for MeSH models."""
-    from tqdm import tqdm
-
+    every sample's probes, plus router statistics for MeSH models; ``progress`` hears of every
+    batch."""
     model = loaded.model
     device = next(model.parameters()).device
     result = ModelProbe(loaded.name, path, loaded.section, len(samples[0]), threshold)
@@ -157,22 +178,24 @@ def probe_model(loaded, samples: Sequence[Sequence[int]], threshold: float = 1.0
     scheme = mesh_scheme(model)
     router_stats = RouterStats(scheme) if scheme is not None else None
     parts: Dict[str, List[Tensor]] = {}
-    with tqdm(total=len(samples), desc=f"probe {loaded.name}", unit="sample",
-              disable=not progress) as bar:
-        for first, (input_ids, position_ids) in enumerate(batches(samples, batch_size, device)):
-            states: List[Tuple[str, Tensor]] = []
-            model(input_ids, position_ids, states=states)
-            recorded = state_dict_of(states)
-            try:
-                values = sample_metrics(recorded, num_loops, threshold)
-            except ValueError as err:  # e.g. a sample of one repeated token: constant states
-                span = f"{first * batch_size}..{first * batch_size + input_ids.shape[0] - 1}"
-                raise ValueError(f"{loaded.name}: samples {span}: {err}") from None
-            for key, value in values.items():
-                parts.setdefault(key, []).append(value.cpu())
-            if router_stats is not None:
-                router_stats.add(recorded)
-            bar.update(input_ids.shape[0])
+    done = 0
+    progress.start(f"probe {loaded.name}", len(samples), "samples")
+    for first, (input_ids, position_ids) in enumerate(batches(samples, batch_size, device)):
+        states: List[Tuple[str, Tensor]] = []
+        model(input_ids, position_ids, states=states)
+        recorded = state_dict_of(states)
+        try:
+            values = sample_metrics(recorded, num_loops, threshold)
+        except ValueError as err:  # e.g. a sample of one repeated token: constant states
+            span = f"{first * batch_size}..{first * batch_size + input_ids.shape[0] - 1}"
+            raise ValueError(f"{loaded.name}: samples {span}: {err}") from None
+        for key, value in values.items():
+            parts.setdefault(key, []).append(value.cpu())
+        if router_stats is not None:
+            router_stats.add(recorded)
+        done += input_ids.shape[0]
+        progress.update(done, done * input_ids.shape[1])
+    progress.finish(done, done * result.seq_length)
     result.per_sample = {key: torch.cat(values) for key, values in parts.items()}
     result.routers = router_stats.summary() if router_stats is not None else None
     return result
@@ -207,7 +230,7 @@ def probe_paths(paths: Sequence[str], data: str, num_samples: int,
                 seq_length: Optional[int] = None, tokenizer: Optional[str] = None,
                 names: Optional[Sequence[str]] = None, threshold: float = 1.0,
                 batch_size: int = 1, device: str = "cpu",
-                progress: bool = False, verify_hashes: bool = True) -> List[ModelProbe]:
+                progress: Progress = SILENT, verify_hashes: bool = True) -> List[ModelProbe]:
     """Load each model in turn (``load_model``: Megatron checkpoint or HF directory), probe it on
     the same documents and free it. A jsonl ``data`` is tokenized with ``tokenizer`` or else the
     tokenizer the model's checkpoint names."""
@@ -217,6 +240,7 @@ def probe_paths(paths: Sequence[str], data: str, num_samples: int,
     cache: Dict[Tuple[int, Optional[str]], list] = {}
     probes = []
     for i, path in enumerate(paths):
+        progress.note(f"loading {path}")
         loaded = load_model(path, device=device, verify_hashes=verify_hashes)
         if names:
             loaded.name = names[i]
@@ -239,7 +263,8 @@ def report(probes: Sequence[ModelProbe], settings: dict) -> dict:
     """probe.json::
 
         {"settings": {data, samples, cka_threshold, device, std, h_out},
-         "models": [{"name", "path", "layout", "state_scheme", "samples", "seq_length",
+         "models": [{"name", "path", "layout", "state_scheme", "h0": null | {"short", "caption"},
+                     "samples", "seq_length",
                      "update_magnitude": {"blocks": [n_blocks], "mean": [..], "std": [..]},
                      "cka": {"states": [n], "threshold", "note",
                              "rbf": {"mean": [n][n], "std": [n][n]}, "linear": {same}},

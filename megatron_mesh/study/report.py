@@ -24,6 +24,7 @@ from typing import Dict, List
 
 import numpy as np
 
+from megatron_mesh.progress import SILENT, Progress
 from megatron_mesh.study.plan import Run, Study, StudyError, config_tree, data_prefixes
 from megatron_mesh.checkpoints import tracked_iteration
 from megatron_mesh.study.runner import final_iteration, run_dir
@@ -62,10 +63,11 @@ def _valid_prefixes(tree: dict, run: Run) -> List[str]:
     return prefixes
 
 
-def heldout(tree: dict, run: Run, out: Path, cfg: dict, device: str) -> dict:
+def heldout(tree: dict, run: Run, out: Path, cfg: dict, device: str,
+            progress: Progress = SILENT) -> dict:
     """Parameters and held-out loss/perplexity of the run's final checkpoint (cached);
     ``tree`` is the run's experiment tree, ``cfg`` the study's heldout settings."""
-    from megatron_mesh.data.documents import read_documents
+    from megatron_mesh.data.documents import count_documents, read_documents
     from megatron_mesh.evaluation import perplexity
     from megatron_mesh.evaluation.loading import load_model
     from megatron_mesh.stats import model_stats
@@ -78,11 +80,13 @@ def heldout(tree: dict, run: Run, out: Path, cfg: dict, device: str) -> dict:
     cached = json.loads(cache.read_text()) if cache.is_file() else {}
     if cached.get("key") == key:
         return cached
+    progress.note(f"held-out evaluation of {run.name}: loading {ckpt}")
     loaded = load_model(ckpt, device=device)
     scorer = perplexity.megatron_scorer(loaded, device, name=run.name)
     docs = itertools.chain.from_iterable(read_documents(p) for p in key["data"])
     result = perplexity.evaluate(scorer, docs, min(seq, scorer.max_length), cfg["batch_size"],
-                                 cfg["max_documents"], source=key["data"][0])
+                                 cfg["max_documents"], key["data"][0], progress,
+                                 sum(count_documents(p) for p in key["data"]))
     record = {"key": key, **result.as_dict(), "stats": model_stats(loaded.model, seq).as_dict()}
     cache.write_text(json.dumps(record, indent=1) + "\n")
     return record
@@ -92,7 +96,7 @@ def _mean_std(values: List[float]) -> dict:
     return {"mean": float(np.mean(values)), "std": float(np.std(values)), "per_seed": values}
 
 
-def collect(study: Study, runs: List[Run], out: Path, device: str) -> dict:
+def collect(study: Study, runs: List[Run], out: Path, device: str, progress: Progress = SILENT) -> dict:
     """results.json: per-run curves and held-out numbers, per-variant aggregates and deltas."""
     per_run, variants = {}, {}
     for run in runs:
@@ -106,7 +110,7 @@ def collect(study: Study, runs: List[Run], out: Path, device: str) -> dict:
         per_run[run.name] = {"variant": run.variant, "seed": run.seed,
                              "tokens_per_iteration": tokens_per_iter,
                              "train": scalars(tb, TRAIN_TAG), "valid": scalars(tb, VALID_TAG),
-                             "heldout": heldout(tree, run, out, study.heldout, device)}
+                             "heldout": heldout(tree, run, out, study.heldout, device, progress)}
     for variant in dict.fromkeys(r.variant for r in runs):
         mine = [per_run[r.name] for r in runs if r.variant == variant]
         stats = mine[0]["heldout"]["stats"]
@@ -165,25 +169,32 @@ def markdown(results: dict) -> str:
     return table(results) + "\n" + seed_table(results)
 
 
+def mean_std(stats: dict, digits: int, n: int) -> str:
+    """'4.1234 ± 0.0120' over n > 1 seeds; one seed has no spread to show: '4.1234'."""
+    mean = f"{stats['mean']:.{digits}f}"
+    return mean if n == 1 else f"{mean} ± {stats['std']:.{digits}f}"
+
+
 def table(results: dict) -> str:
     """Table 1's shape: structure, parameters, held-out loss and perplexity, deltas."""
     base = results["baseline"]
     vs = f" vs {base}" if base else ""
     head = ["variant", "layout", "scheme", "params", "non-emb. params", "held-out loss", "perplexity",
-            f"Δ loss{vs}", f"Δ ppl{vs}", "seeds"]
+            f"Δ loss{vs}", f"Δ ppl{vs}", "n (seeds)"]
     rows = []
     for v in results["variants"]:
         change = f" ({v['non_embedding_change']:+.1%})" if base and v["variant"] != base else ""
-        loss, ppl = v["heldout_loss"], v["perplexity"]
+        loss, ppl, n = v["heldout_loss"], v["perplexity"], len(v["seeds"])
         delta = [f"{v['delta_loss']:+.4f}", f"{v['delta_perplexity']:+.3f}"] if base else ["-", "-"]
         rows.append([v["variant"], v["layout"], v["state_scheme"], f"{v['params'] / 1e6:.2f}M",
                      f"{v['non_embedding_params'] / 1e6:.2f}M{change}",
-                     f"{loss['mean']:.4f} ± {loss['std']:.4f}", f"{ppl['mean']:.3f} ± {ppl['std']:.3f}",
-                     *delta, str(len(v["seeds"]))])
+                     mean_std(loss, 4, n), mean_std(ppl, 3, n), *delta, str(n)])
     lines = _markdown_rows(head, rows)
     tokens = results["variants"][0]["heldout_tokens"]
+    spread = ("one seed per variant (n = 1): single values, no spread" if all(len(v["seeds"]) == 1
+              for v in results["variants"]) else "mean ± population std over the n seeds (n = 1: its value)")
     lines.append(f"\nHeld-out loss: mean NLL (nats/token) of the final checkpoints over {tokens:,} "
-                 "held-out tokens; mean ± population std over seeds.")
+                 f"held-out tokens; {spread}.")
     return "\n".join(lines) + "\n"
 
 
@@ -192,14 +203,16 @@ def seed_table(results: dict) -> str:
     paired, base = results["by_seed"], results["baseline"]
     seeds = paired["seeds"]
     head = ["variant", *(f"loss s{s}" for s in seeds), "rank per seed", "mean rank"]
-    head += [f"paired Δ loss vs {base}: mean ± std [min, max]"] if base else []
+    spread = "" if len(seeds) == 1 else ": mean ± std [min, max]"
+    head += [f"paired Δ loss vs {base}{spread}"] if base else []
     rows = []
     for variant, v in paired["variants"].items():
         row = [variant, *(f"{x:.4f}" for x in v["loss"]), " ".join(map(str, v["rank"])),
                f"{v['mean_rank']:.2f}"]
         if base:
             d = v["paired_delta"]
-            row.append(f"{d['mean']:+.4f} ± {d['std']:.4f} [{d['min']:+.4f}, {d['max']:+.4f}]")
+            row.append(f"{d['mean']:+.4f}" if len(seeds) == 1 else
+                       f"{d['mean']:+.4f} ± {d['std']:.4f} [{d['min']:+.4f}, {d['max']:+.4f}]")
         rows.append(row)
     lines = _markdown_rows(head, rows)
     lines.append("\nRank 1 = lowest held-out loss among the variants of that seed; runs of one seed "
@@ -219,13 +232,24 @@ def _band(curves: List[Dict[int, float]], smooth: int):
 
 
 def plot(results: dict, path: Path) -> Path:
-    """Training and held-out loss vs tokens, every variant (mean over seeds, min/max band)."""
+    """``curves_figure`` as a PNG."""
+    import matplotlib.pyplot as plt
+
+    fig = curves_figure(results)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def curves_figure(results: dict):
+    """Training and held-out loss vs tokens, every variant (mean over seeds, min/max band);
+    one legend below both panels."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), layout="constrained")
     runs = results["runs"]
     for i, v in enumerate(results["variants"]):
         mine = [r for r in runs.values() if r["variant"] == v["variant"]]
@@ -246,14 +270,13 @@ def plot(results: dict, path: Path) -> Path:
         ax.set_ylabel("lm loss (nats/token)")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    labelled = {label: handle for ax in axes for handle, label in zip(*ax.get_legend_handles_labels())}
+    fig.legend(list(labelled.values()), list(labelled), loc="outside lower center", fontsize=8,
+               ncols=min(4, max(1, len(labelled))), frameon=False)  # below the panels, off the curves
+    return fig
 
 
-def probes(study: Study, runs: List[Run], out: Path, device: str) -> Path:
+def probes(study: Study, runs: List[Run], out: Path, device: str, progress: Progress = SILENT) -> Path:
     """Figs. 3-5 of each variant's first-seed final model, side by side, into out/probes."""
     from megatron_mesh.probing import probe
 
@@ -265,15 +288,17 @@ def probes(study: Study, runs: List[Run], out: Path, device: str) -> Path:
     seq = cfg["seq_length"] or tree["training"]["seq_length"]
     found = probe.probe_paths([str(run_dir(out, r) / "checkpoints") for r in first.values()], data,
                               cfg["samples"], seq, names=list(first), batch_size=cfg["batch_size"],
-                              device=device)
+                              device=device, progress=progress)
     settings = {"data": data, "samples": cfg["samples"], "cka_threshold": 1.0, "device": device}
     return probe.write_report(probe.report(found, settings), out / "probes", force=True)
 
 
-def write(study: Study, runs: List[Run], out: Path, with_probes: bool = True) -> dict:
-    """results.json, table.md, curves.png (and probes/) into ``out``; returns the results."""
+def write(study: Study, runs: List[Run], out: Path, with_probes: bool = True,
+          progress: Progress = SILENT) -> dict:
+    """results.json, table.md, curves.png (and probes/) into ``out``; returns the results;
+    ``progress`` hears of the held-out evaluations and probes."""
     out, device = Path(out), _device()
-    results = collect(study, runs, out, device)
+    results = collect(study, runs, out, device, progress)
     bad = [v["variant"] for v in results["variants"] if not math.isfinite(v["heldout_loss"]["mean"])]
     if bad:
         raise StudyError(f"non-finite held-out loss for {bad}")
@@ -281,5 +306,5 @@ def write(study: Study, runs: List[Run], out: Path, with_probes: bool = True) ->
     (out / "table.md").write_text(markdown(results))
     plot(results, out / "curves.png")
     if with_probes and study.probes is not None:
-        probes(study, runs, out, device)
+        probes(study, runs, out, device, progress)
     return results

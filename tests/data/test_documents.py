@@ -58,3 +58,15 @@ def test_jsonl_is_tokenized_and_bad_lines_are_named(tmp_path):
         list(read_documents(good))
     with pytest.raises(FileNotFoundError, match="neither an indexed dataset prefix"):
         list(read_documents(tmp_path / "missing"))
+
+
+def test_count_documents_of_indexed_and_jsonl(tmp_path):
+    """The progress totals: non-empty documents of an index (read from its memory map, which
+    must outlive the dataset object), non-blank lines of a jsonl file."""
+    from megatron_mesh.data.documents import count_documents, read_documents
+    from megatron_mesh.data.indexed import write_indexed_dataset
+
+    write_indexed_dataset([[1, 2, 3], [4], [5, 6]], str(tmp_path / "docs"), 16)
+    assert count_documents(tmp_path / "docs") == len(list(read_documents(tmp_path / "docs"))) == 3
+    (tmp_path / "d.jsonl").write_text('{"text": "a"}\n\n{"text": "b"}\n')
+    assert count_documents(tmp_path / "d.jsonl") == 2

@@ -79,3 +79,77 @@ def test_mesh_and_vanilla_refuse():
         study(loaded_model("mesh"), documents(), L, max_loops=3)
     with pytest.raises(ValueError, match="tiny-vanilla: layout '3' .* has no loop"):
         study(loaded_model("vanilla", layout="3"), documents(), L)
+
+
+class Recorder:
+    """A progress reporter that keeps what it was told."""
+
+    def __init__(self):
+        self.events = []
+
+    def note(self, message):
+        self.events.append(("note", message))
+
+    def start(self, task, total=None, unit="documents"):
+        self.events.append(("start", task, total, unit))
+
+    def update(self, done, tokens=0):
+        self.events.append(("update", done, tokens))
+
+    def finish(self, done, tokens=0):
+        self.events.append(("finish", done, tokens))
+
+
+def test_study_reports_progress_per_batch():
+    from megatron_mesh.evaluation.depth import study
+
+    recorder, docs = Recorder(), documents()
+    report = study(loaded_model("mesh"), docs, L, batch_size=2, source="data/valid_text_document",
+                   progress=recorder, total_documents=len(docs))
+    start, *updates, finish = recorder.events
+    assert start == ("start", "tiny-mesh on valid_text_document, t = 0..2", 4, "documents")
+    assert updates and all(kind == "update" for kind, *_ in updates)
+    assert [tokens for *_, tokens in updates] == sorted(tokens for *_, tokens in updates)
+    assert finish == ("finish", 4, report["tokens"])
+
+
+def test_figure_keeps_equal_curves_visible_and_the_legend_off_the_data():
+    from megatron_mesh.evaluation.depth import depth_figure, study
+
+    report = study(loaded_model("mesh"), documents(), L, batch_size=2, source="data/valid_text_document")
+    report["model"] = "demo"
+    fig = depth_figure(report)
+    left, right = fig.axes
+    assert fig.get_suptitle() == f"demo (1+2R2+1, mesh): {report['tokens']:,} tokens of valid_text_document"
+    # the coda lens equals the read-out: it says so and is drawn differently, on top
+    read_out, coda = left.get_lines()[:2]
+    assert (read_out.get_label(), coda.get_label()) == ("read-out", "coda lens (= read-out)")
+    assert read_out.get_marker() != coda.get_marker() and read_out.get_linestyle() != coda.get_linestyle()
+    assert coda.get_zorder() > read_out.get_zorder()
+    assert [line.get_label() for line in right.get_lines()][:2] == ["read-out", "direct lens"]
+    # losses on a linear axis, as they are (no offset), each panel scaled to its own curves
+    for ax in (left, right):
+        assert ax.get_yscale() == "linear" and ax.get_ylabel() == "loss (nats/token)"
+        assert ax.get_legend() is None  # one figure legend below the panels instead
+    low, high = left.get_ylim()
+    losses = [r["read_out_loss"] for r in report["rows"]]
+    assert low <= min(losses) and max(losses) <= high and high - low < 2 * (max(losses) - min(losses))
+    legend, = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == [
+        "read-out", "coda lens (= read-out)", "trained K = 2", "direct lens"]
+    fig.canvas.draw()
+    box = legend.get_window_extent()
+    assert all(box.y1 <= ax.get_window_extent().y0 for ax in (left, right))  # below the axes
+
+
+def test_perplexity_reports_progress_under_the_given_name():
+    from megatron_mesh.evaluation.perplexity import evaluate, megatron_scorer
+
+    recorder, docs = Recorder(), documents()
+    scorer = megatron_scorer(loaded_model("mesh"), "cpu", name="demo")
+    result = evaluate(scorer, docs, L, batch_size=2, max_documents=3, source="valid.jsonl",
+                      progress=recorder, total_documents=len(docs))
+    start, *updates, finish = recorder.events
+    assert start == ("start", "demo on valid.jsonl", 3, "documents")  # capped by max_documents
+    assert updates[-1] == ("update", 3, result.tokens)
+    assert finish == ("finish", 3, result.tokens)

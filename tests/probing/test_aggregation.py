@@ -113,3 +113,33 @@ def test_figures_have_one_panel_per_model_and_fixed_size(megatron_world, tmp_pat
     paths = figures.save_all(models, tmp_path)
     for path in paths.values():
         assert Image.open(path).size == figures.figure_size(3) == (1350, 400)
+
+
+def test_figures_say_what_h0_is(megatron_world):
+    """h(0) is the prelude output, MeSH's transitional read or an injection scheme's start x(0)
+    (random: not the prelude at all): the CKA caption and the spectrum legend say which."""
+    from megatron_mesh.probing import figures
+    from megatron_mesh.probing.probe import first_state, probe_model
+
+    assert first_state({"state_scheme": "linear_injection", "initial_state": "random"})["short"] == \
+        "random start x(0)"
+    assert first_state({"state_scheme": "diagonal_injection"})["short"] == "zero start x(0)"
+    assert first_state({"state_scheme": "anchor*"})["short"] == "prelude output"
+    assert first_state({"state_scheme": "vanilla"}) is None
+    models = [probe_model(loaded("1+2R2+1", s), samples()).summary() for s in ("base", "mesh")]
+    models.append(probe_model(loaded("3", "vanilla"), samples()).summary())
+    models[0]["h0"] = first_state({"state_scheme": "linear_injection", "initial_state": "random"})
+    assert models[1]["h0"]["short"] == "transitional read"
+
+    _, axes = figures.cka_figure(models)
+    captions = [" ".join(ax.get_xlabel().split()) for ax in axes]
+    assert captions[0].startswith("h(0) = the random start x(0), drawn afresh per forward, not the "
+                                  "prelude output")
+    assert captions[1].startswith("h(0) = the transitional step's read of the MeSH buffer")
+    assert captions[2] == "h_out = the coda output before the final norm"  # no loop, no h(0)
+    _, axes = figures.spectrum_figure(models)
+    legends = [[t.get_text() for t in ax.get_legend().get_texts()] for ax in axes]
+    assert legends == [["h_emb", "h(0) = random start x(0)", "h(1)", "h(2)", "h_out"],
+                       ["h_emb", "h(0) = transitional read", "h(1)", "h(2)", "h_out"], ["h_emb", "h_out"]]
+    for ax in axes:  # below the panel, not over the curves
+        assert ax.get_legend().get_bbox_to_anchor().y1 < ax.get_window_extent().y0

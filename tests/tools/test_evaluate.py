@@ -52,15 +52,19 @@ def files(tmp_path_factory):
 
 def test_ppl_report(files):
     out = files["tmp"] / "report" / "ppl.json"
-    run = evaluate("ppl", "--model", files["ckpt"], "--model", files["hf"], "--data", files["indexed"],
-                   "--data", files["jsonl"], "--seq-length", 32, "--batch-size", 4, "--output", out)
+    run = evaluate("ppl", "--model", files["ckpt"], "--model", files["hf"], "--name", "mesh",
+                   "--name", "mesh-hf", "--data", files["indexed"], "--data", files["jsonl"],
+                   "--seq-length", 32, "--batch-size", 4, "--output", out)
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads(out.read_text())
     assert "non-overlapping windows" in report["context"]
     records = report["results"]
     assert [(r["name"], r["backend"], r["data"]) for r in records] == [
-        ("ckpt", "megatron", str(files["indexed"])), ("ckpt", "megatron", str(files["jsonl"])),
-        ("hf", "hf", str(files["indexed"])), ("hf", "hf", str(files["jsonl"]))]
+        ("mesh", "megatron", str(files["indexed"])), ("mesh", "megatron", str(files["jsonl"])),
+        ("mesh-hf", "hf", str(files["indexed"])), ("mesh-hf", "hf", str(files["jsonl"]))]
+    # progress on stderr, one closing line per model and dataset; stdout has the table only
+    assert f"[ppl] loading {files['hf']}" in run.stderr
+    assert "[ppl] mesh-hf on docs.jsonl: done, 3 documents" in run.stderr and "[ppl]" not in run.stdout
     for r in records:
         assert r["seq_length"] == 32 and r["tokens"] > 3 * 32
         assert r["perplexity"] == pytest.approx(math.exp(r["mean_nll"]))
@@ -89,7 +93,13 @@ def test_depth_report_and_figure(files):
                                       "coda_lens_ppl", "direct_lens_loss", "direct_lens_ppl"}
     assert (out / "depth.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with Image.open(out / "depth.png") as image:
-        assert image.size == (600, 400)
+        assert image.size == (1000, 450)
+    # named after the run holding checkpoint directory 'ckpt', not 'ckpt'; progress on stderr
+    assert report["model"] == files["tmp"].name
+    assert f"[depth] {files['tmp'].name} on docs, t = 0..2: done, 3 documents" in run.stderr
+    quiet = evaluate("depth", "--model", files["ckpt"], "--data", files["indexed"], "--seq-length", 32,
+                     "--no-progress")
+    assert quiet.returncode == 0 and "[depth]" not in quiet.stderr and quiet.stdout == run.stdout.split("wrote")[0]
     header, _, *rows = table_rows(run.stdout, "t")
     assert header == ["t", "loss", "ppl", "coda-lens ppl", "direct-lens ppl"]
     assert [row[0] for row in rows] == ["0", "1", "2 (K)"]
@@ -105,5 +115,5 @@ def test_bad_input(files):
     assert no_model.returncode != 0 and "nomodel: no such model directory" in no_model.stderr
     mesh = evaluate("depth", "--model", files["ckpt"], "--data", files["indexed"], "--max-loops", 3)
     assert mesh.returncode != 0
-    assert ("ckpt: --max-loops 3 is not possible for layout '1+2R2+1' with state_scheme 'mesh'"
-            in mesh.stderr)
+    assert (f"error: {files['tmp'].name}: --max-loops 3 is not possible for layout '1+2R2+1' with "
+            f"state_scheme 'mesh'" in mesh.stderr)
