@@ -227,6 +227,13 @@ def _one_pretend_device():
         torch.cuda.device_count, torch.cuda.set_device = saved
 
 
+def async_save_worker_context():
+    """For megatron's persistent async-save worker process, which picks a CUDA device first
+    (dist_checkpointing/strategies/async_utils.py:565, ``rank % torch.cuda.device_count()``):
+    one pretend device without CUDA, nothing with it."""
+    return contextlib.nullcontext() if cuda_available() else _one_pretend_device()
+
+
 def _trainer_initialize_without_cuda() -> None:
     # training/initialize.py:66 asserts CUDA unless allow_no_cuda=True, which training.py:1091
     # (pretrain) does not pass. Inside initialize_megatron, model-parallel groups
