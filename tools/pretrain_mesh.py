@@ -13,6 +13,7 @@ environment (MASTER_ADDR, MASTER_PORT, WORLD_SIZE, RANK, LOCAL_RANK) is read by 
 import argparse
 import contextlib
 import os
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -42,7 +43,12 @@ def parse_args(argv):
                              "(they are hidden from the run); required when no GPU is visible, so a "
                              "GPU node with a broken driver fails instead of silently using CPUs")
     parser.add_argument("--print-args", action="store_true",
-                        help="print the Megatron arguments the config maps to and exit")
+                        help="print the Megatron arguments the config maps to and exit (needs no GPU; "
+                             "with --cpu: those of the CPU run)")
+    parser.add_argument("--full-console", action="store_true",
+                        help="show megatron's whole output on the console (by default it goes to "
+                             "the log file, logging.log_dir, and the console shows progress, "
+                             "checkpoints, validation, warnings and errors)")
     parser.add_argument("--exit-status-file", default=None, metavar="PATH",
                         help="where the first rank records why the run stopped and whether to "
                              "requeue it (megatron_mesh/training/exit_status.py; default: "
@@ -69,7 +75,6 @@ def stop_with_the_launcher() -> None:
     if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
         return
     import ctypes
-    import signal
 
     parent = os.getppid()
     libc = ctypes.CDLL(None, use_errno=True)
@@ -82,19 +87,21 @@ def stop_with_the_launcher() -> None:
 
 def build_megatron_argv(config, overrides, passthrough, cpu_run=False):
     from megatron_mesh.compat import cpu
-    from megatron_mesh.training.arguments import megatron_argv
+    from megatron_mesh.training.arguments import check_passthrough, console_log_dir, megatron_argv
     from megatron_mesh.yaml_config import load_config_tree
 
     tree, origins = load_config_tree(config, overrides)
+    check_passthrough(passthrough)
     mode = (tree.get("logging") or {}).get("wandb_mode")
     if mode:
         os.environ.setdefault("WANDB_MODE", mode)
-    return megatron_argv(tree, origins) + (cpu.trainer_args() if cpu_run else []) + [
+    argv = megatron_argv(tree, origins) + (cpu.trainer_args() if cpu_run else []) + [
         "--mesh-config-file", str(Path(config).resolve())
     ] + passthrough
+    return argv, console_log_dir(tree, origins)
 
 
-def run(megatron_args, exit_status_file=None):
+def run(megatron_args, early_signals, exit_status_file=None):
     import megatron_mesh  # noqa: F401  (CPU shims before megatron.core)
     from megatron_mesh.compat import cpu, megatron_fixes, wheel
 
@@ -105,7 +112,8 @@ def run(megatron_args, exit_status_file=None):
     from megatron.training.arguments import parse_and_validate_args
 
     from megatron_mesh.data.integrity import DatasetIntegrityError
-    from megatron_mesh.training import exit_status, providers, resume, save_guard, save_lock, throughput
+    from megatron_mesh.training import (exit_status, providers, resume, save_guard, save_lock, stop_signals,
+                                        throughput)
     from megatron_mesh.training.arguments import add_mesh_arguments
     from megatron_mesh.training.router_log import RouterLog
 
@@ -113,7 +121,7 @@ def run(megatron_args, exit_status_file=None):
     with cpu.trainer_context():
         args = parse_and_validate_args(extra_args_provider=add_mesh_arguments)
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*recommended to use a ModelConfig.*")
+            warnings.filterwarnings("ignore", message=r"\s*It is recommended to use a ModelConfig")
             cfg = pretrain_cfg_container_from_args(args)
         try:
             resume.check_resume_model(args)
@@ -126,6 +134,7 @@ def run(megatron_args, exit_status_file=None):
         depth_tally = throughput.DepthTally()  # the forward steps' depth draws, for the log
         throughput.install(config, args, depth_tally)
         save_guard.install()
+        stop_signals.install(early_signals, save_on_signal=args.exit_signal_handler)
         try:
             with _save_directory_lock(args, save_lock):  # before the status: a refused run writes none
                 stops = exit_status.StopRecorder(_exit_status_path(exit_status_file, args), args)
@@ -169,7 +178,19 @@ def _save_directory_lock(args, save_lock):
     return contextlib.nullcontext()
 
 
+def record_stop_signals() -> list:
+    """From the worker's first moment on, SIGTERM and SIGINT are recorded instead of killing
+    it: megatron's handler, installed seconds later, is told of them and the run saves and
+    stops at the end of an iteration like one signalled in training (every rank the same,
+    megatron_mesh/training/stop_signals.py). Before any import of the package (seconds)."""
+    received = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: received.append(signum))
+    return received
+
+
 def main(argv=None):
+    early_signals = record_stop_signals()
     ours, passthrough = split_passthrough(sys.argv[1:] if argv is None else argv)
     args = parse_args(ours)
     stop_with_the_launcher()
@@ -180,16 +201,31 @@ def main(argv=None):
     from megatron_mesh.compat import cpu
     from megatron_mesh.yaml_config import ConfigError
 
-    if not (args.cpu or cpu.cuda_available()):
+    if not (args.cpu or args.print_args or cpu.cuda_available()):  # --print-args only prints
         sys.exit("error: no CUDA device is visible; pass --cpu to train on the CPU (tests, demos)")
     try:
-        megatron_args = build_megatron_argv(args.config, args.overrides, passthrough, args.cpu)
+        megatron_args, log_dir = build_megatron_argv(args.config, args.overrides, passthrough, args.cpu)
     except ConfigError as err:
         sys.exit(f"error: {err}")
     if args.print_args:
         print(" ".join(megatron_args))
         return
-    run(megatron_args, args.exit_status_file)
+    keep_console(args.full_console, log_dir)
+    run(megatron_args, early_signals, args.exit_status_file)
+
+
+def keep_console(full: bool, log_dir) -> None:
+    """The compact console (megatron_mesh/training/console.py), before megatron.training is
+    imported: its logging handler writes to the sys.stdout it finds then."""
+    from megatron_mesh.training.console import Console
+
+    console = Console(full=full)
+    console.install()
+    rank = int(os.environ.get("RANK", "0"))
+    path = console.keep_log_in(log_dir, rank)
+    if rank == 0:
+        print(f"[mesh] full log: {path.parent / 'rank-*.log' if path else 'not kept (set logging.log_dir)'}"
+              + ("" if full else "; this console is compact (--full-console shows everything)"), flush=True)
 
 
 if __name__ == "__main__":

@@ -68,16 +68,19 @@ def scalars(tb_dir):
 def run(tmp_path, start, name, nproc=1, dtype="fp32", save=None, passthrough=(), extra_env=None,
         **settings):
     """One training run from the shared checkpoint (or from the checkpoint in ``save``, if it
-    holds one, saving there): its TensorBoard scalars and, under "log", its output."""
+    holds one, saving there): its TensorBoard scalars and, under "log" and "full_log", its
+    console and rank 0's whole output."""
     scheme, ckpt = start
     overrides = {"model.state_scheme": scheme, "checkpointing.pretrained": ckpt,
                  "training.train_iters": STEPS, "precision.dtype": dtype, "logging.interval": 1,
-                 "logging.tensorboard_dir": tmp_path / f"tb-{name}", **settings}
+                 "logging.tensorboard_dir": tmp_path / f"tb-{name}", "logging.log_dir": tmp_path / f"logs-{name}",
+                 **settings}
     if save is not None:
         overrides["checkpointing.save"] = tmp_path / save
     log, _ = train(tmp_path, [f"{k}={v}" for k, v in overrides.items()], nproc=nproc,
                    passthrough=passthrough, extra_env=extra_env)
-    return {**scalars(tmp_path / f"tb-{name}"), "log": log}
+    full_log = (tmp_path / f"logs-{name}" / "rank-0.log").read_text()  # the argument dump too
+    return {**scalars(tmp_path / f"tb-{name}"), "log": log, "full_log": full_log}
 
 
 @pytest.fixture(scope="module")

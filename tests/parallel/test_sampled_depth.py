@@ -53,7 +53,7 @@ def test_sampled_depth_parallel_run_matches_single_process(start, single, tmp_pa
 def test_the_log_reports_the_depth_each_step_ran(single):
     from megatron_mesh.loop_depth import LoopDepth
 
-    seed = int(re.search(r"seed \.+ (\d+)", single["log"]).group(1))
+    seed = int(re.search(r"seed \.+ (\d+)", single["full_log"]).group(1))
     depth = LoopDepth("poisson_lognormal", 3.0, trained=2, max=6, backprop=2)
     logged = logged_depths(single["log"])
     # the line at iteration i covers the step run at curr_iteration i - 1
@@ -89,13 +89,13 @@ def test_per_token_depth_parallel_run_matches_single_process(start, single_per_t
     # the logged depth: each rank's draws, averaged over the data-parallel ranks
     assert logged_depths(got["log"]) == logged_depths(single_per_token["log"])
     if "recompute" in name:
-        assert re.search(r"recompute_granularity \.+ full", got["log"])
+        assert re.search(r"recompute_granularity \.+ full", got["full_log"])
 
 
 def test_the_log_reports_the_mean_depth_of_the_global_batchs_tokens(single_per_token):
     from megatron_mesh.loop_depth import LoopDepth
 
-    seed = int(re.search(r"seed \.+ (\d+)", single_per_token["log"]).group(1))
+    seed = int(re.search(r"seed \.+ (\d+)", single_per_token["full_log"]).group(1))
     depth = LoopDepth("poisson", 3.0, trained=2, max=6, backprop=2, per="token")
     logged = logged_depths(single_per_token["log"])
     # 8 sequences of 64 tokens per step; the line at iteration i covers curr_iteration i - 1

@@ -74,7 +74,7 @@ def test_sigterm_saves_a_loadable_checkpoint_and_half_written_ones_are_ignored(t
     lines += proc.stdout.readlines()
     assert proc.wait(timeout=120) == 1  # torchrun reports the signal as a failure...
     log = "".join(lines)
-    assert "exiting program after receiving SIGTERM" in log, log[-3000:]
+    assert "[mesh] SIGTERM: the run saves a checkpoint at the end of this iteration" in log, log[-3000:]
     stopped_at = tracker(save)
     assert 3 <= stopped_at < 2000
     status = exit_status.read(save / "exit_status.json")  # ...the run's exit status does not
@@ -160,3 +160,60 @@ def test_cpu_flag_means_the_cpu_where_a_gpu_is_visible(tmp_path):
     argv = out.stdout.split()
     assert argv[argv.index("--distributed-backend") + 1] == "gloo"
     assert "--use-cpu-initialization" in argv and "--no-gradient-accumulation-fusion" in argv
+
+
+def test_a_tokenizer_json_file_trains_and_exports_and_a_missing_one_stops_at_once(tmp_path):
+    """tokenizer.model naming a tokenizer.json file (GPT-NeoX-20B's form, which
+    tools/preprocess_data.py takes) failed ~25 s in, in three tracebacks ending in transformers'
+    "Repo id must be in the form 'repo_name' or 'namespace/repo_name'"; so did a missing path."""
+    import json
+    import shutil
+
+    from megatron_mesh.data.indexed import train_bpe_tokenizer
+    from megatron_mesh.data.local_corpus import pydoc_topics
+    from megatron_mesh.data.preprocess import preprocess
+
+    tokenizer = tmp_path / "bpe_tokenizer.json"
+    shutil.copy(f"{train_bpe_tokenizer(pydoc_topics()[:40], 400, tmp_path / 'hf-tokenizer')}/tokenizer.json",
+                tokenizer)
+    sets = {"tokenizer.type": "HuggingFaceTokenizer", "tokenizer.model": str(tmp_path / "gone.json")}
+    start = time.time()
+    out = subprocess.run(command(tmp_path, [f"{k}={v}" for k, v in sets.items()]), capture_output=True,
+                         text=True, cwd=REPO, env=env(), timeout=120)
+    assert out.returncode != 0 and time.time() - start < 20, out.stderr[-2000:]
+    assert f"tokenizer.model='{tmp_path / 'gone.json'}': no such file or directory; expected" in out.stderr
+    assert "Repo id" not in out.stderr and "megatron" not in out.stdout.lower()
+
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in pydoc_topics()[:40]))
+    preprocess([tmp_path / "docs.jsonl"], tmp_path / "docs", str(tokenizer), progress=False)
+    sets.update({"tokenizer.model": str(tokenizer), "data.mock": False, "data.path": str(tmp_path / "docs"),
+                 "data.split": "100,0,0", "training.train_iters": 2})
+    _, losses = train(tmp_path, ckpt_overrides(tmp_path / "ckpt", **sets))
+    assert sorted(losses) == [1, 2]
+
+    subprocess.run([sys.executable, str(REPO / "tools/convert.py"), "megatron-to-hf", "--input",
+                    str(tmp_path / "ckpt"), "--output", str(tmp_path / "hf")], check=True, timeout=300)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", trust_remote_code=True)
+    inputs = tok("The for statement", return_tensors="pt")
+    assert model.generate(**inputs, max_new_tokens=3, do_sample=False).shape[1] == inputs["input_ids"].shape[1] + 3
+
+
+def test_a_resume_with_another_schedule_names_the_keys_and_the_fix(tmp_path):
+    """A resume with another training.train_iters stopped in megatron's scheduler load, after the
+    model was built, on a bare assert naming neither the keys nor --override-opt_param-scheduler."""
+    save = tmp_path / "ckpt"
+    train(tmp_path, ckpt_overrides(save, **{"training.train_iters": 2}))
+    longer = ckpt_overrides(save, **{"training.train_iters": 4})
+    out = subprocess.run(command(tmp_path, longer), capture_output=True, text=True, cwd=REPO, env=env(),
+                         timeout=300)
+    assert out.returncode != 0
+    assert (f"error: {save / 'iter_0000002'}: this run's optimizer schedule differs from the checkpoint's "
+            "(lr_warmup_steps: checkpoint 1.6, this run 3.2" in out.stderr), out.stderr[-3000:]
+    assert ("lr_decay_steps: checkpoint 16, this run 32, from schedule.decay_iters (default: "
+            "training.train_iters) x training.global_batch_size" in out.stderr)
+    assert "Pass `-- --override-opt_param-scheduler` to continue with this run's" in out.stderr
+    _, losses = train(tmp_path, longer, passthrough=["--override-opt_param-scheduler"])  # as it says
+    assert sorted(losses) == [3, 4]
