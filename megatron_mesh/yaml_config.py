@@ -1,6 +1,7 @@
 """YAML experiment files -> typed configuration. The only place raw user input is parsed.
 
-A file may ``extends:`` one or more other files (paths relative to it); later files and the
+A file may ``extends:`` one or more other files (paths relative to it, else to the project's
+configs/ directory: ``PROJECT_CONFIGS``); later files and the
 file's own keys override earlier ones, mappings merge key by key. ``--set a.b=value`` overrides
 come last and are parsed as YAML values. Every key is checked against ``SCHEMA``: an unknown key
 is an error naming the key, the file it came from and the closest valid key.
@@ -100,8 +101,22 @@ def _load_file(path: Path, origins: dict, chain: Tuple[Path, ...]) -> Dict[str, 
     tree: Dict[str, Any] = {}
     for parent in parents:
         # the parent's keys were recorded in `origins` while loading it
-        tree = _merge(tree, _load_file(path.parent / parent, origins, (*chain, path)), {}, "")
+        tree = _merge(tree, _load_file(_parent_path(path, parent), origins, (*chain, path)), {}, "")
     return _merge(tree, data, origins, str(path))
+
+
+PROJECT_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+"""The project's own configs/: where an ``extends:`` path is looked up when it is not beside
+the file, so a config copied out of the repository (``cp configs/tiny-cpu.yml ~/mine.yml``)
+still finds ``train/cpu-smoke.yml``."""
+
+
+def _parent_path(path: Path, parent: str) -> Path:
+    for candidate in (path.parent / parent, PROJECT_CONFIGS / parent):
+        if candidate.exists():
+            return candidate
+    raise ConfigError(f"{path}: extends {parent!r}: neither {path.parent / parent} nor "
+                      f"{PROJECT_CONFIGS / parent} exists")
 
 
 def _parse_override(item: str) -> Tuple[List[str], Any]:

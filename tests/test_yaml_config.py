@@ -82,3 +82,13 @@ def test_every_shipped_config_parses():
     assert len(files) > 30
     for path in files:
         load_model_config(path)
+
+
+def test_a_config_copied_out_of_the_repository_still_finds_what_it_extends(tmp_path):
+    copied = tmp_path / "mine.yml"
+    copied.write_text((REPO / "configs" / "tiny-cpu.yml").read_text())  # extends: train/cpu-smoke.yml
+    tree, _ = load_config_tree(copied, [])
+    assert tree["training"]["seq_length"] == 64 and tree["model"]["layout"] == "1+2R2+1"
+    missing = write(tmp_path, "lost.yml", "extends: nowhere/base.yml\n")
+    with pytest.raises(ConfigError, match=r"lost.yml: extends 'nowhere/base.yml': neither .*nowhere/base.yml nor"):
+        load_config_tree(missing, [])
