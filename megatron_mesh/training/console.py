@@ -27,7 +27,7 @@ from typing import List, Optional, TextIO
 SHOWN = [re.compile(p) for p in (
     r"^\s*\[mesh\]",
     r"^\s*\[[^]]+\] iteration\s+\d+/",  # megatron's iteration line
-    r"successfully (saved|loaded) checkpoint",
+    r"successfully (saved|loaded) checkpoint|scheduled an async checkpoint save",
     r"^\s*loading (release )?(distributed )?checkpoint from",
     r"validation(\s\S+)? loss at ",
     r"^(WARNING|ERROR|CRITICAL)[: ]",

@@ -69,7 +69,7 @@ def run(tmp_path, start, name, nproc=1, dtype="fp32", save=None, passthrough=(),
         **settings):
     """One training run from the shared checkpoint (or from the checkpoint in ``save``, if it
     holds one, saving there): its TensorBoard scalars and, under "log" and "full_log", its
-    console and rank 0's whole output."""
+    console and every rank's whole output."""
     scheme, ckpt = start
     overrides = {"model.state_scheme": scheme, "checkpointing.pretrained": ckpt,
                  "training.train_iters": STEPS, "precision.dtype": dtype, "logging.interval": 1,
@@ -79,7 +79,8 @@ def run(tmp_path, start, name, nproc=1, dtype="fp32", save=None, passthrough=(),
         overrides["checkpointing.save"] = tmp_path / save
     log, _ = train(tmp_path, [f"{k}={v}" for k, v in overrides.items()], nproc=nproc,
                    passthrough=passthrough, extra_env=extra_env)
-    full_log = (tmp_path / f"logs-{name}" / "rank-0.log").read_text()  # the argument dump too
+    # every rank's whole output: the argument dump, test probes' lines, megatron's warnings
+    full_log = "".join(f.read_text() for f in sorted((tmp_path / f"logs-{name}").glob("rank-*.log")))
     return {**scalars(tmp_path / f"tb-{name}"), "log": log, "full_log": full_log}
 
 
@@ -174,7 +175,7 @@ def test_parameters_are_used_in_registration_order(bf16_runs):
     """The scheme is registered after the prelude (its transitional step runs there) and the
     parallel-residual layer runs attention before the MLP, as registered: no bucket's
     all-gather is waited for before its turn."""
-    assert OUT_OF_ORDER not in bf16_runs("dp2-distopt-overlap")["log"]
+    assert OUT_OF_ORDER not in bf16_runs("dp2-distopt-overlap")["full_log"]
 
 
 @pytest.mark.parametrize("name", PIPELINED)
@@ -182,7 +183,7 @@ def test_pipeline_sends_fixed_shapes(bf16_runs, name):
     """Every boundary sends the run's one carry width, so megatron-core's schedules exchange no
     shapes (each exchange: a blocking handshake and a device sync before the send)."""
     counts = re.findall(r"\[p2p-probe\] rank (\d): sends (\d+), shape handshakes (\d+)",
-                        bf16_runs(name)["log"])
+                        bf16_runs(name)["full_log"])
     assert sorted(int(rank) for rank, _, _ in counts) == [0, 1]
     assert all(int(sends) > 0 and int(handshakes) == 0 for _, sends, handshakes in counts), counts
 

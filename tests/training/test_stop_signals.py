@@ -81,7 +81,8 @@ MOMENTS = {  # name: (signal, torchrun output line that triggers it, extra overr
     "SIGINT during an async save": (
         signal.SIGINT, r"scheduled an async checkpoint save at iteration\s+4",
         {"checkpointing.interval": 2, "checkpointing.async_save": "true"}),
-    "SIGINT before megatron's handler": (signal.SIGINT, r"^using world size", {}),
+    # printed by the tool before megatron is imported
+    "SIGINT before megatron's handler": (signal.SIGINT, r"^\[mesh\] full log: ", {}),
 }
 
 
