@@ -77,7 +77,7 @@ class Console:
     def __init__(self, full: bool):
         self.full = full
         self.log: Optional[TextIO] = None
-        self._early: List[str] = []  # lines written before the log file is known
+        self._early: Optional[List[str]] = []  # lines before the log file is known (None: decided)
         self._warned: set = set()
 
     def install(self) -> None:
@@ -89,20 +89,20 @@ class Console:
     def keep_log_in(self, log_dir: Optional[Path], rank: int) -> Optional[Path]:
         """Append every line from now on (and those so far) to ``log_dir/rank-R.log``."""
         if log_dir is None:
-            self._early = []
+            self._early = None  # no log file: nothing to keep (a long run would grow this list)
             return None
         log_dir.mkdir(parents=True, exist_ok=True)
         path = log_dir / f"rank-{rank}.log"
         self.log = open(path, "a", buffering=1)
         self.log.write(f"==== {time.strftime('%Y-%m-%d %H:%M:%S')} pid {os.getpid()} {' '.join(sys.argv)}\n")
-        self.log.writelines(self._early)
-        self._early = []
+        self.log.writelines(self._early or [])
+        self._early = None
         return path
 
     def line(self, line: str, terminal: TextIO, errors: bool) -> None:
         if self.log is not None:
             self.log.write(line)
-        else:
+        elif self._early is not None:
             self._early.append(line)
         shown = line if self.full else self._compact(line, errors)
         if shown is not None:

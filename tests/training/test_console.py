@@ -96,3 +96,11 @@ def test_the_installed_streams_pass_partial_writes_as_whole_lines(tmp_path, monk
     assert out.getvalue() == " [mesh] iteration 5 | tokens/s: 1\n"
     assert "  seed ...... 1234\n" in path.read_text()
     assert sys.stdout.encoding == out.encoding
+
+
+def test_without_a_log_directory_nothing_accumulates(tmp_path):
+    console, out, err = _console(tmp_path)
+    assert console.keep_log_in(None, rank=0) is None
+    for _ in range(3):
+        console.line(ITERATION + "\n", out, errors=False)
+    assert console._early is None and out.getvalue().count("lm loss") == 3
