@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
 python - <<'PY'
 import megatron_mesh  # noqa: F401  (before megatron.core)
-from megatron_mesh.layers import transformer_engine_available
+from megatron_mesh.model.layers import transformer_engine_available
 
 assert transformer_engine_available(), "megatron-core cannot use TransformerEngine in this image"
 PY

@@ -33,7 +33,7 @@ def megatron_world():
 
 
 def tiny_config(layout="1+2R2+1", scheme="mesh", **overrides):
-    from megatron_mesh.config import MeshConfig
+    from megatron_mesh.config.model import MeshConfig
 
     fields = dict(
         layout=layout,
@@ -56,7 +56,7 @@ def random_batch(cfg, batch=2, seq=16, seed=0):
 
 def model_configs():
     """Every shipped config file that defines a model (train/ holds training-only fragments)."""
-    from megatron_mesh.yaml_config import load_config_tree
+    from megatron_mesh.config.yaml_file import load_config_tree
 
     files = sorted(Path(REPO, "configs").rglob("*.yml"))
     return [p for p in files if "model" in load_config_tree(p)[0]]

@@ -35,10 +35,10 @@ ROWS = [{"context": f"Question {i}: the answer is", "choices": [" yes", " no, ce
 
 def tiny_export(tmp_path):
     """A random 1+2R2+1 MeSH model exported with a BPE tokenizer trained on pydoc text."""
+    from megatron_mesh.corpora.python_docs import pydoc_topics
     from megatron_mesh.data.indexed import train_bpe_tokenizer
-    from megatron_mesh.data.local_corpus import pydoc_topics
     from megatron_mesh.hf.export import build_hf_model, save_tokenizer
-    from megatron_mesh.model import MeshGPTModel
+    from megatron_mesh.model.gpt import MeshGPTModel
 
     config = tiny_config("1+2R2+1", "mesh", vocab_size=512)
     torch.manual_seed(0)

@@ -21,7 +21,7 @@ timed with ``torch.cuda.synchronize()`` before every clock read on a GPU, plain
   medians of each phase, so they add up to the step time only approximately (exactly for 2 steps);
 - tokens/s = batch x seq / median step time;
 - TFLOP/s = tokens/s x training FLOPs per token / 1e12, with FLOPs per token from
-  ``megatron_mesh.stats.train_flops_per_token`` at the benchmark's sequence length (the numbers
+  ``megatron_mesh.model.stats.train_flops_per_token`` at the benchmark's sequence length (the numbers
   ``tools/model_stats.py --seq-length`` prints), megatron-core's convention: training = 3 x
   forward (6 FLOPs per matmul weight per token, causal attention 6 * s * q per layer
   application, the LM head), **every application of the looped core counted** (N_compute
@@ -68,7 +68,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 FLOPS_CONVENTION = (
-    "training FLOPs per token = 3 x forward (megatron_mesh.stats.train_flops_per_token at the "
+    "training FLOPs per token = 3 x forward (megatron_mesh.model.stats.train_flops_per_token at the "
     "benchmark seq length): every core application counted, routers included, recompute not counted"
 )
 
@@ -176,7 +176,7 @@ def time_steps(cfg, opt_settings, batch, seq, iters, warmup, device, autocast_dt
     """Per-step phase times (s), peak memory (bytes), memory at start, saved-activation bytes."""
     import torch
 
-    from megatron_mesh.model import MeshGPTModel
+    from megatron_mesh.model.gpt import MeshGPTModel
 
     cuda = device.type == "cuda"
     torch.manual_seed(0)
@@ -223,7 +223,7 @@ def time_steps(cfg, opt_settings, batch, seq, iters, warmup, device, autocast_dt
 
 def model_with_recompute(config, overrides):
     """The config's tree and model, with its parallelism.recompute_* settings (the trainer's mapping)."""
-    from megatron_mesh.yaml_config import load_config_tree, model_config
+    from megatron_mesh.config.yaml_file import load_config_tree, model_config
 
     tree, origins = load_config_tree(config, overrides)
     parallelism = tree.get("parallelism") or {}
@@ -272,7 +272,7 @@ def versions() -> dict:
 def measure(args, name, overrides, device, peak_default):
     import torch
 
-    from megatron_mesh.stats import train_flops_per_token
+    from megatron_mesh.model.stats import train_flops_per_token
 
     tree, cfg = model_with_recompute(args.config, overrides)
     cuda = device.type == "cuda"

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def bench_preprocess(args):
-    from megatron_mesh.data.local_corpus import python_docs_corpus
+    from megatron_mesh.corpora.python_docs import python_docs_corpus
     from megatron_mesh.data.preprocess import preprocess
 
     work = Path(args.dir or tempfile.mkdtemp())

@@ -4,7 +4,7 @@
     python tools/benchmark_hash.py [--mib 256] [--checkpoint ITER_DIR]
 
 Hashes --mib MiB of random bytes in memory (8 MiB chunks, best of 3) with each candidate and
-prints GB/s; megatron_mesh.checkpoint_manifest uses the fastest, xxh3-128. With --checkpoint,
+prints GB/s; megatron_mesh.checkpoint.manifest uses the fastest, xxh3-128. With --checkpoint,
 also times checking an iteration directory against its manifest (file reads included; run it
 twice to see a warm page cache).
 """
@@ -58,7 +58,7 @@ def main(argv=None):
     for name, make in CANDIDATES.items():
         print(f"{name:10s} {throughput(make, data):6.2f} GB/s")
     if args.checkpoint:
-        from megatron_mesh import checkpoint_manifest
+        from megatron_mesh.checkpoint import manifest as checkpoint_manifest
 
         ckpt = Path(args.checkpoint)
         size = sum(p.stat().st_size for p in ckpt.iterdir() if p.is_file())

@@ -10,7 +10,7 @@ Unless --no-install, missing packages are installed first (as root, from a Debia
     apt-get install -y --no-install-recommends linux-doc-6.1 python3.11-doc
 
 Their reST/HTML is turned into plain-text documents (deduplicated, split by a hash of the
-source path; see megatron_mesh/data/debian_docs.py) in DIR/train.jsonl and DIR/valid.jsonl
+source path; see megatron_mesh/corpora/debian_docs.py) in DIR/train.jsonl and DIR/valid.jsonl
 (kept only with --keep-text), which the code behind tools/preprocess_data.py tokenizes into
 DIR/train_text_document.{bin,idx} and DIR/valid_text_document.{bin,idx} (EOD after every
 document). Documents, characters and tokens (EOD included) per split and per package, package
@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy  # noqa: E402
 
 DEFAULT_PACKAGES_HELP = "linux-doc-6.1 python3.11-doc"
-"""megatron_mesh.data.debian_docs.DEFAULT_PACKAGES, named here so that --help imports nothing
+"""megatron_mesh.corpora.debian_docs.DEFAULT_PACKAGES, named here so that --help imports nothing
 heavy (tests check they agree)."""
 
 
@@ -69,7 +69,7 @@ def document_tokens(prefix: Path) -> numpy.ndarray:
 def tokenize(work: Path, stats, args) -> dict:
     """{split: {package: tokens}}; each split's documents come package by package, so the
     package of a document follows from the per-package document counts."""
-    from megatron_mesh.data.debian_docs import SPLITS
+    from megatron_mesh.corpora.debian_docs import SPLITS
     from megatron_mesh.data.preprocess import preprocess
 
     tokens = {}
@@ -87,7 +87,7 @@ def tokenize(work: Path, stats, args) -> dict:
 
 
 def summarise(args, versions, stats, tokens, seconds) -> dict:
-    from megatron_mesh.data.debian_docs import SPLITS
+    from megatron_mesh.corpora.debian_docs import SPLITS
 
     def split_entry(split, packages):
         return {"documents": sum(stats[p].splits[split].documents for p in packages),
@@ -106,8 +106,8 @@ def summarise(args, versions, stats, tokens, seconds) -> dict:
 
 
 def build(args) -> dict:
-    from megatron_mesh.data import debian_docs
-    from megatron_mesh.data.debian_docs import SPLITS
+    from megatron_mesh.corpora import debian_docs
+    from megatron_mesh.corpora.debian_docs import SPLITS
     from megatron_mesh.data.tokenizer import load_tokenizer
     from megatron_mesh.fs import atomic_directory, check_writable
 
@@ -139,7 +139,7 @@ def main(argv=None):
     import megatron_mesh  # after parsing (--help stays light): CPU shims before megatron.core
 
     megatron_mesh.compat.silence_known_megatron_warnings()  # its notes on absent kernels
-    from megatron_mesh.data.debian_docs import DEFAULT_PACKAGES, PackageError
+    from megatron_mesh.corpora.debian_docs import DEFAULT_PACKAGES, PackageError
     from megatron_mesh.data.preprocess import BadRecordError
     from megatron_mesh.fs import OutputExistsError
 

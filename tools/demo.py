@@ -28,8 +28,8 @@ LOSS = re.compile(r"iteration\s+(\d+)/\s*(\d+) \|.*?learning rate: ([0-9.eE+-]+)
 
 
 def build_data(out: Path, vocab_size: int):
+    from megatron_mesh.corpora.python_docs import python_docs_corpus
     from megatron_mesh.data.indexed import train_bpe_tokenizer, write_indexed_dataset
-    from megatron_mesh.data.local_corpus import python_docs_corpus
     from transformers import AutoTokenizer
 
     docs = python_docs_corpus()

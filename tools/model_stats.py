@@ -6,7 +6,7 @@
 No memory is allocated for weights and no GPU is needed. ``router`` counts the parameters of the
 state scheme (MeSH routers, or the E.2 combination coefficients).
 
-Training FLOPs per token follow megatron-core's convention (``megatron_mesh.stats``: 3 x forward,
+Training FLOPs per token follow megatron-core's convention (``megatron_mesh.model.stats``: 3 x forward,
 core attention halved for the causal mask, every core application counted, routers included),
 the number the trainer's TFLOP/s and MFU use. For a vanilla layout megatron-core's own
 ``num_floating_point_operations`` is printed beside it; the two are equal.
@@ -35,7 +35,7 @@ def parse_args(argv=None):
 def load_config(config_path, overrides=()):
     """The config's MeshConfig, with CPU initialisation: otherwise megatron/TE would allocate on
     the GPU despite the meta device."""
-    from megatron_mesh.yaml_config import load_model_config
+    from megatron_mesh.config.yaml_file import load_model_config
 
     return load_model_config(
         config_path, overrides, perform_initialization=False, use_cpu_initialization=True
@@ -47,10 +47,10 @@ def stats_of(cfg, seq_length=None):
     shapes are the same under every spec)."""
     import torch
 
-    from megatron_mesh.layers import local_block_spec
-    from megatron_mesh.model import MeshGPTModel
+    from megatron_mesh.model.gpt import MeshGPTModel
+    from megatron_mesh.model.layers import local_block_spec
+    from megatron_mesh.model.stats import model_stats
     from megatron_mesh.parallel.process_groups import initialize_single_process
-    from megatron_mesh.stats import model_stats
 
     initialize_single_process()
     with torch.device("meta"):
@@ -86,7 +86,7 @@ def megatron_flops_per_token(cfg, seq_length: int) -> Optional[float]:
 
 def flops_rows(cfg, stats) -> list:
     """The FLOP rows: the convention, ours, and megatron-core's for a vanilla layout."""
-    from megatron_mesh.loop_depth import EXPECTED_DRAWS
+    from megatron_mesh.recurrence.loop_depth import EXPECTED_DRAWS
 
     convention = "megatron-core's (causal attention halved), every core application counted"
     rows = [("FLOP convention", convention)]
@@ -108,7 +108,7 @@ def main(argv=None):
     import megatron_mesh  # after parsing (--help stays light): CPU shims before megatron.core
 
     megatron_mesh.compat.silence_known_megatron_warnings()  # its notes on absent kernels
-    from megatron_mesh.yaml_config import ConfigError
+    from megatron_mesh.config.yaml_file import ConfigError
 
     try:
         cfg = load_config(args.config, args.overrides)

@@ -87,8 +87,8 @@ def stop_with_the_launcher() -> None:
 
 def build_megatron_argv(config, overrides, passthrough, cpu_run=False):
     from megatron_mesh.compat import cpu
+    from megatron_mesh.config.yaml_file import load_config_tree
     from megatron_mesh.training.arguments import check_passthrough, console_log_dir, megatron_argv
-    from megatron_mesh.yaml_config import load_config_tree
 
     tree, origins = load_config_tree(config, overrides)
     check_passthrough(passthrough)
@@ -103,7 +103,8 @@ def build_megatron_argv(config, overrides, passthrough, cpu_run=False):
 
 def run(megatron_args, early_signals, exit_status_file=None):
     import megatron_mesh  # noqa: F401  (CPU shims before megatron.core)
-    from megatron_mesh.compat import cpu, megatron_fixes, wheel
+    from megatron_mesh.compat import cpu, wheel
+    from megatron_mesh.training import megatron_fixes
 
     wheel.apply_trainer()
     cpu.apply_trainer()
@@ -199,7 +200,7 @@ def main(argv=None):
     import megatron_mesh  # (CPU shims before megatron.core)
     megatron_mesh.compat.silence_known_megatron_warnings()  # its notes on absent kernels
     from megatron_mesh.compat import cpu
-    from megatron_mesh.yaml_config import ConfigError
+    from megatron_mesh.config.yaml_file import ConfigError
 
     if not (args.cpu or args.print_args or cpu.cuda_available()):  # --print-args only prints
         sys.exit("error: no CUDA device is visible; pass --cpu to train on the CPU (tests, demos)")

@@ -17,7 +17,7 @@ MEGATRON_CORE = "0.19.2"
 """The megatron-core version the shims target (requirements/megatron.txt pins the same)."""
 
 MEGATRON_INTERNALS = (
-    # compat/megatron_fixes.py
+    # training/megatron_fixes.py
     "megatron.core.optimizer.distrib_optimizer.DistributedOptimizer.state_dict",
     "megatron.core.optimizer.distrib_optimizer.DistributedOptimizer.load_state_dict",
     "megatron.core.optimizer.distrib_optimizer.DistributedOptimizer._set_main_param_and_optimizer_states",

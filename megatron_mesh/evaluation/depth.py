@@ -28,9 +28,9 @@ from typing import Dict, Iterable, List, Optional
 import torch
 from torch import Tensor
 
-from megatron_mesh.block import Recorded
 from megatron_mesh.evaluation.loading import LoadedModel
 from megatron_mesh.evaluation.perplexity import check_ids, expected_documents, window_batches
+from megatron_mesh.model.block import Recorded
 from megatron_mesh.progress import SILENT, Progress
 
 CURVES = ("read_out", "coda_lens", "direct_lens")

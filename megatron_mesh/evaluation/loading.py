@@ -14,7 +14,8 @@ from typing import Optional
 
 import torch
 
-from megatron_mesh.checkpoints import TRACKER, CheckpointError, iterations
+from megatron_mesh.checkpoint.paths import TRACKER, iterations
+from megatron_mesh.errors import CheckpointError
 from megatron_mesh.evaluation.names import model_name
 
 
@@ -74,8 +75,8 @@ def _check_device(device: str) -> None:
 
 
 def _from_megatron(path: Path, iteration: Optional[int], verify_hashes: bool):
-    from megatron_mesh.checkpoint_reader import load_checkpoint, saved_model_config
-    from megatron_mesh.hf.importer import build_model
+    from megatron_mesh.checkpoint.reader import load_checkpoint, saved_model_config
+    from megatron_mesh.checkpoint.reader import build_model
 
     state, common = load_checkpoint(str(path), iteration, verify_hashes)
     args = common.get("args")
@@ -86,8 +87,8 @@ def _from_megatron(path: Path, iteration: Optional[int], verify_hashes: bool):
 
 
 def _from_hf(path: Path):
-    from megatron_mesh.hf.importer import (build_model, megatron_state_from_hf,
-                                           model_section_from_hf, read_hf_directory)
+    from megatron_mesh.checkpoint.reader import build_model
+    from megatron_mesh.hf.importer import megatron_state_from_hf, model_section_from_hf, read_hf_directory
 
     config, hf_state = read_hf_directory(path)
     section = model_section_from_hf(config)

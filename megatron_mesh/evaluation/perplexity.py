@@ -29,7 +29,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from megatron_mesh.checkpoints import CheckpointError
+from megatron_mesh.errors import CheckpointError
 from megatron_mesh.evaluation.names import model_name
 from megatron_mesh.progress import SILENT, Progress
 

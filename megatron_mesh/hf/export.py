@@ -1,5 +1,5 @@
 """Megatron torch_dist checkpoint -> Hugging Face directory, on one CPU process (the checkpoint
-read, verified and checked by megatron_mesh.checkpoint_reader)."""
+read, verified and checked by megatron_mesh.checkpoint.reader)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from megatron_mesh.checkpoint_reader import (check_finite, check_shapes, load_checkpoint,
+from megatron_mesh.checkpoint.reader import (check_finite, check_shapes, load_checkpoint,
                                              saved_model_config)
-from megatron_mesh.checkpoints import CheckpointError
-from megatron_mesh.config import MeshConfig
+from megatron_mesh.errors import CheckpointError
+from megatron_mesh.config.model import MeshConfig
 from megatron_mesh.data.tokenizer import MODEL_INPUT_NAMES, TokenizerSpecError, hf_tokenizer, tokenizer_source
 from megatron_mesh.fs import OutputExistsError, atomic_directory, check_writable
 

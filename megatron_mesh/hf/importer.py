@@ -21,21 +21,20 @@ from __future__ import annotations
 
 import json
 import math
-from argparse import Namespace
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from megatron_mesh import checkpoint_manifest
-from megatron_mesh.checkpoint_reader import check_shapes, parameter_shapes
-from megatron_mesh.checkpoints import CheckpointError
-from megatron_mesh.config import MeshConfig
+from megatron_mesh.errors import CheckpointError
+from megatron_mesh.checkpoint.reader import build_model, parameter_shapes
+from megatron_mesh.checkpoint.writer import checkpoint_args, save_release_checkpoint
+from megatron_mesh.config.model import MeshConfig
 from megatron_mesh.data.tokenizer import TokenizerSource, TokenizerSpecError, tokenizer_source
-from megatron_mesh.fs import atomic_directory, check_writable
+from megatron_mesh.fs import check_writable
 from megatron_mesh.hf.mapping import gpt_neox_to_megatron, hf_mesh_to_megatron
-from megatron_mesh.layout import Layout, parse_layout
+from megatron_mesh.recurrence.layout import Layout, parse_layout
 
 CORE_INIT_RULES = ("average", "lower", "stepwise")
 # HF activations -> MeshConfig.gelu_approximation
@@ -212,60 +211,6 @@ def recursive_from_vanilla(state: Dict[str, Tensor], vanilla: Layout, target: La
                 copy(f"decoder.cores.{c}.{j}", [start + j])
             start += layers
     return out
-
-
-def build_model(section: dict, state: Dict[str, Tensor], fresh_prefixes: Tuple[str, ...] = (),
-                seed: int = 1234):
-    """A MeshGPTModel holding ``state``; only names under ``fresh_prefixes`` may be left at init."""
-    from megatron_mesh.layers import local_block_spec
-    from megatron_mesh.model import MeshGPTModel
-    from megatron_mesh.parallel.process_groups import initialize_single_process
-
-    config = MeshConfig(**section, use_cpu_initialization=True)
-    check_shapes(state, config, "weights", fresh_prefixes)  # on the meta device, before seeding
-    initialize_single_process(seed)
-    torch.manual_seed(seed)
-    model = MeshGPTModel(config, spec=local_block_spec())
-    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
-    return model
-
-
-def checkpoint_args(section: dict, tokenizer: Optional[str]) -> Namespace:
-    """The 'args' a Megatron checkpoint carries: what check_checkpoint_args compares, what
-    tools/convert.py megatron-to-hf reads back, and the model section as the trainer writes it."""
-    config = MeshConfig(**section, use_cpu_initialization=True)
-    return Namespace(
-        num_layers=config.num_layers, hidden_size=config.hidden_size,
-        num_attention_heads=config.num_attention_heads, add_position_embedding=True,
-        max_position_embeddings=config.max_sequence_length, padded_vocab_size=config.vocab_size,
-        tensor_model_parallel_size=1, pipeline_model_parallel_size=1, world_size=1,
-        data_parallel_size=1, ckpt_format="torch_dist", consumed_train_samples=0, seq_length=0,
-        tokenizer_type="HuggingFaceTokenizer" if tokenizer else None, tokenizer_model=tokenizer,
-        mesh_model=json.dumps(section, sort_keys=True),
-    )
-
-
-def save_release_checkpoint(model, args: Namespace, output, force: bool = False) -> Path:
-    """``output/release`` + the tracker file, written the way megatron.training saves."""
-    from megatron.core import dist_checkpointing
-
-    out = Path(output)
-    with atomic_directory(out, force) as tmp:
-        state = {"args": args, "checkpoint_version": 3.0, "iteration": 0,
-                 "model": model.sharded_state_dict()}
-        (tmp / "release").mkdir()
-        dist_checkpointing.save(state, str(tmp / "release"))
-        checkpoint_manifest.write(tmp / "release", rank=0, world_size=1)  # one process wrote it all
-        (tmp / "latest_checkpointed_iteration.txt").write_text("release")
-        (tmp / "model.yml").write_text(_model_yaml(json.loads(args.mesh_model)))
-    return out
-
-
-def _model_yaml(section: dict) -> str:
-    import yaml
-
-    return ("# The model section of this checkpoint: train with the same one (extends: or copy).\n"
-            + yaml.safe_dump({"model": section}, sort_keys=False))
 
 
 def hf_to_megatron(source, output, layout: Optional[str] = None, state_scheme: Optional[str] = None,

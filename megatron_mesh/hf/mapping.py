@@ -11,7 +11,7 @@ from typing import Dict, List, Tuple
 
 from torch import Tensor
 
-from megatron_mesh.layout import Layout
+from megatron_mesh.recurrence.layout import Layout
 
 LAYER_NAMES = {  # megatron-core TransformerLayer suffix -> HF GPTNeoXLayer suffix
     "input_layernorm.weight": "input_layernorm.weight",
@@ -123,26 +123,6 @@ def hf_mesh_to_megatron(hf_state: Dict[str, Tensor], names: List[str]) -> Dict[s
     if missing:
         raise KeyError(f"the Hugging Face weights lack {missing[:5]} ({len(missing)} in all)")
     return {n: hf_state[hf_mesh_name(n)] for n in names}
-
-
-# megatron-core checkpoints name the layer norms as TransformerEngine fuses them, whichever
-# spec saved them (TransformerLayer's sharded_state_dict_keys_map, set by
-# gpt_layer_specs.get_gpt_layer_local_submodules); module state dicts of the local spec use
-# the norm modules' own names.
-CHECKPOINT_NORM_NAMES = {
-    "self_attention.linear_qkv.layer_norm_": "input_layernorm.",
-    "mlp.linear_fc1.layer_norm_": "pre_mlp_layernorm.",
-}
-
-
-def module_names(checkpoint_state: Dict[str, Tensor]) -> Dict[str, Tensor]:
-    """Checkpoint keys (TE norm names) -> local-spec module state-dict names."""
-    out = {}
-    for key, tensor in checkpoint_state.items():
-        for fused, own in CHECKPOINT_NORM_NAMES.items():
-            key = key.replace(f".{fused}", f".{own}")
-        out[key] = tensor
-    return out
 
 
 def hf_mesh_config_kwargs(config) -> Dict[str, object]:

@@ -4,7 +4,7 @@ Self-contained: torch + transformers only, copied into every export. The math eq
 ``megatron_mesh`` (paper Algorithms 1 and 2): GPT-NeoX parallel-residual layers with 25% rotary,
 embeddings x sqrt(d), a tied (or untied) core applied K times, and between steps the state
 scheme (base / residual / anchor / anchor_star sums, MeSH buffer with per-step routers, the
-E.2 combinations, or the input injection of Huginn / Parcae: megatron_mesh/injection.py). The KV
+E.2 combinations, or the input injection of Huginn / Parcae: megatron_mesh/recurrence/injection.py). The KV
 cache keeps one slot per (loop step, layer) application.
 """
 
@@ -152,7 +152,7 @@ class Scheme(nn.Module):
 
     def _cycle(self, routers, route_from, written, buffer):  # buffer [B, b, s, h]
         # write and read computed in fp32 and rounded once to the buffer's dtype (bf16 exports
-        # round where megatron-mesh does: megatron_mesh/mesh.py, Precision)
+        # round where megatron-mesh does: megatron_mesh/recurrence/mesh.py, Precision)
         acc = torch.promote_types(buffer.dtype, torch.float32)
         w = routers.write(route_from).permute(2, 0, 1).unsqueeze(-1).to(acc)
         buffer = (buffer.to(acc) + w * written.unsqueeze(0).to(acc)).to(buffer.dtype)

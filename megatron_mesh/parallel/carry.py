@@ -1,11 +1,11 @@
 """What crosses a pipeline stage boundary: the block's carry, packed into one tensor.
 
-The carry (block.Carry) is packed along the hidden dimension into one [s, b, W] tensor: h and
+The carry (recurrence.unrolled.Carry) is packed along the hidden dimension into one [s, b, W] tensor: h and
 h_emb before the loop; h, h_loop and the loop state the scheme's steps read inside it (the scheme
 class says which fields, ``schemes.carried_state``; the LoopState packs them itself); h alone
 after it. W is the widest carry of the run's split (``carry_width``; narrower carries are
 zero-padded), so every send has one shape known in advance and megatron-core's schedules need no
-shape exchange (``config.pipeline_carry_width``, compat.megatron_fixes).
+shape exchange (``config.pipeline_carry_width``, training.megatron_fixes).
 """
 
 from __future__ import annotations
@@ -15,11 +15,10 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
-from megatron_mesh.block import Carry
-from megatron_mesh.mesh import LoopState
 from megatron_mesh.parallel.stages import boundary_phase, num_stages
-from megatron_mesh.schemes import carried_state
-from megatron_mesh.unrolled import stage_bounds
+from megatron_mesh.recurrence.mesh import LoopState
+from megatron_mesh.recurrence.schemes import carried_state
+from megatron_mesh.recurrence.unrolled import Carry, stage_bounds
 
 
 def carried_fields(phase: str, scheme: str) -> Tuple[str, ...]:

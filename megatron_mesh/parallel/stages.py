@@ -1,6 +1,6 @@
 """Pipeline stages over the unrolled graph: which layer applications each stage runs.
 
-Stage s runs layer applications [start, end) of ``megatron_mesh.unrolled`` (an even split or
+Stage s runs layer applications [start, end) of ``megatron_mesh.recurrence.unrolled`` (an even split or
 ``pipeline_stage_layers``). With virtual pipelining (megatron-core's interleaved schedule) each
 rank runs several stages, one model chunk each: chunk v of rank r runs stage v * pp + r.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Dict, FrozenSet, Optional, Tuple
 
-from megatron_mesh.unrolled import phase_before, stage_bounds, stage_ops, unrolled_ops
+from megatron_mesh.recurrence.unrolled import phase_before, stage_bounds, stage_ops, unrolled_ops
 
 
 def num_stages(config) -> int:

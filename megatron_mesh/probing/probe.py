@@ -22,7 +22,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from megatron_mesh.block import Recorded
+from megatron_mesh.model.block import Recorded
 from megatron_mesh.probing import metrics
 from megatron_mesh.probing.routers import RouterStats, mesh_scheme, state_dict_of
 from megatron_mesh.progress import SILENT, Progress
@@ -53,9 +53,9 @@ def block_labels(num_loops: int) -> List[str]:
 def first_state(section: dict) -> Optional[Dict[str, str]]:
     """What h(0), the loop's first state, is under the model's scheme, as a short legend label
     and a figure caption; None without a loop (vanilla)."""
-    from megatron_mesh.injection import InjectionScheme
-    from megatron_mesh.mesh import MeshScheme
-    from megatron_mesh.schemes import normalize_scheme, scheme_class
+    from megatron_mesh.recurrence.injection import InjectionScheme
+    from megatron_mesh.recurrence.mesh import MeshScheme
+    from megatron_mesh.recurrence.schemes import normalize_scheme, scheme_class
 
     cls = scheme_class(normalize_scheme(section["state_scheme"]))
     if cls is None:
@@ -128,7 +128,7 @@ class ModelProbe:
 
     @property
     def num_loops(self) -> int:
-        from megatron_mesh.layout import parse_layout
+        from megatron_mesh.recurrence.layout import parse_layout
 
         return parse_layout(self.section["layout"]).num_loops
 

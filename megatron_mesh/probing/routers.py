@@ -2,7 +2,7 @@
 
 The block does not hand out its routing weights, and it need not: each step's routers are plain
 functions of states the forward pass records (``forward(states=[...])``), exactly as
-``megatron_mesh.mesh.MeshScheme`` calls them: the transitional pair ``routers[0]`` routes the
+``megatron_mesh.recurrence.mesh.MeshScheme`` calls them: the transitional pair ``routers[0]`` routes the
 prelude output and writes it; the pair ``routers[t + 1]`` of loop step t routes h(t) and writes
 f_core(h(t)) (recorded as ``core{t}``). Recomputing them here keeps mesh.py free of probe code;
 ``tests/probing/test_routers.py`` checks the result against the model's own h(t + 1).
@@ -35,7 +35,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Uni
 import torch
 from torch import Tensor
 
-from megatron_mesh.block import Recorded
+from megatron_mesh.model.block import Recorded
 
 HISTOGRAM_BINS = 10
 """Bins of the weight histograms over [0, 1] (a softmax weight never leaves that range)."""
@@ -76,7 +76,7 @@ def block_scheme(model) -> Optional[torch.nn.Module]:
 
 def mesh_scheme(model) -> Optional[torch.nn.Module]:
     """The MeshScheme inside a (possibly wrapped) MeshGPTModel, else None."""
-    from megatron_mesh.mesh import MeshScheme
+    from megatron_mesh.recurrence.mesh import MeshScheme
 
     scheme = block_scheme(model)
     return scheme if isinstance(scheme, MeshScheme) else None

@@ -1,6 +1,6 @@
 """Check ``attention``: which scaled-dot-product-attention kernel the local spec runs.
 
-The local spec's core attention is ``megatron_mesh.attention.SDPAttention``; torch picks the
+The local spec's core attention is ``megatron_mesh.model.attention.SDPAttention``; torch picks the
 kernel at run time (flash, cuDNN, memory-efficient or the unfused math fallback) from dtype,
 head size, mask and hardware. One bf16 training-mode forward of the model is profiled and the
 aten kernel it dispatched to is read from the profile. A GPU must run a fused kernel (flash,
@@ -32,7 +32,7 @@ UNFUSED = "math"
 
 def kernels_run(ctx: Context) -> dict:
     """{kernel: calls} over one forward of the small model (local spec, SDPA) in bf16."""
-    from megatron_mesh.layers import local_block_spec
+    from megatron_mesh.model.layers import local_block_spec
 
     section = dict(ctx.profile.small_model, state_scheme="mesh")
     model = build(section, local_block_spec, ctx.device).bfloat16()

@@ -13,7 +13,7 @@ output is off by at most the roundings on its path times the magnitudes they rou
     dW = <dM_k, x>_h      from rounded dM, one rounding          <= <bound_dM_k + u |dM_k|, |x|>_h
     dR = <N_k, gy>_h      from rounded N, one rounding           <= 2u <|N_k|, |gy|>_h
 
-(the precision policy these follow: ``megatron_mesh/mesh.py``, Precision). A compile failure
+(the precision policy these follow: ``megatron_mesh/recurrence/mesh.py``, Precision). A compile failure
 (``fused_mesh.CompileFailure``, or any failure ``fused_mesh.compile_failures`` lists) fails the
 check.
 """
@@ -29,10 +29,10 @@ from typing import Callable, Dict, Tuple
 import torch
 from torch import Tensor
 
-from megatron_mesh import fused_mesh
-from megatron_mesh.mesh import buffer_read, buffer_write
 from megatron_mesh.qualify.context import Context
 from megatron_mesh.qualify.report import FAIL, PASS, CheckResult
+from megatron_mesh.recurrence import fused_mesh
+from megatron_mesh.recurrence.mesh import buffer_read, buffer_write
 
 U = 2.0 ** -8  # bf16 unit roundoff
 SLACK = 1e-6  # of each bound's largest value: the fp32 reference's own rounding

@@ -31,7 +31,8 @@ TOLERANCE = {"lm loss": 1e-3, "grad-norm": 1e-2}
 
 def save_start(section_json: str, out: str) -> None:
     """The release checkpoint every run starts from (run on the CPU: ``start_checkpoint``)."""
-    from megatron_mesh.hf.importer import build_model, checkpoint_args, save_release_checkpoint
+    from megatron_mesh.checkpoint.reader import build_model
+    from megatron_mesh.checkpoint.writer import checkpoint_args, save_release_checkpoint
 
     section = json.loads(section_json)
     save_release_checkpoint(build_model(section, {}, ("",), seed=5), checkpoint_args(section, None),
@@ -40,7 +41,7 @@ def save_start(section_json: str, out: str) -> None:
 
 def start_checkpoint(ctx: Context, out: Path) -> Path:
     """Written in a CPU subprocess, so a GPU process group never handles CPU-built weights."""
-    from megatron_mesh.yaml_config import load_config_tree
+    from megatron_mesh.config.yaml_file import load_config_tree
 
     model = ctx.profile.parity
     tree, _ = load_config_tree(REPO / model.config, [*model.overrides])

@@ -1,7 +1,7 @@
 """How long a qualification should take, from the model FLOPs of every trainer run.
 
 Trainer time = launches x start-up + model FLOPs / (peak x assumed MFU) + checkpoint traffic;
-in-process checks are fixed allowances. The FLOPs are ``megatron_mesh.stats`` (every core
+in-process checks are fixed allowances. The FLOPs are ``megatron_mesh.model.stats`` (every core
 application counted) at each run's sequence length and batch; the constants are assumptions,
 stated where they are defined, to be replaced by the measured per-check seconds of a real run
 (``report.json``).
@@ -44,8 +44,8 @@ class Line:
 
 def _flops_per_iteration(model: TrainerModel, overrides: Sequence[str]) -> tuple:
     """(training FLOPs of one iteration, bytes of a full checkpoint) of a run."""
-    from megatron_mesh.stats import applied_matmul_weights_of_config, train_flops_per_token
-    from megatron_mesh.yaml_config import load_config_tree, model_config
+    from megatron_mesh.config.yaml_file import load_config_tree, model_config
+    from megatron_mesh.model.stats import applied_matmul_weights_of_config, train_flops_per_token
 
     tree, origins = load_config_tree(REPO / model.config, [*model.overrides, *overrides])
     config = model_config(tree, origins, use_cpu_initialization=True)

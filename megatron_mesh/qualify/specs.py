@@ -18,9 +18,9 @@ from typing import Callable, Dict, Tuple
 import torch
 import torch.nn.functional as F
 
-from megatron_mesh.loop_depth import LoopDepth
 from megatron_mesh.qualify.context import Context
 from megatron_mesh.qualify.report import FAIL, PASS, CheckResult, markdown_table
+from megatron_mesh.recurrence.loop_depth import LoopDepth
 
 TOLERANCE = 5e-3
 """Max |logit difference| over max |logit|, and each gradient's relative L2 difference."""
@@ -31,7 +31,7 @@ first ones without gradients (the step mask and the frozen steps' bias detach un
 
 
 def spec_pair(cpu: bool) -> Tuple[str, Callable, str, Callable]:
-    from megatron_mesh.layers import local_block_spec, te_block_spec, transformer_engine_available
+    from megatron_mesh.model.layers import local_block_spec, te_block_spec, transformer_engine_available
 
     if not cpu and transformer_engine_available():
         return "transformer_engine", te_block_spec, "local", local_block_spec
@@ -40,8 +40,8 @@ def spec_pair(cpu: bool) -> Tuple[str, Callable, str, Callable]:
 
 
 def build(section: dict, spec: Callable, device: torch.device):
-    from megatron_mesh.config import MeshConfig
-    from megatron_mesh.model import MeshGPTModel
+    from megatron_mesh.config.model import MeshConfig
+    from megatron_mesh.model.gpt import MeshGPTModel
     from megatron_mesh.parallel.process_groups import initialize_single_process
 
     initialize_single_process()
@@ -79,7 +79,7 @@ def perturb(model, seed: int = 0) -> None:
 
 def depth_kwargs(scheme: str, batch: int, seq: int, device: torch.device) -> dict:
     """The model's depth arguments: the layout's K for per-step schemes, else SAMPLED_DEPTH."""
-    from megatron_mesh.schemes import has_per_step_parameters
+    from megatron_mesh.recurrence.schemes import has_per_step_parameters
 
     if has_per_step_parameters(scheme):
         return {}

@@ -7,7 +7,7 @@
 - held-out loss: ``megatron_mesh.evaluation.perplexity`` on the final checkpoint over the
   documents of data.valid_path (each document scored on its own, disjoint windows; mean NLL in
   nats/token and its exp), cached in ``runs/<run>/heldout.json`` per checkpoint iteration;
-- parameters: ``megatron_mesh.stats.model_stats`` of the loaded model;
+- parameters: ``megatron_mesh.model.stats.model_stats`` of the loaded model;
 - per variant, mean and population std (ddof 0; 0 with one seed) over seeds; deltas against
   the baseline variant's means; and seed-paired: rank and Δ vs the baseline within each seed;
 - probes (Figs. 3-5, ``megatron_mesh.probing.probe``) of each variant's first-seed model on the
@@ -24,9 +24,9 @@ from typing import Dict, List
 
 import numpy as np
 
+from megatron_mesh.checkpoint.paths import tracked_iteration
 from megatron_mesh.progress import SILENT, Progress
 from megatron_mesh.study.plan import Run, Study, StudyError, config_tree, data_prefixes
-from megatron_mesh.checkpoints import tracked_iteration
 from megatron_mesh.study.runner import final_iteration, run_dir
 
 TRAIN_TAG, VALID_TAG = "lm loss", "lm loss validation"
@@ -70,7 +70,7 @@ def heldout(tree: dict, run: Run, out: Path, cfg: dict, device: str,
     from megatron_mesh.data.documents import count_documents, read_documents
     from megatron_mesh.evaluation import perplexity
     from megatron_mesh.evaluation.loading import load_model
-    from megatron_mesh.stats import model_stats
+    from megatron_mesh.model.stats import model_stats
 
     ckpt = run_dir(out, run) / "checkpoints"
     seq = cfg["seq_length"] or tree["training"]["seq_length"]

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
-from megatron_mesh.checkpoints import tracked_iteration
+from megatron_mesh.checkpoint.paths import tracked_iteration
 from megatron_mesh.study.plan import Run, Study, StudyError, config_tree, set_item
 
 REPO = Path(__file__).resolve().parents[2]
@@ -56,7 +56,7 @@ def run_dir(out: Path, run: Run) -> Path:
 
 
 def final_iteration(tree: dict) -> int:
-    from megatron_mesh.experiment import parse_experiment
+    from megatron_mesh.config.experiment import parse_experiment
     from megatron_mesh.training.arguments import train_iters
 
     return train_iters(parse_experiment(tree, {}).training)

@@ -1,4 +1,4 @@
-"""The experiment YAML (typed by ``megatron_mesh.experiment``) as Megatron-LM arguments.
+"""The experiment YAML (typed by ``megatron_mesh.config.experiment``) as Megatron-LM arguments.
 
 ``megatron_argv`` is the one place where configuration becomes Megatron's arguments. The model
 section also travels whole, as JSON in ``--mesh-model``, so the model provider (and every
@@ -15,13 +15,13 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from megatron_mesh.config import MeshConfig
+from megatron_mesh.config.model import MeshConfig
 from megatron_mesh.data.tokenizer import EXPECTED, TokenizerSpecError, tokenizer_source
-from megatron_mesh.experiment import (SECTIONS, Data, Experiment, Logging, Parallelism, Tokenizer, Training,
-                                      flag_args, parse_experiment, type_ok, value_problem)
-from megatron_mesh.loop_depth import LoopDepth
-from megatron_mesh.unrolled import stage_bounds
-from megatron_mesh.yaml_config import ConfigError, model_config
+from megatron_mesh.config.experiment import (SECTIONS, Data, Experiment, Logging, Parallelism, Tokenizer, Training,
+                                             flag_args, parse_experiment, type_ok, value_problem)
+from megatron_mesh.config.yaml_file import ConfigError, model_config
+from megatron_mesh.recurrence.loop_depth import LoopDepth
+from megatron_mesh.recurrence.unrolled import stage_bounds
 
 
 def _parsed(tree: dict, origins: Dict[str, str]) -> Tuple[Experiment, MeshConfig]:
@@ -167,7 +167,7 @@ def _flag(name: str, value: Any) -> List[str]:
 
 
 def _one_to_one_args(exp: Experiment) -> List[str]:
-    """Every key whose field names a Megatron flag (megatron_mesh.experiment), as that flag."""
+    """Every key whose field names a Megatron flag (megatron_mesh.config.experiment), as that flag."""
     return [arg for name in SECTIONS for flag, value in flag_args(getattr(exp, name))
             for arg in _flag(flag, value)]
 
@@ -278,13 +278,13 @@ def _transformer_impl(choice: str) -> str:
         return choice
     import torch
 
-    from megatron_mesh.layers import transformer_engine_available
+    from megatron_mesh.model.layers import transformer_engine_available
 
     return "transformer_engine" if torch.cuda.is_available() and transformer_engine_available() else "local"
 
 
 def megatron_argv(tree: dict, origins: Dict[str, str], check_paths: bool = True) -> List[str]:
-    """Megatron-LM arguments for a loaded experiment tree (``yaml_config.load_config_tree``):
+    """Megatron-LM arguments for a loaded experiment tree (``config.yaml_file.load_config_tree``):
     the one-to-one keys by their fields' flags, then the derived ones. ``check_paths``: also
     check that the files the config names exist and can serve (the tokenizer); off only for
     listing what a config maps to on a machine without its files."""

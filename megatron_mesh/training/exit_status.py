@@ -41,8 +41,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, Tuple
 
-from megatron_mesh.checkpoints import tracked_iteration
-from megatron_mesh.compat.megatron_fixes import wrap_once
+from megatron_mesh.checkpoint.paths import tracked_iteration
+from megatron_mesh.training.megatron_fixes import wrap_once
 
 STATUS_FILE = "exit_status.json"
 RERUN_FILE = "rerun_stops.json"

@@ -24,11 +24,11 @@ from megatron.training import get_args, get_tokenizer
 from megatron.training.arguments import core_transformer_config_from_args
 from megatron.training.utils import get_blend_and_blend_per_split
 
-from megatron_mesh.config import DERIVED_FIELDS, MeshConfig
-from megatron_mesh.loop_depth import LoopDepth
-from megatron_mesh.layers import local_block_spec, te_block_spec
-from megatron_mesh.model import MeshGPTModel
+from megatron_mesh.config.model import DERIVED_FIELDS, MeshConfig
+from megatron_mesh.model.gpt import MeshGPTModel
+from megatron_mesh.model.layers import local_block_spec, te_block_spec
 from megatron_mesh.parallel import carry, replicas
+from megatron_mesh.recurrence.loop_depth import LoopDepth
 from megatron_mesh.training.router_log import RouterLog
 from megatron_mesh.training.throughput import DepthTally, rank_device
 

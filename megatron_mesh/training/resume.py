@@ -24,10 +24,11 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from megatron_mesh.checkpoints import (CheckpointError, checkpoint_way_out, incomplete_files,
-                                       iteration_dir, iteration_path, iterations, read_tracker,
-                                       untracked, verify)
-from megatron_mesh.config import ARCHITECTURE_FIELDS, MeshConfig
+from megatron_mesh.checkpoint.paths import (checkpoint_way_out, incomplete_files,
+                                            iteration_dir, iteration_path, iterations, read_tracker,
+                                            untracked, verify)
+from megatron_mesh.config.model import ARCHITECTURE_FIELDS, MeshConfig
+from megatron_mesh.errors import CheckpointError
 
 HOW_TO_LOAD = "resume from it with `-- --ckpt-step {iteration}`"
 

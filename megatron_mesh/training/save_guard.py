@@ -1,7 +1,7 @@
 """What every checkpoint save of a training run guarantees beyond megatron's own.
 
 - Each rank records the size and hash of the files it wrote in the iteration's manifest
-  (megatron_mesh.checkpoint_manifest) before megatron's barrier and tracker update, so the
+  (megatron_mesh.checkpoint.manifest) before megatron's barrier and tracker update, so the
   tracker only ever points at an iteration every reader can verify.
 - A model whose weights hold NaN or Inf is never saved: the tracker keeps pointing at the last
   good checkpoint and the run stops with an error naming the iteration and a tensor (megatron
@@ -23,9 +23,9 @@ from typing import Iterator, List
 
 import torch
 
-from megatron_mesh import checkpoint_manifest
-from megatron_mesh.checkpoints import TRACKER
-from megatron_mesh.compat.megatron_fixes import wrap_once
+from megatron_mesh.checkpoint import manifest as checkpoint_manifest
+from megatron_mesh.checkpoint.paths import TRACKER
+from megatron_mesh.training.megatron_fixes import wrap_once
 
 
 class CheckpointSaveError(RuntimeError):

@@ -52,7 +52,7 @@ def install(received: List[int], save_on_signal: bool) -> None:
     signals recorded since the worker started, and the list the tool's handler still fills."""
     from megatron.core.dist_checkpointing.strategies import async_utils, filesystem_async
 
-    from megatron_mesh.compat.megatron_fixes import wrap_once
+    from megatron_mesh.training.megatron_fixes import wrap_once
 
     wrap_once(filesystem_async, "get_write_results_queue", _results_queue_of_a_shielded_manager)
     if not hasattr(async_utils.PersistentAsyncCaller, "unshielded_async_loop"):

@@ -1,6 +1,6 @@
 """Throughput logging that counts every application of the looped core.
 
-Megatron's ``num_floating_point_operations`` is replaced by ``megatron_mesh.stats`` (the same
+Megatron's ``num_floating_point_operations`` is replaced by ``megatron_mesh.model.stats`` (the same
 numbers ``tools/model_stats.py`` prints), and every log interval adds one line:
 consumed tokens, tokens/s, TFLOP/s per device, MFU, peak memory (the largest over all ranks:
 CUDA's max allocated on a GPU, the process's peak RSS on the CPU) and ETA, also sent to
@@ -24,9 +24,9 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from megatron_mesh.config import MeshConfig
-from megatron_mesh.loop_depth import LoopDepth, LoopDraw, MeanDepth
-from megatron_mesh.stats import DepthCost, train_flops_per_token
+from megatron_mesh.config.model import MeshConfig
+from megatron_mesh.model.stats import DepthCost, train_flops_per_token
+from megatron_mesh.recurrence.loop_depth import LoopDepth, LoopDraw, MeanDepth
 
 PEAK_TFLOPS_BF16: Tuple[Tuple[str, float], ...] = (
     (r"\bH100 PCIe\b", 756.0),
@@ -148,7 +148,7 @@ class ThroughputLogger:
 
     def __init__(self, per_token: float, peak_tflops: Optional[float] = None,
                  depth: Optional[RealizedDepth] = None):
-        self.per_token = per_token  # training FLOPs per token, megatron_mesh.stats
+        self.per_token = per_token  # training FLOPs per token, megatron_mesh.model.stats
         self.depth = depth  # a sampled loop depth: FLOPs per token vary by iteration
         self._peak = peak_tflops  # TFLOP/s of one device; None: the device's, at the first line
         self._peak_known = peak_tflops is not None

@@ -1,5 +1,5 @@
 """compat/torch_compile: a compiled region's own recompile limit and isolation, detected per torch
-(the MeSH cycle's use of it: tests/test_fused_mesh.py, run with both ways)."""
+(the MeSH cycle's use of it: tests/recurrence/test_fused_mesh.py, run with both ways)."""
 
 import inspect
 import logging

@@ -82,7 +82,7 @@ def test_large_vocabularies_use_int32(tmp_path):
 def test_bpe_tokenizer_loads_with_transformers_and_has_neox_specials(tmp_path):
     from transformers import AutoTokenizer
 
-    from megatron_mesh.data.local_corpus import pydoc_topics
+    from megatron_mesh.corpora.python_docs import pydoc_topics
 
     docs = pydoc_topics()[:20]
     tok = AutoTokenizer.from_pretrained(train_bpe_tokenizer(docs, 600, tmp_path / "tok"))

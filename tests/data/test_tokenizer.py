@@ -18,8 +18,8 @@ TEXT = "The for statement iterates over the items of any sequence."
 def bpe(tmp_path_factory):
     """A byte-level BPE saved as a Hugging Face directory (tokenizer.json + tokenizer_config.json
     naming PreTrainedTokenizerFast), as tools/demo.py makes one."""
+    from megatron_mesh.corpora.python_docs import pydoc_topics
     from megatron_mesh.data.indexed import train_bpe_tokenizer
-    from megatron_mesh.data.local_corpus import pydoc_topics
 
     return train_bpe_tokenizer(pydoc_topics()[:20], 400, tmp_path_factory.mktemp("bpe") / "hf")
 

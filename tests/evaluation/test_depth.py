@@ -9,8 +9,8 @@ from test_perplexity import L, SECTION
 
 def loaded_model(scheme, layout="1+2R2+1", seed=0, **model):
     """A randomly initialised model as load_model returns it (routers perturbed off uniform)."""
+    from megatron_mesh.checkpoint.reader import build_model
     from megatron_mesh.evaluation.loading import LoadedModel
-    from megatron_mesh.hf.importer import build_model
 
     section = dict(SECTION, layout=layout, state_scheme=scheme, **model)
     model = build_model(section, {}, ("",), seed).eval()

@@ -15,7 +15,8 @@ L = 32
 def tiny_checkpoint(out, tokenizer=None, train_steps=3, seed=0, **fields):
     """SECTION (with ``fields``) trained a few AdamW steps on random tokens, so it is not at its
     initialisation, and saved as a Megatron release checkpoint."""
-    from megatron_mesh.hf.importer import build_model, checkpoint_args, save_release_checkpoint
+    from megatron_mesh.checkpoint.reader import build_model
+    from megatron_mesh.checkpoint.writer import checkpoint_args, save_release_checkpoint
 
     section = dict(SECTION, **fields)
     model = build_model(section, {}, ("",), seed)
@@ -32,7 +33,7 @@ def tiny_checkpoint(out, tokenizer=None, train_steps=3, seed=0, **fields):
 
 
 def texts(start, count, chars=700):
-    from megatron_mesh.data.local_corpus import pydoc_topics
+    from megatron_mesh.corpora.python_docs import pydoc_topics
 
     return [t[:chars] for t in pydoc_topics()[start:start + count]]
 
@@ -119,7 +120,7 @@ def test_checkpoint_and_hf_export_agree(models, scheme, monkeypatch):
 
 
 def test_bad_input(models):
-    from megatron_mesh.checkpoints import CheckpointError
+    from megatron_mesh.errors import CheckpointError
     from megatron_mesh.evaluation.perplexity import check_seq_length, evaluate, load_scorer
 
     with pytest.raises(CheckpointError, match="nowhere: no such model directory"):

@@ -19,8 +19,8 @@ SECTION = dict(hidden_size=64, num_attention_heads=4, vocab_size=512, max_sequen
 def bpe(tmp_path_factory):
     """The demo's kind of tokenizer: a BPE saved as a Hugging Face directory, and its tokenizer.json
     alone as a file (how GPT-NeoX-20B's 20B_tokenizer.json is given)."""
+    from megatron_mesh.corpora.python_docs import pydoc_topics
     from megatron_mesh.data.indexed import train_bpe_tokenizer
-    from megatron_mesh.data.local_corpus import pydoc_topics
 
     tmp = tmp_path_factory.mktemp("tokenizers")
     directory = train_bpe_tokenizer(pydoc_topics()[:20], 400, tmp / "hf")
@@ -29,7 +29,8 @@ def bpe(tmp_path_factory):
 
 
 def checkpoint(out, tokenizer, layout, scheme):
-    from megatron_mesh.hf.importer import build_model, checkpoint_args, save_release_checkpoint
+    from megatron_mesh.checkpoint.reader import build_model
+    from megatron_mesh.checkpoint.writer import checkpoint_args, save_release_checkpoint
 
     section = dict(SECTION, layout=layout, state_scheme=scheme)
     return save_release_checkpoint(build_model(section, {}, ("",)).eval(), checkpoint_args(section, tokenizer), out)

@@ -24,10 +24,10 @@ def weights(hf):
 
 
 def test_pythia_to_megatron_and_back_is_bit_identical(tmp_path, megatron_world):
-    from megatron_mesh.checkpoint_reader import check_shapes, load_checkpoint, saved_model_config
+    from megatron_mesh.checkpoint.reader import check_shapes, load_checkpoint, saved_model_config
     from megatron_mesh.hf.export import build_hf_model
     from megatron_mesh.hf.importer import hf_to_megatron
-    from megatron_mesh.model import MeshGPTModel
+    from megatron_mesh.model.gpt import MeshGPTModel
 
     hf, source = random_pythia(tmp_path)
     out = hf_to_megatron(source, tmp_path / "ckpt")
@@ -50,10 +50,10 @@ def test_pythia_to_megatron_and_back_is_bit_identical(tmp_path, megatron_world):
 
 
 def test_mesh_export_converts_back_to_the_same_tensors(tmp_path, megatron_world):
-    from megatron_mesh.checkpoint_reader import load_checkpoint
+    from megatron_mesh.checkpoint.reader import load_checkpoint
     from megatron_mesh.hf.export import build_hf_model
     from megatron_mesh.hf.importer import hf_to_megatron
-    from megatron_mesh.model import MeshGPTModel
+    from megatron_mesh.model.gpt import MeshGPTModel
 
     config = tiny_config("1+2R2+1", "mesh")
     torch.manual_seed(3)
@@ -67,7 +67,7 @@ def test_mesh_export_converts_back_to_the_same_tensors(tmp_path, megatron_world)
 
 def vanilla_state(layers):
     """Layer i's every tensor filled with i, so each rule's choice is readable from the values."""
-    from megatron_mesh.model import MeshGPTModel
+    from megatron_mesh.model.gpt import MeshGPTModel
 
     model = MeshGPTModel(tiny_config(str(layers), "vanilla"))
     return {k: torch.full_like(v, float(k.split(".")[2])) if k.startswith("decoder.prelude.") else v
@@ -81,7 +81,7 @@ def vanilla_state(layers):
 ])
 def test_core_init_rules(megatron_world, rule, core_layers):
     from megatron_mesh.hf.importer import recursive_from_vanilla
-    from megatron_mesh.layout import parse_layout
+    from megatron_mesh.recurrence.layout import parse_layout
 
     state = recursive_from_vanilla(vanilla_state(6), parse_layout("6"), parse_layout("1+2R2+1"), rule)
     qkv = "self_attention.linear_qkv.weight"
@@ -93,7 +93,7 @@ def test_core_init_rules(megatron_world, rule, core_layers):
 
 def test_untied_layout_takes_every_layer(megatron_world):
     from megatron_mesh.hf.importer import recursive_from_vanilla
-    from megatron_mesh.layout import parse_layout
+    from megatron_mesh.recurrence.layout import parse_layout
 
     state = recursive_from_vanilla(vanilla_state(6), parse_layout("6"), parse_layout("1+2+2+1"))
     values = [state[f"decoder.cores.{c}.{j}.mlp.linear_fc1.bias"].unique().item()
@@ -104,9 +104,9 @@ def test_untied_layout_takes_every_layer(megatron_world):
 def test_recursive_init_keeps_the_function_of_the_shared_layers(tmp_path, megatron_world):
     """A 'base' model seeded with lower-rule layers equals the vanilla model whose middle layers
     repeat: the conversion maps weights, the recursion applies them."""
-    from megatron_mesh.checkpoint_reader import load_checkpoint, saved_model_config
+    from megatron_mesh.checkpoint.reader import load_checkpoint, saved_model_config
     from megatron_mesh.hf.importer import hf_to_megatron
-    from megatron_mesh.model import MeshGPTModel
+    from megatron_mesh.model.gpt import MeshGPTModel
 
     hf, source = random_pythia(tmp_path, layers=6)
     for j in range(2):  # make layers 3, 4 copies of 1, 2: the 6-layer model is then 1+2R2+1 base
@@ -128,7 +128,7 @@ def test_recursive_init_keeps_the_function_of_the_shared_layers(tmp_path, megatr
 
 def test_errors(tmp_path, megatron_world):
     from megatron_mesh.fs import OutputExistsError
-    from megatron_mesh.hf.export import CheckpointError
+    from megatron_mesh.errors import CheckpointError
     from megatron_mesh.hf.importer import hf_to_megatron
 
     with pytest.raises(CheckpointError, match="no config.json"):
@@ -169,7 +169,7 @@ def test_errors(tmp_path, megatron_world):
 ])
 def test_a_config_json_without_a_needed_key_is_named(tmp_path, megatron_world, drop, change, message):
     """A config.json without hidden_size ended in a bare KeyError('hidden_size')."""
-    from megatron_mesh.hf.export import CheckpointError
+    from megatron_mesh.errors import CheckpointError
     from megatron_mesh.hf.importer import hf_to_megatron
 
     _, source = random_pythia(tmp_path)

@@ -13,7 +13,7 @@ from reference import hf_config
 @pytest.mark.parametrize("gelu, hf_act", [("tanh", "gelu_pytorch_tanh"), ("none", "gelu")])
 def test_vanilla_logits_equal_hf_gpt_neox(megatron_world, gelu, hf_act):
     from megatron_mesh.hf.mapping import gpt_neox_to_megatron
-    from megatron_mesh.model import MeshGPTModel
+    from megatron_mesh.model.gpt import MeshGPTModel
 
     cfg = tiny_config("3", "vanilla", gelu_approximation=gelu)
     torch.manual_seed(0)
@@ -38,7 +38,7 @@ def test_vanilla_logits_equal_hf_gpt_neox(megatron_world, gelu, hf_act):
 def test_mismatched_activation_is_detected(megatron_world):
     """The comparison is sensitive: erf-GELU weights in a tanh-GELU model do not match."""
     from megatron_mesh.hf.mapping import gpt_neox_to_megatron
-    from megatron_mesh.model import MeshGPTModel
+    from megatron_mesh.model.gpt import MeshGPTModel
 
     cfg = tiny_config("2", "vanilla", gelu_approximation="tanh")
     torch.manual_seed(0)
@@ -55,7 +55,7 @@ def test_mismatched_activation_is_detected(megatron_world):
 
 def test_recursive_layouts_are_refused():
     from megatron_mesh.hf.mapping import gpt_neox_to_megatron
-    from megatron_mesh.layout import parse_layout
+    from megatron_mesh.recurrence.layout import parse_layout
 
     with pytest.raises(ValueError, match="vanilla layouts only"):
         gpt_neox_to_megatron({}, parse_layout("1+2R2+1"))
@@ -63,7 +63,7 @@ def test_recursive_layouts_are_refused():
 
 def test_layer_count_mismatch_is_refused():
     from megatron_mesh.hf.mapping import gpt_neox_to_megatron
-    from megatron_mesh.layout import parse_layout
+    from megatron_mesh.recurrence.layout import parse_layout
 
     hf = GPTNeoXForCausalLM(hf_config(32, 2, 50, num_layers=3))
     with pytest.raises(ValueError, match="has 3 layers, layout=2 expects 2"):
@@ -73,7 +73,7 @@ def test_layer_count_mismatch_is_refused():
 def test_gpt_neox_round_trip_is_bit_identical(megatron_world):
     """Pythia -> megatron-mesh (no embedding scale, as Pythia trained) -> GPT-NeoX names."""
     from megatron_mesh.hf.mapping import gpt_neox_names, gpt_neox_output_name, gpt_neox_to_megatron
-    from megatron_mesh.model import MeshGPTModel
+    from megatron_mesh.model.gpt import MeshGPTModel
 
     cfg = tiny_config("2", "vanilla", scale_embeddings=False)
     torch.manual_seed(1)
@@ -94,7 +94,7 @@ def test_gpt_neox_round_trip_is_bit_identical(megatron_world):
 def test_both_names_of_the_output_layer_map_and_a_missing_one_is_named():
     """transformers 4.x's GPT-NeoX module and Pythia's files say embed_out, 5.x's module lm_head."""
     from megatron_mesh.hf.mapping import GPT_NEOX_OUTPUT_NAMES, gpt_neox_name_pairs, gpt_neox_to_megatron
-    from megatron_mesh.layout import parse_layout
+    from megatron_mesh.recurrence.layout import parse_layout
 
     layout = parse_layout("1")
     for output in GPT_NEOX_OUTPUT_NAMES:

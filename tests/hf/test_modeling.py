@@ -14,7 +14,7 @@ def megatron_and_hf(cfg):
     from megatron_mesh.hf.configuration_megatron_mesh import MegatronMeshConfig
     from megatron_mesh.hf.mapping import hf_mesh_config_kwargs, megatron_to_hf_mesh
     from megatron_mesh.hf.modeling_megatron_mesh import MegatronMeshForCausalLM
-    from megatron_mesh.model import MeshGPTModel
+    from megatron_mesh.model.gpt import MeshGPTModel
 
     torch.manual_seed(0)
     ours = MeshGPTModel(cfg).eval()

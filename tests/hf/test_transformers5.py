@@ -21,10 +21,10 @@ OVERLAY = Path(sys.executable).parents[1] / "transformers5"
 def test_exports_load_in_transformers_5(tmp_path, megatron_world):
     """Each export with its tokenizer (a tokenizer.json file given to the export, as GPT-NeoX-20B's
     is): the standard `generate(**tok(text))` call, which refused token_type_ids before."""
+    from megatron_mesh.corpora.python_docs import pydoc_topics
     from megatron_mesh.data.indexed import train_bpe_tokenizer
-    from megatron_mesh.data.local_corpus import pydoc_topics
     from megatron_mesh.hf.export import build_hf_model, save_tokenizer
-    from megatron_mesh.model import MeshGPTModel
+    from megatron_mesh.model.gpt import MeshGPTModel
 
     tokenizer = f"{train_bpe_tokenizer(pydoc_topics()[:20], 400, tmp_path / 'tok')}/tokenizer.json"
     exports = []

@@ -7,7 +7,7 @@ from conftest import REPO
 
 def tiny_section(scheme):
     """tiny-cpu.yml's model section with ``scheme``: hidden 64, 4 heads, vocab 4096, 1+2R2+1."""
-    from megatron_mesh.yaml_config import load_config_tree
+    from megatron_mesh.config.yaml_file import load_config_tree
 
     return dict(load_config_tree(REPO / "configs" / "tiny-cpu.yml")[0]["model"], state_scheme=scheme)
 

@@ -49,7 +49,8 @@ STEPS = 3
 @pytest.fixture(scope="module", params=["mesh", "anchor"])
 def start(request, tmp_path_factory, megatron_world):
     """A release checkpoint of a random tiny-cpu.yml model with the given scheme."""
-    from megatron_mesh.hf.importer import build_model, checkpoint_args, save_release_checkpoint
+    from megatron_mesh.checkpoint.reader import build_model
+    from megatron_mesh.checkpoint.writer import checkpoint_args, save_release_checkpoint
 
     scheme, section = request.param, tiny_section(request.param)
     out = tmp_path_factory.mktemp(f"start-{scheme}") / "ckpt"
@@ -205,8 +206,8 @@ def test_bf16_resume_is_exact(request, tmp_path, start):
     """(mesh only) A bf16 run with the distributed optimizer resumed from its step-2
     checkpoint (bf16 weights; the optimizer's fp32 main parameters, Adam moments and step)
     logs the uninterrupted run's step 3 bit for bit and saves the same weights. (Without apex
-    or TE this resume needs megatron_mesh.compat.megatron_fixes.)"""
-    from megatron_mesh.checkpoint_reader import load_checkpoint
+    or TE this resume needs megatron_mesh.training.megatron_fixes.)"""
+    from megatron_mesh.checkpoint.reader import load_checkpoint
 
     bf16_reference = mesh_reference(request, start, "bf16_reference")
     saved = tmp_path / "resumed"
@@ -253,7 +254,7 @@ def test_checkpoint_resumes_unparallelized_and_exports(request, tmp_path, start,
     is the single-process run's step three, and the parallel checkpoint exports the reference's
     weights up to bf16 noise. The PP x VP split holds core weights on both ranks (replicas,
     saved once) and twice on rank 0 (one tied parameter)."""
-    from megatron_mesh.checkpoint_reader import load_checkpoint
+    from megatron_mesh.checkpoint.reader import load_checkpoint
 
     reference = mesh_reference(request, start, "bf16_reference")
     parallel = request.getfixturevalue("bf16_runs")(name)

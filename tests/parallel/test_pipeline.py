@@ -8,7 +8,7 @@ from conftest import tiny_config
 
 def carry_at(model, tokens, positions, position):
     """Run the first ``position`` applications of a one-stage model and return its carry."""
-    from megatron_mesh.unrolled import stage_ops, unrolled_ops
+    from megatron_mesh.recurrence.unrolled import stage_ops, unrolled_ops
 
     block = model.decoder
     h_emb = model.embedding(input_ids=tokens, position_ids=positions) * block.embedding_scale()
@@ -31,10 +31,10 @@ def test_pack_then_unpack_is_the_identity_at_every_boundary(megatron_world, sche
     import dataclasses
 
     from conftest import random_batch
-    from megatron_mesh.model import MeshGPTModel
+    from megatron_mesh.model.gpt import MeshGPTModel
     from megatron_mesh.parallel import carry as boundary
     from megatron_mesh.parallel.stages import boundary_phase
-    from megatron_mesh.schemes import carried_state
+    from megatron_mesh.recurrence.schemes import carried_state
 
     config = tiny_config("1+2R2+1", scheme)
     model = MeshGPTModel(config)

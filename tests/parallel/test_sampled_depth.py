@@ -32,7 +32,8 @@ PER_TOKEN = {**DEPTH, "model.loop_depth": "poisson", "model.loop_depth_per": "to
 @pytest.fixture(scope="module")
 def start(tmp_path_factory, megatron_world):
     """A release checkpoint of a tiny linear-injection (Huginn-style) model."""
-    from megatron_mesh.hf.importer import build_model, checkpoint_args, save_release_checkpoint
+    from megatron_mesh.checkpoint.reader import build_model
+    from megatron_mesh.checkpoint.writer import checkpoint_args, save_release_checkpoint
 
     section = tiny_section("linear_injection")
     out = tmp_path_factory.mktemp("start-linear") / "ckpt"
@@ -51,7 +52,7 @@ def test_sampled_depth_parallel_run_matches_single_process(start, single, tmp_pa
 
 
 def test_the_log_reports_the_depth_each_step_ran(single):
-    from megatron_mesh.loop_depth import LoopDepth
+    from megatron_mesh.recurrence.loop_depth import LoopDepth
 
     seed = int(re.search(r"seed \.+ (\d+)", single["full_log"]).group(1))
     depth = LoopDepth("poisson_lognormal", 3.0, trained=2, max=6, backprop=2)
@@ -93,7 +94,7 @@ def test_per_token_depth_parallel_run_matches_single_process(start, single_per_t
 
 
 def test_the_log_reports_the_mean_depth_of_the_global_batchs_tokens(single_per_token):
-    from megatron_mesh.loop_depth import LoopDepth
+    from megatron_mesh.recurrence.loop_depth import LoopDepth
 
     seed = int(re.search(r"seed \.+ (\d+)", single_per_token["full_log"]).group(1))
     depth = LoopDepth("poisson", 3.0, trained=2, max=6, backprop=2, per="token")
@@ -132,7 +133,8 @@ PP2_VP2_STEPS = {"parallelism.pipeline": 2, "parallelism.virtual_pipeline": 2,
 @pytest.fixture(scope="module")
 def start_k4(megatron_world, tmp_path_factory):
     """The linear-injection model of ``start`` with a 4-step loop."""
-    from megatron_mesh.hf.importer import build_model, checkpoint_args, save_release_checkpoint
+    from megatron_mesh.checkpoint.reader import build_model
+    from megatron_mesh.checkpoint.writer import checkpoint_args, save_release_checkpoint
 
     section = dict(tiny_section("linear_injection"), layout="1+2R4+1")
     out = tmp_path_factory.mktemp("start-linear-k4") / "ckpt"

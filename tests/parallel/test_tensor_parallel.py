@@ -23,9 +23,9 @@ pytestmark = pytest.mark.slow  # real subprocesses (torchrun, the tools): make t
 
 
 def reference_grads(section, checkpoint):
-    from megatron_mesh.config import MeshConfig
-    from megatron_mesh.checkpoint_reader import load_checkpoint
-    from megatron_mesh.model import MeshGPTModel
+    from megatron_mesh.checkpoint.reader import load_checkpoint
+    from megatron_mesh.config.model import MeshConfig
+    from megatron_mesh.model.gpt import MeshGPTModel
 
     config = MeshConfig(**section, use_cpu_initialization=True)
     model = MeshGPTModel(config)
@@ -39,7 +39,8 @@ def reference_grads(section, checkpoint):
 
 def run_workers(tmp_path, scheme, *flags):
     """torchrun tp_worker.py on 2 ranks from a fresh release checkpoint; returns the section."""
-    from megatron_mesh.hf.importer import build_model, checkpoint_args, save_release_checkpoint
+    from megatron_mesh.checkpoint.reader import build_model
+    from megatron_mesh.checkpoint.writer import checkpoint_args, save_release_checkpoint
 
     section = tiny_section(scheme)
     start = save_release_checkpoint(build_model(section, {}, ("",), seed=3),

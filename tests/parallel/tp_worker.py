@@ -49,9 +49,9 @@ def main(checkpoint, out_dir, scheme, sequence_parallel, dropout_masks=False):
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     from batch import fixed_batch, tiny_section
-    from megatron_mesh.config import MeshConfig
-    from megatron_mesh.layers import local_block_spec
-    from megatron_mesh.model import MeshGPTModel
+    from megatron_mesh.config.model import MeshConfig
+    from megatron_mesh.model.gpt import MeshGPTModel
+    from megatron_mesh.model.layers import local_block_spec
 
     dist.init_process_group("gloo")
     tp = dist.get_world_size()

@@ -13,7 +13,7 @@ SEQ, SAMPLES = 24, 3
 
 def loaded(layout, scheme):
     """A random tiny model as ``load_model`` would return it."""
-    from megatron_mesh.model import MeshGPTModel
+    from megatron_mesh.model.gpt import MeshGPTModel
 
     config = tiny_config(layout, scheme)
     torch.manual_seed(0)

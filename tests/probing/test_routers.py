@@ -12,7 +12,7 @@ from conftest import random_batch, tiny_config
 def mesh_run(megatron_world):
     """A random 1+2R2+1 MeSH model with sharp routers (logits far from uniform) and the states
     of one forward pass."""
-    from megatron_mesh.model import MeshGPTModel
+    from megatron_mesh.model.gpt import MeshGPTModel
 
     config = tiny_config("1+2R2+1", "mesh")
     torch.manual_seed(0)
@@ -48,8 +48,8 @@ def test_coefficients_of_hand_built_routing():
     """B = 2. transition: write prelude to slot 1, read half/half -> h0 = emb/2 + prelude/2.
     step 0: write core0 to slot 0, read slot 1 -> h1 = prelude.
     step 1: write core1 to slots 0/1 as 1/4, 3/4, read slot 0 -> h2 = emb + core0 + core1/4."""
-    from megatron_mesh.mesh import buffer_read, buffer_write, initial_buffer
     from megatron_mesh.probing.routers import StepRouting, effective_coefficients, reconstruct
+    from megatron_mesh.recurrence.mesh import buffer_read, buffer_write, initial_buffer
 
     def w(*values):
         return torch.tensor(values, dtype=torch.float64).view(1, 1, -1)  # [s=1, b=1, B]
@@ -87,7 +87,7 @@ def test_entropy_usage_histogram():
 
 
 def test_router_summary_matches_the_statistics(mesh_run, megatron_world):
-    from megatron_mesh.model import MeshGPTModel
+    from megatron_mesh.model.gpt import MeshGPTModel
     from megatron_mesh.probing.routers import (RouterStats, effective_coefficients, entropy,
                                                router_summary, routing_weights)
 

@@ -38,10 +38,10 @@ def test_export_loads_offline_and_matches_megatron(checkpoint, tmp_path, monkeyp
     (at most twice that distance; a wiring error would be O(1))."""
     from transformers import AutoModelForCausalLM
 
-    from megatron_mesh.checkpoint_reader import load_checkpoint, saved_model_config
+    from megatron_mesh.checkpoint.reader import load_checkpoint, saved_model_config
     from megatron_mesh.hf.export import export
     from megatron_mesh.hf.mapping import megatron_to_hf_mesh
-    from megatron_mesh.model import MeshGPTModel
+    from megatron_mesh.model.gpt import MeshGPTModel
 
     export_cli(checkpoint, tmp_path / "hf")
     export(str(checkpoint), str(tmp_path / "hf16"), dtype="bf16")  # what --dtype bf16 calls
@@ -77,7 +77,7 @@ def test_vanilla_exports_as_plain_gpt_neox(megatron_world):
     from transformers import GPTNeoXForCausalLM
 
     from megatron_mesh.hf.export import build_hf_model
-    from megatron_mesh.model import MeshGPTModel
+    from megatron_mesh.model.gpt import MeshGPTModel
 
     config = tiny_config("3", "vanilla")
     torch.manual_seed(0)
@@ -100,7 +100,9 @@ def test_help_prints_only_help():
 
 
 def test_errors(checkpoint, tmp_path):
-    from megatron_mesh.hf.export import CheckpointError, OutputExistsError, export
+    from megatron_mesh.errors import CheckpointError
+    from megatron_mesh.fs import OutputExistsError
+    from megatron_mesh.hf.export import export
 
     with pytest.raises(CheckpointError, match="not a Megatron checkpoint"):
         export(str(tmp_path), str(tmp_path / "out"))
@@ -121,7 +123,8 @@ def test_a_damaged_checkpoint_is_refused_and_nan_weights_are_not_exported(checkp
     check names the file; unverified, the NaN weights are refused unless allowed."""
     import shutil
 
-    from megatron_mesh.hf.export import CheckpointError, export
+    from megatron_mesh.errors import CheckpointError
+    from megatron_mesh.hf.export import export
 
     damaged = tmp_path / "ckpt"
     shutil.copytree(checkpoint, damaged)
@@ -145,7 +148,7 @@ def test_trainer_starts_from_a_converted_pythia_model(tmp_path, megatron_world):
     converted ones, rounded once to bf16) and refuses a config whose model differs."""
     from transformers import GPTNeoXForCausalLM
 
-    from megatron_mesh.checkpoint_reader import load_checkpoint
+    from megatron_mesh.checkpoint.reader import load_checkpoint
     from reference import hf_config
 
     torch.manual_seed(0)

@@ -32,11 +32,12 @@ def table_rows(stdout, first_header):
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """A random 1+2R2+1 MeSH checkpoint with a BPE tokenizer, its HF export, and data."""
+    from megatron_mesh.checkpoint.reader import build_model
+    from megatron_mesh.checkpoint.writer import checkpoint_args, save_release_checkpoint
+    from megatron_mesh.corpora.python_docs import pydoc_topics
     from megatron_mesh.data.indexed import train_bpe_tokenizer, write_indexed_dataset
-    from megatron_mesh.data.local_corpus import pydoc_topics
     from megatron_mesh.data.tokenizer import load_tokenizer
     from megatron_mesh.hf.export import export
-    from megatron_mesh.hf.importer import build_model, checkpoint_args, save_release_checkpoint
 
     tmp = tmp_path_factory.mktemp("evaluate")
     texts = [t[:500] for t in pydoc_topics()[:36]]

@@ -85,10 +85,10 @@ def test_exit_status_and_refusals(tmp_path, capsys, monkeypatch):
 
 
 def test_plan_counts_the_runs_flops_and_fits_the_budget():
+    from megatron_mesh.config.yaml_file import load_model_config
+    from megatron_mesh.model.stats import train_flops_per_token
     from megatron_mesh.qualify import plan
     from megatron_mesh.qualify.profiles import GPU
-    from megatron_mesh.stats import train_flops_per_token
-    from megatron_mesh.yaml_config import load_model_config
 
     lines = plan.estimate(GPU)
     assert sum(line.seconds for line in lines) < GPU.budget_s
@@ -104,10 +104,10 @@ def test_every_trainer_run_of_a_profile_maps_to_megatron_arguments(profile_name,
     Megatron arguments are checked here (the tiny profile's also run end to end above)."""
     from megatron.training.arguments import add_megatron_arguments
 
+    from megatron_mesh.config.yaml_file import load_config_tree
     from megatron_mesh.qualify import parity, smoke, throughput
     from megatron_mesh.qualify.profiles import PROFILES
     from megatron_mesh.training.arguments import add_mesh_arguments, megatron_argv
-    from megatron_mesh.yaml_config import load_config_tree
 
     profile = PROFILES[profile_name]
     runs = [(m, smoke.run_overrides(profile, tmp_path / "ckpt"), 1) for m in profile.smoke]

@@ -41,7 +41,7 @@ logging:
 
 
 def _own_text(path):
-    from megatron_mesh.data.local_corpus import python_docs_corpus
+    from megatron_mesh.corpora.python_docs import python_docs_corpus
 
     with open(path, "w") as f:
         for doc in python_docs_corpus()[:400]:

@@ -45,7 +45,7 @@ def test_tiny_run_learns_logs_and_checkpoints(tmp_path):
 
 def test_resume_continues_the_exact_same_run(tmp_path):
     # dropout on: a resume that lost the RNG state would draw other masks and other losses; the
-    # distributed optimizer: its fp32 resume needs megatron_mesh.compat.megatron_fixes
+    # distributed optimizer: its fp32 resume needs megatron_mesh.training.megatron_fixes
     straight = {"training.train_iters": 16, "model.hidden_dropout": 0.1, "model.attention_dropout": 0.1,
                 "parallelism.distributed_optimizer": True}
     _, full = train(tmp_path, ckpt_overrides(tmp_path / "a", **straight))
@@ -54,7 +54,7 @@ def test_resume_continues_the_exact_same_run(tmp_path):
     log, second = train(tmp_path, ckpt_overrides(tmp_path / "b", **straight))
     assert "loading" in log.lower() and sorted(second) == list(range(9, 17))
     # every logged loss, the resumed run's first two included, bit for bit (megatron alone
-    # averages iterations 9 and 10 in the line of 10: compat.megatron_fixes)
+    # averages iterations 9 and 10 in the line of 10: training.megatron_fixes)
     assert {**first, **second} == full
 
 
@@ -169,8 +169,8 @@ def test_a_tokenizer_json_file_trains_and_exports_and_a_missing_one_stops_at_onc
     import json
     import shutil
 
+    from megatron_mesh.corpora.python_docs import pydoc_topics
     from megatron_mesh.data.indexed import train_bpe_tokenizer
-    from megatron_mesh.data.local_corpus import pydoc_topics
     from megatron_mesh.data.preprocess import preprocess
 
     tokenizer = tmp_path / "bpe_tokenizer.json"

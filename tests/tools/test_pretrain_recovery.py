@@ -7,7 +7,7 @@ import subprocess
 import pytest
 
 from conftest import REPO
-from megatron_mesh.checkpoints import TRACKER
+from megatron_mesh.checkpoint.paths import TRACKER
 from megatron_mesh.training import exit_status
 from trainer import ckpt_overrides, command, env, tracker, train
 

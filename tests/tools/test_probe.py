@@ -19,7 +19,8 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 def trained_checkpoint(scheme, out, steps=8):
     """A 1+2R2+1 model trained a few AdamW steps on random tokens, as a release checkpoint."""
-    from megatron_mesh.hf.importer import build_model, checkpoint_args, save_release_checkpoint
+    from megatron_mesh.checkpoint.reader import build_model
+    from megatron_mesh.checkpoint.writer import checkpoint_args, save_release_checkpoint
 
     section = dict(SECTION, layout="1+2R2+1", state_scheme=scheme)
     model = build_model(section, {}, ("",), seed=7)

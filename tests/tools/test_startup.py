@@ -49,7 +49,7 @@ def test_help_imports_nothing_heavy(tool, args):
 
 def test_help_names_the_values_it_cannot_import():
     """batch_viewer and build_corpus name a library constant in --help without importing it."""
-    from megatron_mesh.data.debian_docs import DEFAULT_PACKAGES
+    from megatron_mesh.corpora.debian_docs import DEFAULT_PACKAGES
     from megatron_mesh.data.pythia import BOUNDARIES
 
     viewer = " ".join(run_help("batch_viewer.py").stdout.split())

@@ -7,7 +7,7 @@ import pytest
 
 from conftest import REPO, model_configs
 
-from megatron_mesh.yaml_config import ConfigError, load_config_tree
+from megatron_mesh.config.yaml_file import ConfigError, load_config_tree
 
 
 def megatron_parser():
@@ -156,12 +156,12 @@ def test_flops_in_the_log_agree_with_model_stats():
     sys.path.insert(0, str(REPO / "tools"))
     from model_stats import build_stats
 
+    from megatron_mesh.config.yaml_file import load_model_config
     from megatron_mesh.training.throughput import ThroughputLogger
-    from megatron_mesh.yaml_config import load_model_config
 
     path = REPO / "configs/pythia-1.4b-4+8R2+4-mesh.yml"
     stats = build_stats(path, seq_length=4096)
-    from megatron_mesh.stats import train_flops_per_token
+    from megatron_mesh.model.stats import train_flops_per_token
 
     logger = ThroughputLogger(train_flops_per_token(load_model_config(path), 4096), peak_tflops=989.0)
     args = argparse.Namespace(seq_length=4096, global_batch_size=512, world_size=8,
@@ -227,7 +227,7 @@ def test_gradient_accumulation_fusion_only_with_apex_extension(monkeypatch, mega
     from megatron.core.tensor_parallel import layers
 
     from conftest import tiny_config
-    from megatron_mesh.model import MeshGPTModel
+    from megatron_mesh.model.gpt import MeshGPTModel
     from megatron_mesh.training import arguments
 
     with pytest.raises(RuntimeError, match="fused_weight_gradient_mlp_cuda"):

@@ -14,9 +14,9 @@ def trainer_config(overrides=()):
     from megatron.training.arguments import add_megatron_arguments, validate_args
 
     from megatron_mesh.compat import cpu
+    from megatron_mesh.config.yaml_file import load_config_tree
     from megatron_mesh.training.arguments import add_mesh_arguments, megatron_argv
     from megatron_mesh.training.providers import mesh_config_from_args
-    from megatron_mesh.yaml_config import load_config_tree
 
     argv = megatron_argv(*load_config_tree(REPO / "configs/tiny-cpu.yml", overrides)) + cpu.trainer_args()
     parser = add_mesh_arguments(add_megatron_arguments(argparse.ArgumentParser(allow_abbrev=False)))
@@ -29,7 +29,7 @@ def trainer_config(overrides=()):
 @pytest.mark.parametrize("overrides", [(), ("precision.dtype=bf16", "model.cycle_impl=eager",
                                             "model.hidden_dropout=0.1")])
 def test_every_model_key_reaches_the_trainers_config(overrides):
-    from megatron_mesh.yaml_config import load_config_tree, load_model_config
+    from megatron_mesh.config.yaml_file import load_config_tree, load_model_config
 
     tree, _ = load_config_tree(REPO / "configs/tiny-cpu.yml", overrides)
     expected = load_model_config(REPO / "configs/tiny-cpu.yml", overrides)

@@ -50,7 +50,7 @@ def test_a_checkpoint_of_another_model_is_refused_naming_each_field(tmp_path, me
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
     from conftest import tiny_config
-    from megatron_mesh import checkpoint_manifest
+    from megatron_mesh.checkpoint import manifest as checkpoint_manifest
     from megatron_mesh.training.resume import check_resume_model
 
     section = {"layout": "1+2R2+1", "state_scheme": "mesh", "buffer_slots": 5, "hidden_size": 64,
@@ -84,7 +84,7 @@ def schedule_run(tmp_path, monkeypatch, overrides=(), passthrough=()):
     from megatron.training import global_vars
 
     from conftest import REPO
-    from megatron_mesh.yaml_config import load_config_tree
+    from megatron_mesh.config.yaml_file import load_config_tree
     from test_arguments import megatron_parser
     from megatron_mesh.training.arguments import megatron_argv
 

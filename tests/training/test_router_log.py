@@ -20,7 +20,7 @@ class Writer:
 def test_scheme_scalars_reach_the_log(megatron_world, monkeypatch, scheme):
     import megatron.training
 
-    from megatron_mesh.model import MeshGPTModel
+    from megatron_mesh.model.gpt import MeshGPTModel
     from megatron_mesh.training.router_log import RouterLog
 
     writer = Writer()

@@ -14,7 +14,7 @@ from conftest import tiny_config
 
 @pytest.fixture
 def model(megatron_world):
-    from megatron_mesh.model import MeshGPTModel
+    from megatron_mesh.model.gpt import MeshGPTModel
 
     torch.manual_seed(0)
     return MeshGPTModel(tiny_config())
@@ -23,7 +23,7 @@ def model(megatron_world):
 def test_a_save_records_its_manifest_before_returning(model, tmp_path):
     from megatron.core import dist_checkpointing
 
-    from megatron_mesh import checkpoint_manifest
+    from megatron_mesh.checkpoint import manifest as checkpoint_manifest
     from megatron_mesh.training.save_guard import recording_manifests
 
     recording_manifests(dist_checkpointing.save)(model.sharded_state_dict(), str(tmp_path))

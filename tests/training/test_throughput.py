@@ -114,8 +114,8 @@ def test_the_realized_depth_is_the_mean_of_the_forward_steps_draws():
     draws were not recorded is an error, not a guess."""
     import numpy as np
 
-    from megatron_mesh.loop_depth import LoopDraw
-    from megatron_mesh.stats import DepthCost
+    from megatron_mesh.model.stats import DepthCost
+    from megatron_mesh.recurrence.loop_depth import LoopDraw
     from megatron_mesh.training.throughput import DepthTally, RealizedDepth
 
     tally = DepthTally()
@@ -131,8 +131,8 @@ def test_the_realized_depth_is_the_mean_of_the_forward_steps_draws():
 
 def test_a_skipped_iteration_leaves_the_log_lines_depth_to_the_steps_that_ran():
     """megatron's --iterations-to-skip runs no forward step and counts no FLOPs for a step."""
-    from megatron_mesh.loop_depth import LoopDraw
-    from megatron_mesh.stats import DepthCost
+    from megatron_mesh.model.stats import DepthCost
+    from megatron_mesh.recurrence.loop_depth import LoopDraw
     from megatron_mesh.training.throughput import DepthTally, RealizedDepth, ThroughputLogger
 
     tally = DepthTally()

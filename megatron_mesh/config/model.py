@@ -1,0 +1,403 @@
+"""Typed model configuration: megatron-core's TransformerConfig plus the recursive layout.
+
+``num_layers`` is the depth of the *unrolled* graph (N_compute). megatron-core derives its
+output-projection init from it (``scaled_init_method_normal(std, num_layers)``, i.e.
+std / sqrt(2 * N_compute)), which is exactly the paper's depth-aware initialisation (App. B).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import textwrap
+from dataclasses import MISSING, dataclass, field
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_mesh.recurrence.injection import INITIAL_STATES, InjectionScheme
+from megatron_mesh.recurrence.layout import Layout, parse_layout
+from megatron_mesh.recurrence.loop_depth import DEPTH_SAMPLERS, DEPTH_UNITS, LoopDepth
+from megatron_mesh.recurrence.mesh import CYCLE_IMPLEMENTATIONS
+from megatron_mesh.recurrence.schemes import (
+    carried_state, has_per_step_parameters, normalize_scheme, scheme_class,
+)
+from megatron_mesh.recurrence.unrolled import loop_step_cut_at, stage_bounds, unrolled_ops
+
+GELU_APPROXIMATIONS = ("none", "tanh")
+
+ROLE = "megatron_mesh"
+"""The dataclass-metadata key under which a MeshConfig field carries its ``Role``."""
+
+
+@dataclass(frozen=True)
+class Role:
+    """What a MeshConfig field is to megatron-mesh, declared once on the field (``metadata``);
+    the experiment's model keys, the resume architecture check and the fields taken from
+    megatron's arguments are all read from it (``fields_where``)."""
+
+    model_key: bool = True
+    """An experiment's ``model:`` section sets it (the rest of the TransformerConfig comes from
+    the other sections, i.e. megatron's arguments)."""
+    architecture: bool = False
+    """It changes the function the weights compute: a resume from a checkpoint whose value
+    differs is refused (training/resume.py)."""
+    derived_from: str = ""
+    """MeshConfig sets it from this other field, so megatron's argument-built value is not
+    copied (training/providers.py)."""
+    choices: Tuple[Any, ...] = ()
+    """The values it may take (checked by MeshConfig, listed in docs/configuration.md)."""
+
+
+MODEL = Role()
+ARCHITECTURE = Role(architecture=True)
+TRAINER = Role(model_key=False)
+"""Set by the trainer from the parallel layout, not by the experiment's model section."""
+
+
+def mesh_field(role: Role, default: Any = MISSING, choices: Tuple[Any, ...] = ()) -> Any:
+    return field(default=default, metadata={ROLE: dataclasses.replace(role, choices=choices)})
+
+
+def inherited(name: str, role: Role, default: Any = MISSING) -> Any:
+    """megatron-core's TransformerConfig field ``name`` re-declared with a role (and, if given,
+    another default); its type position, metadata and docstring stay megatron's."""
+    base = TransformerConfig.__dataclass_fields__[name]
+    if default is MISSING and base.default_factory is not MISSING:
+        return field(default_factory=base.default_factory, metadata={**base.metadata, ROLE: role})
+    return field(default=base.default if default is MISSING else default,
+                 metadata={**base.metadata, ROLE: role})
+
+
+def refuse_unsupported(settings: Dict[str, Tuple[Any, Any]], owner: str) -> None:
+    """Raise for the first ``name: (value, supported_value)`` whose value is not supported."""
+    for name, (value, supported) in settings.items():
+        if value != supported:
+            raise ValueError(f"{name}={value!r} is not supported by {owner} (expected {supported!r})")
+
+
+@dataclass
+class MeshConfig(TransformerConfig):
+    """A Prelude-Recurrent-Coda GPT-NeoX model. Defaults follow Pythia (GPT-NeoX) and the paper."""
+
+    layout: str = mesh_field(ARCHITECTURE, "")
+    """'N' (vanilla), 'P+CRK+D' (tied core looped K times) or 'P+C1+...+CK+D' (untied cores)."""
+
+    state_scheme: str = mesh_field(ARCHITECTURE, "mesh")
+    """How state passes between loop steps (schemes.SCHEME_NAMES): vanilla, base, residual,
+    anchor, anchor_star, mesh, static_comb, dynamic_comb, a '+'-sum of residual/anchor/anchor_star;
+    beyond the paper mesh_shared (one router pair for all loop steps) and the input injection of
+    Huginn / Parcae: additive_injection, linear_injection, diagonal_injection."""
+
+    buffer_slots: Optional[int] = mesh_field(ARCHITECTURE, None)
+    """MeSH buffer length B; default K + 3 (paper App. E.1). Only for mesh and mesh_shared."""
+
+    cycle_impl: str = mesh_field(MODEL, "auto", CYCLE_IMPLEMENTATIONS)
+    """MeSH cycle implementation: 'auto' (the fused, compiled cycle of fused_mesh.py on CUDA,
+    the eager one on CPU), 'fused' or 'eager' everywhere. Same math."""
+
+    cycle_compile_fallback: bool = mesh_field(MODEL, False)
+    """Where the fused MeSH cycle is compiled (CUDA) and torch.compile fails: stop with
+    fused_mesh.CompileFailure (False) or warn and run it uncompiled (True): the same math with
+    several more passes over the [B, s, b, h] buffer per loop step, a throughput loss a large job
+    should choose rather than meet."""
+
+    initial_state: str = mesh_field(ARCHITECTURE, "zero", INITIAL_STATES)
+    """Input injection schemes (injection.py): the loop's starting state x(0), 'zero' or
+    'random' (truncated normal, drawn on every forward, as Huginn and Parcae)."""
+
+    initial_state_std: float = mesh_field(ARCHITECTURE, math.sqrt(2 / 5))
+    """Standard deviation of a random x(0), cut at 3 std. Default Huginn's sqrt(2/5) (its
+    sqrt(2/(5h)) times its sqrt(h) embedding scale); Parcae's is sqrt(2/(5h))."""
+
+    loop_depth: str = mesh_field(MODEL, "fixed", DEPTH_SAMPLERS)
+    """Loop steps per training step (loop_depth.py): 'fixed' (mean_loops, default the layout's K),
+    'poisson_lognormal' (Huginn: Poisson(LogNormal around mean_loops) + 1) or 'poisson'
+    (Parcae: max(Poisson(mean_loops), 1)); one draw per step (or per sequence or token:
+    loop_depth_per), the same on every rank. Needs a tied core and a scheme without per-step
+    parameters; under pipeline parallelism max_loops <= K and stage boundaries between loop
+    steps (every draw is masked into the layout's K-step graph)."""
+
+    mean_loops: Optional[float] = mesh_field(MODEL, None)
+    """Mean loop steps of the depth sampler; default the layout's K."""
+
+    max_loops: Optional[int] = mesh_field(MODEL, None)
+    """Cap on a sampled depth (bounds activation memory); default none. Required for a depth per
+    sequence or token (a micro-batch runs its deepest element's draw) and, <= K, under pipeline
+    parallelism."""
+
+    backprop_loops: Optional[int] = mesh_field(MODEL, None)
+    """Truncated backprop: only the last this many loop steps carry gradients, the others run
+    without an autograd graph (Huginn, Parcae); default all."""
+
+    loop_depth_per: str = mesh_field(MODEL, "batch", DEPTH_UNITS)
+    """What one draw of a sampled loop_depth covers: the global 'batch' of a training step, each
+    'sequence' or each 'token' (Parcae's recurrent_iteration_method). Per sequence or token a
+    micro-batch runs the steps its deepest element needs and the others keep their state
+    (loop_depth.py); the FLOPs and the logged depth count each element's own steps."""
+
+    scale_embeddings: bool = mesh_field(ARCHITECTURE, True)
+    """Multiply the input embeddings by sqrt(hidden_size) before the first layer (App. B)."""
+
+    vocab_size: int = mesh_field(ARCHITECTURE, 50304)
+    """Padded vocabulary size (GPT-NeoX-20B tokenizer: 50277 ids padded to 50304)."""
+
+    max_sequence_length: int = mesh_field(MODEL, 4096)
+    """Longest sequence the rotary tables are built for."""
+
+    rotary_percent: float = mesh_field(ARCHITECTURE, 0.25)
+    """Fraction of each attention head that gets rotary embeddings (GPT-NeoX: 25%)."""
+
+    rotary_base: int = mesh_field(ARCHITECTURE, 10000)
+    """Rotary embedding base period."""
+
+    gelu_approximation: str = mesh_field(ARCHITECTURE, "tanh", GELU_APPROXIMATIONS)
+    """'tanh' (what GPT-NeoX trained Pythia with, and megatron's fused bias-GELU) or 'none' (erf).
+    The Hugging Face export declares the same activation."""
+
+    pipeline_carry_width: Optional[int] = mesh_field(TRAINER, None)
+    """Last dimension of the one tensor every pipeline boundary sends (the widest carry of the
+    split; parallel/carry.py). Set by the trainer when pipelining (training/providers.py), so
+    megatron-core's schedules send fixed shapes; None: carries are sent at their own width."""
+
+    pipeline_stage_layers: Optional[Tuple[int, ...]] = mesh_field(TRAINER, None)
+    """Layer applications of the unrolled graph per pipeline stage (one count per stage, summing
+    to N_compute; with virtual pipelining one per virtual stage, in execution order: chunk v of
+    rank r is stage v * pipeline_size + r); default an even split. Lets the embedding and
+    LM-head stages take fewer."""
+
+    # megatron-core's fields, with their role here; Pythia / GPT-NeoX values where megatron-core
+    # defaults differently (dropout, epsilon).
+    num_layers: int = inherited("num_layers", Role(derived_from="layout"))
+    hidden_size: int = inherited("hidden_size", ARCHITECTURE)
+    num_attention_heads: int = inherited("num_attention_heads", ARCHITECTURE)
+    ffn_hidden_size: Optional[int] = inherited("ffn_hidden_size", ARCHITECTURE)
+    kv_channels: Optional[int] = inherited("kv_channels", ARCHITECTURE)
+    init_method_std: float = inherited("init_method_std", MODEL)
+    layernorm_epsilon: float = inherited("layernorm_epsilon", ARCHITECTURE, 1e-5)
+    hidden_dropout: float = inherited("hidden_dropout", MODEL, 0.0)
+    attention_dropout: float = inherited("attention_dropout", MODEL, 0.0)
+    activation_func: Callable = inherited(
+        "activation_func", Role(model_key=False, derived_from="gelu_approximation"))
+    init_method: Optional[Callable] = inherited(
+        "init_method", Role(model_key=False, derived_from="init_method_std"))
+    output_layer_init_method: Optional[Callable] = inherited(
+        "output_layer_init_method", Role(model_key=False, derived_from="init_method_std"))
+    embedding_init_method: Optional[Callable] = inherited(
+        "embedding_init_method", Role(model_key=False, derived_from="init_method_std"))
+    # megatron-core 0.19.2 defaults this to "full" and then warns that "full" is deprecated
+    # (transformer_config.py:2415) for every config; [] is the same whole-layer coverage.
+    cuda_graph_modules: list = field(default_factory=list)
+
+    def __post_init__(self):
+        self.parsed_layout: Layout = parse_layout(self.layout) if self.layout else None
+        self._validate_mesh_fields()
+        self.num_layers = self.parsed_layout.n_compute
+        self._set_activation()
+        if not torch.cuda.is_available():
+            # megatron allocates parameters on the current CUDA device unless told otherwise
+            self.use_cpu_initialization = True
+        super().__post_init__()
+
+    def _set_activation(self) -> None:
+        # megatron's fused bias-GELU (fusions/fused_bias_gelu.py: bias_gelu) computes exactly the
+        # tanh form, but its MLP takes the fused path only for activation_func is F.gelu
+        # (transformer/mlp.py), which unfused is the erf form. So tanh is F.gelu when fused and
+        # spelled out when not; erf never fuses (no erf kernel).
+        if self.gelu_approximation == "tanh":
+            self.activation_func = (F.gelu if self.bias_activation_fusion
+                                    else functools.partial(F.gelu, approximate="tanh"))
+        else:
+            self.activation_func = F.gelu
+            self.bias_activation_fusion = False
+
+    @property
+    def num_loops(self) -> int:
+        return self.parsed_layout.num_loops
+
+    def _validate_mesh_fields(self) -> None:
+        if self.parsed_layout is None:
+            raise ValueError("layout is required: expected e.g. '24', '4+8R2+4' or '4+8+8+4'")
+        layout = self.parsed_layout
+        self.state_scheme = normalize_scheme(self.state_scheme)
+        self._check_choices()
+        if layout.recursive == (self.state_scheme == "vanilla"):
+            allowed = "'vanilla'" if not layout.recursive else "any scheme but 'vanilla'"
+            raise ValueError(
+                f"state_scheme={self.state_scheme!r} does not fit layout={self.layout!r}: "
+                f"expected {allowed}"
+            )
+        if self.num_layers and self.num_layers != layout.n_compute:
+            raise ValueError(
+                f"num_layers={self.num_layers} disagrees with layout={self.layout!r}, whose "
+                f"unrolled depth N_compute is {layout.n_compute}: drop num_layers or set it to "
+                f"{layout.n_compute}"
+            )
+        self._validate_slots()
+        self._validate_depth()
+        self._refuse_low_bit_formats()
+        if self.hidden_size <= 0 or self.num_attention_heads <= 0:
+            raise ValueError(
+                f"hidden_size={self.hidden_size}, num_attention_heads={self.num_attention_heads}: "
+                "both must be positive"
+            )
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size={self.hidden_size} is not divisible by num_attention_heads="
+                f"{self.num_attention_heads}: expected a multiple of the head count, e.g. "
+                f"{self.num_attention_heads * max(1, self.hidden_size // self.num_attention_heads)}"
+            )
+        if self.initial_state != "zero" and not issubclass(
+                scheme_class(self.state_scheme) or type, InjectionScheme):
+            raise ValueError(f"initial_state={self.initial_state!r} is only used by the input "
+                             f"injection schemes, not {self.state_scheme!r}: remove it")
+        if not 0.0 < self.rotary_percent <= 1.0:
+            raise ValueError(f"rotary_percent={self.rotary_percent}: expected 0 < value <= 1")
+
+    def _validate_depth(self) -> None:
+        for name in ("mean_loops", "max_loops", "backprop_loops"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name}={value}: expected a value >= 1")
+        if self.mean_loops is None:
+            self.mean_loops = float(self.parsed_layout.num_loops)
+        if self.loop_depth_per != "batch" and self.loop_depth == "fixed":
+            raise ValueError(f"loop_depth_per={self.loop_depth_per!r} draws a depth per "
+                             f"{self.loop_depth_per}: it needs a sampled loop_depth "
+                             f"('poisson' or 'poisson_lognormal'), not 'fixed'")
+        if self.loop_depth_per != "batch" and self.max_loops is None:
+            raise ValueError(f"loop_depth_per={self.loop_depth_per!r}: a micro-batch runs the steps "
+                             f"its deepest {self.loop_depth_per} draws, the maximum of many draws: "
+                             f"set max_loops to bound its memory and time")
+        if not LoopDepth.of(self).varies:
+            return
+        setting = self.depth_setting()
+        if not self.parsed_layout.tied or not self.parsed_layout.recursive:
+            raise ValueError(f"{setting} needs a tied looped core ('P+CRK+D'), not layout={self.layout!r}")
+        if has_per_step_parameters(self.state_scheme):
+            raise ValueError(
+                f"{setting}: state_scheme={self.state_scheme!r} has parameters per loop step, so it "
+                "runs exactly its K steps, all with gradients; use mesh_shared or an injection scheme")
+        if self.pipeline_model_parallel_size > 1:
+            stages = self.pipeline_model_parallel_size * (self.virtual_pipeline_model_parallel_size or 1)
+            problem = self.pipeline_depth_problem(stages, self.pipeline_stage_layers)
+            if problem:
+                raise ValueError(problem)
+
+    def depth_setting(self) -> str:
+        per = f" per {self.loop_depth_per}" if self.loop_depth_per != "batch" else ""
+        return (f"loop_depth={self.loop_depth!r}{per}, mean_loops={self.mean_loops}, "
+                f"backprop_loops={self.backprop_loops}")
+
+    def deepest_draw(self) -> Optional[int]:
+        """The most loop steps a training step may draw (None: unbounded)."""
+        if self.loop_depth == "fixed":
+            steps = round(self.mean_loops)
+            return steps if self.max_loops is None else min(steps, self.max_loops)
+        return self.max_loops
+
+    def pipeline_depth_problem(self, stages: int,
+                               stage_layers: Optional[Tuple[int, ...]] = None) -> Optional[str]:
+        """Why this varying depth cannot run on ``stages`` pipeline stages (virtual ones
+        included), or None. The stages hold slices of the layout's fixed K-step graph and every
+        draw is masked into it (loop_depth.LoopDepth.graph_slots), so the draw must fit in K
+        steps and a stage boundary must not cut a loop step (whose step mask needs the state the
+        step started from). Both checked before launch (trainer) and where the model is built."""
+        layout, where = self.parsed_layout, f"{self.depth_setting()} under {stages} pipeline stages"
+        deepest = self.deepest_draw()
+        if deepest is None or deepest > layout.num_loops:
+            return (f"{where}: the stages hold a fixed graph of the layout's K={layout.num_loops} "
+                    f"loop steps and mask each draw into it, so a draw must fit: set max_loops <= "
+                    f"{layout.num_loops} (got {self.max_loops}), or a layout with K = max_loops")
+        ops = unrolled_ops(layout)
+        for start, _ in stage_bounds(layout.n_compute, stages, stage_layers)[1:]:
+            step = loop_step_cut_at(ops, start)
+            if step is not None:
+                return (f"{where}: a stage starts at layer application {start}, inside loop step "
+                        f"{step}; set pipeline_stage_layers so that every stage boundary falls "
+                        f"between loop steps or outside the loop")
+        return None
+
+    def _check_choices(self) -> None:
+        for f in dataclasses.fields(self):
+            choices = f.metadata[ROLE].choices if ROLE in f.metadata else ()
+            if choices and getattr(self, f.name) not in choices:
+                raise ValueError(f"{f.name}={getattr(self, f.name)!r}: expected one of {list(choices)}")
+
+    def _refuse_low_bit_formats(self) -> None:
+        # TransformerEngine keeps fp8/fp4 scaling state (amax history, scales) per module and
+        # megatron enters its autocast per layer in TransformerBlock.forward, which this block
+        # replaces; a weight-shared core applied K times would also need one state per
+        # application, not one per module. Until that exists, refuse rather than train in bf16
+        # while the run says fp8.
+        for name in ("fp8", "fp4"):
+            if getattr(self, name, None):
+                raise ValueError(
+                    f"{name}={getattr(self, name)!r}: {name} training is not supported by the "
+                    f"recursive block (no per-application {name} state for the looped core); "
+                    f"remove --{name}-format and train in bf16 (precision.dtype: bf16)")
+
+    def _validate_slots(self) -> None:
+        if "buffer" not in carried_state(self.state_scheme):
+            if self.buffer_slots is not None:
+                raise ValueError(
+                    f"buffer_slots={self.buffer_slots} is only used by the MeSH schemes, "
+                    f"not {self.state_scheme!r}: remove it"
+                )
+            return
+        if self.buffer_slots is None:
+            self.buffer_slots = self.num_loops + 3
+        if not isinstance(self.buffer_slots, int) or self.buffer_slots < 2:
+            raise ValueError(
+                f"buffer_slots={self.buffer_slots!r} is invalid: expected an integer >= 2 "
+                f"(default K+3 = {self.num_loops + 3})"
+            )
+
+
+
+def fields_where(predicate: Callable[[Role], bool]) -> Tuple[str, ...]:
+    """Names of the MeshConfig fields whose role satisfies ``predicate``, in declaration order
+    (megatron-core's position for the ones it declares)."""
+    return tuple(f.name for f in dataclasses.fields(MeshConfig)
+                 if ROLE in f.metadata and predicate(f.metadata[ROLE]))
+
+
+MODEL_KEYS = fields_where(lambda role: role.model_key)
+"""The experiment's ``model:`` section."""
+ARCHITECTURE_FIELDS = fields_where(lambda role: role.architecture)
+"""What a resumed checkpoint must agree on."""
+DERIVED_FIELDS = fields_where(lambda role: bool(role.derived_from))
+"""TransformerConfig fields MeshConfig sets itself."""
+
+
+def field_docs() -> Dict[str, str]:
+    """name -> docstring (shortened) of every MeshConfig field that has one: the attribute
+    docstrings of this class and of megatron-core's TransformerConfig / ModelParallelConfig,
+    read from their sources (docs/configuration.md is generated from them)."""
+    import ast
+    import inspect
+
+    docs: Dict[str, str] = {}
+    for cls in reversed(MeshConfig.__mro__):
+        if cls is object or not dataclasses.is_dataclass(cls):
+            continue
+        body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+        for node, after in zip(body, body[1:]):
+            if (isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr)
+                    and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+                docs[node.target.id] = _shortened(after.value.value)
+    return docs
+
+
+def _shortened(text: str, limit: int = 240) -> str:
+    """One line; past ``limit`` characters, up to the last sentence end before it."""
+    flat = " ".join(text.split()).replace("|", "/")
+    if len(flat) <= limit:
+        return flat
+    end = flat.rfind(". ", 0, limit)
+    return flat[:end + 1] if end > 0 else flat[:limit] + "..."
+

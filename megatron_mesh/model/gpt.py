@@ -1,0 +1,126 @@
+"""MeshGPTModel: embeddings -> RecursiveMeshTransformerBlock -> untied output layer.
+
+Built on megatron-core's ``LanguageModule`` and its embedding, rotary and parallel-linear
+modules rather than on ``GPTModel``: ``GPTModel`` hard-codes its ``TransformerBlock`` (so a
+subclass would build and discard a full stack) and is deprecated in 0.19 in favour of
+``HybridModel``, whose layer-pattern language has no notion of a looped core. The pieces used
+here are the stable building blocks both of them share.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import Tensor
+
+from megatron.core import tensor_parallel
+from megatron.core.models.common.embeddings.language_model_embedding import (
+    LanguageModelEmbedding,
+)
+from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+from megatron.core.models.common.language_module.language_module import LanguageModule
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.enums import ModelType
+
+from megatron_mesh.config.model import MeshConfig
+from megatron_mesh.model.block import RecursiveMeshTransformerBlock, StateList
+from megatron_mesh.model.layers import RecursiveBlockSubmodules
+from megatron_mesh.parallel import carry as boundary
+from megatron_mesh.parallel import stages
+
+
+class MeshGPTModel(LanguageModule):
+    """GPT-NeoX-style causal LM around the recursive block.
+
+    Under pipeline parallelism it is one stage of the unrolled graph: model chunk ``vp_stage``
+    (virtual pipelining) of this pipeline rank (``megatron_mesh.parallel.stages``, ``.carry``).
+
+    forward(input_ids [b, s], position_ids [b, s]) returns logits [b, s, V] (vocab-parallel
+    unless ``parallel_output=False``), or, given labels [b, s], the per-token loss [b, s].
+    """
+
+    def __init__(
+        self,
+        config: MeshConfig,
+        spec: Optional[RecursiveBlockSubmodules] = None,
+        parallel_output: bool = True,
+        pg_collection: Optional[ProcessGroupCollection] = None,
+        pre_process: bool = True,
+        post_process: bool = True,
+        vp_stage: Optional[int] = None,
+    ):
+        super().__init__(config=config, pg_collection=pg_collection)
+        self.model_type = ModelType.encoder_or_decoder
+        self.pre_process, self.post_process = pre_process, post_process
+        self.share_embeddings_and_output_weights = False
+        self.parallel_output = parallel_output
+        self.vocab_size = config.vocab_size
+        self.input_tensor: Optional[Tensor] = None
+        if pre_process:
+            self.embedding = LanguageModelEmbedding(
+                config=config,
+                vocab_size=config.vocab_size,
+                max_sequence_length=config.max_sequence_length,
+                position_embedding_type="rope",
+                tp_group=self.pg_collection.tp,
+            )
+        self.rotary_pos_emb = RotaryEmbedding(
+            kv_channels=config.kv_channels,
+            rotary_percent=config.rotary_percent,
+            rotary_interleaved=config.rotary_interleaved,
+            rotary_base=config.rotary_base,
+            use_cpu_initialization=config.use_cpu_initialization,
+            cp_group=self.pg_collection.cp,
+        )
+        pp = self.pg_collection.pp
+        if pp.size() != config.pipeline_model_parallel_size:
+            raise ValueError(f"pipeline group of {pp.size()} ranks, but the config says "
+                             f"pipeline_model_parallel_size={config.pipeline_model_parallel_size}")
+        self.vp_stage = vp_stage
+        self.stage = stages.stage_of(config, stages.stage_index(config, pp.rank(), vp_stage))
+        self.decoder = RecursiveMeshTransformerBlock(config, spec, self.pg_collection, self.stage)
+        # what the carry holds where this stage receives it and where it hands it on
+        self.carry_phases = tuple(stages.boundary_phase(config, q) for q in self.stage)
+        if post_process:
+            self.output_layer = tensor_parallel.ColumnParallelLinear(
+                config.hidden_size,
+                config.vocab_size,
+                config=config,
+                init_method=config.init_method,
+                bias=False,
+                gather_output=not parallel_output,
+                tp_group=self.pg_collection.tp,
+            )
+        self.setup_embeddings_and_output_layer()
+
+    def set_input_tensor(self, input_tensor) -> None:
+        """What the previous pipeline stage sent (megatron's schedules call this every step)."""
+        if isinstance(input_tensor, (list, tuple)):
+            input_tensor = input_tensor[0] if input_tensor else None
+        self.input_tensor = input_tensor
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        position_ids: Tensor,
+        attention_mask: Optional[Tensor] = None,
+        labels: Optional[Tensor] = None,
+        num_loops: Optional[int] = None,
+        states: StateList = None,
+        grad_loops: Optional[int] = None,
+        step_mask: Optional[Tensor] = None,
+    ) -> Tensor:
+        rotary_pos_emb = self.rotary_pos_emb(input_ids.shape[1])
+        if self.pre_process:
+            h_emb = self.embedding(input_ids=input_ids, position_ids=position_ids)  # [s, b, h]
+            h_emb, carry = h_emb * self.decoder.embedding_scale(), None
+        else:  # a later pipeline stage: [s, b, W] from the previous one
+            h_emb, carry = None, boundary.unpack(self.input_tensor, self.carry_phases[0], self.config)
+        h = self.decoder(h_emb, attention_mask, rotary_pos_emb, num_loops=num_loops, states=states,
+                         carry=carry, grad_loops=grad_loops, step_mask=step_mask)
+        if not self.post_process:
+            return boundary.pack(h, self.carry_phases[1], self.config)
+        logits, _ = self.output_layer(h)  # [s, b, V/tp]
+        if labels is None:
+            return logits.transpose(0, 1).contiguous()  # [b, s, V/tp]
+        return self.compute_language_model_loss(labels, logits)  # [b, s]

@@ -1,0 +1,106 @@
+"""Training FLOPs: the count from the config alone equals the count over the real model's
+parameters, and follows megatron-core's convention (its own ``num_floating_point_operations`` on
+Megatron's parsed arguments) with every core application of a loop counted."""
+
+import argparse
+import contextlib
+import io
+
+import pytest
+import torch
+
+from conftest import REPO, tiny_config
+
+TINY = REPO / "configs/tiny-cpu.yml"
+
+
+@pytest.mark.parametrize(
+    "layout, scheme",
+    [("3", "vanilla"), ("1+2R3+1", "base"), ("1+2R2+1", "mesh"), ("1+1+2+1", "mesh"),
+     ("1+2R2+1", "static_comb"), ("1+2R2+1", "dynamic_comb")],
+)
+def test_config_matmul_count_equals_the_built_model(megatron_world, layout, scheme):
+    from megatron_mesh.model.gpt import MeshGPTModel
+    from megatron_mesh.model.stats import applied_matmul_weights, applied_matmul_weights_of_config
+
+    cfg = tiny_config(layout, scheme, perform_initialization=False)
+    with torch.device("meta"):
+        model = MeshGPTModel(cfg)
+    assert applied_matmul_weights(model) == applied_matmul_weights_of_config(cfg)
+
+
+def megatron_args(config, overrides=(), passthrough=()):
+    """Megatron's arguments for a YAML config as the trainer builds them: ``megatron_argv``
+    (plus flags passed through after ``--``), Megatron's parser with ours, and ``validate_args``,
+    which fills what the FLOP count reads (kv_channels, num_query_groups, ...)."""
+    from megatron.training.arguments import add_megatron_arguments, validate_args
+
+    from megatron_mesh.config.yaml_file import load_config_tree
+    from megatron_mesh.training.arguments import add_mesh_arguments, megatron_argv
+
+    parser = add_mesh_arguments(add_megatron_arguments(argparse.ArgumentParser(allow_abbrev=False)))
+    args = parser.parse_args(megatron_argv(*load_config_tree(config, overrides)) + list(passthrough))
+    args.rank, args.world_size = 0, 1  # what megatron's parse_args reads from the environment
+    with contextlib.redirect_stdout(io.StringIO()):  # validate_args prints every argument
+        validate_args(args, {})
+    return args
+
+
+def megatron_flops(args, batch: int) -> float:
+    """megatron-core's FLOPs of one global batch of full-length sequences."""
+    from megatron.training.training import num_floating_point_operations
+
+    return num_floating_point_operations(args, batch)
+
+
+VANILLA = [
+    # Pythia shapes: q = kv_channels * heads = hidden
+    ("pythia-1.4b-24-vanilla.yml", (), (), {}),
+    ("pythia-160m-12-vanilla.yml", (), (), {}),
+    # q = 4 * 24 = 96 != hidden 64 (megatron_argv passes model.kv_channels on as --kv-channels)
+    ("tiny-cpu.yml", ("model.layout=3", "model.state_scheme=vanilla", "model.kv_channels=24"),
+     (), {}),
+    # GQA: not a YAML key, so set on MeshConfig (a TransformerConfig field) and passed through
+    ("tiny-cpu.yml", ("model.layout=2", "model.state_scheme=vanilla"),
+     ("--group-query-attention", "--num-query-groups", "2"), {"num_query_groups": 2}),
+]
+
+
+@pytest.mark.parametrize("name, overrides, passthrough, extra", VANILLA,
+                         ids=["pythia-1.4b", "pythia-160m", "kv_channels", "gqa"])
+def test_vanilla_flops_equal_megatron_cores_count(name, overrides, passthrough, extra):
+    """Fails for every case under the old convention (12 * s * h per layer, no causal half)."""
+    from megatron_mesh.config.yaml_file import load_model_config
+    from megatron_mesh.model.stats import train_flops_per_token
+
+    args = megatron_args(REPO / "configs" / name, overrides, passthrough)
+    cfg = load_model_config(REPO / "configs" / name, overrides, use_cpu_initialization=True, **extra)
+    assert (args.num_layers, args.kv_channels, args.padded_vocab_size) == (
+        cfg.num_layers, cfg.kv_channels, cfg.vocab_size)
+    batch, s = 4, args.seq_length
+    assert train_flops_per_token(cfg, s) * batch * s == megatron_flops(args, batch)
+
+
+@pytest.mark.parametrize(
+    "layout, scheme",
+    [("1+2R3+1", "base"), ("1+2R2+1", "mesh"), ("1+1+2+1", "mesh"), ("1+2R2+1", "anchor"),
+     ("1+2R2+1", "static_comb"), ("1+2R2+1", "dynamic_comb")],
+)
+def test_looped_flops_are_vanilla_at_n_compute_plus_routers(megatron_world, layout, scheme):
+    """Every core application counts as a layer of a vanilla model N_compute deep; the scheme
+    adds its router matmuls (read off the built model's 2-D weights), nothing else."""
+    from megatron_mesh.config.yaml_file import load_model_config
+    from megatron_mesh.model.gpt import MeshGPTModel
+    from megatron_mesh.model.stats import train_flops_per_token
+
+    overrides = (f"model.layout={layout}", f"model.state_scheme={scheme}")
+    cfg = load_model_config(TINY, overrides, perform_initialization=False, use_cpu_initialization=True)
+    with torch.device("meta"):
+        scheme_module = MeshGPTModel(cfg).decoder.scheme
+    routers = sum(p.numel() for n, p in (scheme_module.named_parameters() if scheme_module else ())
+                  if p.dim() == 2 and n.endswith("weight"))
+    assert (routers > 0) == (scheme in ("mesh", "dynamic_comb"))
+    vanilla = megatron_args(TINY, (f"model.layout={cfg.num_layers}", "model.state_scheme=vanilla"))
+    batch, s = 2, vanilla.seq_length
+    expected = megatron_flops(vanilla, batch) + 6 * routers * batch * s
+    assert train_flops_per_token(cfg, s) * batch * s == expected
