@@ -12,3 +12,8 @@ class MeshError(Exception):
 
 class CheckpointError(MeshError, ValueError):
     """Not a checkpoint, or one that disagrees with its config."""
+
+
+class ConfigError(MeshError, ValueError):
+    """A configuration file, override or model setting is invalid; the message names the file
+    or key, what was given and what is expected."""

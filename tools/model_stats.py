@@ -108,7 +108,7 @@ def main(argv=None):
     import megatron_mesh  # after parsing (--help stays light): CPU shims before megatron.core
 
     megatron_mesh.compat.silence_known_megatron_warnings()  # its notes on absent kernels
-    from megatron_mesh.config.yaml_file import ConfigError
+    from megatron_mesh.errors import ConfigError
 
     try:
         cfg = load_config(args.config, args.overrides)

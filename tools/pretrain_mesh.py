@@ -200,7 +200,7 @@ def main(argv=None):
     import megatron_mesh  # (CPU shims before megatron.core)
     megatron_mesh.compat.silence_known_megatron_warnings()  # its notes on absent kernels
     from megatron_mesh.compat import cpu
-    from megatron_mesh.config.yaml_file import ConfigError
+    from megatron_mesh.errors import ConfigError
 
     if not (args.cpu or args.print_args or cpu.cuda_available()):  # --print-args only prints
         sys.exit("error: no CUDA device is visible; pass --cpu to train on the CPU (tests, demos)")

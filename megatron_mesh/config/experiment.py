@@ -15,6 +15,8 @@ import typing
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Dict, List, Optional, Tuple, Union
 
+from megatron_mesh.errors import ConfigError
+
 REQUIRED = "required"  # doc marker for keys without a default
 FLOAT32_MAX = 3.4028234663852886e38
 
@@ -228,10 +230,6 @@ class Experiment:
     logging: Logging
     model: Dict[str, Any]
     """The model section as written (MeshConfig validates it; it travels as JSON to the model)."""
-
-
-class ConfigError(ValueError):
-    """A configuration file or override is invalid; the message names file, key and problem."""
 
 
 def section_keys(name: str) -> Tuple[str, ...]:

@@ -17,7 +17,8 @@ from typing import Any, Dict, Iterable, List, Sequence, Tuple
 
 import yaml
 
-from megatron_mesh.config.experiment import SECTIONS, ConfigError, section_keys, type_name, type_ok
+from megatron_mesh.config.experiment import SECTIONS, section_keys, type_name, type_ok
+from megatron_mesh.errors import ConfigError
 from megatron_mesh.config.model import MODEL_KEYS, MeshConfig
 
 SCHEMA: Dict[str, Tuple[str, ...]] = {

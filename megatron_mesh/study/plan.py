@@ -31,7 +31,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
-from megatron_mesh.config.yaml_file import ConfigError, load_config_tree, parse_value
+from megatron_mesh.config.yaml_file import load_config_tree, parse_value
+from megatron_mesh.errors import ConfigError
 
 KEYS = ("description", "base", "set", "variants", "seeds", "baseline", "launch", "heldout", "probes")
 HELDOUT_DEFAULTS = {"max_documents": 500, "seq_length": None, "batch_size": 8}

@@ -19,7 +19,8 @@ from megatron_mesh.config.model import MeshConfig
 from megatron_mesh.data.tokenizer import EXPECTED, TokenizerSpecError, tokenizer_source
 from megatron_mesh.config.experiment import (SECTIONS, Data, Experiment, Logging, Parallelism, Tokenizer, Training,
                                              flag_args, parse_experiment, type_ok, value_problem)
-from megatron_mesh.config.yaml_file import ConfigError, model_config
+from megatron_mesh.config.yaml_file import model_config
+from megatron_mesh.errors import ConfigError
 from megatron_mesh.recurrence.loop_depth import LoopDepth
 from megatron_mesh.recurrence.unrolled import stage_bounds
 

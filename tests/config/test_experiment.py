@@ -5,7 +5,8 @@ import pytest
 from conftest import REPO
 
 from megatron_mesh.config import experiment
-from megatron_mesh.config.yaml_file import SCHEMA, ConfigError, load_config_tree
+from megatron_mesh.config.yaml_file import SCHEMA, load_config_tree
+from megatron_mesh.errors import ConfigError
 
 
 def test_docs_configuration_md_is_generated_from_the_fields():

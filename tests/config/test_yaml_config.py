@@ -3,7 +3,8 @@ import pytest
 
 from conftest import REPO, model_configs
 
-from megatron_mesh.config.yaml_file import ConfigError, load_config_tree, load_model_config, parse_value
+from megatron_mesh.config.yaml_file import load_config_tree, load_model_config, parse_value
+from megatron_mesh.errors import ConfigError
 
 
 def write(tmp_path, name, text):

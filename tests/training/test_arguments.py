@@ -7,7 +7,8 @@ import pytest
 
 from conftest import REPO, model_configs
 
-from megatron_mesh.config.yaml_file import ConfigError, load_config_tree
+from megatron_mesh.config.yaml_file import load_config_tree
+from megatron_mesh.errors import ConfigError
 
 
 def megatron_parser():
