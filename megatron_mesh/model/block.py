@@ -27,7 +27,6 @@ from megatron.core.utils import make_viewless_tensor
 from megatron_mesh.config.model import MeshConfig, refuse_unsupported
 from megatron_mesh.model.layers import RecursiveBlockSubmodules, default_block_spec
 from megatron_mesh.parallel.replicas import TIED_COPY, mark_replica_ids
-from megatron_mesh.recurrence.fused_mesh import CycleCompile
 from megatron_mesh.recurrence.mesh import LoopState, SchemeOptions
 from megatron_mesh.recurrence.schemes import build_scheme, has_per_step_parameters
 from megatron_mesh.recurrence.unrolled import Carry, Op, stage_ops, unrolled_ops
@@ -141,16 +140,6 @@ class _StepGate:
             return torch.where(keep, h, self.entry.h), state.where(keep, self.entry.state)
 
 
-def scheme_options(config: MeshConfig) -> SchemeOptions:
-    return SchemeOptions(
-        hidden_size=config.hidden_size, num_loops=config.num_loops, init_method=config.init_method,
-        init_method_std=config.init_method_std, num_slots=config.buffer_slots or 0,
-        cycle_impl=config.cycle_impl,
-        compile_options=CycleCompile(fallback=config.cycle_compile_fallback),
-        initial_state=config.initial_state, initial_state_std=config.initial_state_std,
-        layernorm_epsilon=config.layernorm_epsilon)
-
-
 class RecursiveMeshTransformerBlock(MegatronModule):
     """The transformer stack of a Prelude-Recurrent-Coda model. Input and output are [s, b, h].
 
@@ -192,7 +181,7 @@ class RecursiveMeshTransformerBlock(MegatronModule):
         self.scheme = None
         if any(op.kind != "layer" for op in self.ops):
             with _param_device(config):
-                self.scheme = build_scheme(config.state_scheme, scheme_options(config))
+                self.scheme = build_scheme(config.state_scheme, SchemeOptions.of(config))
             _mark_sequence_parallel(self.scheme, config.sequence_parallel)
         self.cores = nn.ModuleList(held("core", c) for c in range(len(layout.core_modules)))
         self.coda = held("coda")

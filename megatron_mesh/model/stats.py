@@ -34,10 +34,9 @@ import torch
 from torch import nn
 
 from megatron_mesh.config.model import MeshConfig
-from megatron_mesh.model.block import scheme_options
 from megatron_mesh.model.gpt import MeshGPTModel
 from megatron_mesh.recurrence.loop_depth import LoopDepth, LoopDraw, MeanDepth
-from megatron_mesh.recurrence.mesh import StateScheme, matmul_weights
+from megatron_mesh.recurrence.mesh import SchemeOptions, StateScheme, matmul_weights
 from megatron_mesh.recurrence.schemes import build_scheme
 
 
@@ -85,7 +84,7 @@ def _layer_matmul_weights(cfg: MeshConfig) -> int:
 def _scheme_of_config(cfg: MeshConfig) -> Optional[StateScheme]:
     """The config's scheme module, built on the meta device (shapes only, no memory)."""
     with torch.device("meta"):
-        return build_scheme(cfg.state_scheme, scheme_options(cfg))
+        return build_scheme(cfg.state_scheme, SchemeOptions.of(cfg))
 
 
 def applied_matmul_weights_of_config(cfg: MeshConfig) -> int:

@@ -114,6 +114,17 @@ class SchemeOptions:
     initial_state_std: float = 0.0
     layernorm_epsilon: float = 1e-5
 
+    @classmethod
+    def of(cls, config) -> "SchemeOptions":
+        """The options of a model config (MeshConfig), read by field name: a new option is a
+        field here named as the config's, nothing else. Two are not copied as they are: the
+        config's ``cycle_compile_fallback`` becomes ``compile_options``, and its
+        ``buffer_slots`` of None (a scheme without a buffer) is 0 here."""
+        names = [f.name for f in dataclasses.fields(cls) if f.name not in ("compile_options", "num_slots")]
+        return cls(**{name: getattr(config, name) for name in names},
+                   num_slots=config.buffer_slots or 0,
+                   compile_options=CycleCompile(fallback=config.cycle_compile_fallback))
+
 
 class StateScheme(nn.Module):
     """Base class: the recurrence h(t+1) = rule(h(t), f_core(h(t)), history)."""
