@@ -77,35 +77,43 @@ def router_weights(weights, step, h):
     return w_write, w_read
 
 
+SUPPLEMENTS = ("residual", "anchor", "anchor_star")  # Eq. 1: + h(t), + h(0), + h_emb
+INJECTIONS = ("additive_injection", "linear_injection", "diagonal_injection")
+
+
 def algorithm_1(h_emb, f_pre, f_cores, f_coda, variant):
     """Algorithm 1; ``variant`` is a '+'-joined set of residual/anchor/anchor_star or 'base'."""
+    parts = [] if variant == "base" else variant.split("+")
+    if any(p not in SUPPLEMENTS for p in parts):
+        # refused, not run as 'base': a scheme the reference lacks must fail its comparison
+        raise NotImplementedError(f"the reference has no state scheme {variant!r}")
     h = f_pre(h_emb)
     h0 = h
     for f_core in f_cores:
         h_sup = torch.zeros_like(h)
-        if "residual" in variant.split("+"):
+        if "residual" in parts:
             h_sup = h_sup + h
-        if "anchor" in variant.split("+"):
+        if "anchor" in parts:
             h_sup = h_sup + h0
-        if "anchor_star" in variant.split("+"):
+        if "anchor_star" in parts:
             h_sup = h_sup + h_emb
         h = f_core(h) + h_sup
     return f_coda(h)
 
 
-def algorithm_2(h_emb, f_pre, f_cores, f_coda, weights, num_slots, shared=False):
+def algorithm_2(h_emb, f_pre, f_cores, f_coda, weights, buffer_slots, shared=False):
     """Algorithm 2, line by line (``shared``: every loop step routes with pair 1)."""
-    M = [h_emb] + [torch.zeros_like(h_emb) for _ in range(num_slots - 1)]  # lines 7-8
+    M = [h_emb] + [torch.zeros_like(h_emb) for _ in range(buffer_slots - 1)]  # lines 7-8
     h_m = f_pre(h_emb)  # line 11
     w_write, w_read = router_weights(weights, 0, h_m)  # line 12
-    for b in range(num_slots):  # lines 13-15
+    for b in range(buffer_slots):  # lines 13-15
         M[b] = M[b] + h_m * w_write[..., b : b + 1]
-    h = sum(M[b] * w_read[..., b : b + 1] for b in range(num_slots))  # line 16
+    h = sum(M[b] * w_read[..., b : b + 1] for b in range(buffer_slots))  # line 16
     for t, f_core in enumerate(f_cores):  # line 19
         h_m = f_core(h)  # line 20
         w_write, w_read = router_weights(weights, 1 if shared else t + 1, h)  # line 21: read h(t)
-        M = [M[b] + h_m * w_write[..., b : b + 1] for b in range(num_slots)]  # lines 22-25
-        h = sum(M[b] * w_read[..., b : b + 1] for b in range(num_slots))  # line 26
+        M = [M[b] + h_m * w_write[..., b : b + 1] for b in range(buffer_slots)]  # lines 22-25
+        h = sum(M[b] * w_read[..., b : b + 1] for b in range(buffer_slots))  # line 26
     return f_coda(h)  # line 30
 
 
@@ -127,6 +135,8 @@ def input_injection(h_emb, f_pre, f_cores, f_coda, weights, kind, x0=None):
     """Huginn (recpre/raven_modeling_minimal.py) and Parcae (parcae_lm/modules/injection.py):
     e = f_pre(h_emb); x(t+1) = f_core(inject(x(t), e)) from x(0) = x0 (zeros if None); the coda
     reads x(K) through Huginn's norm or Parcae's C."""
+    if kind not in INJECTIONS:  # refused: a scheme the reference lacks must fail its comparison
+        raise NotImplementedError(f"the reference has no state scheme {kind!r}")
     p = "decoder.scheme"
     e = f_pre(h_emb)
     x = torch.zeros_like(e) if x0 is None else x0
@@ -148,7 +158,7 @@ def input_injection(h_emb, f_pre, f_cores, f_coda, weights, kind, x0=None):
     return f_coda(x)
 
 
-def reference_logits(weights, tokens, layout, scheme, hidden, heads, vocab, num_slots=None, x0=None):
+def reference_logits(weights, tokens, layout, scheme, hidden, heads, vocab, buffer_slots=None, x0=None):
     """Logits [b, s, V] of a Prelude-Recurrent-Coda model, computed from the paper (and, for the
     input injection schemes, from Huginn's and Parcae's code; ``x0`` their starting state)."""
     config = hf_config(hidden, heads, vocab)
@@ -158,7 +168,7 @@ def reference_logits(weights, tokens, layout, scheme, hidden, heads, vocab, num_
     f_coda = Stack(config, weights, "decoder.coda", layout["coda"])
     h_emb = weights["embedding.word_embeddings.weight"][tokens] * math.sqrt(hidden)
     if scheme in ("mesh", "mesh_shared"):
-        h = algorithm_2(h_emb, f_pre, f_cores, f_coda, weights, num_slots, scheme == "mesh_shared")
+        h = algorithm_2(h_emb, f_pre, f_cores, f_coda, weights, buffer_slots, scheme == "mesh_shared")
     elif scheme in ("static_comb", "dynamic_comb"):
         h = combination(h_emb, f_pre, f_cores, f_coda, weights, scheme == "dynamic_comb")
     elif scheme == "vanilla":

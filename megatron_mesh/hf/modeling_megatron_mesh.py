@@ -4,8 +4,9 @@ Self-contained: torch + transformers only, copied into every export. The math eq
 ``megatron_mesh`` (paper Algorithms 1 and 2): GPT-NeoX parallel-residual layers with 25% rotary,
 embeddings x sqrt(d), a tied (or untied) core applied K times, and between steps the state
 scheme (base / residual / anchor / anchor_star sums, MeSH buffer with per-step routers, the
-E.2 combinations, or the input injection of Huginn / Parcae: megatron_mesh/recurrence/injection.py). The KV
-cache keeps one slot per (loop step, layer) application.
+E.2 combinations, or the input injection of Huginn / Parcae: megatron_mesh/recurrence/injection.py),
+each a class named in the one table SCHEMES. The KV cache keeps one slot per (loop step, layer)
+application.
 """
 
 import math
@@ -20,11 +21,6 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_megatron_mesh import MegatronMeshConfig, parse_layout
-
-SUPPLEMENTS = ("residual", "anchor", "anchor_star")
-PER_STEP_PARAMETERS = ("mesh", "static_comb", "dynamic_comb")  # these run K steps only
-INJECTIONS = ("additive_injection", "linear_injection", "diagonal_injection")
-
 
 def rotate_half(x):
     x1, x2 = x.chunk(2, dim=-1)
@@ -103,6 +99,11 @@ class StepRouters(nn.Module):
         self.write, self.read = Router(hidden, slots), Router(hidden, slots)
 
 
+class AddInjection(nn.Module):
+    def forward(self, x, e):
+        return x + e
+
+
 class LinearInjection(nn.Module):
     def __init__(self, hidden: int):
         super().__init__()
@@ -125,30 +126,70 @@ class DiagonalInjection(nn.Module):
         return (decay * x.float() + dt * F.linear(e, self.B).float()).to(x.dtype)
 
 
+# State passing between loop steps, one class per family of megatron_mesh/recurrence/mesh.py
+# and injection.py (their parameter names, so the exported state dict loads as it is); SCHEMES
+# below maps every state_scheme name to its class. Per loop step the model calls
+#   u = scheme.inject(h, state); h = scheme.step(t, u, f_core(u), state); after the last step
+#   the coda reads scheme.end(h). ``state`` is a dict the scheme keeps its history in.
+
+
 class Scheme(nn.Module):
-    """State passing between loop steps; parameter names match megatron-mesh's."""
+    per_step_parameters = False  # True: holds parameters per loop step, so runs 0..K steps only
 
     def __init__(self, config: MegatronMeshConfig, loops: int):
         super().__init__()
-        self.name, h = config.state_scheme, config.hidden_size
-        if self.name in ("mesh", "mesh_shared"):  # mesh_shared: one pair for every loop step
-            self.slots = config.buffer_slots or loops + 3
-            pairs = 2 if self.name == "mesh_shared" else loops + 1
-            self.routers = nn.ModuleList(StepRouters(h, self.slots) for _ in range(pairs))
-        elif self.name == "static_comb":
-            self.coefficients = nn.Parameter(torch.ones(loops, 3))
-        elif self.name == "dynamic_comb":
-            self.coefficient_proj = nn.ModuleList(nn.Linear(h, 3) for _ in range(loops))
-        elif self.name in INJECTIONS:
-            self.initial_state, self.initial_state_std = config.initial_state, config.initial_state_std
-            if self.name == "linear_injection":  # Huginn: adapter, then ln_f reads the last state
-                self.injection = LinearInjection(h)
-                self.readout = nn.LayerNorm(h, eps=config.layer_norm_eps)
-            elif self.name == "diagonal_injection":  # Parcae: diagonal recurrence, C reads it out
-                self.injection = DiagonalInjection(h)
-                self.readout = nn.Linear(h, h, bias=False)
-            else:
-                self.readout = nn.Identity()
+        self.name = config.state_scheme
+
+    def begin(self, h_emb, h_pre):
+        """(h(0), state) from the embeddings and the prelude output."""
+        return h_pre, {"h_emb": h_emb, "h0": h_pre}
+
+    def inject(self, h, state):
+        return h
+
+    def step(self, t, h, h_core, state):
+        raise NotImplementedError
+
+    def end(self, h):
+        return h
+
+
+class Additive(Scheme):
+    """Eq. 1: h(t+1) = f_core(h(t)) + the '+'-joined supplements (none: 'base')."""
+
+    SOURCES = ("residual", "anchor", "anchor_star")  # h(t), h(0), h_emb
+
+    def __init__(self, config, loops):
+        super().__init__(config, loops)
+        self.supplements = [] if self.name == "base" else self.name.split("+")
+        unknown = [s for s in self.supplements if s not in self.SOURCES]
+        if unknown:
+            raise ValueError(f"state_scheme={self.name!r}: {unknown} is not one of {self.SOURCES}")
+
+    def step(self, t, h, h_core, state):
+        sources = {"residual": h, "anchor": state["h0"], "anchor_star": state["h_emb"]}
+        for name in self.supplements:
+            h_core = h_core + sources[name]
+        return h_core
+
+
+class Mesh(Scheme):
+    """Algorithm 2: a B-slot buffer, slot 0 starting as h_emb; routers[0] is the transitional
+    pair (t = -1), routers[t + 1] serves step t."""
+
+    per_step_parameters = True
+
+    def __init__(self, config, loops):
+        super().__init__(config, loops)
+        self.slots = config.buffer_slots or loops + 3
+        h = config.hidden_size
+        self.routers = nn.ModuleList(StepRouters(h, self.slots) for _ in range(self.pairs(loops)))
+
+    def pairs(self, loops):
+        return loops + 1
+
+    def pair(self, t):
+        return self.routers[t + 1]
 
     def _cycle(self, routers, route_from, written, buffer):  # buffer [B, b, s, h]
         # write and read computed in fp32 and rounded once to the buffer's dtype (bf16 exports
@@ -160,44 +201,118 @@ class Scheme(nn.Module):
         return (buffer.to(acc) * r).sum(0).to(buffer.dtype), buffer
 
     def begin(self, h_emb, h_pre):
-        state = {"h_emb": h_emb, "h0": h_pre, "injected": h_pre}
-        if self.name in INJECTIONS:  # x(0): zeros or truncated normal, drawn per forward
-            x = torch.zeros(h_pre.shape, device=h_pre.device)
-            if self.initial_state == "random":
-                std = self.initial_state_std
-                nn.init.trunc_normal_(x, std=std, a=-3 * std, b=3 * std)
-            return x.to(h_pre.dtype), state
-        if self.name in ("mesh", "mesh_shared"):
-            buffer = torch.cat([h_emb.unsqueeze(0), h_emb.new_zeros((self.slots - 1, *h_emb.shape))])
-            h0, state["buffer"] = self._cycle(self.routers[0], h_pre, h_pre, buffer)
-            state["h0"] = h0
-            return h0, state
-        return h_pre, state
-
-    def inject(self, h, state):
-        """The core's input: x + e, W [x ; e] or exp(-dt A) x + dt B e (injection schemes)."""
-        if self.name == "additive_injection":
-            return h + state["injected"]
-        return self.injection(h, state["injected"]) if self.name in INJECTIONS else h
-
-    def end(self, h):
-        return self.readout(h) if self.name in INJECTIONS else h
+        buffer = torch.cat([h_emb.unsqueeze(0), h_emb.new_zeros((self.slots - 1, *h_emb.shape))])
+        h0, buffer = self._cycle(self.routers[0], h_pre, h_pre, buffer)
+        return h0, {"h_emb": h_emb, "h0": h0, "buffer": buffer}
 
     def step(self, t, h, h_core, state):
-        if self.name in INJECTIONS:
-            return h_core
-        if self.name in ("mesh", "mesh_shared"):
-            pair = self.routers[1 if self.name == "mesh_shared" else t + 1]
-            h_next, state["buffer"] = self._cycle(pair, h, h_core, state["buffer"])
-            return h_next
-        if self.name in ("static_comb", "dynamic_comb"):
-            a = self.coefficients[t] if self.name == "static_comb" else self.coefficient_proj[t](h)
-            a = a.to(h_core.dtype)
-            return a[..., 0:1] * h_core + a[..., 1:2] * state["h0"] + a[..., 2:3] * state["h_emb"]
-        sources = {"residual": h, "anchor": state["h0"], "anchor_star": state["h_emb"]}
-        for name in ([] if self.name == "base" else self.name.split("+")):
-            h_core = h_core + sources[name]
+        h_next, state["buffer"] = self._cycle(self.pair(t), h, h_core, state["buffer"])
+        return h_next
+
+
+class SharedMesh(Mesh):
+    """MeSH with one router pair for every loop step (routers[1]; routers[0] stays transitional)."""
+
+    per_step_parameters = False
+
+    def pairs(self, loops):
+        return 2
+
+    def pair(self, t):
+        return self.routers[1]
+
+
+class Combination(Scheme):
+    """Appendix E.2: h(t+1) = a1 f_core(h(t)) + a2 h(0) + a3 h_emb, coefficients per step."""
+
+    per_step_parameters = True
+
+    def coefficients_at(self, t, h):  # [3] or [b, s, 3]
+        raise NotImplementedError
+
+    def step(self, t, h, h_core, state):
+        a = self.coefficients_at(t, h).to(h_core.dtype)
+        return a[..., 0:1] * h_core + a[..., 1:2] * state["h0"] + a[..., 2:3] * state["h_emb"]
+
+
+class StaticComb(Combination):
+    def __init__(self, config, loops):
+        super().__init__(config, loops)
+        self.coefficients = nn.Parameter(torch.ones(loops, 3))
+
+    def coefficients_at(self, t, h):
+        return self.coefficients[t]
+
+
+class DynamicComb(Combination):
+    def __init__(self, config, loops):
+        super().__init__(config, loops)
+        self.coefficient_proj = nn.ModuleList(nn.Linear(config.hidden_size, 3) for _ in range(loops))
+
+    def coefficients_at(self, t, h):
+        return self.coefficient_proj[t](h)
+
+
+class Injection(Scheme):
+    """Input injection (Huginn, Parcae): x(t+1) = f_core(inject(x(t), e)), e the prelude output,
+    from x(0) zeros or truncated normal (drawn per forward); the coda reads readout(x(K))."""
+
+    def __init__(self, config, loops, injection: nn.Module, readout: nn.Module):
+        super().__init__(config, loops)
+        self.initial_state, self.initial_state_std = config.initial_state, config.initial_state_std
+        self.injection, self.readout = injection, readout
+
+    def begin(self, h_emb, h_pre):
+        x = torch.zeros(h_pre.shape, device=h_pre.device)
+        if self.initial_state == "random":
+            std = self.initial_state_std
+            nn.init.trunc_normal_(x, std=std, a=-3 * std, b=3 * std)
+        return x.to(h_pre.dtype), {"h_emb": h_emb, "injected": h_pre}
+
+    def inject(self, h, state):
+        return self.injection(h, state["injected"])
+
+    def step(self, t, h, h_core, state):
         return h_core
+
+    def end(self, h):
+        return self.readout(h)
+
+
+class AdditiveInjectionScheme(Injection):  # u = x + e
+    def __init__(self, config, loops):
+        super().__init__(config, loops, AddInjection(), nn.Identity())
+
+
+class LinearInjectionScheme(Injection):  # Huginn: u = W [x ; e], then ln_f reads the last state
+    def __init__(self, config, loops):
+        h = config.hidden_size
+        super().__init__(config, loops, LinearInjection(h), nn.LayerNorm(h, eps=config.layer_norm_eps))
+
+
+class DiagonalInjectionScheme(Injection):  # Parcae: u = exp(-dt A) x + dt B e, C reads it out
+    def __init__(self, config, loops):
+        h = config.hidden_size
+        super().__init__(config, loops, DiagonalInjection(h), nn.Linear(h, h, bias=False))
+
+
+SCHEMES = {
+    "base": Additive, "residual": Additive, "anchor": Additive, "anchor_star": Additive,
+    "mesh": Mesh, "mesh_shared": SharedMesh,
+    "static_comb": StaticComb, "dynamic_comb": DynamicComb,
+    "additive_injection": AdditiveInjectionScheme, "linear_injection": LinearInjectionScheme,
+    "diagonal_injection": DiagonalInjectionScheme,
+}
+"""state_scheme -> its class: the one place a new scheme is added ('+'-sums of supplements,
+e.g. 'anchor+anchor_star', are Additive; 'vanilla' has no loop and no scheme)."""
+
+
+def build_scheme(config: MegatronMeshConfig, loops: int) -> Scheme:
+    cls = SCHEMES.get(config.state_scheme.split("+")[0])
+    if cls is None:
+        raise ValueError(f"state_scheme={config.state_scheme!r}: this model code knows "
+                         f"{sorted(SCHEMES)} (and '+'-sums of residual, anchor, anchor_star)")
+    return cls(config, loops)
 
 
 class MegatronMeshPreTrainedModel(PreTrainedModel):
@@ -230,7 +345,7 @@ class MegatronMeshModel(MegatronMeshPreTrainedModel):
         cores = core[:1] if tied and core else core
         self.cores = nn.ModuleList(nn.ModuleList(Layer(config) for _ in range(n)) for n in cores)
         self.coda = nn.ModuleList(Layer(config) for _ in range(coda))
-        self.scheme = Scheme(config, self.loops) if self.loops else None
+        self.scheme = build_scheme(config, self.loops) if self.loops else None
         self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         head_dim = config.hidden_size // config.num_attention_heads
         self.rotary = Rotary(int(head_dim * config.rotary_pct), config.rotary_emb_base)
@@ -262,7 +377,7 @@ class MegatronMeshModel(MegatronMeshPreTrainedModel):
         mask = self._mask(attention_mask, b, s, past, input_ids.device)
         ctx = (cos, sin, mask, past_key_values if use_cache else None)
         loops = self.loops if num_loops is None else num_loops
-        if self.scheme is not None and self.scheme.name in PER_STEP_PARAMETERS or not self.tied:
+        if self.scheme is not None and self.scheme.per_step_parameters or not self.tied:
             if not 0 <= loops <= self.loops:
                 raise ValueError(f"num_loops={loops}: expected 0..{self.loops} for this layout and scheme")
         scale = math.sqrt(self.config.hidden_size) if self.config.scale_embeddings else 1.0

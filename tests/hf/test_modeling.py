@@ -1,13 +1,11 @@
 """The Hugging Face model code equals the megatron model, and its KV cache equals no cache."""
 
+
 import pytest
 import torch
 
 from conftest import random_batch, tiny_config
-
-SCHEMES = ["base", "residual", "anchor", "anchor_star", "anchor+anchor_star", "mesh",
-           "static_comb", "dynamic_comb", "additive_injection", "linear_injection",
-           "diagonal_injection", "mesh_shared"]
+from registry import ANY_DEPTH, LOOPED, PER_STEP, SUMS
 
 
 def megatron_and_hf(cfg):
@@ -27,8 +25,16 @@ def megatron_and_hf(cfg):
     return ours, hf
 
 
+def test_the_twin_knows_exactly_the_registered_schemes():
+    """Its one table of schemes (it cannot import the registry: exports run without
+    megatron_mesh) names every registered looped scheme and no other."""
+    from megatron_mesh.hf.modeling_megatron_mesh import SCHEMES
+
+    assert set(SCHEMES) == set(LOOPED)
+
+
 @pytest.mark.parametrize("layout", ["1+2R2+1", "1+1+2+1"])
-@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("scheme", LOOPED + SUMS)
 def test_hf_logits_equal_megatron(megatron_world, scheme, layout):
     ours, hf = megatron_and_hf(tiny_config(layout, scheme))
     tokens, positions = random_batch(ours.config, seq=20)
@@ -49,7 +55,7 @@ def test_vanilla_and_fewer_loops(megatron_world):
     assert len(hidden) == 1 + 1 + 1 + 3 + 1  # h_emb, prelude, h(0), h(1..3), coda
 
 
-@pytest.mark.parametrize("scheme", ["linear_injection", "diagonal_injection", "anchor", "mesh_shared"])
+@pytest.mark.parametrize("scheme", ANY_DEPTH)
 def test_any_loop_count_beyond_the_training_depth(megatron_world, scheme):
     """Schemes without per-step parameters run more loop steps than trained, HF as Megatron,
     as a forward argument or the exported config's num_loops."""
@@ -67,8 +73,21 @@ def test_any_loop_count_beyond_the_training_depth(megatron_world, scheme):
         assert (deeper - again(tokens).logits).abs().max() < 1e-4
 
 
-@pytest.mark.parametrize("scheme, loops", [("mesh", None), ("anchor", None),
-                                           ("linear_injection", None), ("linear_injection", 5)])
+@pytest.mark.parametrize("scheme", PER_STEP)
+def test_per_step_schemes_refuse_a_deeper_loop_as_megatron_does(megatron_world, scheme):
+    """Their step-t parameters exist for t < K only: both refuse K + 1 steps by name (the twin
+    would otherwise index past its parameters, or run a model that was never trained)."""
+    ours, hf = megatron_and_hf(tiny_config("1+2R2+1", scheme))
+    tokens, positions = random_batch(ours.config)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="num_loops=3"):
+            ours(tokens, positions, num_loops=3)
+        with pytest.raises(ValueError, match="num_loops=3"):
+            hf(tokens, num_loops=3)
+
+
+@pytest.mark.parametrize("scheme, loops", [(name, None) for name in LOOPED]
+                         + [(name, 5) for name in ANY_DEPTH])
 def test_cached_greedy_generation_equals_full_forward_argmax(megatron_world, scheme, loops):
     """Also with num_loops past the training depth passed to generate (more cache slots)."""
     _, hf = megatron_and_hf(tiny_config("1+2R2+1", scheme))

@@ -1,9 +1,12 @@
 """Packing the carry that crosses a pipeline boundary, and which stages hold which weights."""
 
+
 import pytest
 import torch
 
 from conftest import tiny_config
+from megatron_mesh.recurrence.schemes import carried_state
+from registry import LOOPED, SUMS
 
 
 def carry_at(model, tokens, positions, position):
@@ -21,11 +24,13 @@ def carry_at(model, tokens, positions, position):
         block.ops, block.stage = saved
 
 
-@pytest.mark.parametrize("scheme, loop_fields", [
-    ("mesh", ("buffer",)), ("anchor", ("h0",)), ("anchor_star", ("h_emb",)), ("base", ()),
-    ("static_comb", ("h0", "h_emb")), ("linear_injection", ("injected",)),
-])
-def test_pack_then_unpack_is_the_identity_at_every_boundary(megatron_world, scheme, loop_fields):
+# Every registered looped scheme and the '+'-sums, from the registry: a new scheme's carry is
+# packed and unpacked without a test edit. That the fields it carries are the ones its steps
+# read is tests/recurrence/test_carried_state.py.
+
+
+@pytest.mark.parametrize("scheme", LOOPED + SUMS)
+def test_pack_then_unpack_is_the_identity_at_every_boundary(megatron_world, scheme):
     """Each boundary carries h, h(t) and what the scheme's steps read (MeSH: (2 + B) h, not the
     (4 + B) h of h_emb and h(0) too), zero-padded to the run's one width."""
     import dataclasses
@@ -34,18 +39,17 @@ def test_pack_then_unpack_is_the_identity_at_every_boundary(megatron_world, sche
     from megatron_mesh.model.gpt import MeshGPTModel
     from megatron_mesh.parallel import carry as boundary
     from megatron_mesh.parallel.stages import boundary_phase
-    from megatron_mesh.recurrence.schemes import carried_state
 
     config = tiny_config("1+2R2+1", scheme)
     model = MeshGPTModel(config)
     tokens, positions = random_batch(config)
-    slots = {"pre": 2, "loop": 2 + len(loop_fields) + (config.buffer_slots - 1 if scheme == "mesh" else 0),
-             "post": 1}
+    loop_fields = carried_state(scheme)
+    buffer_slices = config.buffer_slots - 1 if "buffer" in loop_fields else 0  # one per slot
+    slots = {"pre": 2, "loop": 2 + len(loop_fields) + buffer_slices, "post": 1}
     padded = dataclasses.replace(config, pipeline_carry_width=9 * config.hidden_size)
     for position in range(1, 6):
         carry = carry_at(model, tokens, positions, position)
         phase = boundary_phase(config, position)
-        assert carried_state(scheme) == loop_fields
         for cfg, width in ((config, slots[phase]), (padded, 9)):
             packed = boundary.pack(carry, phase, cfg)
             assert packed.shape[-1] == width * config.hidden_size

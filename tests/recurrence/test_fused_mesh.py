@@ -76,7 +76,7 @@ def counting(monkeypatch):
 def test_switch_dispatch_on_cpu(monkeypatch):
     """auto = eager on CPU; the scheme's outputs agree whichever implementation runs."""
     torch.manual_seed(0)
-    scheme = MeshScheme(8, num_loops=2, num_slots=4, init_method=torch.nn.init.normal_).double()
+    scheme = MeshScheme(8, num_loops=2, buffer_slots=4, init_method=torch.nn.init.normal_).double()
     h_emb, h_pre = torch.randn(2, 3, 2, 8, dtype=torch.float64)
     calls = counting(monkeypatch)
     outputs = {}
@@ -261,7 +261,7 @@ def test_compile_fallback_warns_once_and_runs_uncompiled(compiling):
 def test_scheme_passes_compile_fallback(compiling, fallback):
     options = compiling(CountingBackend(fail=("forward",)), fallback=fallback)
     torch.manual_seed(0)
-    scheme = MeshScheme(5, num_loops=1, num_slots=3, init_method=torch.nn.init.normal_,
+    scheme = MeshScheme(5, num_loops=1, buffer_slots=3, init_method=torch.nn.init.normal_,
                         impl="fused", compile_options=options).double()
     h_emb, h_pre = torch.randn(2, 4, 2, 5, dtype=torch.float64)
     if not fallback:

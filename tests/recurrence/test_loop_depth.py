@@ -8,6 +8,7 @@ import torch
 
 from conftest import random_batch, tiny_config
 from megatron_mesh.recurrence.loop_depth import HUGINN_SIGMA, LoopDepth, LoopDraw
+from registry import ANY_DEPTH
 
 
 def draws(depth, n=20000, seed=1234):
@@ -43,7 +44,7 @@ def test_a_draw_is_a_function_of_seed_and_iteration_only():
     assert [depth.draw(7, i) for i in range(50)] == first
     assert len({d.num_loops for d in first}) > 3
     assert [depth.draw(8, i) for i in range(50)] != first
-    assert all(d.grad_loops == min(3, d.num_loops) for d in first)
+    assert all(d.backprop_loops == min(3, d.num_loops) for d in first)
 
 
 def test_fixed_depth_varies_only_when_it_differs_from_the_layout():
@@ -74,9 +75,9 @@ def test_refused_depth_settings_name_the_reason(overrides, message):
         tiny_config(layout, scheme, **overrides)
 
 
-@pytest.mark.parametrize("scheme", ["linear_injection", "mesh_shared", "anchor"])
+@pytest.mark.parametrize("scheme", ANY_DEPTH)
 def test_truncated_backprop_equals_a_model_whose_first_steps_run_without_grad(megatron_world, scheme):
-    """grad_loops=k: the parameters' gradients are those of the same model run step by step
+    """backprop_loops=k: the parameters' gradients are those of the same model run step by step
     with the first n - k steps under torch.no_grad (the sources' construction) and computed by
     a copy of the model, so that no gradient can reach the model's parameters through them."""
     from megatron_mesh.model.gpt import MeshGPTModel
@@ -84,7 +85,7 @@ def test_truncated_backprop_equals_a_model_whose_first_steps_run_without_grad(me
     torch.manual_seed(0)
     model = MeshGPTModel(tiny_config("1+2R2+1", scheme))
     tokens, positions = random_batch(model.config)
-    model(tokens, positions, labels=tokens, num_loops=5, grad_loops=2).sum().backward()
+    model(tokens, positions, labels=tokens, num_loops=5, backprop_loops=2).sum().backward()
     ours = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
     manual_loss(model, tokens, positions, num_loops=5, frozen=3).backward()
@@ -101,8 +102,10 @@ def test_truncated_backprop_equals_a_model_whose_first_steps_run_without_grad(me
 def manual_loss(model, tokens, positions, num_loops, frozen):
     """The recurrence written out with the model's own modules (block.forward's docstring), the
     first ``frozen`` loop steps under no_grad with a copy's: torch.no_grad alone would not do, as
-    megatron-core's TransformerLayer adds its biases under torch.enable_grad, so a step under
-    no_grad still passes gradients to its biases (here the copy's)."""
+    megatron-core's TransformerLayer adds its biases and its residual under torch.enable_grad, so
+    a step under no_grad still passes gradients to its biases (here the copy's) and, through the
+    residual, to whatever made its input (here cut: a frozen core reads a detached input, or
+    'base', whose step is the core's output, would pass the prelude a gradient)."""
     from megatron_mesh.model.gpt import MeshGPTModel
 
     twin = MeshGPTModel(model.config)
@@ -121,7 +124,8 @@ def manual_loss(model, tokens, positions, num_loops, frozen):
         step_block = copy_block if t < frozen else block
         with torch.no_grad() if t < frozen else torch.enable_grad():
             u = step_block.scheme.inject(t, h, state)
-            h, state = step_block.scheme.step(t, u, layers(step_block.core_for_step(t), u), state)
+            core_input = u.detach() if t < frozen else u
+            h, state = step_block.scheme.step(t, u, layers(step_block.core_for_step(t), core_input), state)
     h = block.final_layernorm(layers(block.coda.values(), block.scheme.end(h, state)))
     logits, _ = model.output_layer(h)
     return model.compute_language_model_loss(tokens, logits).sum()
@@ -140,9 +144,9 @@ def test_frozen_steps_cost_forward_flops_only():
     assert one_more == pytest.approx(3 * one_frozen)
     cost = DepthCost.of(cfg, 32)  # what the trainer counts each step with
     for draw in (LoopDraw(2, 2), LoopDraw(5, 2), LoopDraw(1, 1)):
-        assert cost.at(draw.num_loops, draw.grad_loops) == pytest.approx(train_flops_per_token(cfg, 32, draw))
+        assert cost.at(draw.num_loops, draw.backprop_loops) == pytest.approx(train_flops_per_token(cfg, 32, draw))
     mean = LoopDepth.of(cfg).expected()
-    expected = at_k + (mean.num_loops - 2) * one_frozen + (mean.grad_loops - 2) * 2 * one_frozen
+    expected = at_k + (mean.num_loops - 2) * one_frozen + (mean.backprop_loops - 2) * 2 * one_frozen
     assert expected_train_flops_per_token(cfg, 32, expected_depth(cfg)) == pytest.approx(expected)
 
 
@@ -161,7 +165,7 @@ def test_full_recompute_per_loop_step_under_truncated_backprop(megatron_world):
             layer.register_forward_hook(lambda *_: calls.append(1))
         tokens, positions = random_batch(model.config)
         model_parallel_cuda_manual_seed(7)
-        model(tokens, positions, labels=tokens, num_loops=4, grad_loops=2).sum().backward()
+        model(tokens, positions, labels=tokens, num_loops=4, backprop_loops=2).sum().backward()
         return {n: p.grad.clone() for n, p in model.named_parameters()}, len(calls)
 
     plain, plain_calls = grads()
@@ -184,13 +188,13 @@ def test_a_per_sequence_draw_runs_each_element_its_own_depth_frozen_steps_first(
     steps = np.array([depth.draw(1234, 3, [g]).num_loops for g in range(16)])
     grad = np.minimum(steps, 2)
     assert len(set(steps)) > 2
-    assert draw.num_loops == (steps - grad).max() + grad.max() and draw.grad_loops == grad.max()
+    assert draw.num_loops == (steps - grad).max() + grad.max() and draw.backprop_loops == grad.max()
     frozen_phase, grad_phase = draw.active[:draw.num_loops - 2], draw.active[draw.num_loops - 2:]
     np.testing.assert_array_equal(frozen_phase.sum(0), steps - grad)
     np.testing.assert_array_equal(grad_phase.sum(0), grad)
     for phase in (frozen_phase, grad_phase):  # no element resumes after sitting a step out
         assert (np.diff(phase.astype(int), axis=0) <= 0).all()
-    assert draw.mean_loops == steps.mean() and draw.mean_grad_loops == grad.mean()
+    assert draw.mean_loops == steps.mean() and draw.mean_backprop_loops == grad.mean()
 
 
 @pytest.mark.parametrize("per, shape", [("sequence", (8,)), ("token", (8, 5))])
@@ -236,7 +240,7 @@ def test_truncated_backprop_at_a_fixed_depth_fits_the_pipelines_graph():
                     pipeline_dtype=torch.float32)
 
 
-@pytest.mark.parametrize("scheme", ["linear_injection", "mesh_shared", "anchor"])
+@pytest.mark.parametrize("scheme", ANY_DEPTH)
 def test_per_sequence_depth_equals_each_sequence_run_alone(megatron_world, scheme):
     """Token losses and parameter gradients of a batch whose sequences run 1..6 loop steps
     (the last 2 with gradients) equal those of each sequence run alone at its own depth."""
@@ -249,12 +253,12 @@ def test_per_sequence_depth_equals_each_sequence_run_alone(megatron_world, schem
     steps = draw.active.sum(0)
     assert len(set(steps)) > 1
     batch = model(tokens, positions, labels=tokens, num_loops=draw.num_loops,
-                  grad_loops=draw.grad_loops, step_mask=torch.from_numpy(draw.active))  # [b, s]
+                  backprop_loops=draw.backprop_loops, step_mask=torch.from_numpy(draw.active))  # [b, s]
     batch.sum().backward()
     ours = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
     alone = torch.cat([model(tokens[i:i + 1], positions[i:i + 1], labels=tokens[i:i + 1],
-                             num_loops=int(steps[i]), grad_loops=min(2, int(steps[i])))
+                             num_loops=int(steps[i]), backprop_loops=min(2, int(steps[i])))
                        for i in range(4)])
     alone.sum().backward()
     torch.testing.assert_close(batch, alone, rtol=1e-5, atol=1e-6)
@@ -296,22 +300,23 @@ def test_a_pipeline_draw_is_masked_into_the_layouts_graph():
     """Under pipeline parallelism every draw runs on the fixed graph of K steps, (K - k) without
     gradients and k with: each element still runs its own steps, the last min(k, n) with."""
     depth = LoopDepth("poisson", 2.0, trained=4, max=4, backprop=2, per="sequence")
-    assert depth.graph_slots == (2, 2)
+    assert depth.graph_steps == (2, 2)
     for iteration in range(20):
         free = depth.draw(3, iteration, range(4))
-        fixed = depth.draw(3, iteration, range(4), slots=depth.graph_slots)
-        assert fixed.num_loops == 4 and fixed.grad_loops == 2
-        np.testing.assert_array_equal(fixed.active[2:].sum(0), free.active[free.num_loops - free.grad_loops:].sum(0))
+        fixed = depth.draw(3, iteration, range(4), graph_steps=depth.graph_steps)
+        assert fixed.num_loops == 4 and fixed.backprop_loops == 2
+        with_gradients = free.active[free.num_loops - free.backprop_loops:]
+        np.testing.assert_array_equal(fixed.active[2:].sum(0), with_gradients.sum(0))
         np.testing.assert_array_equal(fixed.active.sum(0), free.active.sum(0))
     batch = LoopDepth("poisson", 2.0, trained=4, max=4, backprop=2)
-    fixed = batch.draw(3, 5, range(3), slots=batch.graph_slots)
+    fixed = batch.draw(3, 5, range(3), graph_steps=batch.graph_steps)
     assert (fixed.active.sum(0) == batch.draw(3, 5).num_loops).all()
     with pytest.raises(ValueError, match="does not fit the graph"):
         LoopDepth("poisson", 2.0, trained=4, max=6, backprop=2, per="sequence").draw(
-            3, 1, range(64), slots=(2, 2))
+            3, 1, range(64), graph_steps=(2, 2))
 
 
-@pytest.mark.parametrize("scheme", ["linear_injection", "mesh_shared"])
+@pytest.mark.parametrize("scheme", ANY_DEPTH)
 def test_a_draw_masked_into_the_fixed_graph_equals_the_draw_run_alone(megatron_world, scheme):
     """The padding steps a pipeline runs are no-ops: losses and gradients as without them."""
     from megatron_mesh.model.gpt import MeshGPTModel
@@ -327,12 +332,12 @@ def test_a_draw_masked_into_the_fixed_graph_equals_the_draw_run_alone(megatron_w
         draw = depth.draw(1234, step, range(4), tokens.shape[1], **draw_kwargs)
         model.zero_grad()
         loss = model(tokens, positions, labels=tokens, num_loops=draw.num_loops,
-                     grad_loops=draw.grad_loops, step_mask=torch.from_numpy(draw.active))
+                     backprop_loops=draw.backprop_loops, step_mask=torch.from_numpy(draw.active))
         loss.sum().backward()
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, draw
 
     loss, grads, draw = run()
-    padded_loss, padded_grads, padded = run(slots=depth.graph_slots)
+    padded_loss, padded_grads, padded = run(graph_steps=depth.graph_steps)
     assert draw.num_loops < padded.num_loops == 4
     torch.testing.assert_close(padded_loss, loss, rtol=1e-5, atol=1e-6)
     for name in grads:

@@ -87,7 +87,7 @@ def test_buffer_is_bf16_across_k_plus_one_writes_with_k_plus_one_roundings():
     u per write times the slot's magnitude after it: sum_j u |m_j| <= (K+1) u max_j |m_j|."""
     K, B, shape = 4, 7, (16, 2, 32)
     torch.manual_seed(0)
-    scheme = MeshScheme(shape[-1], num_loops=K, num_slots=B,
+    scheme = MeshScheme(shape[-1], num_loops=K, buffer_slots=B,
                         init_method=lambda w: torch.nn.init.normal_(w, std=0.5)).bfloat16()
     h_emb, h_pre, *cores = (torch.randn(*shape).bfloat16() for _ in range(K + 2))
     h, state = scheme.begin(h_emb, h_pre)

@@ -17,7 +17,7 @@ def test_every_option_comes_from_the_config():
                        layernorm_epsilon=1e-6, buffer_slots=7)
     injection = tiny_config(scheme="linear_injection", initial_state="random", initial_state_std=0.3)
     assert _options(mesh) == dict(
-        hidden_size=64, num_loops=2, init_method=mesh.init_method, init_method_std=0.05, num_slots=7,
+        hidden_size=64, num_loops=2, init_method=mesh.init_method, init_method_std=0.05, buffer_slots=7,
         cycle_impl="eager", compile_options=CycleCompile(fallback=True), initial_state="zero",
         initial_state_std=mesh.initial_state_std, layernorm_epsilon=1e-6)
     assert _options(injection)["initial_state"] == "random"
@@ -25,4 +25,4 @@ def test_every_option_comes_from_the_config():
 
 
 def test_a_scheme_without_a_buffer_has_no_slots():
-    assert SchemeOptions.of(tiny_config(scheme="anchor")).num_slots == 0
+    assert SchemeOptions.of(tiny_config(scheme="anchor")).buffer_slots == 0
