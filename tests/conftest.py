@@ -33,18 +33,13 @@ def megatron_world():
 
 
 def tiny_config(layout="1+2R2+1", scheme="mesh", **overrides):
-    from megatron_mesh.config.model import MeshConfig
+    """A tiny MeshConfig; ``overrides`` may set model keys and other TransformerConfig fields."""
+    from megatron_mesh.config.model import MODEL_KEYS, MeshConfig
 
-    fields = dict(
-        layout=layout,
-        state_scheme=scheme,
-        hidden_size=64,
-        num_attention_heads=4,
-        vocab_size=96,
-        max_sequence_length=64,
-    )
-    fields.update(overrides)
-    return MeshConfig(**fields)
+    section = dict(layout=layout, state_scheme=scheme, hidden_size=64, num_attention_heads=4,
+                   vocab_size=96, max_sequence_length=64)
+    section.update({k: v for k, v in overrides.items() if k in MODEL_KEYS})
+    return MeshConfig.from_section(section, **{k: v for k, v in overrides.items() if k not in MODEL_KEYS})
 
 
 def random_batch(cfg, batch=2, seq=16, seed=0):

@@ -10,7 +10,6 @@ model a config builds, ``check_finite`` the one NaN/Inf check.
 
 from __future__ import annotations
 
-import json
 import warnings
 from typing import Dict, Optional, Tuple
 
@@ -18,7 +17,7 @@ import torch
 from torch import Tensor
 
 from megatron_mesh.checkpoint.paths import iteration_dir, verify
-from megatron_mesh.errors import CheckpointError
+from megatron_mesh.errors import CheckpointError, ConfigError
 from megatron_mesh.config.model import MeshConfig
 
 MODEL_PREFIXES = ("embedding.", "decoder.", "output_layer.")
@@ -73,11 +72,15 @@ def load_checkpoint(path: str, iteration: Optional[int] = None,
 
 
 def saved_model_config(args) -> MeshConfig:
-    """The MeshConfig a megatron-mesh run saved (its --mesh-model JSON + precision-free fields)."""
+    """The MeshConfig a megatron-mesh run saved (its --mesh-model JSON + precision-free fields):
+    the one reader of a checkpoint's model, for everything that loads one."""
     model = getattr(args, "mesh_model", None)
     if not model:
         raise CheckpointError("the checkpoint was not written by tools/pretrain_mesh.py (no mesh_model arg)")
-    return MeshConfig(**json.loads(model), perform_initialization=False, use_cpu_initialization=True)
+    try:
+        return MeshConfig.from_json(model, perform_initialization=False, use_cpu_initialization=True)
+    except ConfigError as err:
+        raise CheckpointError(f"the checkpoint's saved model section: {err}") from None
 
 
 def parameter_shapes(config: MeshConfig) -> Dict[str, torch.Size]:
@@ -120,14 +123,17 @@ def check_finite(state: Dict[str, torch.Tensor], checkpoint: str) -> None:
             f"pass --allow-non-finite to write these values anyway")
 
 
-def build_model(section: dict, state: Dict[str, Tensor], fresh_prefixes: Tuple[str, ...] = (),
+def build_model(config: MeshConfig, state: Dict[str, Tensor], fresh_prefixes: Tuple[str, ...] = (),
                 seed: int = 1234):
-    """A MeshGPTModel holding ``state``; only names under ``fresh_prefixes`` may be left at init."""
+    """A MeshGPTModel of ``config`` holding ``state``; only names under ``fresh_prefixes`` may be
+    left at init."""
     from megatron_mesh.model.gpt import MeshGPTModel
     from megatron_mesh.model.layers import local_block_spec
     from megatron_mesh.parallel.process_groups import initialize_single_process
 
-    config = MeshConfig(**section, use_cpu_initialization=True)
+    if not config.use_cpu_initialization:
+        raise ValueError("build_model builds on the CPU (the caller moves the model): expected a "
+                         "config with use_cpu_initialization=True")
     check_shapes(state, config, "weights", fresh_prefixes)  # on the meta device, before seeding
     initialize_single_process(seed)
     torch.manual_seed(seed)

@@ -3,7 +3,6 @@ start training from (``tools/pretrain_mesh.py`` loads its weights, then starts a
 
 from __future__ import annotations
 
-import json
 from argparse import Namespace
 from pathlib import Path
 from typing import Optional
@@ -13,10 +12,10 @@ from megatron_mesh.config.model import MeshConfig
 from megatron_mesh.fs import atomic_directory
 
 
-def checkpoint_args(section: dict, tokenizer: Optional[str]) -> Namespace:
+def checkpoint_args(config: MeshConfig, tokenizer: Optional[str]) -> Namespace:
     """The 'args' a Megatron checkpoint carries: what check_checkpoint_args compares, what
-    tools/convert.py megatron-to-hf reads back, and the model section as the trainer writes it."""
-    config = MeshConfig(**section, use_cpu_initialization=True)
+    tools/convert.py megatron-to-hf reads back, and the model section in the trainer's format
+    (``MeshConfig.to_json``)."""
     return Namespace(
         num_layers=config.num_layers, hidden_size=config.hidden_size,
         num_attention_heads=config.num_attention_heads, add_position_embedding=True,
@@ -24,7 +23,7 @@ def checkpoint_args(section: dict, tokenizer: Optional[str]) -> Namespace:
         tensor_model_parallel_size=1, pipeline_model_parallel_size=1, world_size=1,
         data_parallel_size=1, ckpt_format="torch_dist", consumed_train_samples=0, seq_length=0,
         tokenizer_type="HuggingFaceTokenizer" if tokenizer else None, tokenizer_model=tokenizer,
-        mesh_model=json.dumps(section, sort_keys=True),
+        mesh_model=config.to_json(),
     )
 
 
@@ -40,7 +39,7 @@ def save_release_checkpoint(model, args: Namespace, output, force: bool = False)
         dist_checkpointing.save(state, str(tmp / "release"))
         manifest.write(tmp / "release", rank=0, world_size=1)  # one process wrote it all
         (tmp / "latest_checkpointed_iteration.txt").write_text("release")
-        (tmp / "model.yml").write_text(_model_yaml(json.loads(args.mesh_model)))
+        (tmp / "model.yml").write_text(_model_yaml(MeshConfig.from_json(args.mesh_model).model_section()))
     return out
 
 

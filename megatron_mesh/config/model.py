@@ -8,17 +8,20 @@ std / sqrt(2 * N_compute)), which is exactly the paper's depth-aware initialisat
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
+import json
 import math
 import textwrap
 from dataclasses import MISSING, dataclass, field
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_mesh.errors import ConfigError
 from megatron_mesh.recurrence.injection import INITIAL_STATES, InjectionScheme
 from megatron_mesh.recurrence.layout import Layout, parse_layout
 from megatron_mesh.recurrence.loop_depth import DEPTH_SAMPLERS, DEPTH_UNITS, LoopDepth
@@ -51,6 +54,14 @@ class Role:
     copied (training/providers.py)."""
     choices: Tuple[Any, ...] = ()
     """The values it may take (checked by MeshConfig, listed in docs/configuration.md)."""
+    hf_name: Optional[str] = None
+    """Its name in the Hugging Face config.json of an export, which hf/mapping.py writes and
+    reads back (``HF_NAMES``). None: an architecture field keeps its own name there (the HF
+    model needs every one), any other field is left out (training settings)."""
+
+    def hf_key(self, name: str) -> Optional[str]:
+        """The Hugging Face name of the field ``name`` with this role, or None if not exported."""
+        return self.hf_name or (name if self.architecture else None)
 
 
 MODEL = Role()
@@ -59,25 +70,33 @@ TRAINER = Role(model_key=False)
 """Set by the trainer from the parallel layout, not by the experiment's model section."""
 
 
-def mesh_field(role: Role, default: Any = MISSING, choices: Tuple[Any, ...] = ()) -> Any:
-    return field(default=default, metadata={ROLE: dataclasses.replace(role, choices=choices)})
+def mesh_field(role: Role, default: Any = MISSING, choices: Tuple[Any, ...] = (),
+               hf_name: Optional[str] = None) -> Any:
+    role = dataclasses.replace(role, choices=choices, hf_name=hf_name)
+    return field(default=default, metadata={ROLE: role})
 
 
-def inherited(name: str, role: Role, default: Any = MISSING) -> Any:
+def inherited(name: str, role: Role, default: Any = MISSING, hf_name: Optional[str] = None) -> Any:
     """megatron-core's TransformerConfig field ``name`` re-declared with a role (and, if given,
-    another default); its type position, metadata and docstring stay megatron's."""
+    another default and Hugging Face name); its type position, metadata and docstring stay
+    megatron's."""
     base = TransformerConfig.__dataclass_fields__[name]
+    metadata = {**base.metadata, ROLE: dataclasses.replace(role, hf_name=hf_name)}
     if default is MISSING and base.default_factory is not MISSING:
-        return field(default_factory=base.default_factory, metadata={**base.metadata, ROLE: role})
-    return field(default=base.default if default is MISSING else default,
-                 metadata={**base.metadata, ROLE: role})
+        return field(default_factory=base.default_factory, metadata=metadata)
+    return field(default=base.default if default is MISSING else default, metadata=metadata)
 
 
 def refuse_unsupported(settings: Dict[str, Tuple[Any, Any]], owner: str) -> None:
-    """Raise for the first ``name: (value, supported_value)`` whose value is not supported."""
+    """ConfigError for the first ``name: (value, supported_value)`` whose value is not supported."""
     for name, (value, supported) in settings.items():
         if value != supported:
-            raise ValueError(f"{name}={value!r} is not supported by {owner} (expected {supported!r})")
+            raise ConfigError(f"{name}={value!r} is not supported by {owner} (expected {supported!r})")
+
+
+def section_json(section: Mapping[str, Any]) -> str:
+    """A model section as a checkpoint saves it (``args.mesh_model``): JSON, keys sorted."""
+    return json.dumps(dict(section), sort_keys=True)
 
 
 @dataclass
@@ -146,16 +165,17 @@ class MeshConfig(TransformerConfig):
     vocab_size: int = mesh_field(ARCHITECTURE, 50304)
     """Padded vocabulary size (GPT-NeoX-20B tokenizer: 50277 ids padded to 50304)."""
 
-    max_sequence_length: int = mesh_field(MODEL, 4096)
+    max_sequence_length: int = mesh_field(MODEL, 4096, hf_name="max_position_embeddings")
     """Longest sequence the rotary tables are built for."""
 
-    rotary_percent: float = mesh_field(ARCHITECTURE, 0.25)
+    rotary_percent: float = mesh_field(ARCHITECTURE, 0.25, hf_name="rotary_pct")
     """Fraction of each attention head that gets rotary embeddings (GPT-NeoX: 25%)."""
 
-    rotary_base: int = mesh_field(ARCHITECTURE, 10000)
+    rotary_base: int = mesh_field(ARCHITECTURE, 10000, hf_name="rotary_emb_base")
     """Rotary embedding base period."""
 
-    gelu_approximation: str = mesh_field(ARCHITECTURE, "tanh", GELU_APPROXIMATIONS)
+    gelu_approximation: str = mesh_field(ARCHITECTURE, "tanh", GELU_APPROXIMATIONS,
+                                         hf_name="hidden_act")
     """'tanh' (what GPT-NeoX trained Pythia with, and megatron's fused bias-GELU) or 'none' (erf).
     The Hugging Face export declares the same activation."""
 
@@ -175,10 +195,12 @@ class MeshConfig(TransformerConfig):
     num_layers: int = inherited("num_layers", Role(derived_from="layout"))
     hidden_size: int = inherited("hidden_size", ARCHITECTURE)
     num_attention_heads: int = inherited("num_attention_heads", ARCHITECTURE)
-    ffn_hidden_size: Optional[int] = inherited("ffn_hidden_size", ARCHITECTURE)
+    ffn_hidden_size: Optional[int] = inherited("ffn_hidden_size", ARCHITECTURE,
+                                               hf_name="intermediate_size")
     kv_channels: Optional[int] = inherited("kv_channels", ARCHITECTURE)
-    init_method_std: float = inherited("init_method_std", MODEL)
-    layernorm_epsilon: float = inherited("layernorm_epsilon", ARCHITECTURE, 1e-5)
+    init_method_std: float = inherited("init_method_std", MODEL, hf_name="initializer_range")
+    layernorm_epsilon: float = inherited("layernorm_epsilon", ARCHITECTURE, 1e-5,
+                                         hf_name="layer_norm_eps")
     hidden_dropout: float = inherited("hidden_dropout", MODEL, 0.0)
     attention_dropout: float = inherited("attention_dropout", MODEL, 0.0)
     activation_func: Callable = inherited(
@@ -194,7 +216,17 @@ class MeshConfig(TransformerConfig):
     cuda_graph_modules: list = field(default_factory=list)
 
     def __post_init__(self):
-        self.parsed_layout: Layout = parse_layout(self.layout) if self.layout else None
+        # model_section() leaves these out: MeshConfig or megatron fill them from other fields
+        # (buffer_slots, mean_loops, ffn_hidden_size, kv_channels), so a section rebuilt with
+        # another layout or width fills them anew instead of keeping stale values
+        self._unset_model_keys = frozenset(k for k in SECTION_KEYS if getattr(self, k) is None)
+        self.parsed_layout: Optional[Layout] = None
+        if self.layout not in ("", None):
+            try:
+                self.parsed_layout = parse_layout(self.layout)
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
+            self.layout = str(self.parsed_layout)  # one spelling: '4+8r2+4' is '4+8R2+4'
         self._validate_mesh_fields()
         self.num_layers = self.parsed_layout.n_compute
         self._set_activation()
@@ -215,24 +247,60 @@ class MeshConfig(TransformerConfig):
             self.activation_func = F.gelu
             self.bias_activation_fusion = False
 
+    @classmethod
+    def from_section(cls, section: Mapping[str, Any], **runtime: Any) -> "MeshConfig":
+        """The one way a model section (the YAML ``model:`` keys, or a checkpoint's saved ones)
+        becomes a MeshConfig. ``runtime``: the rest of the TransformerConfig (megatron's
+        arguments, use_cpu_initialization, pipeline_stage_layers, ...); where one is also a
+        model key (megatron's arguments hold hidden_size too), the section's value wins."""
+        unknown = [k for k in section if k not in MODEL_KEYS]
+        if unknown:
+            raise ConfigError(_unknown_model_key(unknown[0]))
+        return cls(**{**runtime, **section})
+
+    @classmethod
+    def from_json(cls, text: str, **runtime: Any) -> "MeshConfig":
+        """``from_section`` of a saved ``mesh_model`` JSON (``section_json``, ``to_json``)."""
+        try:
+            section = json.loads(text)
+        except (TypeError, json.JSONDecodeError) as err:
+            raise ConfigError(f"mesh_model={text!r:.80}: not a model section in JSON ({err})") from None
+        if not isinstance(section, dict):
+            raise ConfigError(f"mesh_model={text!r:.80}: expected a JSON object of model keys, "
+                              f"got {type(section).__name__}")
+        return cls.from_section(section, **runtime)
+
+    def model_section(self) -> Dict[str, Any]:
+        """The model keys as a plain dict, JSON- and YAML-ready: what ``from_section`` rebuilds
+        this config from. Every model key but those MeshConfig derives (num_layers) and those
+        left unset (None), which it fills from the others again (buffer_slots: K + 3, ...)."""
+        return {k: getattr(self, k) for k in SECTION_KEYS if k not in self._unset_model_keys}
+
+    def to_json(self) -> str:
+        """``model_section`` as a checkpoint saves it (``section_json``); ``from_json`` reads it."""
+        return section_json(self.model_section())
+
     @property
     def num_loops(self) -> int:
         return self.parsed_layout.num_loops
 
     def _validate_mesh_fields(self) -> None:
         if self.parsed_layout is None:
-            raise ValueError("layout is required: expected e.g. '24', '4+8R2+4' or '4+8+8+4'")
+            raise ConfigError("layout is required: expected e.g. '24', '4+8R2+4' or '4+8+8+4'")
         layout = self.parsed_layout
-        self.state_scheme = normalize_scheme(self.state_scheme)
+        try:
+            self.state_scheme = normalize_scheme(self.state_scheme)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         self._check_choices()
         if layout.recursive == (self.state_scheme == "vanilla"):
             allowed = "'vanilla'" if not layout.recursive else "any scheme but 'vanilla'"
-            raise ValueError(
+            raise ConfigError(
                 f"state_scheme={self.state_scheme!r} does not fit layout={self.layout!r}: "
                 f"expected {allowed}"
             )
         if self.num_layers and self.num_layers != layout.n_compute:
-            raise ValueError(
+            raise ConfigError(
                 f"num_layers={self.num_layers} disagrees with layout={self.layout!r}, whose "
                 f"unrolled depth N_compute is {layout.n_compute}: drop num_layers or set it to "
                 f"{layout.n_compute}"
@@ -241,52 +309,52 @@ class MeshConfig(TransformerConfig):
         self._validate_depth()
         self._refuse_low_bit_formats()
         if self.hidden_size <= 0 or self.num_attention_heads <= 0:
-            raise ValueError(
+            raise ConfigError(
                 f"hidden_size={self.hidden_size}, num_attention_heads={self.num_attention_heads}: "
                 "both must be positive"
             )
         if self.hidden_size % self.num_attention_heads:
-            raise ValueError(
+            raise ConfigError(
                 f"hidden_size={self.hidden_size} is not divisible by num_attention_heads="
                 f"{self.num_attention_heads}: expected a multiple of the head count, e.g. "
                 f"{self.num_attention_heads * max(1, self.hidden_size // self.num_attention_heads)}"
             )
         if self.initial_state != "zero" and not issubclass(
                 scheme_class(self.state_scheme) or type, InjectionScheme):
-            raise ValueError(f"initial_state={self.initial_state!r} is only used by the input "
-                             f"injection schemes, not {self.state_scheme!r}: remove it")
+            raise ConfigError(f"initial_state={self.initial_state!r} is only used by the input "
+                              f"injection schemes, not {self.state_scheme!r}: remove it")
         if not 0.0 < self.rotary_percent <= 1.0:
-            raise ValueError(f"rotary_percent={self.rotary_percent}: expected 0 < value <= 1")
+            raise ConfigError(f"rotary_percent={self.rotary_percent}: expected 0 < value <= 1")
 
     def _validate_depth(self) -> None:
         for name in ("mean_loops", "max_loops", "backprop_loops"):
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise ValueError(f"{name}={value}: expected a value >= 1")
+                raise ConfigError(f"{name}={value}: expected a value >= 1")
         if self.mean_loops is None:
             self.mean_loops = float(self.parsed_layout.num_loops)
         if self.loop_depth_per != "batch" and self.loop_depth == "fixed":
-            raise ValueError(f"loop_depth_per={self.loop_depth_per!r} draws a depth per "
-                             f"{self.loop_depth_per}: it needs a sampled loop_depth "
-                             f"('poisson' or 'poisson_lognormal'), not 'fixed'")
+            raise ConfigError(f"loop_depth_per={self.loop_depth_per!r} draws a depth per "
+                              f"{self.loop_depth_per}: it needs a sampled loop_depth "
+                              f"('poisson' or 'poisson_lognormal'), not 'fixed'")
         if self.loop_depth_per != "batch" and self.max_loops is None:
-            raise ValueError(f"loop_depth_per={self.loop_depth_per!r}: a micro-batch runs the steps "
-                             f"its deepest {self.loop_depth_per} draws, the maximum of many draws: "
-                             f"set max_loops to bound its memory and time")
+            raise ConfigError(f"loop_depth_per={self.loop_depth_per!r}: a micro-batch runs the steps "
+                              f"its deepest {self.loop_depth_per} draws, the maximum of many draws: "
+                              f"set max_loops to bound its memory and time")
         if not LoopDepth.of(self).varies:
             return
         setting = self.depth_setting()
         if not self.parsed_layout.tied or not self.parsed_layout.recursive:
-            raise ValueError(f"{setting} needs a tied looped core ('P+CRK+D'), not layout={self.layout!r}")
+            raise ConfigError(f"{setting} needs a tied looped core ('P+CRK+D'), not layout={self.layout!r}")
         if has_per_step_parameters(self.state_scheme):
-            raise ValueError(
+            raise ConfigError(
                 f"{setting}: state_scheme={self.state_scheme!r} has parameters per loop step, so it "
                 "runs exactly its K steps, all with gradients; use mesh_shared or an injection scheme")
         if self.pipeline_model_parallel_size > 1:
             stages = self.pipeline_model_parallel_size * (self.virtual_pipeline_model_parallel_size or 1)
             problem = self.pipeline_depth_problem(stages, self.pipeline_stage_layers)
             if problem:
-                raise ValueError(problem)
+                raise ConfigError(problem)
 
     def depth_setting(self) -> str:
         per = f" per {self.loop_depth_per}" if self.loop_depth_per != "batch" else ""
@@ -304,7 +372,7 @@ class MeshConfig(TransformerConfig):
                                stage_layers: Optional[Tuple[int, ...]] = None) -> Optional[str]:
         """Why this varying depth cannot run on ``stages`` pipeline stages (virtual ones
         included), or None. The stages hold slices of the layout's fixed K-step graph and every
-        draw is masked into it (loop_depth.LoopDepth.graph_slots), so the draw must fit in K
+        draw is masked into it (loop_depth.LoopDepth.graph_steps), so the draw must fit in K
         steps and a stage boundary must not cut a loop step (whose step mask needs the state the
         step started from). Both checked before launch (trainer) and where the model is built."""
         layout, where = self.parsed_layout, f"{self.depth_setting()} under {stages} pipeline stages"
@@ -326,7 +394,7 @@ class MeshConfig(TransformerConfig):
         for f in dataclasses.fields(self):
             choices = f.metadata[ROLE].choices if ROLE in f.metadata else ()
             if choices and getattr(self, f.name) not in choices:
-                raise ValueError(f"{f.name}={getattr(self, f.name)!r}: expected one of {list(choices)}")
+                raise ConfigError(f"{f.name}={getattr(self, f.name)!r}: expected one of {list(choices)}")
 
     def _refuse_low_bit_formats(self) -> None:
         # TransformerEngine keeps fp8/fp4 scaling state (amax history, scales) per module and
@@ -336,7 +404,7 @@ class MeshConfig(TransformerConfig):
         # while the run says fp8.
         for name in ("fp8", "fp4"):
             if getattr(self, name, None):
-                raise ValueError(
+                raise ConfigError(
                     f"{name}={getattr(self, name)!r}: {name} training is not supported by the "
                     f"recursive block (no per-application {name} state for the looped core); "
                     f"remove --{name}-format and train in bf16 (precision.dtype: bf16)")
@@ -344,7 +412,7 @@ class MeshConfig(TransformerConfig):
     def _validate_slots(self) -> None:
         if "buffer" not in carried_state(self.state_scheme):
             if self.buffer_slots is not None:
-                raise ValueError(
+                raise ConfigError(
                     f"buffer_slots={self.buffer_slots} is only used by the MeSH schemes, "
                     f"not {self.state_scheme!r}: remove it"
                 )
@@ -352,7 +420,7 @@ class MeshConfig(TransformerConfig):
         if self.buffer_slots is None:
             self.buffer_slots = self.num_loops + 3
         if not isinstance(self.buffer_slots, int) or self.buffer_slots < 2:
-            raise ValueError(
+            raise ConfigError(
                 f"buffer_slots={self.buffer_slots!r} is invalid: expected an integer >= 2 "
                 f"(default K+3 = {self.num_loops + 3})"
             )
@@ -368,10 +436,23 @@ def fields_where(predicate: Callable[[Role], bool]) -> Tuple[str, ...]:
 
 MODEL_KEYS = fields_where(lambda role: role.model_key)
 """The experiment's ``model:`` section."""
+SECTION_KEYS = fields_where(lambda role: role.model_key and not role.derived_from)
+"""The model keys ``MeshConfig.model_section`` holds (num_layers follows from the layout)."""
 ARCHITECTURE_FIELDS = fields_where(lambda role: role.architecture)
 """What a resumed checkpoint must agree on."""
 DERIVED_FIELDS = fields_where(lambda role: bool(role.derived_from))
 """TransformerConfig fields MeshConfig sets itself."""
+HF_NAMES: Dict[str, str] = {
+    f.name: f.metadata[ROLE].hf_key(f.name) for f in dataclasses.fields(MeshConfig)
+    if ROLE in f.metadata and f.metadata[ROLE].hf_key(f.name)}
+"""MeshConfig field -> its name in an export's Hugging Face config (``Role.hf_name``): what
+hf/mapping.py writes and reads back."""
+
+
+def _unknown_model_key(key: str) -> str:
+    close = difflib.get_close_matches(key, MODEL_KEYS, n=1, cutoff=0.5)
+    hint = f"did you mean '{close[0]}'?" if close else f"expected one of {', '.join(MODEL_KEYS)}"
+    return f"model section: unknown key '{key}': {hint}"
 
 
 def field_docs() -> Dict[str, str]:

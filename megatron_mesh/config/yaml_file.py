@@ -187,10 +187,9 @@ def model_config(tree: Dict[str, Any], origins: Dict[str, str], **extra: Any) ->
         raise ConfigError("no 'model' section: expected at least model.layout and the model shape")
     for key, value in section.items():
         _check_type(key, value, origins.get(f"model.{key}", "?"))
-    values = {k: (str(v) if k == "layout" else v) for k, v in section.items()}
     try:
-        return MeshConfig(**values, **extra)
-    except ValueError as err:
+        return MeshConfig.from_section(section, **extra)
+    except ValueError as err:  # MeshConfig's ConfigError, or megatron's own check of a value
         named = [k for k in section if k in str(err)] or list(section)
         raise ConfigError(f"{origins.get('model.' + named[0], '?')}: model: {err}") from None
 

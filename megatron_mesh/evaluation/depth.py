@@ -28,6 +28,7 @@ from typing import Dict, Iterable, List, Optional
 import torch
 from torch import Tensor
 
+from megatron_mesh.errors import ConfigError
 from megatron_mesh.evaluation.loading import LoadedModel
 from megatron_mesh.evaluation.perplexity import check_ids, expected_documents, window_batches
 from megatron_mesh.model.block import Recorded
@@ -40,27 +41,27 @@ FORWARD_SEED = 0
 
 
 def trained_loops(loaded: LoadedModel) -> int:
-    """K, the loop count the model trained with; ValueError for a model without a loop."""
-    config = loaded.model.config
+    """K, the loop count the model trained with; ConfigError for a model without a loop."""
+    config = loaded.config
     if not config.parsed_layout.recursive:
-        raise ValueError(f"{loaded.name}: layout {config.layout!r} (state_scheme "
-                         f"{config.state_scheme!r}) has no loop: a depth study needs a recursive "
-                         f"layout such as 1+2R2+1")
+        raise ConfigError(f"{loaded.name}: layout {config.layout!r} (state_scheme "
+                          f"{config.state_scheme!r}) has no loop: a depth study needs a recursive "
+                          f"layout such as 1+2R2+1")
     return config.num_loops
 
 
 def check_max_loops(loaded: LoadedModel, max_loops: int) -> None:
-    """The model runs ``max_loops`` iterations (a 1-token forward), else a ValueError saying why."""
-    model, config = loaded.model, loaded.model.config
+    """The model runs ``max_loops`` iterations (a 1-token forward), else a ConfigError saying why."""
+    model, config = loaded.model, loaded.config
     tokens = torch.zeros(1, 1, dtype=torch.long, device=model.output_layer.weight.device)
     try:
         with torch.no_grad():
             model(tokens, tokens, num_loops=max_loops)
     except ValueError as err:
-        raise ValueError(f"{loaded.name}: --max-loops {max_loops} is not possible for layout "
-                         f"{config.layout!r} with state_scheme {config.state_scheme!r} (trained "
-                         f"K={config.num_loops}; only tied cores without per-step parameters loop "
-                         f"further): {err}") from None
+        raise ConfigError(f"{loaded.name}: --max-loops {max_loops} is not possible for layout "
+                          f"{config.layout!r} with state_scheme {config.state_scheme!r} (trained "
+                          f"K={config.num_loops}; only tied cores without per-step parameters loop "
+                          f"further): {err}") from None
 
 
 def _head(model, h: Tensor, rotary: Tensor, coda: bool) -> Tensor:
@@ -101,7 +102,7 @@ def batch_nll(model, inputs: Tensor, labels: Tensor, max_loops: int) -> Dict[str
     return out
 
 
-def study(loaded: LoadedModel, documents: Iterable[List[int]], seq_length: int,
+def study(loaded: LoadedModel, documents: Iterable[List[int]], seq_length: int, *,
           max_loops: Optional[int] = None, batch_size: int = 8,
           max_documents: Optional[int] = None, source: str = "data", progress: Progress = SILENT,
           total_documents: Optional[int] = None) -> dict:
@@ -117,7 +118,7 @@ def study(loaded: LoadedModel, documents: Iterable[List[int]], seq_length: int,
     progress.start(f"{loaded.name} on {Path(source).name}, t = 0..{T}",
                    expected_documents(total_documents, max_documents))
     for inputs, labels in window_batches(docs, seq_length, batch_size):
-        check_ids(torch.cat([inputs, labels[:, -1:]], 1), loaded.section["vocab_size"], source)
+        check_ids(torch.cat([inputs, labels[:, -1:]], 1), loaded.config.vocab_size, source)
         nll = batch_nll(model, inputs.to(device), labels.to(device), T)
         for curve in CURVES:
             sums[curve] = [a + b for a, b in zip(sums[curve], nll[curve])]

@@ -7,29 +7,34 @@ checkpoint into it, on one process, in eval mode.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
 from megatron_mesh.checkpoint.paths import TRACKER, iterations
-from megatron_mesh.errors import CheckpointError
+from megatron_mesh.errors import CheckpointError, ConfigError
 from megatron_mesh.evaluation.names import model_name
+
+if TYPE_CHECKING:  # megatron-core loads with the model, not with this module
+    from megatron_mesh.config.model import MeshConfig
 
 
 @dataclass
 class LoadedModel:
     model: "torch.nn.Module"
     """MeshGPTModel in eval mode, fp32, single process."""
-    section: dict
-    """The model section (layout, state_scheme, sizes) it was built from."""
     name: str
     """A short label for tables and figure panels (``names.model_name``: the run, not
     'checkpoints')."""
     tokenizer: Optional[str]
     """What the checkpoint says tokenized its data (path or tokenizer name), if it says."""
+
+    @property
+    def config(self) -> MeshConfig:
+        """The model's config (layout, state_scheme, sizes): what it was built from."""
+        return self.model.config
 
 
 def is_hf_directory(path) -> bool:
@@ -50,9 +55,9 @@ def load_model(path, iteration: Optional[int] = None, device: str = "cpu",
     path = Path(path)
     _check_device(device)
     if is_megatron_checkpoint(path):
-        model, section, tokenizer = _from_megatron(path, iteration, verify_hashes)
+        model, tokenizer = _from_megatron(path, iteration, verify_hashes)
     elif is_hf_directory(path):
-        model, section, tokenizer = _from_hf(path)
+        model, tokenizer = _from_hf(path)
     else:
         raise CheckpointError(f"{path}: neither a Megatron checkpoint (no {TRACKER}) nor a Hugging "
                               f"Face model directory (no config.json)")
@@ -60,7 +65,7 @@ def load_model(path, iteration: Optional[int] = None, device: str = "cpu",
     # megatron's RotaryEmbedding keeps inv_freq as a plain attribute (not a buffer): .to() skips it
     rotary = model.rotary_pos_emb
     rotary.inv_freq = rotary.inv_freq.to(device)
-    return LoadedModel(model, section, model_name(path), tokenizer)
+    return LoadedModel(model, model_name(path), tokenizer)
 
 
 def _check_device(device: str) -> None:
@@ -68,8 +73,8 @@ def _check_device(device: str) -> None:
     whenever CUDA exists, so a CPU run needs CUDA hidden and a GPU run its device current."""
     dev = torch.device(device)
     if dev.type == "cpu" and torch.cuda.is_available():
-        raise ValueError(f"device {device!r} on a machine with CUDA: megatron-core would still "
-                         f"place tensors on the GPU; run with CUDA_VISIBLE_DEVICES= to use the CPU")
+        raise ConfigError(f"device {device!r} on a machine with CUDA: megatron-core would still "
+                          f"place tensors on the GPU; run with CUDA_VISIBLE_DEVICES= to use the CPU")
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
 
@@ -80,18 +85,17 @@ def _from_megatron(path: Path, iteration: Optional[int], verify_hashes: bool):
 
     state, common = load_checkpoint(str(path), iteration, verify_hashes)
     args = common.get("args")
-    saved_model_config(args)  # a clear error for checkpoints tools/pretrain_mesh.py did not write
-    section = json.loads(args.mesh_model)  # build_model checks every tensor's name and shape
+    config = saved_model_config(args)  # build_model checks every tensor's name and shape
     tokenizer = getattr(args, "tokenizer_model", None)  # a path or hub name; None for e.g. NullTokenizer
-    return build_model(section, state), section, tokenizer
+    return build_model(config, state), tokenizer
 
 
 def _from_hf(path: Path):
     from megatron_mesh.checkpoint.reader import build_model
-    from megatron_mesh.hf.importer import megatron_state_from_hf, model_section_from_hf, read_hf_directory
+    from megatron_mesh.hf.importer import hf_model_config, megatron_state_from_hf, read_hf_directory
 
-    config, hf_state = read_hf_directory(path)
-    section = model_section_from_hf(config)
-    state = megatron_state_from_hf(config, hf_state, section)
+    hf_config, hf_state = read_hf_directory(path)
+    config = hf_model_config(path, hf_config)
+    state = megatron_state_from_hf(hf_config, hf_state, config)
     tokenizer = str(path.resolve()) if (path / "tokenizer.json").is_file() else None
-    return build_model(section, state), section, tokenizer
+    return build_model(config, state), tokenizer

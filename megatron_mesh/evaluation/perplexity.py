@@ -29,7 +29,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from megatron_mesh.errors import CheckpointError
+from megatron_mesh.errors import CheckpointError, ConfigError
 from megatron_mesh.evaluation.names import model_name
 from megatron_mesh.progress import SILENT, Progress
 
@@ -80,9 +80,9 @@ def megatron_scorer(loaded, device: str, name: Optional[str] = None) -> Scorer:
         positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
         return loaded.model(tokens, positions)
 
-    section = loaded.section
-    return Scorer(name or loaded.name, "megatron", logits, section["max_sequence_length"],
-                  section["vocab_size"], loaded.tokenizer, device)
+    config = loaded.config
+    return Scorer(name or loaded.name, "megatron", logits, config.max_sequence_length,
+                  config.vocab_size, loaded.tokenizer, device)
 
 
 def _hf_scorer(path: Path, device: str, name: Optional[str] = None,
@@ -105,8 +105,8 @@ def check_seq_length(seq_length: Optional[int], max_length: int, name: str) -> i
     if seq_length is None:
         return max_length
     if not 1 <= seq_length <= max_length:
-        raise ValueError(f"--seq-length {seq_length}: model {name} takes 1..{max_length} tokens "
-                         f"(its max_sequence_length)")
+        raise ConfigError(f"--seq-length {seq_length}: model {name} takes 1..{max_length} tokens "
+                          f"(its max_sequence_length)")
     return seq_length
 
 
@@ -184,7 +184,7 @@ def expected_documents(total: Optional[int], max_documents: Optional[int]) -> Op
 
 
 @torch.no_grad()
-def evaluate(scorer: Scorer, documents: Iterable[List[int]], seq_length: int, batch_size: int = 8,
+def evaluate(scorer: Scorer, documents: Iterable[List[int]], seq_length: int, *, batch_size: int = 8,
              max_documents: Optional[int] = None, source: str = "data", progress: Progress = SILENT,
              total_documents: Optional[int] = None) -> Result:
     """Score ``documents`` (lists of token ids) with ``scorer`` in windows of ``seq_length``;

@@ -24,12 +24,23 @@ def parse_layout(layout):
     return parts[0], parts[1:-1], parts[-1], False
 
 
+HF_SETTINGS = ("num_loops", "use_cache", "bos_token_id", "eos_token_id", "tie_word_embeddings")
+"""The parameters below that are Hugging Face settings, not the exported model's fields: every
+other one is a MeshConfig field under its HF name (megatron_mesh.config.model.HF_NAMES, which
+the export writes in full; tests/hf/test_mapping.py holds the two together)."""
+
+
 class MegatronMeshConfig(PretrainedConfig):
+    """The export's model fields, with defaults for those modeling_megatron_mesh.py reads; the
+    export writes every field (max_position_embeddings, kv_channels, ...), which
+    PretrainedConfig keeps as attributes."""
+
     model_type = "megatron_mesh"
     keys_to_ignore_at_inference = ["past_key_values"]
 
     def __init__(
         self,
+        *,
         vocab_size=50304,
         hidden_size=2048,
         num_attention_heads=16,
@@ -42,11 +53,10 @@ class MegatronMeshConfig(PretrainedConfig):
         scale_embeddings=True,
         rotary_pct=0.25,
         rotary_emb_base=10000,
-        max_position_embeddings=4096,
         layer_norm_eps=1e-5,
         hidden_act="gelu_pytorch_tanh",
-        num_loops=None,
         initializer_range=0.02,
+        num_loops=None,
         use_cache=True,
         bos_token_id=0,
         eos_token_id=0,
@@ -65,11 +75,10 @@ class MegatronMeshConfig(PretrainedConfig):
         self.scale_embeddings = scale_embeddings
         self.rotary_pct = rotary_pct
         self.rotary_emb_base = rotary_emb_base
-        self.max_position_embeddings = max_position_embeddings
         self.layer_norm_eps = layer_norm_eps
         self.hidden_act = hidden_act
-        self.num_loops = num_loops  # read out after fewer loop steps than trained (depth studies)
         self.initializer_range = initializer_range
+        self.num_loops = num_loops  # read out after fewer loop steps than trained (depth studies)
         self.use_cache = use_cache
         prelude, core, coda, _ = parse_layout(self.layout)
         self.num_hidden_layers = prelude + sum(core) + coda  # one cache slot per application

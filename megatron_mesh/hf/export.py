@@ -64,9 +64,11 @@ def model_card(config: MeshConfig, common: dict) -> str:
             f"- activation: {'GELU (tanh)' if config.gelu_approximation == 'tanh' else 'GELU (erf)'}\n")
 
 
-def export(checkpoint: str, output: str, dtype: str = "fp32", tokenizer: Optional[str] = None,
+def export(checkpoint: str, output: str, *, dtype: str = "fp32", tokenizer: Optional[str] = None,
            iteration: Optional[int] = None, force: bool = False, verify_hashes: bool = True,
            allow_non_finite: bool = False) -> Path:
+    """The Megatron checkpoint ``checkpoint`` (its tracked or given ``iteration``) as a Hugging
+    Face directory ``output``, in ``dtype`` (fp32 or bf16), with its (or the given) tokenizer."""
     check_writable(Path(output), force)
     if tokenizer:
         tokenizer_source(tokenizer, "--tokenizer")  # before the (slow) read

@@ -27,18 +27,16 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from megatron_mesh.errors import CheckpointError
+from megatron_mesh.errors import CheckpointError, ConfigError
 from megatron_mesh.checkpoint.reader import build_model, parameter_shapes
 from megatron_mesh.checkpoint.writer import checkpoint_args, save_release_checkpoint
 from megatron_mesh.config.model import MeshConfig
 from megatron_mesh.data.tokenizer import TokenizerSource, TokenizerSpecError, tokenizer_source
 from megatron_mesh.fs import check_writable
-from megatron_mesh.hf.mapping import gpt_neox_to_megatron, hf_mesh_to_megatron
+from megatron_mesh.hf.mapping import gpt_neox_to_megatron, hf_activation, hf_mesh_section, hf_mesh_to_megatron
 from megatron_mesh.recurrence.layout import Layout, parse_layout
 
 CORE_INIT_RULES = ("average", "lower", "stepwise")
-# HF activations -> MeshConfig.gelu_approximation
-HF_GELU = {"gelu": "none", "gelu_pytorch_tanh": "tanh", "gelu_new": "tanh", "gelu_fast": "tanh"}
 
 
 def read_hf_directory(path) -> Tuple[dict, Dict[str, Tensor]]:
@@ -54,11 +52,12 @@ def read_hf_config(path) -> dict:
     return _read_json(config_file)
 
 
-def hf_model_section(path, config: dict) -> dict:
-    """``model_section_from_hf``, its errors naming the directory's config.json."""
+def hf_model_config(path, config: dict) -> MeshConfig:
+    """The MeshConfig of an HF model directory's ``config`` (``model_section_from_hf``), its
+    errors naming the directory's config.json."""
     try:
-        return model_section_from_hf(config)
-    except CheckpointError as err:
+        return MeshConfig.from_section(model_section_from_hf(config), use_cpu_initialization=True)
+    except (CheckpointError, ConfigError) as err:
         raise CheckpointError(f"{Path(path) / 'config.json'}: {str(err).removeprefix('config.json: ')}") from None
 
 
@@ -101,10 +100,12 @@ def _read_weights(path: Path) -> Dict[str, Tensor]:
 
 
 def model_section_from_hf(config: dict) -> dict:
-    """The YAML ``model:`` section (MeshConfig fields) of an HF config."""
+    """The YAML ``model:`` section (MeshConfig fields) of an HF config: a megatron-mesh export's
+    read back by the fields' HF names (``mapping.hf_mesh_section``), a GPT-NeoX model's from
+    GPT-NeoX's own keys."""
     kind = config.get("model_type")
     if kind == "megatron_mesh":
-        return _from_mesh_config(config)
+        return hf_mesh_section(config)
     if kind == "gpt_neox":
         return _from_gpt_neox_config(config)
     raise CheckpointError(f"config.json: model_type={kind!r}: expected 'gpt_neox' or 'megatron_mesh'")
@@ -123,11 +124,17 @@ def _required(config: dict, key: str, kind: type = int):
     return value
 
 
-def _shared_fields(config: dict) -> dict:
-    act = config.get("hidden_act", "gelu")
-    if act not in HF_GELU:
-        raise CheckpointError(f"config.json: hidden_act={act!r}: expected one of {sorted(HF_GELU)}")
+def _from_gpt_neox_config(config: dict) -> dict:
+    # megatron-mesh's GPT-NeoX is Pythia's: parallel residual, untied output layer, biases,
+    # unscaled rotary; anything else would load but compute something different.
+    expected = {"use_parallel_residual": True, "tie_word_embeddings": False,
+                "attention_bias": True, "rope_scaling": None}
+    for key, want in expected.items():
+        if config.get(key, want) != want:
+            raise CheckpointError(f"config.json: {key}={config[key]!r}: megatron-mesh supports {want!r}")
     return dict(
+        layout=str(_required(config, "num_hidden_layers")), state_scheme="vanilla",
+        scale_embeddings=False,
         hidden_size=_required(config, "hidden_size"),
         num_attention_heads=_required(config, "num_attention_heads"),
         ffn_hidden_size=_required(config, "intermediate_size"),
@@ -137,41 +144,18 @@ def _shared_fields(config: dict) -> dict:
         rotary_base=config.get("rotary_emb_base", 10000),
         layernorm_epsilon=config.get("layer_norm_eps", 1e-5),
         init_method_std=config.get("initializer_range", 0.02),
-        gelu_approximation=HF_GELU[act],
+        gelu_approximation=hf_activation(config.get("hidden_act", "gelu")),  # GPTNeoXConfig's default
     )
 
 
-def _from_gpt_neox_config(config: dict) -> dict:
-    # megatron-mesh's GPT-NeoX is Pythia's: parallel residual, untied output layer, biases,
-    # unscaled rotary; anything else would load but compute something different.
-    expected = {"use_parallel_residual": True, "tie_word_embeddings": False,
-                "attention_bias": True, "rope_scaling": None}
-    for key, want in expected.items():
-        if config.get(key, want) != want:
-            raise CheckpointError(f"config.json: {key}={config[key]!r}: megatron-mesh supports {want!r}")
-    return dict(_shared_fields(config), layout=str(_required(config, "num_hidden_layers")),
-                state_scheme="vanilla", scale_embeddings=False)
-
-
-def _from_mesh_config(config: dict) -> dict:
-    section = dict(_shared_fields(config), layout=_required(config, "layout", str),
-                   state_scheme=_required(config, "state_scheme", str),
-                   scale_embeddings=_required(config, "scale_embeddings", bool))
-    if config.get("buffer_slots") is not None:
-        section["buffer_slots"] = config["buffer_slots"]
-    if config.get("initial_state", "zero") != "zero":
-        section.update(initial_state=config["initial_state"],
-                       initial_state_std=config["initial_state_std"])
-    return section
-
-
-def megatron_state_from_hf(config: dict, hf_state: Dict[str, Tensor], section: dict) -> Dict[str, Tensor]:
-    """The HF weights under MeshGPTModel state-dict names."""
+def megatron_state_from_hf(hf_config: dict, hf_state: Dict[str, Tensor],
+                           config: MeshConfig) -> Dict[str, Tensor]:
+    """The HF weights (of ``hf_config``, whose MeshConfig is ``config``) under MeshGPTModel
+    state-dict names."""
     try:
-        if config["model_type"] == "gpt_neox":
-            return gpt_neox_to_megatron(hf_state, parse_layout(section["layout"]))
-        names = list(parameter_shapes(MeshConfig(**section, use_cpu_initialization=True)))
-        return hf_mesh_to_megatron(hf_state, names)
+        if hf_config["model_type"] == "gpt_neox":
+            return gpt_neox_to_megatron(hf_state, config.parsed_layout)
+        return hf_mesh_to_megatron(hf_state, list(parameter_shapes(config)))
     except KeyError as err:
         raise CheckpointError(f"config.json and the weights disagree: {err.args[0]}") from None
 
@@ -213,7 +197,7 @@ def recursive_from_vanilla(state: Dict[str, Tensor], vanilla: Layout, target: La
     return out
 
 
-def hf_to_megatron(source, output, layout: Optional[str] = None, state_scheme: Optional[str] = None,
+def hf_to_megatron(source, output, *, layout: Optional[str] = None, state_scheme: Optional[str] = None,
                    core_init: str = "average", buffer_slots: Optional[int] = None,
                    scale_embeddings: Optional[bool] = None, tokenizer: Optional[str] = None,
                    force: bool = False, seed: int = 1234) -> Path:
@@ -221,22 +205,36 @@ def hf_to_megatron(source, output, layout: Optional[str] = None, state_scheme: O
     check_writable(Path(output), force)
     if tokenizer:
         tokenizer = _local_paths_absolute(tokenizer_source(tokenizer, "--tokenizer"))  # before the read
-    config = read_hf_config(source)
-    section = hf_model_section(source, config)  # before the (slow) read of the weights
-    state = megatron_state_from_hf(config, _read_weights(Path(source)), section)
+    hf_config = read_hf_config(source)
+    config = hf_model_config(source, hf_config)  # before the (slow) read of the weights
+    state = megatron_state_from_hf(hf_config, _read_weights(Path(source)), config)
     fresh: Tuple[str, ...] = ()
     if layout is not None or state_scheme is not None:
-        section, state = _reshape(section, state, layout, state_scheme, core_init, buffer_slots)
+        config, state = _reshape(config, state, layout=layout, state_scheme=state_scheme,
+                                 core_init=core_init, buffer_slots=buffer_slots)
         fresh = ("decoder.scheme.",)
-    if scale_embeddings is not None and scale_embeddings != section["scale_embeddings"]:
-        # same h_emb either way: the table absorbs the sqrt(d) factor the model now applies
-        factor = math.sqrt(section["hidden_size"])
-        table = state["embedding.word_embeddings.weight"]
-        state["embedding.word_embeddings.weight"] = table / factor if scale_embeddings else table * factor
-        section["scale_embeddings"] = scale_embeddings
-    model = build_model(section, state, fresh, seed)
-    return save_release_checkpoint(model, checkpoint_args(section, tokenizer or _tokenizer_of(source)),
+    if scale_embeddings is not None and scale_embeddings != config.scale_embeddings:
+        config, state = _rescale_embeddings(config, state, scale_embeddings)
+    model = build_model(config, state, fresh, seed)
+    return save_release_checkpoint(model, checkpoint_args(config, tokenizer or _tokenizer_of(source)),
                                    output, force)
+
+
+def _rescale_embeddings(config: MeshConfig, state: Dict[str, Tensor],
+                        scale_embeddings: bool) -> Tuple[MeshConfig, Dict[str, Tensor]]:
+    """The same h_emb either way: the table absorbs the sqrt(d) factor the model now applies
+    (or no longer does)."""
+    factor = math.sqrt(config.hidden_size)
+    table = state["embedding.word_embeddings.weight"]
+    state = dict(state, **{"embedding.word_embeddings.weight":
+                           table / factor if scale_embeddings else table * factor})
+    return _rebuilt(config, scale_embeddings=scale_embeddings), state
+
+
+def _rebuilt(config: MeshConfig, **changes) -> MeshConfig:
+    """``config`` with some model keys changed, the unset ones filled anew (e.g. buffer_slots
+    for another K)."""
+    return MeshConfig.from_section({**config.model_section(), **changes}, use_cpu_initialization=True)
 
 
 def _tokenizer_of(source) -> Optional[str]:
@@ -252,14 +250,16 @@ def _local_paths_absolute(source: TokenizerSource) -> str:
     return source.spec if source.kind == "hub_name" else str(Path(source.spec).expanduser().resolve())
 
 
-def _reshape(section, state, layout, state_scheme, core_init, buffer_slots):
-    if section["state_scheme"] != "vanilla":
+def _reshape(config: MeshConfig, state: Dict[str, Tensor], *, layout: Optional[str],
+             state_scheme: Optional[str], core_init: str,
+             buffer_slots: Optional[int]) -> Tuple[MeshConfig, Dict[str, Tensor]]:
+    if config.state_scheme != "vanilla":
         raise CheckpointError(f"--layout/--state-scheme re-shape vanilla models only; the source is "
-                           f"layout={section['layout']!r} state_scheme={section['state_scheme']!r}")
-    target = parse_layout(layout or section["layout"])
+                              f"layout={config.layout!r} state_scheme={config.state_scheme!r}")
+    target = parse_layout(layout or config.layout)
     scheme = state_scheme or ("base" if target.recursive else "vanilla")
-    state = recursive_from_vanilla(state, parse_layout(section["layout"]), target, core_init)
-    section = dict(section, layout=str(target), state_scheme=scheme)
+    state = recursive_from_vanilla(state, config.parsed_layout, target, core_init)
+    changes = {"layout": str(target), "state_scheme": scheme}
     if buffer_slots is not None:
-        section["buffer_slots"] = buffer_slots
-    return section, state
+        changes["buffer_slots"] = buffer_slots
+    return _rebuilt(config, **changes), state

@@ -7,11 +7,21 @@ With parallel residual, 25% rotary and untied embeddings, a megatron-core layer 
 
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+import typing
+from typing import Any, Dict, List, Tuple
 
 from torch import Tensor
 
+from megatron_mesh.config.experiment import type_name, type_ok
+from megatron_mesh.config.model import HF_NAMES, MeshConfig
+from megatron_mesh.errors import CheckpointError
 from megatron_mesh.recurrence.layout import Layout
+
+HF_ACTIVATIONS = {"tanh": "gelu_pytorch_tanh", "none": "gelu"}
+"""MeshConfig.gelu_approximation -> the HF ``hidden_act`` an export declares (the one field
+whose value translates, not just its name)."""
+HF_GELU = {"gelu": "none", "gelu_pytorch_tanh": "tanh", "gelu_new": "tanh", "gelu_fast": "tanh"}
+"""HF ``hidden_act`` -> MeshConfig.gelu_approximation, for the activations GPT-NeoX models use."""
 
 LAYER_NAMES = {  # megatron-core TransformerLayer suffix -> HF GPTNeoXLayer suffix
     "input_layernorm.weight": "input_layernorm.weight",
@@ -61,10 +71,10 @@ def gpt_neox_to_megatron(
     ``embedding_scale`` gets the HF table divided by it, so both produce the same h_emb.
     """
     if layout.recursive:
-        raise ValueError(f"layout={layout}: GPT-NeoX checkpoints map onto vanilla layouts only")
+        raise CheckpointError(f"layout={layout}: GPT-NeoX checkpoints map onto vanilla layouts only")
     hf_layers = len({k.split(".")[2] for k in hf_state if k.startswith("gpt_neox.layers.")})
     if hf_layers != layout.n_compute:
-        raise ValueError(
+        raise CheckpointError(
             f"the GPT-NeoX checkpoint has {hf_layers} layers, layout={layout} expects "
             f"{layout.n_compute}"
         )
@@ -125,22 +135,35 @@ def hf_mesh_to_megatron(hf_state: Dict[str, Tensor], names: List[str]) -> Dict[s
     return {n: hf_state[hf_mesh_name(n)] for n in names}
 
 
-def hf_mesh_config_kwargs(config) -> Dict[str, object]:
-    """``MegatronMeshConfig`` arguments for a ``MeshConfig`` (the activation the model used)."""
-    return dict(
-        vocab_size=config.vocab_size,
-        hidden_size=config.hidden_size,
-        num_attention_heads=config.num_attention_heads,
-        intermediate_size=config.ffn_hidden_size,
-        layout=str(config.parsed_layout),
-        state_scheme=config.state_scheme,
-        buffer_slots=config.buffer_slots,
-        initial_state=config.initial_state,
-        initial_state_std=config.initial_state_std,
-        scale_embeddings=config.scale_embeddings,
-        rotary_pct=config.rotary_percent,
-        rotary_emb_base=config.rotary_base,
-        max_position_embeddings=config.max_sequence_length,
-        layer_norm_eps=config.layernorm_epsilon,
-        hidden_act="gelu_pytorch_tanh" if config.gelu_approximation == "tanh" else "gelu",
-    )
+def hf_mesh_config_kwargs(config: MeshConfig) -> Dict[str, object]:
+    """``MegatronMeshConfig`` arguments for a ``MeshConfig``: every field of ``HF_NAMES`` under
+    its Hugging Face name (the activation as the HF name of the one the model used)."""
+    kwargs = {hf: getattr(config, name) for name, hf in HF_NAMES.items()}
+    kwargs[HF_NAMES["gelu_approximation"]] = HF_ACTIVATIONS[config.gelu_approximation]
+    return kwargs
+
+
+def hf_activation(act: Any) -> str:
+    """The gelu_approximation of an HF ``hidden_act``; CheckpointError for another activation."""
+    if act not in HF_GELU:
+        raise CheckpointError(f"config.json: hidden_act={act!r}: expected one of {sorted(HF_GELU)}")
+    return HF_GELU[act]
+
+
+def hf_mesh_section(hf_config: Dict[str, Any]) -> Dict[str, Any]:
+    """The inverse of ``hf_mesh_config_kwargs``: the model section of a megatron_mesh
+    config.json, each ``HF_NAMES`` field read back from its HF name and type-checked. A name the
+    file lacks (an export from before the field existed) leaves the MeshConfig default."""
+    hints = typing.get_type_hints(MeshConfig)
+    section: Dict[str, Any] = {}
+    for name, hf in HF_NAMES.items():
+        if hf not in hf_config:
+            continue
+        value = hf_config[hf]
+        if name == "gelu_approximation":
+            value = hf_activation(value)
+        elif not type_ok(value, hints[name]):
+            raise CheckpointError(f"config.json: {hf}={value!r}: expected {type_name(hints[name])}, "
+                                  f"got {type(value).__name__}")
+        section[name] = value
+    return section

@@ -219,7 +219,7 @@ class RecursiveMeshTransformerBlock(MegatronModule):
         num_loops: Optional[int] = None,
         states: StateList = None,
         carry: Optional[Carry] = None,
-        grad_loops: Optional[int] = None,
+        backprop_loops: Optional[int] = None,
         step_mask: Optional[Tensor] = None,
     ):
         """Run this block's share of the unrolled graph.
@@ -227,7 +227,7 @@ class RecursiveMeshTransformerBlock(MegatronModule):
         The first stage starts from the (scaled) embeddings ``hidden_states`` [s, b, h]; a later
         pipeline stage from the ``carry`` of the one before. The last stage returns the final
         normed state [s, b, h], others their carry. ``num_loops`` reads out after fewer (or, for
-        tied cores, more) loop steps than the layout trains with; ``grad_loops`` runs all but the
+        tied cores, more) loop steps than the layout trains with; ``backprop_loops`` runs all but the
         last that many without an autograd graph (truncated backprop); ``step_mask`` (bool
         [num_loops, b] or [num_loops, b, s], per-sequence or per-token depth: loop_depth.py)
         lets loop step t update only the sequences or tokens it marks. ``states``, if a list,
@@ -247,14 +247,14 @@ class RecursiveMeshTransformerBlock(MegatronModule):
                 raise ValueError("num_loops can only be changed when one stage holds the whole model")
             ops = unrolled_ops(self.config.parsed_layout, self._check_num_loops(num_loops))
         loops = self.config.parsed_layout.num_loops if num_loops is None else num_loops  # whole graph
-        first_grad_step = loops - (loops if grad_loops is None else grad_loops)
+        first_backprop_step = loops - (loops if backprop_loops is None else backprop_loops)
         record = _Recorder(states)
         gate = _StepGate(self._local_step_mask(step_mask, loops))
         if carry is None:
             carry = Carry(h=hidden_states, h_emb=hidden_states)
             record(Recorded.EMBEDDINGS, hidden_states)
         with self._rng_context():
-            carry = self._run_ops(ops, carry, first_grad_step, (attention_mask, rotary_pos_emb),
+            carry = self._run_ops(ops, carry, first_backprop_step, (attention_mask, rotary_pos_emb),
                                   record, gate)
         if not self.is_last_stage:
             return carry
@@ -264,9 +264,9 @@ class RecursiveMeshTransformerBlock(MegatronModule):
         h = self.final_layernorm(carry.h)
         return make_viewless_tensor(h, requires_grad=h.requires_grad, keep_graph=True)
 
-    def _run_ops(self, ops: List[Op], carry: Carry, first_grad_step: int, layer_inputs: tuple,
+    def _run_ops(self, ops: List[Op], carry: Carry, first_backprop_step: int, layer_inputs: tuple,
                  record: "_Recorder", gate: "_StepGate") -> Carry:
-        """The ops in order, loop steps before ``first_grad_step`` without gradients.
+        """The ops in order, loop steps before ``first_backprop_step`` without gradients.
 
         Consecutive layer applications run together (the recompute chunks). A frozen layer
         run's output is detached: megatron-core's TransformerLayer adds the linear biases under
@@ -274,7 +274,7 @@ class RecursiveMeshTransformerBlock(MegatronModule):
         returns a graph to its biases, which would get gradients through steps meant to have none.
         """
         def group(op: Op) -> Tuple[bool, bool]:  # (a layer, runs without gradients)
-            return op.kind == "layer", 0 <= op.loop < first_grad_step
+            return op.kind == "layer", 0 <= op.loop < first_backprop_step
 
         for (is_layer, frozen), run in itertools.groupby(ops, key=group):
             with torch.no_grad() if frozen else contextlib.nullcontext():

@@ -107,7 +107,7 @@ class MeshGPTModel(LanguageModule):
         labels: Optional[Tensor] = None,
         num_loops: Optional[int] = None,
         states: StateList = None,
-        grad_loops: Optional[int] = None,
+        backprop_loops: Optional[int] = None,
         step_mask: Optional[Tensor] = None,
     ) -> Tensor:
         rotary_pos_emb = self.rotary_pos_emb(input_ids.shape[1])
@@ -117,7 +117,7 @@ class MeshGPTModel(LanguageModule):
         else:  # a later pipeline stage: [s, b, W] from the previous one
             h_emb, carry = None, boundary.unpack(self.input_tensor, self.carry_phases[0], self.config)
         h = self.decoder(h_emb, attention_mask, rotary_pos_emb, num_loops=num_loops, states=states,
-                         carry=carry, grad_loops=grad_loops, step_mask=step_mask)
+                         carry=carry, backprop_loops=backprop_loops, step_mask=step_mask)
         if not self.post_process:
             return boundary.pack(h, self.carry_phases[1], self.config)
         logits, _ = self.output_layer(h)  # [s, b, V/tp]

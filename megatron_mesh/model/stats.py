@@ -113,19 +113,19 @@ def train_flops_per_token(cfg: MeshConfig, seq_length: int, draw: Optional[LoopD
     per_step -= once
     step = layout.core[0] * layer + 2 * per_step  # one loop step (a tied core), forward
     outside = (layout.prelude + layout.coda) * layer + 2 * once + logits
-    frozen = draw.num_loops - draw.grad_loops
-    return float(3 * (outside + draw.grad_loops * step) + frozen * step)
+    frozen = draw.num_loops - draw.backprop_loops
+    return float(3 * (outside + draw.backprop_loops * step) + frozen * step)
 
 
 @dataclass(frozen=True)
 class DepthCost:
     """``train_flops_per_token`` of a step as a function of its depth, which it is linear in:
-    base + per_step * loop steps + per_grad_step * loop steps with gradients (computed once, so
+    base + per_step * loop steps + per_backprop_step * loop steps with gradients (computed once, so
     the trainer's per-step FLOP count builds nothing)."""
 
     base: float
     per_step: float
-    per_grad_step: float
+    per_backprop_step: float
 
     @classmethod
     def of(cls, cfg: MeshConfig, seq_length: int) -> "DepthCost":
@@ -134,8 +134,8 @@ class DepthCost:
         with_grad = train_flops_per_token(cfg, seq_length, LoopDraw(1, 1))
         return cls(base, frozen - base, with_grad - frozen)
 
-    def at(self, num_loops: float, grad_loops: float) -> float:
-        return self.base + num_loops * self.per_step + grad_loops * self.per_grad_step
+    def at(self, num_loops: float, backprop_loops: float) -> float:
+        return self.base + num_loops * self.per_step + backprop_loops * self.per_backprop_step
 
 
 def expected_depth(cfg: MeshConfig) -> Optional[MeanDepth]:
@@ -151,7 +151,7 @@ def expected_train_flops_per_token(cfg: MeshConfig, seq_length: int,
     (``expected_depth``): linear in the depth and the gradient depth, so their means give it."""
     if mean is None:
         return train_flops_per_token(cfg, seq_length)
-    return DepthCost.of(cfg, seq_length).at(mean.num_loops, mean.grad_loops)
+    return DepthCost.of(cfg, seq_length).at(mean.num_loops, mean.backprop_loops)
 
 
 def model_stats(model: MeshGPTModel, seq_length: int) -> ModelStats:

@@ -22,9 +22,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from megatron_mesh.config.model import MeshConfig
 from megatron_mesh.model.block import Recorded
 from megatron_mesh.probing import metrics
 from megatron_mesh.probing.routers import RouterStats, mesh_scheme, state_dict_of
+from megatron_mesh.errors import ConfigError
 from megatron_mesh.progress import SILENT, Progress
 
 SPECTRUM_K = 50
@@ -50,18 +52,18 @@ def block_labels(num_loops: int) -> List[str]:
     return ["prelude", *(f"core {t + 1}" for t in range(num_loops)), "coda"]
 
 
-def first_state(section: dict) -> Optional[Dict[str, str]]:
+def first_state(config: MeshConfig) -> Optional[Dict[str, str]]:
     """What h(0), the loop's first state, is under the model's scheme, as a short legend label
     and a figure caption; None without a loop (vanilla)."""
     from megatron_mesh.recurrence.injection import InjectionScheme
     from megatron_mesh.recurrence.mesh import MeshScheme
-    from megatron_mesh.recurrence.schemes import normalize_scheme, scheme_class
+    from megatron_mesh.recurrence.schemes import scheme_class
 
-    cls = scheme_class(normalize_scheme(section["state_scheme"]))
+    cls = scheme_class(config.state_scheme)
     if cls is None:
         return None
     if issubclass(cls, InjectionScheme):
-        start = section.get("initial_state", "zero")
+        start = config.initial_state
         kind = "random start x(0), drawn afresh per forward" if start == "random" else "zero start x(0)"
         return {"short": kind.split(",")[0],
                 "caption": f"h(0) = the {kind}, not the prelude output (the prelude output is injected)"}
@@ -120,7 +122,7 @@ class ModelProbe:
 
     name: str
     path: str
-    section: dict
+    config: MeshConfig
     seq_length: int
     threshold: float
     per_sample: Dict[str, Tensor] = field(default_factory=dict)
@@ -128,9 +130,7 @@ class ModelProbe:
 
     @property
     def num_loops(self) -> int:
-        from megatron_mesh.recurrence.layout import parse_layout
-
-        return parse_layout(self.section["layout"]).num_loops
+        return self.config.num_loops
 
     def summary(self) -> dict:
         """The JSON record of this model (see ``write_report``)."""
@@ -140,8 +140,8 @@ class ModelProbe:
 
         states = state_labels(self.num_loops)
         return {
-            "name": self.name, "path": self.path, "layout": self.section["layout"],
-            "state_scheme": self.section["state_scheme"], "h0": first_state(self.section),
+            "name": self.name, "path": self.path, "layout": self.config.layout,
+            "state_scheme": self.config.state_scheme, "h0": first_state(self.config),
             "samples": int(self.per_sample["update_magnitude"].shape[0]),
             "seq_length": self.seq_length,
             "update_magnitude": {"blocks": block_labels(self.num_loops),
@@ -166,14 +166,14 @@ def batches(samples: Sequence[Sequence[int]], batch_size: int,
 
 
 @torch.no_grad()
-def probe_model(loaded, samples: Sequence[Sequence[int]], threshold: float = 1.0,
+def probe_model(loaded, samples: Sequence[Sequence[int]], *, threshold: float = 1.0,
                 batch_size: int = 1, progress: Progress = SILENT, path: str = "") -> ModelProbe:
     """Run ``loaded`` (a ``LoadedModel``) over ``samples`` (equal-length token lists) and keep
     every sample's probes, plus router statistics for MeSH models; ``progress`` hears of every
     batch."""
     model = loaded.model
     device = next(model.parameters()).device
-    result = ModelProbe(loaded.name, path, loaded.section, len(samples[0]), threshold)
+    result = ModelProbe(loaded.name, path, loaded.config, len(samples[0]), threshold)
     num_loops = result.num_loops
     scheme = mesh_scheme(model)
     router_stats = RouterStats(scheme) if scheme is not None else None
@@ -209,13 +209,13 @@ DEFAULT_SEQ_LENGTH = 512
 
 
 def seq_length_for(limit: int, requested: Optional[int], path: str) -> int:
-    """--seq-length, or 512 capped by the model's max_sequence_length ``limit``; ValueError if
+    """--seq-length, or 512 capped by the model's max_sequence_length ``limit``; ConfigError if
     the requested length does not fit the model."""
     if requested is None:
         return min(DEFAULT_SEQ_LENGTH, limit)
     if requested > limit:
-        raise ValueError(f"--seq-length {requested} exceeds the max_sequence_length {limit} of "
-                         f"{path}")
+        raise ConfigError(f"--seq-length {requested} exceeds the max_sequence_length {limit} of "
+                          f"{path}")
     return requested
 
 
@@ -226,7 +226,7 @@ def load_samples(data: str, tokenizer: Optional[str], seq_length: int, num_sampl
     return fixed_length_samples(read_documents(data, tokenizer), seq_length, num_samples, data)
 
 
-def probe_paths(paths: Sequence[str], data: str, num_samples: int,
+def probe_paths(paths: Sequence[str], data: str, num_samples: int, *,
                 seq_length: Optional[int] = None, tokenizer: Optional[str] = None,
                 names: Optional[Sequence[str]] = None, threshold: float = 1.0,
                 batch_size: int = 1, device: str = "cpu",
@@ -244,13 +244,14 @@ def probe_paths(paths: Sequence[str], data: str, num_samples: int,
         loaded = load_model(path, device=device, verify_hashes=verify_hashes)
         if names:
             loaded.name = names[i]
-        config = loaded.model.config
+        config = loaded.config
         length = seq_length_for(config.max_sequence_length, seq_length, path)
         key = (length, tokenizer or loaded.tokenizer)
         if key not in cache:
             cache[key] = load_samples(data, key[1], length, num_samples)
         check_ids(torch.tensor(cache[key]), config.vocab_size, f"{data} (for {path})")
-        probes.append(probe_model(loaded, cache[key], threshold, batch_size, progress, str(path)))
+        probes.append(probe_model(loaded, cache[key], threshold=threshold, batch_size=batch_size,
+                                  progress=progress, path=str(path)))
         del loaded
     return probes
 
@@ -271,7 +272,7 @@ def report(probes: Sequence[ModelProbe], settings: dict) -> dict:
                      "spectrum": {"states": [n], "k": r, "mean": [n][r], "std": [n][r]},
                      "routers": null | RouterStats.summary()}, ...]}
 
-    RouterStats.summary() = {"num_slots": B, "tokens", "histogram_edges": [bins + 1],
+    RouterStats.summary() = {"buffer_slots": B, "tokens", "histogram_edges": [bins + 1],
     "steps": [{"step": -1 | t, "label": "transition" | "step{t}", "reads": "h(t+1)",
     "read" / "write": {"mean": [B], "std": [B], "usage": [B] (argmax fractions),
     "histogram": [B][bins] (token fractions), "entropy": {"mean", "std", "normalized_mean",

@@ -152,9 +152,9 @@ def entropy(weights: Tensor) -> Tensor:
 def argmax_usage(weights: Tensor) -> Tensor:
     """Fraction of tokens whose largest weight is on slot b: [..., B] -> [B]. Unlike the mean
     weight this shows collapse: usage 1.0 on one slot means every token mostly uses that slot."""
-    num_slots = weights.shape[-1]
-    winners = weights.reshape(-1, num_slots).argmax(dim=-1)
-    return torch.bincount(winners, minlength=num_slots).double() / winners.numel()
+    buffer_slots = weights.shape[-1]
+    winners = weights.reshape(-1, buffer_slots).argmax(dim=-1)
+    return torch.bincount(winners, minlength=buffer_slots).double() / winners.numel()
 
 
 def histogram(weights: Tensor, bins: int = HISTOGRAM_BINS) -> Tensor:
@@ -195,11 +195,11 @@ class WeightStats:
     """One router's weights over many tokens: mean/std per slot, argmax usage, histogram and
     entropy."""
 
-    def __init__(self, num_slots: int, bins: int = HISTOGRAM_BINS):
-        self.num_slots, self.bins = num_slots, bins
+    def __init__(self, buffer_slots: int, bins: int = HISTOGRAM_BINS):
+        self.buffer_slots, self.bins = buffer_slots, bins
         self.weights, self.entropy = Moments(), Moments()
-        self.counts = torch.zeros(num_slots, bins, dtype=torch.float64)
-        self.winners = torch.zeros(num_slots, dtype=torch.float64)
+        self.counts = torch.zeros(buffer_slots, bins, dtype=torch.float64)
+        self.winners = torch.zeros(buffer_slots, dtype=torch.float64)
 
     def add(self, weights: Tensor) -> None:  # [s, b, B]
         w = weights.detach()
@@ -209,7 +209,7 @@ class WeightStats:
         self.winners += argmax_usage(w).cpu() * w[..., 0].numel()
 
     def summary(self) -> dict:
-        log_b = math.log(self.num_slots)
+        log_b = math.log(self.buffer_slots)
         tokens = self.weights.count
         return {
             "mean": _floats(self.weights.mean()), "std": _floats(self.weights.std()),
@@ -230,7 +230,7 @@ class RouterStats:
 
     def __init__(self, scheme, bins: int = HISTOGRAM_BINS):
         self.scheme, self.bins = scheme, bins
-        self.num_slots = scheme.num_slots
+        self.buffer_slots = scheme.buffer_slots
         self.steps: Dict[int, Dict[str, object]] = {}
 
     @torch.no_grad()
@@ -238,8 +238,8 @@ class RouterStats:
         routing = routing_weights(self.scheme, states)
         for r, coefficients in zip(routing, effective_coefficients(routing)):
             step = self.steps.setdefault(r.step, {
-                "read": WeightStats(self.num_slots, self.bins),
-                "write": WeightStats(self.num_slots, self.bins),
+                "read": WeightStats(self.buffer_slots, self.bins),
+                "write": WeightStats(self.buffer_slots, self.bins),
                 "coefficients": {name: Moments() for name in coefficients}})
             step["read"].add(r.read)
             step["write"].add(r.write)
@@ -260,7 +260,7 @@ class RouterStats:
                     "std": [float(m.std()) for m in coefficients.values()]},
             })
         tokens = next(iter(self.steps.values()))["read"].weights.count if self.steps else 0
-        return {"num_slots": self.num_slots, "tokens": tokens,
+        return {"buffer_slots": self.buffer_slots, "tokens": tokens,
                 "histogram_edges": _floats(torch.linspace(0, 1, self.bins + 1)),
                 "steps": steps}
 
@@ -301,7 +301,7 @@ def router_summary(model, states: States) -> Dict[str, Tensor]:
     # routers run in the model's dtype (as in training); the statistics in fp32 / fp64
     routing = [StepRouting(r.step, r.write.float(), r.read.float())
                for r in routing_weights(scheme, recorded)]
-    log_b = math.log(scheme.num_slots)
+    log_b = math.log(scheme.buffer_slots)
     out: Dict[str, Tensor] = {}
     for r, coefficients in zip(routing, effective_coefficients(routing)):
         prefix = f"mesh/{step_label(r.step)}"

@@ -12,7 +12,6 @@ Needs 2 GPUs; on one GPU the check is skipped. The CPU stand-in runs the same co
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -29,18 +28,20 @@ from megatron_mesh.qualify.report import FAIL, PASS, CheckResult, SkipCheck, mar
 TOLERANCE = {"lm loss": 1e-3, "grad-norm": 1e-2}
 
 
-def save_start(section_json: str, out: str) -> None:
+def save_start(model_json: str, out: str) -> None:
     """The release checkpoint every run starts from (run on the CPU: ``start_checkpoint``)."""
     from megatron_mesh.checkpoint.reader import build_model
     from megatron_mesh.checkpoint.writer import checkpoint_args, save_release_checkpoint
+    from megatron_mesh.config.model import MeshConfig
 
-    section = json.loads(section_json)
-    save_release_checkpoint(build_model(section, {}, ("",), seed=5), checkpoint_args(section, None),
+    config = MeshConfig.from_json(model_json, use_cpu_initialization=True)
+    save_release_checkpoint(build_model(config, {}, ("",), seed=5), checkpoint_args(config, None),
                             out, force=True)
 
 
 def start_checkpoint(ctx: Context, out: Path) -> Path:
     """Written in a CPU subprocess, so a GPU process group never handles CPU-built weights."""
+    from megatron_mesh.config.model import section_json
     from megatron_mesh.config.yaml_file import load_config_tree
 
     model = ctx.profile.parity
@@ -48,7 +49,7 @@ def start_checkpoint(ctx: Context, out: Path) -> Path:
     code = ("import sys, megatron_mesh; from megatron_mesh.qualify.parity import save_start; "
             "save_start(sys.argv[1], sys.argv[2])")
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-    done = subprocess.run([sys.executable, "-c", code, json.dumps(tree["model"]), str(out)],
+    done = subprocess.run([sys.executable, "-c", code, section_json(tree["model"]), str(out)],
                           capture_output=True, text=True, env=env, cwd=REPO,
                           timeout=max(1.0, ctx.remaining()))
     if done.returncode != 0:

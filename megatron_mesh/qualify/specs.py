@@ -40,12 +40,13 @@ def spec_pair(cpu: bool) -> Tuple[str, Callable, str, Callable]:
 
 
 def build(section: dict, spec: Callable, device: torch.device):
+    """A model of the profile's model ``section`` (a YAML model section) under ``spec``."""
     from megatron_mesh.config.model import MeshConfig
     from megatron_mesh.model.gpt import MeshGPTModel
     from megatron_mesh.parallel.process_groups import initialize_single_process
 
     initialize_single_process()
-    model = MeshGPTModel(MeshConfig(**section), spec=spec()).to(device)
+    model = MeshGPTModel(MeshConfig.from_section(section), spec=spec()).to(device)
     model.rotary_pos_emb.inv_freq = model.rotary_pos_emb.inv_freq.to(device)
     return model
 
@@ -84,7 +85,7 @@ def depth_kwargs(scheme: str, batch: int, seq: int, device: torch.device) -> dic
     if has_per_step_parameters(scheme):
         return {}
     draw = SAMPLED_DEPTH.draw(0, 0, range(batch), seq)
-    return {"num_loops": draw.num_loops, "grad_loops": draw.grad_loops,
+    return {"num_loops": draw.num_loops, "backprop_loops": draw.backprop_loops,
             "step_mask": torch.from_numpy(draw.active).to(device)}
 
 

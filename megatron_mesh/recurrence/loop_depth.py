@@ -49,21 +49,21 @@ class LoopDraw:
 
     num_loops: int
     """Loop steps run."""
-    grad_loops: int
-    """The last ``grad_loops`` of them carry gradients."""
+    backprop_loops: int
+    """The last ``backprop_loops`` of them carry gradients."""
     active: Optional[np.ndarray] = field(default=None, compare=False)
     """Per-sequence or per-token depth: bool [num_loops, b] or [num_loops, b, s], whether loop
     step t updates each sequence or token. None: every step updates every element."""
 
     @classmethod
     def of_elements(cls, steps: np.ndarray, grad: np.ndarray,
-                    slots: Optional[Tuple[int, int]] = None) -> "LoopDraw":
+                    graph_steps: Optional[Tuple[int, int]] = None) -> "LoopDraw":
         """The draw that runs element i ``steps[i]`` steps, the last ``grad[i]`` with gradients:
-        max(frozen) steps without gradients, then max(grad) with (or the ``slots`` = (frozen,
+        max(frozen) steps without gradients, then max(grad) with (or the ``graph_steps`` = (frozen,
         with gradients) of a fixed graph), each element active for the first of its own in each
         phase."""
         frozen = steps - grad
-        counts = slots or (int(frozen.max()), int(grad.max()))
+        counts = graph_steps or (int(frozen.max()), int(grad.max()))
         if frozen.max() > counts[0] or grad.max() > counts[1]:
             raise ValueError(f"a draw of {int(frozen.max())} steps without and {int(grad.max())} "
                              f"with gradients does not fit the graph's {counts}")
@@ -77,10 +77,10 @@ class LoopDraw:
         return self.num_loops if self.active is None else float(self.active.sum(0).mean())
 
     @property
-    def mean_grad_loops(self) -> float:
+    def mean_backprop_loops(self) -> float:
         if self.active is None:
-            return self.grad_loops
-        return float(self.active[self.num_loops - self.grad_loops:].sum(0).mean())
+            return self.backprop_loops
+        return float(self.active[self.num_loops - self.backprop_loops:].sum(0).mean())
 
 
 @dataclass(frozen=True)
@@ -117,21 +117,21 @@ class LoopDepth:
         return self.sampler != "fixed" and (self.backprop is None or self.backprop > 1)
 
     def draw(self, seed: int, iteration: int, rows: Sequence[int] = (), seq_length: int = 0,
-             slots: Optional[Tuple[int, int]] = None) -> LoopDraw:
+             graph_steps: Optional[Tuple[int, int]] = None) -> LoopDraw:
         """The depth of training step ``iteration``; per sequence or token, that of the global
-        batch's sequences ``rows`` (of ``seq_length`` tokens). ``slots`` (``graph_slots``): laid
+        batch's sequences ``rows`` (of ``seq_length`` tokens). ``graph_steps`` (``graph_steps``): laid
         out on a fixed graph, every element masked into it (pipeline parallelism)."""
         if self.per == "batch":
             steps = self._capped(self._steps(np.random.default_rng([seed, iteration])))
-            if slots is None:
+            if graph_steps is None:
                 return LoopDraw(int(steps), int(self._grad(steps)))
             steps = np.full(len(rows), steps)
         else:
             steps = self._element_steps(seed, iteration, rows, seq_length)
-        return LoopDraw.of_elements(steps, self._grad(steps), slots)
+        return LoopDraw.of_elements(steps, self._grad(steps), graph_steps)
 
     @property
-    def graph_slots(self) -> Tuple[int, int]:
+    def graph_steps(self) -> Tuple[int, int]:
         """(steps without, steps with gradients) of the fixed graph of the layout's K steps that
         a pipeline runs every draw on: the last ``backprop`` (default all) carry gradients."""
         grad = self.trained if self.backprop is None else min(self.backprop, self.trained)
@@ -164,7 +164,7 @@ class LoopDepth:
         batch = replace(self, per="batch")
         sample = [batch.draw(seed, i) for i in range(draws)]
         return MeanDepth(sum(d.num_loops for d in sample) / draws,
-                         sum(d.grad_loops for d in sample) / draws)
+                         sum(d.backprop_loops for d in sample) / draws)
 
 
 @dataclass(frozen=True)
@@ -172,4 +172,4 @@ class MeanDepth:
     """Loop steps and steps with gradients, averaged (over draws, or a batch's elements)."""
 
     num_loops: float
-    grad_loops: float
+    backprop_loops: float

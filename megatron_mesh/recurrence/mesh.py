@@ -80,8 +80,8 @@ class LoopState:
         return out
 
     @staticmethod
-    def slice_count(fields: Tuple[str, ...], num_slots: Optional[int]) -> int:
-        return len(fields) + ((num_slots or 0) - 1 if "buffer" in fields else 0)
+    def slice_count(fields: Tuple[str, ...], buffer_slots: Optional[int]) -> int:
+        return len(fields) + ((buffer_slots or 0) - 1 if "buffer" in fields else 0)
 
     @classmethod
     def from_slices(cls, fields: Tuple[str, ...], slices: Sequence[Tensor]) -> "LoopState":
@@ -105,7 +105,7 @@ class SchemeOptions:
     init_method: InitMethod
     """Initialiser of projection weights (megatron's normal(0, init_method_std))."""
     init_method_std: float = 0.02
-    num_slots: int = 0
+    buffer_slots: int = 0
     """MeSH buffer length B."""
     cycle_impl: str = "auto"
     compile_options: CycleCompile = CycleCompile()
@@ -120,9 +120,9 @@ class SchemeOptions:
         field here named as the config's, nothing else. Two are not copied as they are: the
         config's ``cycle_compile_fallback`` becomes ``compile_options``, and its
         ``buffer_slots`` of None (a scheme without a buffer) is 0 here."""
-        names = [f.name for f in dataclasses.fields(cls) if f.name not in ("compile_options", "num_slots")]
+        names = [f.name for f in dataclasses.fields(cls) if f.name not in ("compile_options", "buffer_slots")]
         return cls(**{name: getattr(config, name) for name in names},
-                   num_slots=config.buffer_slots or 0,
+                   buffer_slots=config.buffer_slots or 0,
                    compile_options=CycleCompile(fallback=config.cycle_compile_fallback))
 
 
@@ -214,9 +214,9 @@ class AdditiveScheme(StateScheme):
 class Router(nn.Module):
     """Linear(h -> B) with bias, softmax over slots, per token (Eq. 3)."""
 
-    def __init__(self, hidden_size: int, num_slots: int, init_method: InitMethod):
+    def __init__(self, hidden_size: int, buffer_slots: int, init_method: InitMethod):
         super().__init__()
-        self.linear = nn.Linear(hidden_size, num_slots, bias=True)
+        self.linear = nn.Linear(hidden_size, buffer_slots, bias=True)
         init_method(self.linear.weight)
         nn.init.zeros_(self.linear.bias)
 
@@ -229,10 +229,10 @@ class Router(nn.Module):
 class StepRouters(nn.Module):
     """The write and read router of one step t (t = -1 is the transitional pair)."""
 
-    def __init__(self, hidden_size: int, num_slots: int, init_method: InitMethod):
+    def __init__(self, hidden_size: int, buffer_slots: int, init_method: InitMethod):
         super().__init__()
-        self.write = Router(hidden_size, num_slots, init_method)
-        self.read = Router(hidden_size, num_slots, init_method)
+        self.write = Router(hidden_size, buffer_slots, init_method)
+        self.read = Router(hidden_size, buffer_slots, init_method)
 
 
 def _fp32_or_wider(dtype: torch.dtype) -> torch.dtype:
@@ -254,9 +254,9 @@ def buffer_read(buffer: Tensor, w_read: Tensor) -> Tensor:
     return (buffer.to(acc) * w).sum(dim=0).to(buffer.dtype)
 
 
-def initial_buffer(h_emb: Tensor, num_slots: int) -> Tensor:
+def initial_buffer(h_emb: Tensor, buffer_slots: int) -> Tensor:
     """Eq. 2: slot 0 holds h_emb, the other slots are zero. -> [B, s, b, h]."""
-    zeros = h_emb.new_zeros((num_slots - 1, *h_emb.shape))
+    zeros = h_emb.new_zeros((buffer_slots - 1, *h_emb.shape))
     return torch.cat([h_emb.unsqueeze(0), zeros], dim=0)
 
 
@@ -275,19 +275,19 @@ class MeshScheme(StateScheme):
     per_step_parameters = True
     carried = ("buffer",)
 
-    def __init__(self, hidden_size: int, num_loops: int, num_slots: int, init_method: InitMethod,
+    def __init__(self, hidden_size: int, num_loops: int, buffer_slots: int, init_method: InitMethod,
                  impl: str = "auto", compile_options: CycleCompile = CycleCompile()):
         super().__init__()
-        self.num_slots = num_slots
+        self.buffer_slots = buffer_slots
         self.impl = impl
         self.compile_options = compile_options
         self.routers = nn.ModuleList(
-            StepRouters(hidden_size, num_slots, init_method) for _ in range(num_loops + 1)
+            StepRouters(hidden_size, buffer_slots, init_method) for _ in range(num_loops + 1)
         )
 
     @classmethod
     def build(cls, name, options):
-        return cls(options.hidden_size, options.num_loops, options.num_slots, options.init_method,
+        return cls(options.hidden_size, options.num_loops, options.buffer_slots, options.init_method,
                    options.cycle_impl, options.compile_options)
 
     def _cycle(self, routers: StepRouters, route_from: Tensor, written: Tensor, buffer: Tensor):
@@ -299,7 +299,7 @@ class MeshScheme(StateScheme):
         return buffer_read(buffer, w_read), buffer
 
     def begin(self, h_emb, h_pre):
-        buffer = initial_buffer(h_emb, self.num_slots)
+        buffer = initial_buffer(h_emb, self.buffer_slots)
         h0, buffer = self._cycle(self.routers[0], h_pre, h_pre, buffer)
         return h0, LoopState(h_emb=h_emb, h0=h0, buffer=buffer)
 
@@ -320,9 +320,9 @@ class SharedRouterMeshScheme(MeshScheme):
     names = ("mesh_shared",)
     per_step_parameters = False
 
-    def __init__(self, hidden_size: int, num_loops: int, num_slots: int, init_method: InitMethod,
+    def __init__(self, hidden_size: int, num_loops: int, buffer_slots: int, init_method: InitMethod,
                  impl: str = "auto", compile_options: CycleCompile = CycleCompile()):
-        super().__init__(hidden_size, 1, num_slots, init_method, impl, compile_options)
+        super().__init__(hidden_size, 1, buffer_slots, init_method, impl, compile_options)
 
     def step_routers(self, t: int) -> StepRouters:
         return self.routers[1]

@@ -63,7 +63,7 @@ def _valid_prefixes(tree: dict, run: Run) -> List[str]:
     return prefixes
 
 
-def heldout(tree: dict, run: Run, out: Path, cfg: dict, device: str,
+def heldout(tree: dict, run: Run, out: Path, cfg: dict, device: str, *,
             progress: Progress = SILENT) -> dict:
     """Parameters and held-out loss/perplexity of the run's final checkpoint (cached);
     ``tree`` is the run's experiment tree, ``cfg`` the study's heldout settings."""
@@ -84,9 +84,10 @@ def heldout(tree: dict, run: Run, out: Path, cfg: dict, device: str,
     loaded = load_model(ckpt, device=device)
     scorer = perplexity.megatron_scorer(loaded, device, name=run.name)
     docs = itertools.chain.from_iterable(read_documents(p) for p in key["data"])
-    result = perplexity.evaluate(scorer, docs, min(seq, scorer.max_length), cfg["batch_size"],
-                                 cfg["max_documents"], key["data"][0], progress,
-                                 sum(count_documents(p) for p in key["data"]))
+    result = perplexity.evaluate(scorer, docs, min(seq, scorer.max_length), batch_size=cfg["batch_size"],
+                                 max_documents=cfg["max_documents"], source=key["data"][0],
+                                 progress=progress,
+                                 total_documents=sum(count_documents(p) for p in key["data"]))
     record = {"key": key, **result.as_dict(), "stats": model_stats(loaded.model, seq).as_dict()}
     cache.write_text(json.dumps(record, indent=1) + "\n")
     return record
@@ -110,7 +111,8 @@ def collect(study: Study, runs: List[Run], out: Path, device: str, progress: Pro
         per_run[run.name] = {"variant": run.variant, "seed": run.seed,
                              "tokens_per_iteration": tokens_per_iter,
                              "train": scalars(tb, TRAIN_TAG), "valid": scalars(tb, VALID_TAG),
-                             "heldout": heldout(tree, run, out, study.heldout, device, progress)}
+                             "heldout": heldout(tree, run, out, study.heldout, device,
+                                                progress=progress)}
     for variant in dict.fromkeys(r.variant for r in runs):
         mine = [per_run[r.name] for r in runs if r.variant == variant]
         stats = mine[0]["heldout"]["stats"]
@@ -287,7 +289,7 @@ def probes(study: Study, runs: List[Run], out: Path, device: str, progress: Prog
     data, cfg = _valid_prefixes(tree, runs[0])[0], study.probes
     seq = cfg["seq_length"] or tree["training"]["seq_length"]
     found = probe.probe_paths([str(run_dir(out, r) / "checkpoints") for r in first.values()], data,
-                              cfg["samples"], seq, names=list(first), batch_size=cfg["batch_size"],
+                              cfg["samples"], seq_length=seq, names=list(first), batch_size=cfg["batch_size"],
                               device=device, progress=progress)
     settings = {"data": data, "samples": cfg["samples"], "cka_threshold": 1.0, "device": device}
     return probe.write_report(probe.report(found, settings), out / "probes", force=True)

@@ -8,14 +8,13 @@ checkpoint's saved args) can rebuild the exact ``MeshConfig``.
 from __future__ import annotations
 
 import importlib.util
-import json
 import math
 import typing
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from megatron_mesh.config.model import MeshConfig
+from megatron_mesh.config.model import MeshConfig, section_json
 from megatron_mesh.data.tokenizer import EXPECTED, TokenizerSpecError, tokenizer_source
 from megatron_mesh.config.experiment import (SECTIONS, Data, Experiment, Logging, Parallelism, Tokenizer, Training,
                                              flag_args, parse_experiment, type_ok, value_problem)
@@ -173,7 +172,10 @@ def _one_to_one_args(exp: Experiment) -> List[str]:
             for arg in _flag(flag, value)]
 
 
-def _model_args(cfg: MeshConfig, section: dict) -> List[str]:
+def _model_args(cfg: MeshConfig, given: dict) -> List[str]:
+    """The model's Megatron flags, and ``--mesh-model``: the YAML model section ``given``, as
+    written rather than ``cfg.model_section()``, so a key it leaves unset still follows a
+    Megatron flag given after ``--`` (e.g. ``-- --hidden-dropout 0.1``), as it always has."""
     return [
         *_flag("num-layers", cfg.num_layers),  # N_compute: every core application
         *_flag("hidden-size", cfg.hidden_size),
@@ -191,7 +193,7 @@ def _model_args(cfg: MeshConfig, section: dict) -> List[str]:
         *_flag("attention-dropout", cfg.attention_dropout),
         *_flag("untie-embeddings-and-output-weights", True),
         *_flag("padded-vocab-size", cfg.vocab_size),
-        *_flag("mesh-model", json.dumps(section, sort_keys=True)),
+        *_flag("mesh-model", section_json(given)),
     ]
 
 

@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field, fields
 from functools import partial
 from typing import Dict, List, Optional
@@ -35,10 +34,10 @@ from megatron_mesh.training.throughput import DepthTally, rank_device
 def mesh_config_from_args(args) -> MeshConfig:
     """Megatron's TransformerConfig fields (parallelism, precision, fusions) + the model section."""
     base = core_transformer_config_from_args(args)
-    kwargs = {f.name: getattr(base, f.name) for f in fields(TransformerConfig)
-              if f.init and f.name not in DERIVED_FIELDS}
-    kwargs.update(json.loads(args.mesh_model))
-    config = MeshConfig(**kwargs, pipeline_stage_layers=args.mesh_pipeline_stage_layers)
+    runtime = {f.name: getattr(base, f.name) for f in fields(TransformerConfig)
+               if f.init and f.name not in DERIVED_FIELDS}
+    config = MeshConfig.from_json(args.mesh_model, **runtime,
+                                  pipeline_stage_layers=args.mesh_pipeline_stage_layers)
     if args.pipeline_model_parallel_size > 1:
         # every boundary sends [s, b, W], W the widest carry of the split, so megatron's
         # schedules need no shape exchange (megatron_fixes: _pipeline_carry_shape)
@@ -97,17 +96,17 @@ class MeshProviders:
         """This training micro-batch's depth, a function of the seed, the iteration and (per
         sequence or token) the sequences' places in the global batch: the same on every rank
         holding them; evaluation runs the layout's K steps. Under pipeline parallelism every
-        stage draws it and masks it into the layout's fixed graph (``LoopDepth.graph_slots``)."""
+        stage draws it and masks it into the layout's fixed graph (``LoopDepth.graph_steps``)."""
         if not training or self.depth is None or not self.depth.varies:
             return {}
         args = get_args()
         rows = self.microbatches.rows(args.curr_iteration, args.micro_batch_size, chunk)
         pipelined = args.pipeline_model_parallel_size > 1
-        slots = self.depth.graph_slots if pipelined else None
-        draw = self.depth.draw(args.seed, args.curr_iteration, rows, args.seq_length, slots)
+        graph_steps = self.depth.graph_steps if pipelined else None
+        draw = self.depth.draw(args.seed, args.curr_iteration, rows, args.seq_length, graph_steps)
         if not chunk:  # one tally per micro-batch, not per model chunk
             self.depth_tally.add(args.curr_iteration, draw)
-        out = {"grad_loops": draw.grad_loops}
+        out = {"backprop_loops": draw.backprop_loops}
         if not pipelined:  # a pipeline stage runs the layout's graph, the draw masked into it
             out["num_loops"] = draw.num_loops
         if draw.active is not None:

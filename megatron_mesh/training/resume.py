@@ -20,13 +20,13 @@ leaves ``running`` in its exit status, so it is not started again until someone 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
 from megatron_mesh.checkpoint.paths import (checkpoint_way_out, incomplete_files,
                                             iteration_dir, iteration_path, iterations, read_tracker,
                                             untracked, verify)
+from megatron_mesh.checkpoint.reader import saved_model_config
 from megatron_mesh.config.model import ARCHITECTURE_FIELDS, MeshConfig
 from megatron_mesh.errors import CheckpointError
 
@@ -68,15 +68,8 @@ def _refuse_untracked_checkpoints(directory, hashes: bool, rank: int) -> None:
               f"saves replace them", flush=True)
 
 
-def architecture(model_json: str) -> dict:
-    config = MeshConfig(**json.loads(model_json), use_cpu_initialization=True)
-    values = {f: getattr(config, f) for f in ARCHITECTURE_FIELDS}
-    values["layout"] = str(config.parsed_layout)
-    return values
-
-
 def check_resume_model(args) -> None:
-    """Raise ValueError naming each field where the checkpoint's model and the config's differ,
+    """CheckpointError naming each field where the checkpoint's model and the config's differ,
     or when its distributed-optimizer state cannot load at this run's TP/PP."""
     ckpt = checkpoint_to_load(args)
     if ckpt is None:
@@ -93,15 +86,16 @@ def check_resume_model(args) -> None:
         common = load_common_state_dict(str(ckpt))
     _check_optimizer_layout(args, ckpt, common)
     _check_schedule(args, ckpt, common)
-    saved = getattr(common.get("args"), "mesh_model", None)
-    if saved is None:
+    saved = common.get("args")
+    if getattr(saved, "mesh_model", None) is None:
         return  # not written by megatron-mesh: megatron's own checks apply
-    ours, theirs = architecture(args.mesh_model), architecture(saved)
-    differ = [f"{f}: checkpoint {theirs[f]!r}, config {ours[f]!r}" for f in ARCHITECTURE_FIELDS
-              if ours[f] != theirs[f]]
+    ours = MeshConfig.from_json(args.mesh_model, use_cpu_initialization=True)
+    theirs = saved_model_config(saved)
+    differ = [f"{f}: checkpoint {getattr(theirs, f)!r}, config {getattr(ours, f)!r}"
+              for f in ARCHITECTURE_FIELDS if getattr(ours, f) != getattr(theirs, f)]
     if differ:
-        raise ValueError(f"{ckpt}: the checkpoint's model differs from the config's model section "
-                         f"({'; '.join(differ)}); see {ckpt.parent / 'model.yml'} if it was converted")
+        raise CheckpointError(f"{ckpt}: the checkpoint's model differs from the config's model section "
+                              f"({'; '.join(differ)}); see {ckpt.parent / 'model.yml'} if it was converted")
 
 
 def _check_optimizer_layout(args, ckpt: Path, common: dict) -> None:
@@ -116,7 +110,7 @@ def _check_optimizer_layout(args, ckpt: Path, common: dict) -> None:
     then = (saved.tensor_model_parallel_size, saved.pipeline_model_parallel_size)
     now = (args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
     if then != now and args.use_distributed_optimizer:
-        raise ValueError(
+        raise CheckpointError(
             f"{ckpt}: its distributed-optimizer state was saved at TP={then[0]}, PP={then[1]} in "
             f"megatron's default layout, which loads at another data-parallel size only, not at "
             f"TP={now[0]}, PP={now[1]}. Resume at TP={then[0]}, PP={then[1]}; or load the weights "
@@ -155,7 +149,7 @@ def _check_schedule(args, ckpt: Path, common: dict) -> None:
     differ = [f"{name}: checkpoint {saved[name]!r}, this run {ours[name]!r}, from {settings}"
               for name, settings in SCHEDULE_SETTINGS.items() if name in saved and saved[name] != ours[name]]
     if differ:
-        raise ValueError(
+        raise CheckpointError(
             f"{ckpt}: this run's optimizer schedule differs from the checkpoint's ({'; '.join(differ)}), "
             f"and megatron resumes only the same schedule. Pass `-- --override-opt_param-scheduler` "
             f"to continue with this run's, `-- --use-checkpoint-opt_param-scheduler` to keep the "

@@ -87,14 +87,14 @@ class DepthTally:
 
     iteration: int = -1
     loops: float = 0.0
-    grad_loops: float = 0.0
+    backprop_loops: float = 0.0
     microbatches: int = 0
 
     def add(self, iteration: int, draw: LoopDraw) -> None:
         if iteration != self.iteration:
-            self.iteration, self.loops, self.grad_loops, self.microbatches = iteration, 0.0, 0.0, 0
+            self.iteration, self.loops, self.backprop_loops, self.microbatches = iteration, 0.0, 0.0, 0
         self.loops += draw.mean_loops
-        self.grad_loops += draw.mean_grad_loops
+        self.backprop_loops += draw.mean_backprop_loops
         self.microbatches += 1
 
     def data_parallel_mean(self, iteration: int) -> MeanDepth:
@@ -103,7 +103,7 @@ class DepthTally:
         if iteration != self.iteration or not self.microbatches:
             raise RuntimeError(f"no loop depth was drawn for iteration {iteration} (last drawn: "
                                f"{self.iteration}): the FLOP count needs the forward step's draw")
-        sums = [self.loops, self.grad_loops, float(self.microbatches)]
+        sums = [self.loops, self.backprop_loops, float(self.microbatches)]
         if dist.is_initialized() and parallel_state.get_data_parallel_world_size() > 1:
             summed = torch.tensor(sums, dtype=torch.float64, device=rank_device())
             dist.all_reduce(summed, group=parallel_state.get_data_parallel_group())
@@ -136,7 +136,7 @@ class RealizedDepth:
 
     def flops_per_token(self, iteration: int) -> float:
         mean = self.mean(iteration)
-        return self.cost.at(mean.num_loops, mean.grad_loops)
+        return self.cost.at(mean.num_loops, mean.backprop_loops)
 
     def forget_before(self, iteration: int) -> None:
         for old in [i for i in self._means if i < iteration]:

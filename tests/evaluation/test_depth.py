@@ -10,14 +10,15 @@ from test_perplexity import L, SECTION
 def loaded_model(scheme, layout="1+2R2+1", seed=0, **model):
     """A randomly initialised model as load_model returns it (routers perturbed off uniform)."""
     from megatron_mesh.checkpoint.reader import build_model
+    from megatron_mesh.config.model import MeshConfig
     from megatron_mesh.evaluation.loading import LoadedModel
 
-    section = dict(SECTION, layout=layout, state_scheme=scheme, **model)
-    model = build_model(section, {}, ("",), seed).eval()
+    config = MeshConfig.from_section(dict(SECTION, layout=layout, state_scheme=scheme, **model))
+    model = build_model(config, {}, ("",), seed).eval()
     with torch.no_grad():
         for p in model.decoder.scheme.parameters() if model.decoder.scheme else []:
             p.normal_(0.0, 0.5)
-    return LoadedModel(model, section, f"tiny-{scheme}", None)
+    return LoadedModel(model, f"tiny-{scheme}", None)
 
 
 def documents(seed=0):

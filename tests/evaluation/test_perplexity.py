@@ -17,19 +17,20 @@ def tiny_checkpoint(out, tokenizer=None, train_steps=3, seed=0, **fields):
     initialisation, and saved as a Megatron release checkpoint."""
     from megatron_mesh.checkpoint.reader import build_model
     from megatron_mesh.checkpoint.writer import checkpoint_args, save_release_checkpoint
+    from megatron_mesh.config.model import MeshConfig
 
-    section = dict(SECTION, **fields)
-    model = build_model(section, {}, ("",), seed)
+    config = MeshConfig.from_section(dict(SECTION, **fields))
+    model = build_model(config, {}, ("",), seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     g = torch.Generator().manual_seed(seed)
     positions = torch.arange(L).expand(4, L)
     for _ in range(train_steps):
-        tokens = torch.randint(0, section["vocab_size"], (4, L + 1), generator=g)
+        tokens = torch.randint(0, config.vocab_size, (4, L + 1), generator=g)
         loss = model(tokens[:, :-1], positions, labels=tokens[:, 1:]).mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    return save_release_checkpoint(model.eval(), checkpoint_args(section, tokenizer), out)
+    return save_release_checkpoint(model.eval(), checkpoint_args(config, tokenizer), out)
 
 
 def texts(start, count, chars=700):

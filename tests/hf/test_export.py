@@ -31,9 +31,10 @@ def bpe(tmp_path_factory):
 def checkpoint(out, tokenizer, layout, scheme):
     from megatron_mesh.checkpoint.reader import build_model
     from megatron_mesh.checkpoint.writer import checkpoint_args, save_release_checkpoint
+    from megatron_mesh.config.model import MeshConfig
 
-    section = dict(SECTION, layout=layout, state_scheme=scheme)
-    return save_release_checkpoint(build_model(section, {}, ("",)).eval(), checkpoint_args(section, tokenizer), out)
+    config = MeshConfig.from_section(dict(SECTION, layout=layout, state_scheme=scheme))
+    return save_release_checkpoint(build_model(config, {}, ("",)).eval(), checkpoint_args(config, tokenizer), out)
 
 
 def standard_call(directory):

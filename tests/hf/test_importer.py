@@ -37,6 +37,8 @@ def test_pythia_to_megatron_and_back_is_bit_identical(tmp_path, megatron_world):
     state, common = load_checkpoint(str(out))
     config = saved_model_config(common["args"])
     assert (str(config.parsed_layout), config.scale_embeddings) == ("2", False)
+    from megatron_mesh.config.yaml_file import load_model_config  # model.yml: train with it
+    assert load_model_config(out / "model.yml").model_section() == config.model_section()
     check_shapes(state, config)
     back = weights(build_hf_model(state, config))
     original = weights(hf)
@@ -178,3 +180,21 @@ def test_a_config_json_without_a_needed_key_is_named(tmp_path, megatron_world, d
     with pytest.raises(CheckpointError) as err:
         hf_to_megatron(source, tmp_path / "out")
     assert str(err.value) == f"{source / 'config.json'}: {message}"
+
+
+def test_a_megatron_mesh_config_json_without_newer_keys_takes_their_defaults(tmp_path):
+    """An export from before a field existed lacks its HF name: the MeshConfig default applies;
+    one without what no default replaces (the layout) is named."""
+    from megatron_mesh.config.model import MeshConfig
+    from megatron_mesh.errors import CheckpointError
+    from megatron_mesh.hf.configuration_megatron_mesh import MegatronMeshConfig
+    from megatron_mesh.hf.importer import hf_model_config
+    from megatron_mesh.hf.mapping import hf_mesh_config_kwargs
+
+    exported = MegatronMeshConfig(**hf_mesh_config_kwargs(tiny_config(kv_channels=8))).to_dict()
+    older = {k: v for k, v in exported.items() if k not in ("kv_channels", "initial_state_std")}
+    config = hf_model_config(tmp_path, older)
+    assert config.kv_channels == 64 // 4 and config.buffer_slots == 5
+    assert config.initial_state_std == MeshConfig.__dataclass_fields__["initial_state_std"].default
+    with pytest.raises(CheckpointError, match=f"^{tmp_path / 'config.json'}: layout is required"):
+        hf_model_config(tmp_path, {k: v for k, v in exported.items() if k != "layout"})

@@ -54,19 +54,21 @@ def test_mismatched_activation_is_detected(megatron_world):
 
 
 def test_recursive_layouts_are_refused():
+    from megatron_mesh.errors import CheckpointError
     from megatron_mesh.hf.mapping import gpt_neox_to_megatron
     from megatron_mesh.recurrence.layout import parse_layout
 
-    with pytest.raises(ValueError, match="vanilla layouts only"):
+    with pytest.raises(CheckpointError, match="vanilla layouts only"):
         gpt_neox_to_megatron({}, parse_layout("1+2R2+1"))
 
 
 def test_layer_count_mismatch_is_refused():
+    from megatron_mesh.errors import CheckpointError
     from megatron_mesh.hf.mapping import gpt_neox_to_megatron
     from megatron_mesh.recurrence.layout import parse_layout
 
     hf = GPTNeoXForCausalLM(hf_config(32, 2, 50, num_layers=3))
-    with pytest.raises(ValueError, match="has 3 layers, layout=2 expects 2"):
+    with pytest.raises(CheckpointError, match="has 3 layers, layout=2 expects 2"):
         gpt_neox_to_megatron(hf.state_dict(), parse_layout("2"))
 
 
@@ -105,3 +107,63 @@ def test_both_names_of_the_output_layer_map_and_a_missing_one_is_named():
     with pytest.raises(KeyError, match="one output layer, embed_out.weight or lm_head.weight; "
                                        "this one holds neither"):
         gpt_neox_to_megatron(state, layout)
+
+
+# Between them every field of HF_NAMES is off its default (and off what MeshConfig fills in for
+# it), so a field the export dropped or the import misread would come back different.
+ROUND_TRIP = [
+    ("1+2R3+1", "mesh", dict(buffer_slots=4, gelu_approximation="none", rotary_percent=0.5,
+                             rotary_base=500, layernorm_epsilon=1e-6, init_method_std=0.01,
+                             ffn_hidden_size=96, kv_channels=8, max_sequence_length=48,
+                             scale_embeddings=False, vocab_size=100)),
+    ("1+2R2+1", "linear_injection", dict(initial_state="random", initial_state_std=0.3,
+                                         hidden_size=32, num_attention_heads=2)),
+]
+
+
+def test_every_exported_field_round_trips_export_and_import():
+    """megatron -> HF config (as save_pretrained writes config.json) -> megatron section."""
+    import dataclasses
+    import json
+
+    from megatron_mesh.config.model import HF_NAMES, MeshConfig
+    from megatron_mesh.hf.configuration_megatron_mesh import MegatronMeshConfig
+    from megatron_mesh.hf.importer import model_section_from_hf
+    from megatron_mesh.hf.mapping import hf_mesh_config_kwargs
+
+    configs = [tiny_config(layout, scheme, **model) for layout, scheme, model in ROUND_TRIP]
+    for cfg in configs:
+        saved = json.loads(MegatronMeshConfig(**hf_mesh_config_kwargs(cfg)).to_json_string())
+        assert set(HF_NAMES.values()) <= set(saved)
+        back = MeshConfig.from_section(model_section_from_hf(saved))
+        assert {n: getattr(back, n) for n in HF_NAMES} == {n: getattr(cfg, n) for n in HF_NAMES}
+    defaults = {f.name: f.default for f in dataclasses.fields(MeshConfig)}
+    unseen = [n for n in HF_NAMES  # model_section: the keys set, not those filled in
+              if all(c.model_section().get(n, defaults[n]) == defaults[n] for c in configs)]
+    assert not unseen, f"set {unseen} off their defaults in ROUND_TRIP, so the round trip can fail"
+
+
+def test_the_twin_config_declares_only_exported_fields_and_hf_settings():
+    """configuration_megatron_mesh.py stays self-contained: its explicit parameters are the
+    exported fields' HF names (plus its declared HF settings), never a name the export lacks."""
+    import inspect
+
+    from megatron_mesh.config.model import HF_NAMES
+    from megatron_mesh.hf.configuration_megatron_mesh import HF_SETTINGS, MegatronMeshConfig
+
+    params = [p.name for p in inspect.signature(MegatronMeshConfig.__init__).parameters.values()
+              if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    assert set(HF_SETTINGS) <= set(params)
+    assert set(params) - set(HF_SETTINGS) <= set(HF_NAMES.values())
+
+
+def test_an_unknown_activation_or_a_mistyped_field_is_named():
+    from megatron_mesh.errors import CheckpointError
+    from megatron_mesh.hf.importer import model_section_from_hf
+
+    with pytest.raises(CheckpointError, match=r"hidden_act='relu': expected one of \['gelu', "):
+        model_section_from_hf({"model_type": "megatron_mesh", "hidden_act": "relu"})
+    with pytest.raises(CheckpointError, match="rotary_pct='0.5': expected float, got str"):
+        model_section_from_hf({"model_type": "megatron_mesh", "rotary_pct": "0.5"})
+    with pytest.raises(CheckpointError, match="buffer_slots=4.5: expected int, got float"):
+        model_section_from_hf({"model_type": "megatron_mesh", "buffer_slots": 4.5})

@@ -51,10 +51,11 @@ def start(request, tmp_path_factory, megatron_world):
     """A release checkpoint of a random tiny-cpu.yml model with the given scheme."""
     from megatron_mesh.checkpoint.reader import build_model
     from megatron_mesh.checkpoint.writer import checkpoint_args, save_release_checkpoint
+    from megatron_mesh.config.model import MeshConfig
 
-    scheme, section = request.param, tiny_section(request.param)
+    scheme, config = request.param, MeshConfig.from_section(tiny_section(request.param))
     out = tmp_path_factory.mktemp(f"start-{scheme}") / "ckpt"
-    save_release_checkpoint(build_model(section, {}, ("",), seed=5), checkpoint_args(section, None), out)
+    save_release_checkpoint(build_model(config, {}, ("",), seed=5), checkpoint_args(config, None), out)
     return scheme, out
 
 

@@ -34,10 +34,11 @@ def start(tmp_path_factory, megatron_world):
     """A release checkpoint of a tiny linear-injection (Huginn-style) model."""
     from megatron_mesh.checkpoint.reader import build_model
     from megatron_mesh.checkpoint.writer import checkpoint_args, save_release_checkpoint
+    from megatron_mesh.config.model import MeshConfig
 
-    section = tiny_section("linear_injection")
+    config = MeshConfig.from_section(tiny_section("linear_injection"))
     out = tmp_path_factory.mktemp("start-linear") / "ckpt"
-    save_release_checkpoint(build_model(section, {}, ("",), seed=5), checkpoint_args(section, None), out)
+    save_release_checkpoint(build_model(config, {}, ("",), seed=5), checkpoint_args(config, None), out)
     return "linear_injection", out
 
 
@@ -135,10 +136,11 @@ def start_k4(megatron_world, tmp_path_factory):
     """The linear-injection model of ``start`` with a 4-step loop."""
     from megatron_mesh.checkpoint.reader import build_model
     from megatron_mesh.checkpoint.writer import checkpoint_args, save_release_checkpoint
+    from megatron_mesh.config.model import MeshConfig
 
-    section = dict(tiny_section("linear_injection"), layout="1+2R4+1")
+    config = MeshConfig.from_section(dict(tiny_section("linear_injection"), layout="1+2R4+1"))
     out = tmp_path_factory.mktemp("start-linear-k4") / "ckpt"
-    save_release_checkpoint(build_model(section, {}, ("",), seed=5), checkpoint_args(section, None), out)
+    save_release_checkpoint(build_model(config, {}, ("",), seed=5), checkpoint_args(config, None), out)
     return "linear_injection", out
 
 

@@ -27,7 +27,7 @@ def reference_grads(section, checkpoint):
     from megatron_mesh.config.model import MeshConfig
     from megatron_mesh.model.gpt import MeshGPTModel
 
-    config = MeshConfig(**section, use_cpu_initialization=True)
+    config = MeshConfig.from_section(section, use_cpu_initialization=True)
     model = MeshGPTModel(config)
     state, _ = load_checkpoint(str(checkpoint))
     model.load_state_dict(state, strict=False)
@@ -41,10 +41,12 @@ def run_workers(tmp_path, scheme, *flags):
     """torchrun tp_worker.py on 2 ranks from a fresh release checkpoint; returns the section."""
     from megatron_mesh.checkpoint.reader import build_model
     from megatron_mesh.checkpoint.writer import checkpoint_args, save_release_checkpoint
+    from megatron_mesh.config.model import MeshConfig
 
     section = tiny_section(scheme)
-    start = save_release_checkpoint(build_model(section, {}, ("",), seed=3),
-                                    checkpoint_args(section, None), tmp_path / "start")
+    config = MeshConfig.from_section(section, use_cpu_initialization=True)
+    start = save_release_checkpoint(build_model(config, {}, ("",), seed=3),
+                                    checkpoint_args(config, None), tmp_path / "start")
     out = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
          str(REPO / "tests/parallel/tp_worker.py"), str(start / "release"), str(tmp_path), scheme,

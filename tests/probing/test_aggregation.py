@@ -18,8 +18,7 @@ def loaded(layout, scheme):
     config = tiny_config(layout, scheme)
     torch.manual_seed(0)
     model = MeshGPTModel(config).eval()
-    section = {"layout": layout, "state_scheme": scheme}
-    return SimpleNamespace(model=model, section=section, name=f"{scheme}-model", tokenizer=None)
+    return SimpleNamespace(model=model, config=config, name=f"{scheme}-model", tokenizer=None)
 
 
 def samples(vocab=96):
@@ -86,7 +85,7 @@ def test_labels_and_shapes_mesh_and_vanilla(megatron_world):
     assert torch.tensor(mesh["spectrum"]["mean"]).shape == (5, SEQ)
     routers = mesh["routers"]
     assert [s["label"] for s in routers["steps"]] == ["transition", "step0", "step1"]
-    assert routers["tokens"] == SAMPLES * SEQ and routers["num_slots"] == 5
+    assert routers["tokens"] == SAMPLES * SEQ and routers["buffer_slots"] == 5
 
     vanilla = probe_model(loaded("3", "vanilla"), samples()).summary()
     assert vanilla["update_magnitude"]["blocks"] == ["stack"]
@@ -121,14 +120,14 @@ def test_figures_say_what_h0_is(megatron_world):
     from megatron_mesh.probing import figures
     from megatron_mesh.probing.probe import first_state, probe_model
 
-    assert first_state({"state_scheme": "linear_injection", "initial_state": "random"})["short"] == \
-        "random start x(0)"
-    assert first_state({"state_scheme": "diagonal_injection"})["short"] == "zero start x(0)"
-    assert first_state({"state_scheme": "anchor*"})["short"] == "prelude output"
-    assert first_state({"state_scheme": "vanilla"}) is None
+    random_start = tiny_config(scheme="linear_injection", initial_state="random")
+    assert first_state(random_start)["short"] == "random start x(0)"
+    assert first_state(tiny_config(scheme="diagonal_injection"))["short"] == "zero start x(0)"
+    assert first_state(tiny_config(scheme="anchor*"))["short"] == "prelude output"
+    assert first_state(tiny_config("3", "vanilla")) is None
     models = [probe_model(loaded("1+2R2+1", s), samples()).summary() for s in ("base", "mesh")]
     models.append(probe_model(loaded("3", "vanilla"), samples()).summary())
-    models[0]["h0"] = first_state({"state_scheme": "linear_injection", "initial_state": "random"})
+    models[0]["h0"] = first_state(random_start)
     assert models[1]["h0"]["short"] == "transitional read"
 
     _, axes = figures.cka_figure(models)

@@ -8,7 +8,7 @@ import torch
 from conftest import REPO
 
 
-def trainer_config(overrides=()):
+def trainer_config(overrides=(), passthrough=()):
     """The MeshConfig the trainer's model provider builds for tiny-cpu.yml, from Megatron's parsed
     and validated arguments, as tools/pretrain_mesh.py makes them (one rank)."""
     from megatron.training.arguments import add_megatron_arguments, validate_args
@@ -18,7 +18,8 @@ def trainer_config(overrides=()):
     from megatron_mesh.training.arguments import add_mesh_arguments, megatron_argv
     from megatron_mesh.training.providers import mesh_config_from_args
 
-    argv = megatron_argv(*load_config_tree(REPO / "configs/tiny-cpu.yml", overrides)) + cpu.trainer_args()
+    argv = (megatron_argv(*load_config_tree(REPO / "configs/tiny-cpu.yml", overrides)) + cpu.trainer_args()
+            + list(passthrough))
     parser = add_mesh_arguments(add_megatron_arguments(argparse.ArgumentParser(allow_abbrev=False)))
     args = parser.parse_args(argv)
     args.rank, args.world_size = 0, 1
@@ -39,6 +40,13 @@ def test_every_model_key_reaches_the_trainers_config(overrides):
     assert got.num_layers == expected.num_layers and got.pipeline_carry_width is None
     bf16 = "precision.dtype=bf16" in overrides
     assert (got.bf16, got.params_dtype) == (bf16, torch.bfloat16 if bf16 else torch.float32)
+
+
+def test_a_megatron_flag_after_dashes_sets_a_model_key_the_section_leaves_unset():
+    """--mesh-model carries the YAML's section as written, not every model key, so
+    `-- --hidden-dropout 0.1` still reaches the model (and the section's own keys still win)."""
+    assert trainer_config(passthrough=["--hidden-dropout", "0.1"]).hidden_dropout == 0.1
+    assert trainer_config(["model.hidden_dropout=0.2"], ["--hidden-dropout", "0.1"]).hidden_dropout == 0.2
 
 
 def test_the_microbatch_counter_gives_each_rank_its_rows_of_the_global_batch(monkeypatch):

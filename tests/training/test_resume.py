@@ -51,6 +51,7 @@ def test_a_checkpoint_of_another_model_is_refused_naming_each_field(tmp_path, me
 
     from conftest import tiny_config
     from megatron_mesh.checkpoint import manifest as checkpoint_manifest
+    from megatron_mesh.errors import CheckpointError
     from megatron_mesh.training.resume import check_resume_model
 
     section = {"layout": "1+2R2+1", "state_scheme": "mesh", "buffer_slots": 5, "hidden_size": 64,
@@ -72,7 +73,8 @@ def test_a_checkpoint_of_another_model_is_refused_naming_each_field(tmp_path, me
                          tensor_model_parallel_size=1, pipeline_model_parallel_size=1)
 
     check_resume_model(run())  # the same model
-    with pytest.raises(ValueError, match=r"iter_0000004: the checkpoint's model differs from the config's "
+    check_resume_model(run(layout="1+2r2+1", state_scheme="mesh"))  # the same, spelled otherwise
+    with pytest.raises(CheckpointError, match=r"iter_0000004: the checkpoint's model differs from the config's "
                                          r"model section \(state_scheme: checkpoint 'mesh', config 'anchor'; "
                                          r"buffer_slots: checkpoint 5, config None\)"):
         check_resume_model(run(state_scheme="anchor", buffer_slots=None))

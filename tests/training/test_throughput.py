@@ -122,7 +122,7 @@ def test_the_realized_depth_is_the_mean_of_the_forward_steps_draws():
     tally.add(6, LoopDraw(9, 9))  # a stale step
     tally.add(7, LoopDraw.of_elements(np.array([1, 3]), np.array([1, 2])))  # 2 and 1.5 per element
     tally.add(7, LoopDraw(4, 2))
-    realized = RealizedDepth(tally, DepthCost(base=10.0, per_step=1.0, per_grad_step=2.0))
+    realized = RealizedDepth(tally, DepthCost(base=10.0, per_step=1.0, per_backprop_step=2.0))
     assert realized.loops(7) == pytest.approx((2 + 4) / 2)
     assert realized.flops_per_token(7) == pytest.approx(10 + 3 + 2 * (1.5 + 2) / 2)
     with pytest.raises(RuntimeError, match="no loop depth was drawn for iteration 8"):
@@ -136,7 +136,7 @@ def test_a_skipped_iteration_leaves_the_log_lines_depth_to_the_steps_that_ran():
     from megatron_mesh.training.throughput import DepthTally, RealizedDepth, ThroughputLogger
 
     tally = DepthTally()
-    realized = RealizedDepth(tally, DepthCost(base=10.0, per_step=1.0, per_grad_step=0.0))
+    realized = RealizedDepth(tally, DepthCost(base=10.0, per_step=1.0, per_backprop_step=0.0))
     logger = ThroughputLogger(10.0, peak_tflops=1.0, depth=realized)
     args = SimpleNamespace(global_batch_size=2, seq_length=4, world_size=1, train_iters=10,
                            consumed_train_samples=8, curr_iteration=0)
