@@ -9,8 +9,10 @@ import shutil
 from pathlib import Path
 from typing import Iterator
 
+from megatron_mesh.errors import MeshError
 
-class OutputExistsError(ValueError):
+
+class OutputExistsError(MeshError, ValueError):
     """The output directory exists, holds files, and replacing it was not asked for."""
 
 

@@ -13,6 +13,7 @@ import torch  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tools"))  # tests that load a tool in-process: its `import _bootstrap`
 
 import megatron_mesh  # noqa: E402,F401  (CPU shims before megatron.core)
 

@@ -12,7 +12,8 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "megatron_mesh"
 
 LAYERS = (
-    ("errors", "fs", "progress", "compat"),  # plain Python, torch and the CPU shims
+    ("errors",),  # MeshError and the user errors no single module owns; plain Python
+    ("fs", "progress", "compat"),  # plain Python, torch and the CPU shims
     ("recurrence",),  # the MeSH math: layout, unrolled graph, schemes, loop depth; no megatron
     ("parallel",),  # pipeline stages, the carry across them, replicated parameters
     ("config",),  # MeshConfig (a megatron TransformerConfig), the experiment, the YAML reader
@@ -22,7 +23,7 @@ LAYERS = (
     ("evaluation",),
     ("probing",),
     ("training",),  # what tools/pretrain_mesh.py runs around megatron's trainer
-    ("qualify", "study", "corpora"),  # device checks, studies, the demo corpora
+    ("qualify", "study", "corpora", "cli"),  # device checks, studies, the demo corpora, the tools' shell
 )
 """Bottom first. A module imports its own sub-package and the layers below, never a sibling of
 its layer or anything above."""

@@ -12,16 +12,15 @@ utils/batch_viewer.py).
 
 import argparse
 import json
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _bootstrap import cli
 
 
 BOUNDARY_HELP = "per_row (default), contiguous or contiguous_masked (megatron_mesh.data.pythia.BOUNDARIES)"
 """--boundary's values, named here so that --help imports nothing heavy (tests check the list)."""
 
 
+@cli.tool
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", required=True, help="prefix of the merged .bin/.idx")
@@ -40,10 +39,7 @@ def main(argv=None):
 
     if args.boundary not in BOUNDARIES:
         parser.error(f"--boundary {args.boundary!r}: expected one of {', '.join(BOUNDARIES)}")
-    try:
-        dataset = PythiaPreshuffledDataset(args.data, args.seq_length, args.boundary)
-    except ValueError as err:  # DatasetIntegrityError names the file; bad seq_length/boundary
-        sys.exit(f"error: {err}")
+    dataset = PythiaPreshuffledDataset(args.data, args.seq_length, args.boundary)
     sequences = range(args.global_batch_size) if args.sequence is None else [args.sequence]
     decode = None
     if args.tokenizer:
@@ -54,7 +50,7 @@ def main(argv=None):
     for j in sequences:
         sample = args.step * args.global_batch_size + j
         if not 0 <= j < args.global_batch_size or sample >= len(dataset):
-            sys.exit(f"error: step {args.step} sequence {j} is outside the data "
+            cli.fail(f"step {args.step} sequence {j} is outside the data "
                      f"({len(dataset)} samples of {args.seq_length} tokens)")
         item = dataset[sample]
         record = {"step": args.step, "sequence": j, "sample": sample,

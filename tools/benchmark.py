@@ -61,11 +61,9 @@ import json
 import platform
 import resource
 import statistics
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _bootstrap import cli
 
 FLOPS_CONVENTION = (
     "training FLOPs per token = 3 x forward (megatron_mesh.model.stats.train_flops_per_token at the "
@@ -172,7 +170,7 @@ def optimizer_settings(tree) -> dict:
                 clip_grad=float(opt.get("clip_grad", 1.0)))
 
 
-def time_steps(cfg, opt_settings, batch, seq, iters, warmup, device, autocast_dtype):
+def time_steps(cfg, opt_settings, *, batch, seq, iters, warmup, device, autocast_dtype):
     """Per-step phase times (s), peak memory (bytes), memory at start, saved-activation bytes."""
     import torch
 
@@ -240,8 +238,8 @@ def run_dtype(choice, tree, cuda) -> str:
         # megatron-core's linear layers wrap their autograd Functions in
         # torch.amp.custom_fwd/custom_bwd(device_type="cuda") (tensor_parallel/layers.py), so on
         # the CPU their backward runs outside autocast and fails on mixed dtypes.
-        raise SystemExit(f"error: --dtype {choice} needs a GPU: megatron-core's linear layers "
-                         "support autocast on CUDA only; use --dtype fp32 on the CPU")
+        cli.fail(f"--dtype {choice} needs a GPU: megatron-core's linear layers "
+                 "support autocast on CUDA only; use --dtype fp32 on the CPU")
     if choice != "config":
         return choice
     if not cuda:
@@ -278,9 +276,10 @@ def measure(args, name, overrides, device, peak_default):
     cuda = device.type == "cuda"
     dtype = run_dtype(args.dtype, tree, cuda)
     autocast_dtype = getattr(torch, DTYPES[dtype]) if DTYPES[dtype] else None
-    steps, peak, memory, activations = time_steps(cfg, optimizer_settings(tree), args.batch,
-                                                  args.seq_length, args.iters, args.warmup,
-                                                  device, autocast_dtype)
+    steps, peak, memory, activations = time_steps(cfg, optimizer_settings(tree), batch=args.batch,
+                                                  seq=args.seq_length, iters=args.iters,
+                                                  warmup=args.warmup, device=device,
+                                                  autocast_dtype=autocast_dtype)
     step, fwd, bwd, opt = (statistics.median(column) for column in zip(*steps))
     flops_per_token = train_flops_per_token(cfg, args.seq_length)
     tokens_per_s = args.batch * args.seq_length / step
@@ -335,6 +334,7 @@ def print_text(args, info, results):
     print("flops/token: " + ", ".join(f"{r['run']} {r['flops_per_token']:.4e}" for r in results))
 
 
+@cli.tool
 def main(argv=None):
     args = parse_args(argv)
     import megatron_mesh  # after parsing (--help stays light): CPU shims before megatron.core

@@ -13,14 +13,13 @@ opening it through the integrity check and PythiaPreshuffledDataset, with peak R
 import argparse
 import json
 import resource
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy
+from _bootstrap import cli
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy
 
 
 def bench_preprocess(args):
@@ -34,7 +33,7 @@ def bench_preprocess(args):
     repeats = max(1, round(args.mb * 1e6 / sum(map(len, lines))))
     corpus.write_text("".join(lines) * repeats)
     for workers in args.workers:
-        report = preprocess([corpus], work / f"out{workers}", args.tokenizer, workers, progress=False)
+        report = preprocess([corpus], work / f"out{workers}", args.tokenizer, workers=workers, progress=False)
         rate = report.tokens / report.seconds
         print(f"workers {workers}: {report.tokens:,} tokens in {report.seconds:.1f} s = "
               f"{rate:,.0f} tokens/s ({rate / workers:,.0f} per worker)")
@@ -84,6 +83,7 @@ def bench_open(args):
             Path(f"{prefix}{suffix}").unlink()
 
 
+@cli.tool
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="what", required=True)

@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """Throughput of the hashes a checkpoint integrity manifest could use, on one CPU core.
 
-    python tools/benchmark_hash.py [--mib 256] [--checkpoint ITER_DIR]
+    python tools/benchmark_hash.py [--mib 256] [--input ITER_DIR]
 
 Hashes --mib MiB of random bytes in memory (8 MiB chunks, best of 3) with each candidate and
-prints GB/s; megatron_mesh.checkpoint.manifest uses the fastest, xxh3-128. With --checkpoint,
+prints GB/s; megatron_mesh.checkpoint.manifest uses the fastest, xxh3-128. With --input (or --checkpoint),
 also times checking an iteration directory against its manifest (file reads included; run it
 twice to see a warm page cache).
 """
@@ -12,14 +12,13 @@ twice to see a warm page cache).
 import argparse
 import hashlib
 import os
-import sys
 import time
 import zlib
 from pathlib import Path
 
-import xxhash
+from _bootstrap import cli
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import xxhash
 
 CHUNK = 8 << 20
 
@@ -48,19 +47,19 @@ def throughput(make, data: memoryview, repeats: int = 3) -> float:
     return len(data) / best / 1e9
 
 
+@cli.tool
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mib", type=int, default=256)
-    parser.add_argument("--input", "--checkpoint", dest="checkpoint", default=None,
-                        help="an iteration directory with a manifest")
+    cli.add_input(parser, "--checkpoint", default=None, help="an iteration directory with a manifest")
     args = parser.parse_args(argv)
     data = memoryview(os.urandom(args.mib << 20))
     for name, make in CANDIDATES.items():
         print(f"{name:10s} {throughput(make, data):6.2f} GB/s")
-    if args.checkpoint:
+    if args.input:
         from megatron_mesh.checkpoint import manifest as checkpoint_manifest
 
-        ckpt = Path(args.checkpoint)
+        ckpt = Path(args.input)
         size = sum(p.stat().st_size for p in ckpt.iterdir() if p.is_file())
         start = time.perf_counter()
         problems = checkpoint_manifest.problems(ckpt)

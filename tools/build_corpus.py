@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Build an offline English corpus (train + held-out) from Debian's documentation packages.
 
-    python tools/build_corpus.py --out data/corpus --tokenizer ../shared/data/20B_tokenizer.json \
+    python tools/build_corpus.py --output data/corpus --tokenizer ../shared/data/20B_tokenizer.json \
         [--packages linux-doc-6.1 python3.11-doc] [--no-install] [--valid-fraction 0.02] \
         [--max-documents N] [--workers 2] [--keep-text] [--force]
 
@@ -20,13 +20,12 @@ appears only when all of it is done.
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _bootstrap import cli
 
-import numpy  # noqa: E402
+import numpy
 
 DEFAULT_PACKAGES_HELP = "linux-doc-6.1 python3.11-doc"
 """megatron_mesh.corpora.debian_docs.DEFAULT_PACKAGES, named here so that --help imports nothing
@@ -35,7 +34,7 @@ heavy (tests check they agree)."""
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output", "--out", dest="out", required=True, type=Path, help="output directory")
+    cli.add_output(parser, "--out", required=True, type=Path, help="output directory")
     parser.add_argument("--tokenizer", required=True, help="e.g. 20B_tokenizer.json")
     parser.add_argument("--packages", nargs="+", default=None,
                         help=f"Debian documentation packages (default: {DEFAULT_PACKAGES_HELP})")
@@ -50,7 +49,7 @@ def parse_args(argv=None):
     parser.add_argument("--workers", type=int, default=2, help="tokenizer processes")
     parser.add_argument("--keep-text", action="store_true",
                         help="keep DIR/{train,valid}.jsonl (the extracted text) for inspection")
-    parser.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    cli.add_force(parser)
     args = parser.parse_args(argv)
     if not 0 < args.valid_fraction < 1:
         parser.error("--valid-fraction must be between 0 and 1")
@@ -75,7 +74,7 @@ def tokenize(work: Path, stats, args) -> dict:
     tokens = {}
     for split in SPLITS:
         prefix = work / f"{split}_text_document"
-        preprocess([work / f"{split}.jsonl"], prefix, args.tokenizer, args.workers,
+        preprocess([work / f"{split}.jsonl"], prefix, args.tokenizer, workers=args.workers,
                    strict=True, progress=False)
         lengths = document_tokens(prefix)
         counts = [stats[p].splits[split].documents for p in args.packages]
@@ -109,21 +108,23 @@ def build(args) -> dict:
     from megatron_mesh.corpora import debian_docs
     from megatron_mesh.corpora.debian_docs import SPLITS
     from megatron_mesh.data.tokenizer import load_tokenizer
+    from megatron_mesh.errors import ConfigError
     from megatron_mesh.fs import atomic_directory, check_writable
 
     start = time.time()
-    check_writable(args.out, args.force)       # refuse before installing anything
+    check_writable(args.output, args.force)    # refuse before installing anything
     load_tokenizer(args.tokenizer)             # a bad path fails now, not after extraction
     if not args.no_install:
         debian_docs.install_packages(args.packages)
     sources = {p: debian_docs.select_sources(debian_docs.package_files(p)) for p in args.packages}
     versions = {p: debian_docs.installed_version(p) for p in args.packages}
-    with atomic_directory(args.out, args.force) as work:
-        stats = debian_docs.write_splits(sources, work, args.valid_fraction, args.max_documents,
-                                         args.min_chars, args.max_chars)
+    with atomic_directory(args.output, args.force) as work:
+        stats = debian_docs.write_splits(sources, work, valid_fraction=args.valid_fraction,
+                                         max_documents=args.max_documents, min_chars=args.min_chars,
+                                         max_chars=args.max_chars)
         for split in SPLITS:
             if not any(stats[p].splits[split].documents for p in args.packages):
-                raise ValueError(f"the {split} split is empty (raise --max-documents or "
+                raise ConfigError(f"the {split} split is empty (raise --max-documents or "
                                  "change --valid-fraction)")
         tokens = tokenize(work, stats, args)
         if not args.keep_text:  # the .bin/.idx are the product; half the size without the text
@@ -134,22 +135,18 @@ def build(args) -> dict:
     return report
 
 
+@cli.tool
 def main(argv=None):
     args = parse_args(argv)
     import megatron_mesh  # after parsing (--help stays light): CPU shims before megatron.core
 
     megatron_mesh.compat.silence_known_megatron_warnings()  # its notes on absent kernels
-    from megatron_mesh.corpora.debian_docs import DEFAULT_PACKAGES, PackageError
-    from megatron_mesh.data.preprocess import BadRecordError
-    from megatron_mesh.fs import OutputExistsError
+    from megatron_mesh.corpora.debian_docs import DEFAULT_PACKAGES
 
     args.packages = args.packages or list(DEFAULT_PACKAGES)
-    try:
-        report = build(args)
-    except (PackageError, OutputExistsError, BadRecordError, FileNotFoundError, ValueError) as err:
-        sys.exit(f"error: {err}")
+    report = build(args)
     print(json.dumps(report, indent=2))
-    print(f"wrote {args.out}/{{train,valid}}_text_document.{{bin,idx}} and corpus.json")
+    print(f"wrote {args.output}/{{train,valid}}_text_document.{{bin,idx}} and corpus.json")
 
 
 if __name__ == "__main__":

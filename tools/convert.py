@@ -25,23 +25,21 @@ Either output directory appears only when complete; a non-empty one is replaced 
 """
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _bootstrap import cli
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="direction", required=True)
     m2h = sub.add_parser("megatron-to-hf", help="torch_dist checkpoint -> HF directory")
-    m2h.add_argument("--input", "--load", dest="load", required=True, metavar="DIR",
-                     help="Megatron checkpoint: a save directory or one iteration directory")
-    m2h.add_argument("--output", required=True)
+    cli.add_input(m2h, "--load", required=True, metavar="DIR",
+                  help="Megatron checkpoint: a save directory or one iteration directory")
+    cli.add_output(m2h, required=True, metavar="DIR", help="HF directory to write")
     m2h.add_argument("--iteration", type=int, default=None)
     m2h.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     m2h.add_argument("--tokenizer", default=None, help="default: the tokenizer the run trained with")
-    m2h.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    cli.add_force(m2h)
     m2h.add_argument("--no-verify", action="store_true",
                      help="skip the hash check against the checkpoint's integrity manifest "
                           "(file sizes are still checked)")
@@ -49,9 +47,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                      help="export weights holding NaN/Inf instead of refusing")
 
     h2m = sub.add_parser("hf-to-megatron", help="HF directory -> torch_dist release checkpoint")
-    h2m.add_argument("--input", "--hf", dest="hf", required=True, metavar="DIR",
-                     help="HF model directory (megatron-mesh export or GPT-NeoX)")
-    h2m.add_argument("--output", required=True)
+    cli.add_input(h2m, "--hf", required=True, metavar="DIR",
+                  help="HF model directory (megatron-mesh export or GPT-NeoX)")
+    cli.add_output(h2m, required=True, metavar="DIR", help="release checkpoint directory to write")
     h2m.add_argument("--layout", default=None, help="re-shape a vanilla model, e.g. 4+8R2+4")
     h2m.add_argument("--state-scheme", default=None, help="scheme of the re-shaped model (default base)")
     h2m.add_argument("--core-init", choices=["average", "lower", "stepwise"], default="average")
@@ -60,30 +58,29 @@ def parse_args(argv=None) -> argparse.Namespace:
                      help="multiply embeddings by sqrt(d) in the model (table rescaled to match)")
     h2m.add_argument("--tokenizer", default=None, help="default: the HF directory, if it has one")
     h2m.add_argument("--seed", type=int, default=1234, help="init of new state-scheme parameters")
-    h2m.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    cli.add_force(h2m)
     return parser.parse_args(argv)
 
 
+@cli.tool
 def main(argv=None):
     args = parse_args(argv)
     import megatron_mesh  # after parsing (--help stays light): CPU shims before megatron.core
 
     megatron_mesh.compat.silence_known_megatron_warnings()  # its notes on absent kernels
-    from megatron_mesh.hf.export import export
+    if args.direction == "megatron-to-hf":
+        from megatron_mesh.hf.export import export
 
-    try:
-        if args.direction == "megatron-to-hf":
-            out = export(args.load, args.output, args.dtype, args.tokenizer, args.iteration,
-                         args.force, verify_hashes=not args.no_verify,
-                         allow_non_finite=args.allow_non_finite)
-        else:
-            from megatron_mesh.hf.importer import hf_to_megatron
+        out = export(args.input, args.output, dtype=args.dtype, tokenizer=args.tokenizer,
+                     iteration=args.iteration, force=args.force, verify_hashes=not args.no_verify,
+                     allow_non_finite=args.allow_non_finite)
+    else:
+        from megatron_mesh.hf.importer import hf_to_megatron
 
-            out = hf_to_megatron(args.hf, args.output, args.layout, args.state_scheme, args.core_init,
-                                 args.buffer_slots, args.scale_embeddings, args.tokenizer,
-                                 args.force, args.seed)
-    except ValueError as err:  # CheckpointError, OutputExistsError, invalid layout or scheme
-        sys.exit(f"error: {err}")
+        out = hf_to_megatron(args.input, args.output, layout=args.layout, state_scheme=args.state_scheme,
+                             core_init=args.core_init, buffer_slots=args.buffer_slots,
+                             scale_embeddings=args.scale_embeddings, tokenizer=args.tokenizer,
+                             force=args.force, seed=args.seed)
     print(f"wrote {out}")
 
 

@@ -19,8 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from _bootstrap import ROOT as REPO, cli
 
 SHOW = re.compile(r"^ \[mesh\]|saving checkpoint|successfully saved|Error|error:")
 LOSS = re.compile(r"iteration\s+(\d+)/\s*(\d+) \|.*?learning rate: ([0-9.eE+-]+).*?lm loss: ([0-9.eE+-]+)"
@@ -91,16 +90,18 @@ def sample(out: Path, prompt: str = "The for statement") -> Path:
     return hf_dir
 
 
+@cli.tool
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output", "--out", dest="out", default=str(REPO / "runs" / "demo"))
+    cli.add_output(parser, "--out", default=str(REPO / "runs" / "demo"),
+                   help="where the data, checkpoints, logs and export go (default %(default)s)")
     parser.add_argument("--iters", type=int, default=300)
     parser.add_argument("--vocab-size", type=int, default=4096)
     args, extra = parser.parse_known_args(argv)
     import megatron_mesh  # after parsing (--help stays light): CPU shims before megatron.core
 
     megatron_mesh.compat.silence_known_megatron_warnings()  # its notes on absent kernels
-    out = Path(args.out)
+    out = Path(args.output)
     start = time.time()
     tok_dir, prefix = build_data(out, args.vocab_size)
     losses, log_path = train(out, tok_dir, prefix, args.iters, extra)

@@ -23,12 +23,12 @@ non-overlapping windows of at most L tokens (default: the model's max_sequence_l
 window conditioned only on itself (lm-eval's rolling loglikelihood without overlap). --output
 saves token counts, mean NLL (nats/token), perplexity and bits per token as JSON.
 
-    python tools/evaluate.py depth --model M [--name N] --data D [--max-loops T] [--output-dir DIR] ...
+    python tools/evaluate.py depth --model M [--name N] --data D [--max-loops T] [--output DIR] ...
 
 depth scores a recursive model after t = 0..T loop iterations (default T = the trained K; more
 only for tied cores without per-step parameters): the t-loop read-out, the coda lens (coda +
 final norm + output layer on h(t)) and the direct lens (final norm + output layer on h(t)),
-with the same windows as ppl. --output-dir writes depth.json and depth.png.
+with the same windows as ppl. --output (or --output-dir) DIR writes depth.json and depth.png.
 
 Models are labelled with --name, else after their run (runs/demo/checkpoints: 'demo',
 runs/demo/hf: 'demo/hf'). ppl and depth print progress lines to stderr (documents done, tokens/s,
@@ -36,10 +36,9 @@ ETA; --no-progress: none); stdout holds only the table and what was written.
 """
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _bootstrap import cli
 
 
 TRUST_HELP = ("run the Python files of a foreign Hugging Face model directory (its auto_map), "
@@ -60,7 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     lm.add_argument("--limit", type=float, default=None, help="examples per task (smoke runs only)")
     lm.add_argument("--include-path", default=None, help="directory of extra task YAMLs")
     lm.add_argument("--name", default=None, help="row label (default: the run, e.g. 'demo/hf' for runs/demo/hf)")
-    lm.add_argument("--output", default=None, help="JSON report (default: MODEL/lm_eval.json)")
+    cli.add_output(lm, default=None, help="JSON report (default: MODEL/lm_eval.json)")
     lm.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
 
     ppl = sub.add_parser("ppl", help="perplexity of models on datasets",
@@ -71,7 +70,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                      help="row label per --model, in order (default: the run, e.g. 'demo' for "
                           "runs/demo/checkpoints, 'demo/hf' for runs/demo/hf)")
     _data_args(ppl, many=True)
-    ppl.add_argument("--output", default=None, help="JSON report (default: print only)")
+    cli.add_output(ppl, default=None, help="JSON report (default: print only)")
     ppl.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
 
     depth = sub.add_parser("depth", help="loss after each loop iteration, with logit lenses",
@@ -83,8 +82,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     _data_args(depth, many=False)
     depth.add_argument("--max-loops", type=int, default=None,
                        help="read out after 0..T iterations (default: the trained K)")
-    depth.add_argument("--output", "--output-dir", dest="output_dir", default=None,
-                       help="where depth.json and depth.png go (default: print only)")
+    cli.add_output(depth, "--output-dir", default=None,
+                   help="directory for depth.json and depth.png (default: print only)")
     return parser.parse_args(argv)
 
 
@@ -118,6 +117,7 @@ def _data_args(parser: argparse.ArgumentParser, many: bool) -> None:
                              "(file sizes are still checked)")
 
 
+@cli.tool
 def main(argv=None):
     args = parse_args(argv)
     import megatron_mesh  # CPU shims before megatron.core
@@ -129,15 +129,12 @@ def main(argv=None):
 def lm_eval_main(args):
     from megatron_mesh.evaluation import downstream
 
-    try:
-        model = downstream.check_model_dir(args.model)
-        shots = downstream.parse_shots(args.num_fewshot)
-    except ValueError as err:
-        sys.exit(f"error: {err}")
-    device = _device(args)
+    model = downstream.check_model_dir(args.model)
+    shots = downstream.parse_shots(args.num_fewshot)
     tasks = [t for t in args.tasks.split(",") if t] if args.tasks else None
-    report = downstream.evaluate(model, tasks, shots, args.batch_size, device, args.limit,
-                                 args.include_path, args.dtype, args.trust_remote_code)
+    report = downstream.evaluate(model, tasks=tasks, shots=shots, batch_size=args.batch_size,
+                                 device=_device(args), limit=args.limit, include_path=args.include_path,
+                                 dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     output = Path(args.output) if args.output else model / "lm_eval.json"
     downstream.save(report, output)
     print(downstream.table(report, args.name))
@@ -155,26 +152,22 @@ def _check_inputs(args, models, datasets) -> None:
     before the (slow) imports of torch and megatron-core."""
     for model in models:
         if not Path(model).is_dir():
-            sys.exit(f"error: --model {model}: no such model directory")
+            cli.fail(f"--model {model}: no such model directory")
     for data in datasets:
         # either half: the reader names the missing one
         indexed = Path(f"{data}.bin").is_file() or Path(f"{data}.idx").is_file()
         if not indexed and not Path(data).is_file():
-            sys.exit(f"error: --data {data}: neither an indexed dataset prefix ({data}.bin/.idx) "
-                     f"nor a jsonl file")
+            cli.fail(f"--data {data}: neither an indexed dataset prefix ({data}.bin/.idx) nor a jsonl file")
     if args.batch_size < 1 or (args.max_documents is not None and args.max_documents < 1):
-        sys.exit("error: --batch-size and --max-documents must be >= 1")
+        cli.fail("--batch-size and --max-documents must be >= 1")
     if args.seq_length is not None and args.seq_length < 1:
-        sys.exit(f"error: --seq-length {args.seq_length}: expected >= 1")
+        cli.fail(f"--seq-length {args.seq_length}: expected >= 1")
     if args.tokenizer:
-        from megatron_mesh.data.tokenizer import TokenizerSpecError, tokenizer_source
+        from megatron_mesh.data.tokenizer import tokenizer_source
 
-        try:
-            tokenizer_source(args.tokenizer, "--tokenizer")  # the one tokenizer rule
-        except TokenizerSpecError as err:
-            sys.exit(f"error: {err}")
+        tokenizer_source(args.tokenizer, "--tokenizer")  # the one tokenizer rule: TokenizerSpecError
     if args.command == "ppl" and args.name is not None and len(args.name) != len(models):
-        sys.exit(f"error: --name given {len(args.name)} times for {len(models)} --model: "
+        cli.fail(f"--name given {len(args.name)} times for {len(models)} --model: "
                  f"expected one per model, in order")
 
 
@@ -191,8 +184,7 @@ def _documents(args, data: str, model_tokenizer):
 
     tokenizer = args.tokenizer or model_tokenizer
     if not is_indexed_prefix(data) and tokenizer is None:
-        sys.exit(f"error: --data {data}: a jsonl file needs a tokenizer and the model names none; "
-                 f"pass --tokenizer")
+        cli.fail(f"--data {data}: a jsonl file needs a tokenizer and the model names none; pass --tokenizer")
     return read_documents(data, tokenizer, key=args.json_key, append_eod=args.append_eod)
 
 
@@ -203,20 +195,18 @@ def ppl_main(args):
 
     device, records, progress = _device(args), [], _progress(args)
     for i, path in enumerate(args.model):
-        try:
-            progress.note(f"loading {path}")
-            scorer = perplexity.load_scorer(path, device, verify_hashes=not args.no_verify,
-                                            name=args.name[i] if args.name else None,
-                                            trust_remote_code=args.trust_remote_code)
-            seq_length = perplexity.check_seq_length(args.seq_length, scorer.max_length, scorer.name)
-            for data in args.data:
-                result = perplexity.evaluate(scorer, _documents(args, data, scorer.tokenizer),
-                                             seq_length, args.batch_size, args.max_documents, data,
-                                             progress, count_documents(data))
-                records.append({"model": str(path), "name": scorer.name, "backend": scorer.backend,
-                                "data": str(data), "seq_length": seq_length, **result.as_dict()})
-        except (ValueError, FileNotFoundError) as err:
-            sys.exit(f"error: {err}")
+        progress.note(f"loading {path}")
+        scorer = perplexity.load_scorer(path, device, verify_hashes=not args.no_verify,
+                                        name=args.name[i] if args.name else None,
+                                        trust_remote_code=args.trust_remote_code)
+        seq_length = perplexity.check_seq_length(args.seq_length, scorer.max_length, scorer.name)
+        for data in args.data:
+            result = perplexity.evaluate(scorer, _documents(args, data, scorer.tokenizer), seq_length,
+                                         batch_size=args.batch_size, max_documents=args.max_documents,
+                                         source=data, progress=progress,
+                                         total_documents=count_documents(data))
+            records.append({"model": str(path), "name": scorer.name, "backend": scorer.backend,
+                            "data": str(data), "seq_length": seq_length, **result.as_dict()})
     print(perplexity.table(records))
     if args.output:
         downstream.save({"context": CONTEXT_HELP.replace("\n", " "), "results": records}, args.output)
@@ -226,27 +216,25 @@ def ppl_main(args):
 def depth_main(args):
     _check_inputs(args, [args.model], [args.data])
     if args.max_loops is not None and args.max_loops < 0:
-        sys.exit(f"error: --max-loops {args.max_loops}: expected >= 0")
+        cli.fail(f"--max-loops {args.max_loops}: expected >= 0")
     from megatron_mesh.data.documents import count_documents
     from megatron_mesh.evaluation import depth, downstream, perplexity
     from megatron_mesh.evaluation.loading import load_model
 
     progress = _progress(args)
-    try:
-        progress.note(f"loading {args.model}")
-        loaded = load_model(args.model, device=_device(args), verify_hashes=not args.no_verify)
-        loaded.name = args.name or loaded.name
-        depth.trained_loops(loaded)
-        seq_length = perplexity.check_seq_length(args.seq_length, loaded.section["max_sequence_length"],
-                                                 loaded.name)
-        report = depth.study(loaded, _documents(args, args.data, loaded.tokenizer), seq_length,
-                             args.max_loops, args.batch_size, args.max_documents, args.data,
-                             progress, count_documents(args.data))
-    except (ValueError, FileNotFoundError) as err:
-        sys.exit(f"error: {err}")
+    progress.note(f"loading {args.model}")
+    loaded = load_model(args.model, device=_device(args), verify_hashes=not args.no_verify)
+    loaded.name = args.name or loaded.name
+    depth.trained_loops(loaded)
+    seq_length = perplexity.check_seq_length(args.seq_length, loaded.config.max_sequence_length,
+                                             loaded.name)
+    report = depth.study(loaded, _documents(args, args.data, loaded.tokenizer), seq_length,
+                         max_loops=args.max_loops, batch_size=args.batch_size,
+                         max_documents=args.max_documents, source=args.data, progress=progress,
+                         total_documents=count_documents(args.data))
     print(depth.table(report))
-    if args.output_dir:
-        out = Path(args.output_dir)
+    if args.output:
+        out = Path(args.output)
         out.mkdir(parents=True, exist_ok=True)
         downstream.save(report, out / "depth.json")
         depth.plot(report, out / "depth.png")

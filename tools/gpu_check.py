@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Qualify a GPU machine for megatron-mesh in one command: a verdict line per check, a report.
 
-    python tools/gpu_check.py [--out runs/gpu-check] [--checks versions,specs,...] [--budget-s 360]
+    python tools/gpu_check.py [--output runs/gpu-check] [--checks versions,specs,...] [--budget-s 360]
     python tools/gpu_check.py --tiny      # the CPU stand-in (CI): every check's code, tiny models
     python tools/gpu_check.py --plan      # the expected time per check, from the FLOP counts
 
@@ -24,13 +24,12 @@ import shutil
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _bootstrap import cli
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output", "--out", dest="out", default="runs/gpu-check",
-                        help="report directory (default %(default)s)")
+    cli.add_output(parser, "--out", default="runs/gpu-check", help="report directory (default %(default)s)")
     parser.add_argument("--tiny", action="store_true",
                         help="the CPU stand-in: tiny models, gloo, no GPU needed (what CI runs)")
     parser.add_argument("--checks", default=None,
@@ -48,10 +47,11 @@ def selected(names, available):
     wanted = [n.strip() for n in names.split(",") if n.strip()]
     unknown = [n for n in wanted if n not in available]
     if unknown:
-        raise SystemExit(f"error: --checks: unknown {unknown}; expected names from {list(available)}")
+        cli.fail(f"--checks: unknown {unknown}; expected names from {list(available)}")
     return [n for n in available if n in wanted]
 
 
+@cli.tool
 def main(argv=None):
     args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # exports load from disk; never reach a hub
@@ -72,12 +72,11 @@ def main(argv=None):
         return 0
     names = selected(args.checks, CHECKS)
     if not args.tiny and not torch.cuda.is_available():
-        print("error: no CUDA device is visible; --tiny runs the CPU stand-in", file=sys.stderr)
-        return 2
+        cli.fail("no CUDA device is visible; --tiny runs the CPU stand-in")
     command = " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).name, *sys.argv[1:]])
-    report = qualify(profile, Path(args.out), names, command, args.budget_s)
+    report = qualify(profile, Path(args.output), names, command, budget_s=args.budget_s)
     if not args.keep:
-        shutil.rmtree(Path(args.out) / "scratch", ignore_errors=True)
+        shutil.rmtree(Path(args.output) / "scratch", ignore_errors=True)
     return 0 if report.passed else 1
 
 

@@ -11,10 +11,8 @@ never leaves a file pair that looks complete.
 """
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _bootstrap import cli
 
 
 def merge(inputs, output_prefix):
@@ -26,21 +24,17 @@ def merge(inputs, output_prefix):
     return rows
 
 
+@cli.tool
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--input", "--inputs", dest="inputs", nargs="+", required=True, help="shard prefixes, in order")
+    cli.add_input(parser, "--inputs", nargs="+", required=True, help="shard prefixes, in order")
     parser.add_argument("--output-prefix", required=True)
     args = parser.parse_args(argv)
     import megatron_mesh  # after parsing (--help stays light): CPU shims before megatron.core
 
     megatron_mesh.compat.silence_known_megatron_warnings()  # its notes on absent kernels
-    from megatron_mesh.data.integrity import DatasetIntegrityError
-
-    try:
-        rows = merge(args.inputs, args.output_prefix)
-    except DatasetIntegrityError as err:
-        sys.exit(f"error: {err}")
-    print(f"merged {len(args.inputs)} shards, {rows:,} sequences -> {args.output_prefix}.bin/.idx")
+    rows = merge(args.input, args.output_prefix)
+    print(f"merged {len(args.input)} shards, {rows:,} sequences -> {args.output_prefix}.bin/.idx")
 
 
 if __name__ == "__main__":

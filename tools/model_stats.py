@@ -14,11 +14,9 @@ the number the trainer's TFLOP/s and MFU use. For a vanilla layout megatron-core
 
 import argparse
 import json
-import sys
-from pathlib import Path
 from typing import Optional
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _bootstrap import cli
 
 
 def parse_args(argv=None):
@@ -93,7 +91,7 @@ def flops_rows(cfg, stats) -> list:
     mean = stats.loop_depth
     if mean is not None:  # the FLOPs are the mean over the depth distribution
         rows.append(("loop depth (training)", f"{cfg.loop_depth}: mean {mean.num_loops:.2f} steps, "
-                     f"{mean.grad_loops:.2f} with gradients (over {EXPECTED_DRAWS:,} draws)"))
+                     f"{mean.backprop_loops:.2f} with gradients (over {EXPECTED_DRAWS:,} draws)"))
     per_token = "training FLOPs/token" if mean is None else "expected training FLOPs/token"
     rows.append((f"{per_token} (seq {stats.seq_length})", f"{stats.train_flops_per_token:.4e}"))
     theirs = megatron_flops_per_token(cfg, stats.seq_length)
@@ -103,17 +101,13 @@ def flops_rows(cfg, stats) -> list:
     return rows
 
 
+@cli.tool
 def main(argv=None):
     args = parse_args(argv)
     import megatron_mesh  # after parsing (--help stays light): CPU shims before megatron.core
 
     megatron_mesh.compat.silence_known_megatron_warnings()  # its notes on absent kernels
-    from megatron_mesh.errors import ConfigError
-
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as err:
-        sys.exit(f"error: {err}")
+    cfg = load_config(args.config, args.overrides)
     stats = stats_of(cfg, args.seq_length)
     if args.json:
         theirs = megatron_flops_per_token(cfg, stats.seq_length)

@@ -12,15 +12,14 @@ first one fatal. Output files appear only when everything succeeded.
 """
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _bootstrap import cli
 
 
+@cli.tool
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--input", nargs="+", required=True, help="jsonl[.gz|.zst] or .txt files")
+    cli.add_input(parser, nargs="+", required=True, help="jsonl[.gz|.zst] or .txt files")
     parser.add_argument("--output-prefix", required=True)
     parser.add_argument("--tokenizer", required=True)
     parser.add_argument("--workers", type=int, default=1)
@@ -34,14 +33,11 @@ def main(argv=None):
     import megatron_mesh  # after parsing (--help stays light): CPU shims before megatron.core
 
     megatron_mesh.compat.silence_known_megatron_warnings()  # its notes on absent kernels
-    from megatron_mesh.data.preprocess import BadRecordError, preprocess
+    from megatron_mesh.data.preprocess import preprocess
 
-    try:
-        report = preprocess(args.input, args.output_prefix, args.tokenizer, args.workers,
-                            args.json_key, args.strict, progress=not args.no_progress,
-                            allow_empty=args.allow_empty)
-    except (BadRecordError, FileNotFoundError, ValueError) as err:
-        sys.exit(f"error: {err}")
+    report = preprocess(args.input, args.output_prefix, args.tokenizer, workers=args.workers,
+                        json_key=args.json_key, strict=args.strict, progress=not args.no_progress,
+                        allow_empty=args.allow_empty)
     print(report.summary())
     print(f"wrote {args.output_prefix}.bin and {args.output_prefix}.idx")
 

@@ -18,7 +18,7 @@ import sys
 import warnings
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _bootstrap import cli  # plain Python: the repository on sys.path, the error shell
 
 # Nothing heavy at module level: torch.distributed.checkpoint's first save starts a
 # multiprocessing manager with the "spawn" method (megatron/core/dist_checkpointing/strategies/
@@ -63,7 +63,7 @@ def hide_gpus() -> None:
     machine would run the "CPU" run on CUDA (TE, NCCL, TF32) and put every rank on GPU 0."""
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
     if "torch" in sys.modules and sys.modules["torch"].cuda.is_initialized():
-        sys.exit("error: --cpu: CUDA was initialized before the GPUs could be hidden")
+        cli.fail("--cpu: CUDA was initialized before the GPUs could be hidden")
 
 
 def stop_with_the_launcher() -> None:
@@ -112,7 +112,6 @@ def run(megatron_args, early_signals, exit_status_file=None):
     from megatron.training.argument_utils import pretrain_cfg_container_from_args
     from megatron.training.arguments import parse_and_validate_args
 
-    from megatron_mesh.data.integrity import DatasetIntegrityError
     from megatron_mesh.training import (exit_status, providers, resume, save_guard, save_lock, stop_signals,
                                         throughput)
     from megatron_mesh.training.arguments import add_mesh_arguments
@@ -124,11 +123,8 @@ def run(megatron_args, early_signals, exit_status_file=None):
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r"\s*It is recommended to use a ModelConfig")
             cfg = pretrain_cfg_container_from_args(args)
-        try:
-            resume.check_resume_model(args)
-            config = providers.mesh_config_from_args(args)
-        except ValueError as err:
-            sys.exit(f"error: {err}")
+        resume.check_resume_model(args)  # CheckpointError, ConfigError: the shell reports them
+        config = providers.mesh_config_from_args(args)
         if cpu.cuda_available() and not args.gradient_accumulation_fusion:
             print("[mesh] gradient accumulation fusion off (apex's fused_weight_gradient_mlp_cuda "
                   "is not installed, or --no-gradient-accumulation-fusion was passed)", flush=True)
@@ -136,15 +132,12 @@ def run(megatron_args, early_signals, exit_status_file=None):
         throughput.install(config, args, depth_tally)
         save_guard.install()
         stop_signals.install(early_signals, save_on_signal=args.exit_signal_handler)
-        try:
-            with _save_directory_lock(args, save_lock):  # before the status: a refused run writes none
-                stops = exit_status.StopRecorder(_exit_status_path(exit_status_file, args), args)
-                run_providers = providers.MeshProviders(RouterLog(enabled=args.mesh_router_metrics),
-                                                        depth_tally)
-                _pretrain_recording_the_stop(cfg, run_providers, stops)
-        except (save_lock.SaveDirectoryBusy, save_guard.CheckpointSaveError,
-                save_guard.NonFiniteWeights, DatasetIntegrityError) as err:
-            sys.exit(f"error: {err}")
+        # a busy save directory, a failed or non-finite save, a damaged dataset: MeshErrors
+        with _save_directory_lock(args, save_lock):  # before the status: a refused run writes none
+            stops = exit_status.StopRecorder(_exit_status_path(exit_status_file, args), args)
+            run_providers = providers.MeshProviders(RouterLog(enabled=args.mesh_router_metrics),
+                                                    depth_tally)
+            _pretrain_recording_the_stop(cfg, run_providers, stops)
 
 
 def _pretrain_recording_the_stop(cfg, run_providers, stops) -> None:
@@ -190,6 +183,7 @@ def record_stop_signals() -> list:
     return received
 
 
+@cli.tool
 def main(argv=None):
     early_signals = record_stop_signals()
     ours, passthrough = split_passthrough(sys.argv[1:] if argv is None else argv)
@@ -200,14 +194,10 @@ def main(argv=None):
     import megatron_mesh  # (CPU shims before megatron.core)
     megatron_mesh.compat.silence_known_megatron_warnings()  # its notes on absent kernels
     from megatron_mesh.compat import cpu
-    from megatron_mesh.errors import ConfigError
 
     if not (args.cpu or args.print_args or cpu.cuda_available()):  # --print-args only prints
-        sys.exit("error: no CUDA device is visible; pass --cpu to train on the CPU (tests, demos)")
-    try:
-        megatron_args, log_dir = build_megatron_argv(args.config, args.overrides, passthrough, args.cpu)
-    except ConfigError as err:
-        sys.exit(f"error: {err}")
+        cli.fail("no CUDA device is visible; pass --cpu to train on the CPU (tests, demos)")
+    megatron_args, log_dir = build_megatron_argv(args.config, args.overrides, passthrough, args.cpu)
     if args.print_args:
         print(" ".join(megatron_args))
         return

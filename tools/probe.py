@@ -3,7 +3,7 @@
 
     python tools/probe.py --model CKPT_OR_HF_DIR [--model ...] [--name LABEL ...] --data DATA \
         [--tokenizer T] [--samples 500] [--seq-length L] [--cka-threshold 1.0] \
-        [--batch-size 1] [--device cuda] --out DIR [--force]
+        [--batch-size 1] [--device cuda] --output DIR [--force]
 
 Each model (a Megatron checkpoint or an HF export) runs over the same samples: the first L
 tokens of each of the first N documents of DATA with at least L tokens (an indexed dataset
@@ -22,10 +22,9 @@ non-empty DIR is replaced only with --force.
 """
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _bootstrap import cli
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -43,8 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="RBF bandwidth as a fraction of the median distance (default 1.0)")
     parser.add_argument("--batch-size", type=int, default=1, help="samples per forward pass")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    parser.add_argument("--output", "--out", dest="out", required=True, help="output directory")
-    parser.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    cli.add_output(parser, "--out", required=True, help="output directory")
+    cli.add_force(parser)
     parser.add_argument("--no-progress", action="store_true",
                         help="no progress lines (stderr: samples done, tokens/s, ETA)")
     parser.add_argument("--no-verify", action="store_true",
@@ -55,20 +54,20 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def check_args(args: argparse.Namespace) -> None:
     if args.name is not None and len(args.name) != len(args.model):
-        sys.exit(f"error: --name given {len(args.name)} times for {len(args.model)} --model: "
+        cli.fail(f"--name given {len(args.name)} times for {len(args.model)} --model: "
                  f"expected one per model, in order")
     for flag, value, low in (("--samples", args.samples, 1), ("--seq-length", args.seq_length, 2),
                              ("--batch-size", args.batch_size, 1)):
         if value is not None and value < low:
-            sys.exit(f"error: {flag} {value}: expected an integer >= {low}")
+            cli.fail(f"{flag} {value}: expected an integer >= {low}")
     if not args.cka_threshold > 0:
-        sys.exit(f"error: --cka-threshold {args.cka_threshold}: expected a number > 0")
+        cli.fail(f"--cka-threshold {args.cka_threshold}: expected a number > 0")
     for path in args.model:
         if not Path(path).is_dir():
-            sys.exit(f"error: --model {path}: no such directory (expected a Megatron checkpoint "
-                     f"or an HF model directory)")
+            cli.fail(f"--model {path}: no such directory (expected a Megatron checkpoint or an HF model directory)")
 
 
+@cli.tool
 def main(argv=None):
     args = parse_args(argv)
     check_args(args)
@@ -82,19 +81,16 @@ def main(argv=None):
     from megatron_mesh.probing import probe
     from megatron_mesh.progress import SILENT, ProgressLines
 
-    try:
-        check_writable(Path(args.out), args.force)
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        probes = probe.probe_paths(args.model, args.data, args.samples, args.seq_length,
-                                   args.tokenizer, args.name, args.cka_threshold,
-                                   args.batch_size, device,
-                                   progress=SILENT if args.no_progress else ProgressLines(prefix="[probe]"),
-                                   verify_hashes=not args.no_verify)
-        settings = {"data": str(args.data), "samples": args.samples,
-                    "cka_threshold": args.cka_threshold, "device": device}
-        out = probe.write_report(probe.report(probes, settings), args.out, args.force)
-    except (ValueError, OSError) as err:  # CheckpointError and OutputExistsError are ValueErrors
-        sys.exit(f"error: {err}")
+    check_writable(Path(args.output), args.force)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    probes = probe.probe_paths(args.model, args.data, args.samples, seq_length=args.seq_length,
+                               tokenizer=args.tokenizer, names=args.name, threshold=args.cka_threshold,
+                               batch_size=args.batch_size, device=device,
+                               progress=SILENT if args.no_progress else ProgressLines(prefix="[probe]"),
+                               verify_hashes=not args.no_verify)
+    settings = {"data": str(args.data), "samples": args.samples,
+                "cka_threshold": args.cka_threshold, "device": device}
+    out = probe.write_report(probe.report(probes, settings), args.output, args.force)
     print(f"wrote {out}/: update_magnitude.png, cka.png, spectrum.png, probe.json")
 
 

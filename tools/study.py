@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Train every variant of a study at equal compute and tokens, then report (curves, table, probes).
 
-    python tools/study.py --study configs/study/cpu.yaml --out runs/study-cpu \
+    python tools/study.py --study configs/study/cpu.yaml --output runs/study-cpu \
         [--only mesh --only vanilla] [--seeds 1234,1235] [--set training.train_iters=100] \
         [--time-limit MIN] [--skip-probes] [--report-only] [--keep-checkpoints]
 
@@ -18,17 +18,28 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _bootstrap import cli
+
+
+def seed_list(text: str):
+    """--seeds: comma-separated integers (a bad one is argparse's usage error, status 2); an
+    empty value keeps the study's seeds."""
+    if not text:
+        return None
+    try:
+        return [int(s) for s in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers, e.g. 1234,1235") from None
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--study", required=True, help="study YAML (configs/study/*.yaml)")
-    parser.add_argument("--output", "--out", dest="out", required=True,
-                        help="study directory (created; reused to resume)")
+    cli.add_output(parser, "--out", required=True, help="study directory (created; reused to resume)")
     parser.add_argument("--only", action="append", default=[], metavar="VARIANT",
                         help="train and report only these variants (repeatable)")
-    parser.add_argument("--seeds", default=None, help="comma-separated seeds, replacing the study's")
+    parser.add_argument("--seeds", type=seed_list, default=None,
+                        help="comma-separated seeds, replacing the study's")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                         help="add a shared config override for every run, e.g. data.path=[prefix]")
     parser.add_argument("--time-limit", type=float, default=None, metavar="MIN",
@@ -42,6 +53,7 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+@cli.tool
 def main(argv=None):
     args = parse_args(argv)
     import megatron_mesh  # CPU shims before megatron.core
@@ -55,10 +67,9 @@ def main(argv=None):
     progress = SILENT if args.no_progress else ProgressLines(prefix="[study]")
     start = time.time()
     try:
-        seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
-        study = plan.load_study(args.study, args.sets, seeds)
+        study = plan.load_study(args.study, args.sets, args.seeds)
         runs = plan.plan_runs(study, args.only)
-        out = Path(args.out)
+        out = Path(args.output)
         if not args.report_only:
             deadline = start + 60 * args.time_limit if args.time_limit else None
             runner.train_all(study, runs, out, cpu=not torch.cuda.is_available(), deadline=deadline,
@@ -67,8 +78,6 @@ def main(argv=None):
     except runner.TimeLimit as err:
         print(f"[study] {err}; rerun the same command to continue", file=sys.stderr)
         sys.exit(3)
-    except (ValueError, OSError) as err:  # StudyError, CheckpointError are ValueErrors
-        sys.exit(f"error: {err}")
     print(report.markdown(results))
     print(f"[study] wrote {out}/: curves.png, table.md, results.json"
           + ("" if args.skip_probes or study.probes is None else ", probes/")

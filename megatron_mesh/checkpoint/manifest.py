@@ -28,13 +28,15 @@ from typing import Dict, List, Optional, Tuple
 
 import xxhash
 
+from megatron_mesh.errors import MeshError
+
 MANIFEST_DIR = "manifest"
 HASH = "xxh3_128"
 _DATA_FILE = re.compile(r"__(\d+)_\d+\.distcp$")
 _CHUNK = 8 << 20
 
 
-class ManifestError(ValueError):
+class ManifestError(MeshError, ValueError):
     """A manifest that cannot be read or belongs to another save."""
 
 

@@ -13,6 +13,8 @@ import contextlib
 import logging
 import warnings
 
+from megatron_mesh.errors import MeshError
+
 MEGATRON_CORE = "0.19.2"
 """The megatron-core version the shims target (requirements/megatron.txt pins the same)."""
 
@@ -49,7 +51,7 @@ MEGATRON_INTERNALS = (
 calls although it is private."""
 
 
-class MegatronVersionError(ImportError):
+class MegatronVersionError(MeshError, ImportError):
     """The installed megatron-core is not the version the package's shims were written for."""
 
 

@@ -34,13 +34,15 @@ from html.parser import HTMLParser
 from pathlib import Path
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
+from megatron_mesh.errors import MeshError
+
 DEFAULT_PACKAGES = ("linux-doc-6.1", "python3.11-doc")
 SKIP_DIRS = {"_sources", "_static", "_images", "_downloads", "translations"}
 SKIP_PAGES = {"search", "py-modindex", "contents"}  # navigation, not prose (and genindex*)
 SPLITS = ("train", "valid")
 
 
-class PackageError(RuntimeError):
+class PackageError(MeshError, RuntimeError):
     """A documentation package is missing and could not be installed; names the package."""
 
 
@@ -373,7 +375,7 @@ def package_documents(sources: Sequence[Tuple[Path, str]], max_chars: int
             yield str(path), piece
 
 
-def write_splits(sources: Dict[str, Sequence[Tuple[Path, str]]], out_dir: Path,
+def write_splits(sources: Dict[str, Sequence[Tuple[Path, str]]], out_dir: Path, *,
                  valid_fraction: float, max_documents: Optional[int] = None,
                  min_chars: int = 200, max_chars: int = 20_000) -> Dict[str, PackageStats]:
     """``train.jsonl`` / ``valid.jsonl`` in ``out_dir`` from each package's sources (in the
@@ -382,15 +384,16 @@ def write_splits(sources: Dict[str, Sequence[Tuple[Path, str]]], out_dir: Path,
     files = {split: open(out_dir / f"{split}.jsonl", "w", encoding="utf-8") for split in SPLITS}
     try:
         for package, package_sources in sources.items():
-            stats[package] = _write_package(package, package_sources, files, seen, valid_fraction,
-                                            max_documents, min_chars, max_chars)
+            stats[package] = _write_package(package, package_sources, files, seen,
+                                            valid_fraction=valid_fraction, max_documents=max_documents,
+                                            min_chars=min_chars, max_chars=max_chars)
     finally:
         for handle in files.values():
             handle.close()
     return stats
 
 
-def _write_package(package, sources, files, seen, valid_fraction, max_documents, min_chars,
+def _write_package(package, sources, files, seen, *, valid_fraction, max_documents, min_chars,
                    max_chars) -> PackageStats:
     """One package's documents into the open split files; ``seen`` (dedup keys) is shared, so
     a text already written for an earlier package is a duplicate too."""

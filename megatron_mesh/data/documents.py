@@ -14,6 +14,9 @@ import json
 from pathlib import Path
 from typing import Iterator, List, Optional
 
+from megatron_mesh.data.preprocess import BadRecordError
+from megatron_mesh.errors import ConfigError, InputNotFoundError
+
 
 def is_indexed_prefix(source) -> bool:
     return Path(f"{source}.bin").is_file() and Path(f"{source}.idx").is_file()
@@ -36,10 +39,10 @@ def read_documents(source, tokenizer: Optional[str] = None, key: str = "text",
         return
     path = Path(source)
     if not path.is_file():
-        raise FileNotFoundError(f"{source}: neither an indexed dataset prefix ({source}.bin/.idx) "
-                                f"nor a jsonl file")
+        raise InputNotFoundError(f"{source}: neither an indexed dataset prefix ({source}.bin/.idx) "
+                                 f"nor a jsonl file")
     if tokenizer is None:
-        raise ValueError(f"{source}: a jsonl file needs a tokenizer (--tokenizer)")
+        raise ConfigError(f"{source}: a jsonl file needs a tokenizer (--tokenizer)")
     from megatron_mesh.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tokenizer)
@@ -88,9 +91,9 @@ def _jsonl_texts(path: Path, key: str):
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+                raise BadRecordError(f"{path}:{number}: not valid JSON ({err.msg})") from None
             if not isinstance(record, dict) or not isinstance(record.get(key), str):
-                raise ValueError(f"{path}:{number}: expected an object with a string {key!r} field")
+                raise BadRecordError(f"{path}:{number}: expected an object with a string {key!r} field")
             yield number, record[key]
 
 
@@ -98,12 +101,12 @@ def fixed_length_samples(documents: Iterator[List[int]], seq_length: int, num_sa
                          source: str = "data") -> List[List[int]]:
     """The first ``num_samples`` samples of exactly ``seq_length`` tokens: each document's first
     ``seq_length`` tokens (shorter documents are skipped), as probes use one sample per
-    document. ValueError naming ``source`` if there are not enough."""
+    document. ConfigError naming ``source`` if there are not enough."""
     samples: List[List[int]] = []
     for doc in documents:
         if len(doc) >= seq_length:
             samples.append(doc[:seq_length])
             if len(samples) == num_samples:
                 return samples
-    raise ValueError(f"{source}: only {len(samples)} documents have >= {seq_length} tokens, "
+    raise ConfigError(f"{source}: only {len(samples)} documents have >= {seq_length} tokens, "
                      f"{num_samples} samples requested (lower --samples or --seq-length)")

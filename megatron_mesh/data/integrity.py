@@ -14,13 +14,15 @@ from pathlib import Path
 
 import numpy
 
+from megatron_mesh.errors import MeshError
+
 MAGIC = b"MMIDIDX\x00\x00"
 HEADER_BYTES = 34  # magic 9 + version 8 + dtype code 1 + sequence count 8 + document count 8
 DTYPES = {1: numpy.uint8, 2: numpy.int8, 3: numpy.int16, 4: numpy.int32, 5: numpy.int64,
           6: numpy.float64, 7: numpy.float32, 8: numpy.uint16}
 
 
-class DatasetIntegrityError(ValueError):
+class DatasetIntegrityError(MeshError, ValueError):
     """An indexed dataset or its tokenizer does not match what it claims or what is configured."""
 
 

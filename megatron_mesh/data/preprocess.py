@@ -22,13 +22,15 @@ from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 from megatron_mesh.data.indexed import write_indexed_dataset
 from megatron_mesh.data.tokenizer import TextTokenizer, load_tokenizer
+from megatron_mesh.errors import InputNotFoundError, MeshError
 
 Record = Tuple[str, int, bytes]  # (file, 1-based line, raw bytes)
 CHUNK = 64  # records per worker task
 
 
-class BadRecordError(ValueError):
-    """A bad record under strict=True."""
+class BadRecordError(MeshError, ValueError):
+    """Bad input records: the first one under strict=True, a jsonl line that is not a JSON object
+    with the text field, or inputs that leave no document to write."""
 
 
 @dataclass
@@ -72,7 +74,7 @@ def iter_records(paths: Sequence[Union[str, Path]]) -> Iterator[Tuple[str, int, 
     """(file, line, raw, is_json) for every record of every input, in order."""
     for path in map(Path, paths):
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: input file not found")
+            raise InputNotFoundError(f"{path}: input file not found")
         if path.suffix == ".txt":
             yield str(path), 1, path.read_bytes(), False
             continue
@@ -137,6 +139,7 @@ def preprocess(
     inputs: Sequence[Union[str, Path]],
     output_prefix: Union[str, Path],
     tokenizer: str,
+    *,
     workers: int = 1,
     json_key: str = "text",
     strict: bool = False,
@@ -148,7 +151,7 @@ def preprocess(
     out empty; tools/merge_datasets.py skips it)."""
     missing = [str(p) for p in inputs if not Path(p).is_file()]
     if missing:
-        raise FileNotFoundError(f"{missing[0]}: input file not found")
+        raise InputNotFoundError(f"{missing[0]}: input file not found")
     vocab_size = load_tokenizer(tokenizer).vocab_size
     report = Report()
     start = time.time()
@@ -178,7 +181,7 @@ def preprocess(
                 bar.set_postfix(tokens_per_s=f"{report.tokens / max(time.time() - start, 1e-9):,.0f}")
         if report.documents == 0 and not allow_empty:  # it would fail later, far from its cause
             why = f"{len(report.bad)} bad records, e.g. {report.bad[0]}" if report.bad else "empty input"
-            raise ValueError(f"{', '.join(map(str, inputs))}: no documents to write ({why})")
+            raise BadRecordError(f"{', '.join(map(str, inputs))}: no documents to write ({why})")
 
     try:
         write_indexed_dataset(documents(), output_prefix, vocab_size)

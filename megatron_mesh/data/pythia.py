@@ -23,20 +23,22 @@ from typing import Dict
 import numpy
 import torch
 
+from megatron_mesh.errors import ConfigError
+
 ROW_TOKENS = 2049
 BOUNDARIES = ("per_row", "contiguous", "contiguous_masked")
 
 
 class PythiaPreshuffledDataset(torch.utils.data.Dataset):
-    def __init__(self, prefix: str, seq_length: int, boundary: str = "per_row",
+    def __init__(self, prefix: str, seq_length: int, boundary: str = "per_row", *,
                  eod_id: int = 0, mask_eod_loss: bool = False, vocab_size: int = None):
         from megatron_mesh.data.integrity import (DatasetIntegrityError, check_token_range,
                                                   open_indexed_dataset)
 
         if seq_length % (ROW_TOKENS - 1):
-            raise ValueError(f"seq_length={seq_length}: the Pythia reader needs a multiple of 2048")
+            raise ConfigError(f"seq_length={seq_length}: the Pythia reader needs a multiple of 2048")
         if boundary not in BOUNDARIES:
-            raise ValueError(f"pythia boundary={boundary!r}: expected one of {list(BOUNDARIES)}")
+            raise ConfigError(f"pythia boundary={boundary!r}: expected one of {list(BOUNDARIES)}")
         self.rows = open_indexed_dataset(prefix)
         lengths = self.rows.index.sequence_lengths
         bad = numpy.flatnonzero(lengths != ROW_TOKENS)

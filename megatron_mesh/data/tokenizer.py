@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Optional
 
+from megatron_mesh.errors import MeshError
+
 EOD_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>")
 MODEL_INPUT_NAMES = ("input_ids", "attention_mask")
 """What a causal LM's tokenizer returns: GPT-NeoX's (no token_type_ids, which generate refuses)."""
@@ -32,7 +34,7 @@ EXPECTED = ("a tokenizer.json file, a directory holding tokenizer.json, a Huggin
 _HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
-class TokenizerSpecError(ValueError):
+class TokenizerSpecError(MeshError, ValueError):
     """A tokenizer path or name that the rule (module docstring) cannot use."""
 
 

@@ -28,7 +28,7 @@ from typing import Dict, Iterable, List, Optional
 import torch
 from torch import Tensor
 
-from megatron_mesh.errors import ConfigError
+from megatron_mesh.errors import ConfigError, DataError
 from megatron_mesh.evaluation.loading import LoadedModel
 from megatron_mesh.evaluation.perplexity import check_ids, expected_documents, window_batches
 from megatron_mesh.model.block import Recorded
@@ -125,7 +125,7 @@ def study(loaded: LoadedModel, documents: Iterable[List[int]], seq_length: int, 
         tokens += labels.numel()
         progress.update(docs.count, tokens)
     if not tokens:
-        raise ValueError(f"{source}: no document with at least 2 tokens to score")
+        raise DataError(f"{source}: no document with at least 2 tokens to score")
     progress.finish(docs.count, tokens)
     rows = [{"t": t, **{f"{c}_{k}": v for c in CURVES
                          for k, v in _stats(sums[c][t] / tokens).items()}} for t in range(T + 1)]

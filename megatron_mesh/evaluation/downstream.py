@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence
 
+from megatron_mesh.errors import CheckpointError, ConfigError
+
 
 @dataclass(frozen=True)
 class Column:
@@ -58,7 +60,7 @@ def metric_value(results: dict, column: Column) -> float:
     return float(entry[key])
 
 
-def evaluate(model_dir, tasks: Optional[Sequence[str]] = None, shots: Sequence[int] = (0, 5),
+def evaluate(model_dir, *, tasks: Optional[Sequence[str]] = None, shots: Sequence[int] = (0, 5),
              batch_size: int = 8, device: str = "cpu", limit: Optional[float] = None,
              include_path: Optional[str] = None, dtype: str = "float32",
              trust_remote_code: bool = False) -> dict:
@@ -125,16 +127,16 @@ def parse_shots(text: str) -> List[int]:
     try:
         shots = [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
-        raise ValueError(f"--num-fewshot={text!r}: expected comma-separated integers, e.g. 0,5") from None
+        raise ConfigError(f"--num-fewshot={text!r}: expected comma-separated integers, e.g. 0,5") from None
     if not shots or any(s < 0 for s in shots):
-        raise ValueError(f"--num-fewshot={text!r}: expected comma-separated integers >= 0, e.g. 0,5")
+        raise ConfigError(f"--num-fewshot={text!r}: expected comma-separated integers >= 0, e.g. 0,5")
     return shots
 
 
 def check_model_dir(path) -> Path:
     path = Path(path)
     if not (path / "config.json").is_file():
-        raise ValueError(f"{path}: not a Hugging Face model directory (no config.json); convert a "
-                         f"Megatron checkpoint first: tools/convert.py megatron-to-hf")
+        raise CheckpointError(f"{path}: not a Hugging Face model directory (no config.json); convert a "
+                              f"Megatron checkpoint first: tools/convert.py megatron-to-hf")
     return path
 

@@ -29,7 +29,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from megatron_mesh.errors import CheckpointError, ConfigError
+from megatron_mesh.errors import CheckpointError, ConfigError, DataError
 from megatron_mesh.evaluation.names import model_name
 from megatron_mesh.progress import SILENT, Progress
 
@@ -171,7 +171,7 @@ def check_ids(tokens: Tensor, vocab_size: int, source: str) -> None:
     """Token ids the model has no embedding for: the data was tokenized for another model."""
     top = int(tokens.max())
     if top >= vocab_size:
-        raise ValueError(f"{source}: token id {top} >= the model's vocabulary size {vocab_size} "
+        raise DataError(f"{source}: token id {top} >= the model's vocabulary size {vocab_size} "
                          f"(data tokenized for another model?)")
 
 
@@ -205,7 +205,7 @@ def evaluate(scorer: Scorer, documents: Iterable[List[int]], seq_length: int, *,
         result.tokens += labels.numel()
         progress.update(result.documents, result.tokens)
     if not result.tokens:
-        raise ValueError(f"{source}: no document with at least 2 tokens to score")
+        raise DataError(f"{source}: no document with at least 2 tokens to score")
     progress.finish(result.documents, result.tokens)
     return result
 

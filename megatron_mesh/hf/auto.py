@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from megatron_mesh.errors import CheckpointError
 from megatron_mesh.hf.configuration_megatron_mesh import MegatronMeshConfig
 
 
@@ -42,5 +43,5 @@ def load_causal_lm(path, trust_remote_code: bool = False, **kwargs):
     except ValueError as err:
         if trust_remote_code or "trust_remote_code" not in str(err):
             raise
-        raise ValueError(f"{path}: its model loads only by running the Python files in that folder "
+        raise CheckpointError(f"{path}: its model loads only by running the Python files in that folder "
                          f"(its config's auto_map); pass --trust-remote-code if you trust them") from None

@@ -23,10 +23,10 @@ import torch
 from torch import Tensor
 
 from megatron_mesh.config.model import MeshConfig
+from megatron_mesh.errors import ConfigError, DataError
 from megatron_mesh.model.block import Recorded
 from megatron_mesh.probing import metrics
 from megatron_mesh.probing.routers import RouterStats, mesh_scheme, state_dict_of
-from megatron_mesh.errors import ConfigError
 from megatron_mesh.progress import SILENT, Progress
 
 SPECTRUM_K = 50
@@ -188,7 +188,7 @@ def probe_model(loaded, samples: Sequence[Sequence[int]], *, threshold: float = 
             values = sample_metrics(recorded, num_loops, threshold)
         except ValueError as err:  # e.g. a sample of one repeated token: constant states
             span = f"{first * batch_size}..{first * batch_size + input_ids.shape[0] - 1}"
-            raise ValueError(f"{loaded.name}: samples {span}: {err}") from None
+            raise DataError(f"{loaded.name}: samples {span}: {err}") from None
         for key, value in values.items():
             parts.setdefault(key, []).append(value.cpu())
         if router_stats is not None:

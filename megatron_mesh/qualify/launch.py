@@ -52,7 +52,7 @@ def _kill_tree(proc: subprocess.Popen) -> None:
 
 
 def run_trainer(profile: Profile, model: TrainerModel, overrides: Sequence[str], log_path: Path,
-                deadline: float, nproc: int = 1) -> TrainerRun:
+                deadline: float, *, nproc: int = 1) -> TrainerRun:
     """Train; TrainerFailed (with the log's tail) on a non-zero exit or at the deadline."""
     cmd = trainer_command(profile, model, overrides, nproc)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

@@ -44,7 +44,7 @@ def run_one(name: str, ctx: Context) -> CheckResult:
     return result
 
 
-def qualify(profile: Profile, out: Path, names: Iterable[str], command: str,
+def qualify(profile: Profile, out: Path, names: Iterable[str], command: str, *,
             budget_s: Optional[float] = None, echo: Callable[[str], None] = print) -> Report:
     budget = profile.budget_s if budget_s is None else budget_s
     report = Report(profile.name, time.time(), budget_s=budget)

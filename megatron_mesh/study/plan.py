@@ -32,14 +32,14 @@ from typing import Any, Dict, List, Optional, Sequence
 import yaml
 
 from megatron_mesh.config.yaml_file import load_config_tree, parse_value
-from megatron_mesh.errors import ConfigError
+from megatron_mesh.errors import ConfigError, MeshError
 
 KEYS = ("description", "base", "set", "variants", "seeds", "baseline", "launch", "heldout", "probes")
 HELDOUT_DEFAULTS = {"max_documents": 500, "seq_length": None, "batch_size": 8}
 PROBE_DEFAULTS = {"samples": 8, "seq_length": None, "batch_size": 4}
 
 
-class StudyError(ValueError):
+class StudyError(MeshError, ValueError):
     """An invalid study file, or a study directory that disagrees with it."""
 
 

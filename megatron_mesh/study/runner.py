@@ -143,7 +143,7 @@ def _echo(line: str) -> None:
     print(line, flush=True)
 
 
-def train_all(study: Study, runs: List[Run], out: Path, cpu: bool, deadline: Optional[float] = None,
+def train_all(study: Study, runs: List[Run], out: Path, *, cpu: bool, deadline: Optional[float] = None,
               keep_intermediate: bool = False, echo: Callable[[str], None] = _echo) -> Dict[str, dict]:
     """Train every unfinished run in order; returns the state's run records."""
     out = Path(out)
@@ -166,7 +166,7 @@ def train_all(study: Study, runs: List[Run], out: Path, cpu: bool, deadline: Opt
         if deadline is not None and time.time() > deadline:
             write_state(out, state)
             raise TimeLimit(f"time limit reached before {run.name}")
-        train_run(study, run, out, cpu, deadline, state, echo)
+        train_run(study, run, out, cpu=cpu, deadline=deadline, state=state, echo=echo)
         if not keep_intermediate:
             for old in save.glob("iter_*"):
                 if old.name != f"iter_{final:07d}":
@@ -175,7 +175,7 @@ def train_all(study: Study, runs: List[Run], out: Path, cpu: bool, deadline: Opt
     return state["runs"]
 
 
-def train_run(study: Study, run: Run, out: Path, cpu: bool, deadline: Optional[float], state: dict,
+def train_run(study: Study, run: Run, out: Path, *, cpu: bool, deadline: Optional[float], state: dict,
               echo: Callable[[str], None]) -> None:
     """One launch of a run's trainer: from scratch or from its last checkpoint, to the end."""
     d, record = run_dir(out, run), state["runs"][run.name]

@@ -75,7 +75,7 @@ class ExitStatus:
     """What to do, for a stop that needs a person (``rerun_limit``)."""
 
 
-def write(path: Path, state: str, stop: Optional[str], save: Optional[str], reruns: int = 0,
+def write(path: Path, state: str, stop: Optional[str], save: Optional[str], *, reruns: int = 0,
           message: Optional[str] = None) -> None:
     """Write the status file whole (temporary file, then rename)."""
     iteration = tracked_iteration(save) if save else None
@@ -191,7 +191,7 @@ class StopRecorder:
             stop, message = "rerun_limit", rerun_limit_message(iteration, reruns, host, device)
             print(f"[mesh] error: {message}", file=sys.stderr, flush=True)
         if self._writes():
-            write(self.path, "stopped", stop, self.args.save, reruns, message)
+            write(self.path, "stopped", stop, self.args.save, reruns=reruns, message=message)
 
     def finished(self) -> None:
         if self._writes():

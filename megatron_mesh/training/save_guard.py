@@ -25,14 +25,15 @@ import torch
 
 from megatron_mesh.checkpoint import manifest as checkpoint_manifest
 from megatron_mesh.checkpoint.paths import TRACKER
+from megatron_mesh.errors import MeshError
 from megatron_mesh.training.megatron_fixes import wrap_once
 
 
-class CheckpointSaveError(RuntimeError):
+class CheckpointSaveError(MeshError, RuntimeError):
     """A save did not complete; the message names the cause and what is still intact."""
 
 
-class NonFiniteWeights(RuntimeError):
+class NonFiniteWeights(MeshError, RuntimeError):
     """The model's weights hold NaN or Inf; no checkpoint of them was written."""
 
 

@@ -18,10 +18,12 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+from megatron_mesh.errors import MeshError
+
 LOCK_FILE = ".megatron-mesh.lock"
 
 
-class SaveDirectoryBusy(RuntimeError):
+class SaveDirectoryBusy(MeshError, RuntimeError):
     """Another live process holds the save directory's lock."""
 
 

@@ -147,6 +147,6 @@ def test_hf_to_megatron_writes_a_manifest(tmp_path, megatron_world):
 
     section = {"layout": "1+2R2+1", "state_scheme": "mesh", "hidden_size": 64,
                "num_attention_heads": 4, "vocab_size": 96, "max_sequence_length": 32}
-    model = MeshGPTModel(MeshConfig(**section, use_cpu_initialization=True))
-    out = save_release_checkpoint(model, checkpoint_args(section, None), tmp_path / "ckpt")
+    config = MeshConfig.from_section(section, use_cpu_initialization=True)
+    out = save_release_checkpoint(MeshGPTModel(config), checkpoint_args(config, None), tmp_path / "ckpt")
     assert checkpoint_manifest.problems(out / "release") == []

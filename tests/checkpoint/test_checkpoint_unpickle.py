@@ -25,6 +25,13 @@ SECTION = dict(layout="1+2R2+1", state_scheme="mesh", hidden_size=64, num_attent
 COMMON = "common_state/shard_0_1"
 
 
+def config():
+    """SECTION's model, built on the CPU as a converted checkpoint's is (checkpoint.reader.build_model)."""
+    from megatron_mesh.config.model import MeshConfig
+
+    return MeshConfig.from_section(SECTION, use_cpu_initialization=True)
+
+
 class RunsCode:
     """Unpickling this runs ``touch marker`` (os.system: the global posix.system)."""
 
@@ -81,7 +88,7 @@ def release(tmp_path_factory, megatron_world):
     from megatron_mesh.checkpoint.writer import checkpoint_args, save_release_checkpoint
 
     out = tmp_path_factory.mktemp("unpickle") / "ckpt"
-    return save_release_checkpoint(build_model(SECTION, {}, ("",), 0), checkpoint_args(SECTION, None), out)
+    return save_release_checkpoint(build_model(config(), {}, ("",), 0), checkpoint_args(config(), None), out)
 
 
 @pytest.fixture
@@ -179,7 +186,7 @@ def test_a_real_checkpoint_still_loads(copy, release):
     state, common = load_checkpoint(str(save_dir))
     assert common["args"].mesh_model and state
     assert (export(save_dir) / "config.json").is_file()
-    assert load_model(save_dir).section["layout"] == SECTION["layout"]
+    assert load_model(save_dir).config.layout == SECTION["layout"]
 
 
 def test_megatron_loads_by_the_allowlist_once_the_trainer_applies_it(copy, megatron_world,
@@ -201,7 +208,7 @@ def test_megatron_loads_by_the_allowlist_once_the_trainer_applies_it(copy, megat
         monkeypatch.setattr(owner, name, getattr(owner, name))  # restored at teardown
     megatron_fixes._unpickle_checkpoints_by_the_allowlist()
     save_dir, ckpt, marker = copy
-    request = {"model": build_model(SECTION, {}, ("",), 0).sharded_state_dict()}
+    request = {"model": build_model(config(), {}, ("",), 0).sharded_state_dict()}
     assert dist_checkpointing.load(request, str(ckpt))["model"]  # a real checkpoint loads
     assert dist_checkpointing.load_common_state_dict(str(ckpt))["args"].mesh_model
 

@@ -4,6 +4,7 @@ they are not installed; the test never installs anything)."""
 
 import importlib.util
 import json
+import sys
 
 import numpy
 import pytest
@@ -64,6 +65,8 @@ text &amp; more.</p>
 
 
 def load_tool():
+    if str(REPO / "tools") not in sys.path:  # as `python tools/X.py` has it: for `import _bootstrap`
+        sys.path.insert(0, str(REPO / "tools"))
     spec = importlib.util.spec_from_file_location("tool_build_corpus", REPO / "tools" / "build_corpus.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -147,7 +150,7 @@ def test_write_splits_dedups_filters_and_keeps_files_together(tmp_path):
     assert stats["pkg"].duplicates == len(pieces_of_a)
     side = {s: [json.loads(line)["source"] for line in open(tmp_path / f"{s}.jsonl")] for s in dd.SPLITS}
     assert not set(side["train"]) & set(side["valid"])                  # a file is on one side
-    limited = dd.write_splits(sources, tmp_path, 0.5, max_documents=2, max_chars=2000)
+    limited = dd.write_splits(sources, tmp_path, valid_fraction=0.5, max_documents=2, max_chars=2000)
     assert sum(c.documents for c in limited["pkg"].splits.values()) == 2
 
 

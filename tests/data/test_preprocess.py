@@ -115,7 +115,7 @@ def test_cli_reports_and_exits_nonzero_on_missing_input(tmp_path):
     out = subprocess.run([sys.executable, str(REPO / "tools/preprocess_data.py"), "--input",
                           str(tmp_path / "nope.jsonl"), "--output-prefix", str(tmp_path / "x"),
                           "--tokenizer", str(tmp_path)], capture_output=True, text=True, timeout=120)
-    assert out.returncode != 0 and "nope.jsonl: input file not found" in out.stderr
+    assert out.returncode == 2 and out.stderr == f"error: {tmp_path / 'nope.jsonl'}: input file not found\n"
 
 
 @pytest.mark.slow
@@ -131,8 +131,8 @@ def test_no_documents_is_an_error_and_writes_nothing(tmp_path):
                           str(tmp_path / "empty.jsonl"), "--output-prefix", str(tmp_path / "x"),
                           "--tokenizer", tok, "--no-progress"], capture_output=True, text=True,
                          timeout=120)
-    assert out.returncode != 0
-    assert "empty.jsonl: no documents to write (empty input)" in out.stderr
+    assert out.returncode == 2, out.stderr  # a user's error (cli.USAGE_ERROR), no traceback
+    assert "empty.jsonl: no documents to write (empty input)" in out.stderr and "Traceback" not in out.stderr
     assert not list(tmp_path.glob("x*")), "a failed run left a dataset behind"
 
 

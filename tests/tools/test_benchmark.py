@@ -5,6 +5,7 @@ import importlib.util
 import json
 import re
 import statistics
+import sys
 
 import pytest
 
@@ -19,6 +20,8 @@ COMPARE = "model.state_scheme=base"  # tiny-cpu.yml is mesh: routers make the FL
 
 
 def load_tool(name):
+    if str(REPO / "tools") not in sys.path:  # as `python tools/X.py` has it: for `import _bootstrap`
+        sys.path.insert(0, str(REPO / "tools"))
     spec = importlib.util.spec_from_file_location(f"tool_{name}", REPO / "tools" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -132,7 +132,7 @@ def test_a_damaged_checkpoint_is_refused_and_nan_weights_are_not_exported(checkp
     done = subprocess.run([sys.executable, str(REPO / "tools/convert.py"), "megatron-to-hf", "--load",
                            str(damaged), "--output", str(tmp_path / "hf")], capture_output=True,
                           text=True, timeout=300)
-    assert done.returncode == 1 and not (tmp_path / "hf").exists()
+    assert done.returncode == 2 and not (tmp_path / "hf").exists()  # cli.USAGE_ERROR
     assert f"error: {damaged / 'iter_0000003'}: damaged checkpoint: {data}: xxh3_128 " in done.stderr
     assert "To load it unverified anyway: pass --no-verify" in done.stderr
     with pytest.raises(CheckpointError, match=r"1 weight tensors hold NaN/Inf: .*linear_fc1.weight "

@@ -34,6 +34,7 @@ def files(tmp_path_factory):
     """A random 1+2R2+1 MeSH checkpoint with a BPE tokenizer, its HF export, and data."""
     from megatron_mesh.checkpoint.reader import build_model
     from megatron_mesh.checkpoint.writer import checkpoint_args, save_release_checkpoint
+    from megatron_mesh.config.model import MeshConfig
     from megatron_mesh.corpora.python_docs import pydoc_topics
     from megatron_mesh.data.indexed import train_bpe_tokenizer, write_indexed_dataset
     from megatron_mesh.data.tokenizer import load_tokenizer
@@ -42,7 +43,8 @@ def files(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("evaluate")
     texts = [t[:500] for t in pydoc_topics()[:36]]
     tok = train_bpe_tokenizer(texts[:30], 512, tmp / "tok")
-    ckpt = save_release_checkpoint(build_model(SECTION, {}, ("",), 0), checkpoint_args(SECTION, tok),
+    config = MeshConfig.from_section(SECTION)
+    ckpt = save_release_checkpoint(build_model(config, {}, ("",), 0), checkpoint_args(config, tok),
                                    tmp / "ckpt")
     hf = export(str(ckpt), str(tmp / "hf"))
     (tmp / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[30:33]))

@@ -78,10 +78,13 @@ def test_exit_status_and_refusals(tmp_path, capsys, monkeypatch):
 
     assert gpu_check.main(["--tiny", "--checks", "versions", "--budget-s", "0", "--out", str(tmp_path)]) == 1
     assert "[FAIL] versions" in capsys.readouterr().out
-    assert gpu_check.main(["--out", str(tmp_path)]) == 2  # this machine has no GPU
-    assert "no CUDA device is visible; --tiny" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match=r"unknown \['warp'\]"):
+    with pytest.raises(SystemExit) as refused:  # this machine has no GPU
+        gpu_check.main(["--out", str(tmp_path)])
+    assert refused.value.code == 2  # a user's error, as the docstring's exit statuses say
+    assert capsys.readouterr().err == "error: no CUDA device is visible; --tiny runs the CPU stand-in\n"
+    with pytest.raises(SystemExit, match=r"unknown \['warp'\]") as unknown:
         gpu_check.main(["--tiny", "--checks", "versions,warp"])
+    assert unknown.value.code == 2
 
 
 def test_plan_counts_the_runs_flops_and_fits_the_budget():

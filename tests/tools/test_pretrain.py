@@ -147,6 +147,7 @@ VISIBLE_GPU = """
 import os, runpy, sys, torch
 torch.cuda.is_available = lambda: os.environ.get("CUDA_VISIBLE_DEVICES") != ""
 sys.argv = sys.argv[1:]
+sys.path.insert(0, os.path.dirname(sys.argv[0]))  # as `python tools/pretrain_mesh.py` has it
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
 

@@ -21,9 +21,11 @@ def trained_checkpoint(scheme, out, steps=8):
     """A 1+2R2+1 model trained a few AdamW steps on random tokens, as a release checkpoint."""
     from megatron_mesh.checkpoint.reader import build_model
     from megatron_mesh.checkpoint.writer import checkpoint_args, save_release_checkpoint
+    from megatron_mesh.config.model import MeshConfig
 
-    section = dict(SECTION, layout="1+2R2+1", state_scheme=scheme)
-    model = build_model(section, {}, ("",), seed=7)
+    config = MeshConfig.from_section(dict(SECTION, layout="1+2R2+1", state_scheme=scheme),
+                                     use_cpu_initialization=True)
+    model = build_model(config, {}, ("",), seed=7)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(1)
     for _ in range(steps):
@@ -33,7 +35,7 @@ def trained_checkpoint(scheme, out, steps=8):
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    save_release_checkpoint(model.eval(), checkpoint_args(section, None), out)
+    save_release_checkpoint(model.eval(), checkpoint_args(config, None), out)
     return out
 
 
@@ -54,6 +56,8 @@ def inputs(tmp_path_factory):
 
 
 def tool():
+    if str(REPO / "tools") not in sys.path:  # as `python tools/X.py` has it: for `import _bootstrap`
+        sys.path.insert(0, str(REPO / "tools"))
     spec = importlib.util.spec_from_file_location("probe_tool", REPO / "tools" / "probe.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -101,7 +105,7 @@ def test_probe_two_models(inputs, tmp_path, capsys):
     steps = mesh["routers"]["steps"]
     assert [s["step"] for s in steps] == [-1, 0, 1]
     assert steps[2]["coefficients"]["sources"] == ["emb", "prelude", "core0", "core1"]
-    assert len(steps[0]["read"]["mean"]) == mesh["routers"]["num_slots"] == 5
+    assert len(steps[0]["read"]["mean"]) == mesh["routers"]["buffer_slots"] == 5
     assert 0 <= steps[1]["write"]["entropy"]["normalized_mean"] <= 1
 
     # a second run into the non-empty directory is refused and leaves it as it was

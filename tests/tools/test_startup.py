@@ -10,15 +10,17 @@ import pytest
 
 from conftest import REPO
 
-TOOLS = sorted(p.name for p in (REPO / "tools").glob("*.py"))
+TOOLS = sorted(p.name for p in (REPO / "tools").glob("*.py") if not p.name.startswith("_"))  # _bootstrap.py
 SUBCOMMANDS = {"evaluate.py": ("lm-eval", "ppl", "depth"), "convert.py": ("megatron-to-hf", "hf-to-megatron"),
                "benchmark_data.py": ("preprocess", "open-index")}
 HEAVY = ("torch", "megatron", "transformers", "megatron_mesh")
 
-# runs a tool as `python tools/X.py ARGS...` would, then reports the heavy modules it imported
+# runs a tool as `python tools/X.py ARGS...` would (its directory first on sys.path), then reports
+# the heavy modules it imported
 WRAPPER = """
-import runpy, sys
+import os, runpy, sys
 tool, sys.argv = sys.argv[1], sys.argv[1:]
+sys.path.insert(0, os.path.dirname(tool))
 try:
     runpy.run_path(tool, run_name="__main__")
     code = 0
