@@ -24,7 +24,9 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron_mesh.errors import ConfigError
 from megatron_mesh.recurrence.injection import INITIAL_STATES, InjectionScheme
 from megatron_mesh.recurrence.layout import Layout, parse_layout
-from megatron_mesh.recurrence.loop_depth import DEPTH_SAMPLERS, DEPTH_UNITS, LoopDepth
+from megatron_mesh.recurrence.loop_depth import (
+    DEPTH_SAMPLERS, DEPTH_UNITS, MEAN_SCHEDULES, LoopDepth, mean_schedule_problem,
+)
 from megatron_mesh.recurrence.mesh import CYCLE_IMPLEMENTATIONS
 from megatron_mesh.recurrence.schemes import (
     carried_state, has_per_step_parameters, normalize_scheme, scheme_class,
@@ -32,6 +34,7 @@ from megatron_mesh.recurrence.schemes import (
 from megatron_mesh.recurrence.unrolled import loop_step_cut_at, stage_bounds, unrolled_ops
 
 GELU_APPROXIMATIONS = ("none", "tanh")
+LAYER_FAMILIES = ("gpt_neox", "llama")
 
 ROLE = "megatron_mesh"
 """The dataclass-metadata key under which a MeshConfig field carries its ``Role``."""
@@ -137,12 +140,34 @@ class MeshConfig(TransformerConfig):
     """Loop steps per training step (loop_depth.py): 'fixed' (mean_loops, default the layout's K),
     'poisson_lognormal' (Huginn: Poisson(LogNormal around mean_loops) + 1) or 'poisson'
     (Parcae: max(Poisson(mean_loops), 1)); one draw per step (or per sequence or token:
-    loop_depth_per), the same on every rank. Needs a tied core and a scheme without per-step
-    parameters; under pipeline parallelism max_loops <= K and stage boundaries between loop
-    steps (every draw is masked into the layout's K-step graph)."""
+    loop_depth_per), the same on every rank; the mean may ramp over training
+    (mean_loops_schedule). Needs a tied core and a scheme without per-step parameters; under
+    pipeline parallelism max_loops <= K and stage boundaries between loop steps (every draw is
+    masked into the layout's K-step graph)."""
 
     mean_loops: Optional[float] = mesh_field(MODEL, None)
-    """Mean loop steps of the depth sampler; default the layout's K."""
+    """Mean loop steps of the depth sampler; default the layout's K. Under a ramping
+    mean_loops_schedule, the mean it ramps up to and then keeps."""
+
+    mean_loops_schedule: str = mesh_field(MODEL, "constant", MEAN_SCHEDULES)
+    """A depth curriculum: iteration i draws around m(i) = s + (M - s) f(min(i / R, 1)), s =
+    mean_loops_start, M = mean_loops, R = mean_loops_ramp_iters, f(p) = p ('linear') or
+    1 - sqrt(1 - p) ('one_minus_sqrt'); 'constant' (default): m(i) = M. 'one_minus_sqrt' rises
+    slowly at first (fewer loop steps, less compute). From McLeish et al. 2025 (Retrofitted
+    Recurrence; their train.py mean_recurrence_schedule, 'linear' and '1-sqrt': the warmup
+    factors of transformers' warmup_stable_decay scheduler), who round m(i) up to an integer;
+    here it stays real and a 'fixed' loop_depth runs round(m(i)) steps. Any loop_depth; a draw
+    stays a function of the seed and the iteration, so a resumed run draws what the
+    uninterrupted one did."""
+
+    mean_loops_start: Optional[float] = mesh_field(MODEL, None)
+    """A ramping mean_loops_schedule's mean at iteration 0: >= 1 and <= mean_loops; default 1
+    (McLeish et al. ramp from 0, which their sampler lifts to 1)."""
+
+    mean_loops_ramp_iters: Optional[int] = mesh_field(MODEL, None)
+    """Training iterations a ramping mean_loops_schedule takes from mean_loops_start to
+    mean_loops (required for one; McLeish et al. give it as a fraction of the run, e.g. 0.5);
+    from this iteration on the draws are those of a constant mean_loops."""
 
     max_loops: Optional[int] = mesh_field(MODEL, None)
     """Cap on a sampled depth (bounds activation memory); default none. Required for a depth per
@@ -159,6 +184,14 @@ class MeshConfig(TransformerConfig):
     micro-batch runs the steps its deepest element needs and the others keep their state
     (loop_depth.py); the FLOPs and the logged depth count each element's own steps."""
 
+    layer_family: str = mesh_field(ARCHITECTURE, "gpt_neox", LAYER_FAMILIES)
+    """The transformer layer of prelude, core and coda. 'gpt_neox' (Pythia, the paper's):
+    parallel residual x + attn(ln1(x)) + mlp(ln2(x)), LayerNorm, GELU MLP, biases, 25% rotary.
+    'llama' (Llama, TinyLlama, Qwen2, Huginn's and Parcae's decoders): megatron-core's standard
+    sequential-residual layer, RMSNorm, SwiGLU MLP, no biases (add_qkv_bias: on q, k and v,
+    as Qwen2), full rotary; only it takes grouped-query attention, qk_layernorm, rope_scaling_factor and
+    tie_embeddings."""
+
     scale_embeddings: bool = mesh_field(ARCHITECTURE, True)
     """Multiply the input embeddings by sqrt(hidden_size) before the first layer (App. B)."""
 
@@ -168,16 +201,27 @@ class MeshConfig(TransformerConfig):
     max_sequence_length: int = mesh_field(MODEL, 4096, hf_name="max_position_embeddings")
     """Longest sequence the rotary tables are built for."""
 
-    rotary_percent: float = mesh_field(ARCHITECTURE, 0.25, hf_name="rotary_pct")
-    """Fraction of each attention head that gets rotary embeddings (GPT-NeoX: 25%)."""
+    rotary_percent: Optional[float] = mesh_field(ARCHITECTURE, None, hf_name="rotary_pct")
+    """Fraction of each attention head that gets rotary embeddings; default the layer family's
+    (gpt_neox: 25%, llama: 100%)."""
 
-    rotary_base: int = mesh_field(ARCHITECTURE, 10000, hf_name="rotary_emb_base")
-    """Rotary embedding base period."""
+    rotary_base: float = mesh_field(ARCHITECTURE, 10000, hf_name="rotary_emb_base")
+    """Rotary embedding base period (HF ``rope_theta``; Llama-3: 500000)."""
 
-    gelu_approximation: str = mesh_field(ARCHITECTURE, "tanh", GELU_APPROXIMATIONS,
-                                         hf_name="hidden_act")
-    """'tanh' (what GPT-NeoX trained Pythia with, and megatron's fused bias-GELU) or 'none' (erf).
-    The Hugging Face export declares the same activation."""
+    rope_scaling_factor: Optional[float] = mesh_field(ARCHITECTURE, None)
+    """Llama-3's rotary scaling (HF ``rope_scaling`` of type 'llama3' with low_freq_factor 1,
+    high_freq_factor 4, original_max_position_embeddings 8192, megatron-core's): its factor
+    (Llama-3.1: 8, Llama-3.2: 32); None: unscaled. llama family only."""
+
+    tie_embeddings: bool = mesh_field(ARCHITECTURE, False, hf_name="tie_word_embeddings")
+    """The output layer is the input embedding table (Llama-3.2-1B, TinyLlama: untied);
+    llama family only. Under pipeline parallelism megatron keeps the two stages' copies equal."""
+
+    gelu_approximation: Optional[str] = mesh_field(ARCHITECTURE, None, GELU_APPROXIMATIONS,
+                                                   hf_name="hidden_act")
+    """gpt_neox family: 'tanh' (the default: what GPT-NeoX trained Pythia with, and megatron's
+    fused bias-GELU) or 'none' (erf); the Hugging Face export declares the same activation. The
+    llama family's SwiGLU has none."""
 
     pipeline_carry_width: Optional[int] = mesh_field(TRAINER, None)
     """Last dimension of the one tensor every pipeline boundary sends (the widest carry of the
@@ -195,6 +239,10 @@ class MeshConfig(TransformerConfig):
     num_layers: int = inherited("num_layers", Role(derived_from="layout"))
     hidden_size: int = inherited("hidden_size", ARCHITECTURE)
     num_attention_heads: int = inherited("num_attention_heads", ARCHITECTURE)
+    num_query_groups: Optional[int] = inherited("num_query_groups", ARCHITECTURE,
+                                                hf_name="num_key_value_heads")
+    qk_layernorm: bool = inherited("qk_layernorm", ARCHITECTURE)
+    add_qkv_bias: bool = inherited("add_qkv_bias", ARCHITECTURE)
     ffn_hidden_size: Optional[int] = inherited("ffn_hidden_size", ARCHITECTURE,
                                                hf_name="intermediate_size")
     kv_channels: Optional[int] = inherited("kv_channels", ARCHITECTURE)
@@ -204,7 +252,11 @@ class MeshConfig(TransformerConfig):
     hidden_dropout: float = inherited("hidden_dropout", MODEL, 0.0)
     attention_dropout: float = inherited("attention_dropout", MODEL, 0.0)
     activation_func: Callable = inherited(
-        "activation_func", Role(model_key=False, derived_from="gelu_approximation"))
+        "activation_func", Role(model_key=False, derived_from="layer_family"))
+    normalization: str = inherited("normalization", Role(model_key=False, derived_from="layer_family"))
+    gated_linear_unit: bool = inherited("gated_linear_unit",
+                                        Role(model_key=False, derived_from="layer_family"))
+    add_bias_linear: bool = inherited("add_bias_linear", Role(model_key=False, derived_from="layer_family"))
     init_method: Optional[Callable] = inherited(
         "init_method", Role(model_key=False, derived_from="init_method_std"))
     output_layer_init_method: Optional[Callable] = inherited(
@@ -229,11 +281,26 @@ class MeshConfig(TransformerConfig):
             self.layout = str(self.parsed_layout)  # one spelling: '4+8r2+4' is '4+8R2+4'
         self._validate_mesh_fields()
         self.num_layers = self.parsed_layout.n_compute
-        self._set_activation()
+        self._set_layer_family()
         if not torch.cuda.is_available():
             # megatron allocates parameters on the current CUDA device unless told otherwise
             self.use_cpu_initialization = True
         super().__post_init__()
+
+    def _set_layer_family(self) -> None:
+        """megatron-core's settings of the layer family: its norm, MLP and biases."""
+        llama = self.layer_family == "llama"
+        if self.rotary_percent is None:
+            self.rotary_percent = 1.0 if llama else 0.25
+        self.normalization = "RMSNorm" if llama else "LayerNorm"
+        self.gated_linear_unit = llama
+        self.add_bias_linear = not llama
+        if llama:
+            self.activation_func = F.silu  # SwiGLU: megatron's gated MLP, fused bias-SwiGLU when fused
+            return
+        if self.gelu_approximation is None:
+            self.gelu_approximation = "tanh"
+        self._set_activation()
 
     def _set_activation(self) -> None:
         # megatron's fused bias-GELU (fusions/fused_bias_gelu.py: bias_gelu) computes exactly the
@@ -323,16 +390,44 @@ class MeshConfig(TransformerConfig):
                 scheme_class(self.state_scheme) or type, InjectionScheme):
             raise ConfigError(f"initial_state={self.initial_state!r} is only used by the input "
                               f"injection schemes, not {self.state_scheme!r}: remove it")
-        if not 0.0 < self.rotary_percent <= 1.0:
+        if self.rotary_percent is not None and not 0.0 < self.rotary_percent <= 1.0:
             raise ConfigError(f"rotary_percent={self.rotary_percent}: expected 0 < value <= 1")
+        self._validate_layer_family()
+
+    def _validate_layer_family(self) -> None:
+        if self.layer_family == "llama":
+            if self.gelu_approximation is not None:
+                raise ConfigError(f"gelu_approximation={self.gelu_approximation!r}: the llama layer "
+                                  f"family's MLP is SwiGLU, without a GELU: remove it")
+        else:
+            llama_only = {"num_query_groups": (self.num_query_groups, (None, self.num_attention_heads)),
+                          "qk_layernorm": (self.qk_layernorm, (False,)),
+                          "rope_scaling_factor": (self.rope_scaling_factor, (None,)),
+                          "tie_embeddings": (self.tie_embeddings, (False,))}
+            for name, (value, plain) in llama_only.items():
+                if value not in plain:
+                    raise ConfigError(f"{name}={value!r} needs layer_family: llama (the GPT-NeoX "
+                                      f"layer of layer_family={self.layer_family!r} has none)")
+        groups = self.num_query_groups
+        if groups is not None and (groups < 1 or self.num_attention_heads % groups):
+            raise ConfigError(f"num_query_groups={groups}: expected a divisor of "
+                              f"num_attention_heads={self.num_attention_heads}")
+        if self.rope_scaling_factor is not None and self.rope_scaling_factor <= 0:
+            raise ConfigError(f"rope_scaling_factor={self.rope_scaling_factor}: expected a positive factor")
 
     def _validate_depth(self) -> None:
-        for name in ("mean_loops", "max_loops", "backprop_loops"):
+        for name in ("mean_loops", "mean_loops_start", "max_loops", "backprop_loops"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name}={value}: expected a value >= 1")
         if self.mean_loops is None:
             self.mean_loops = float(self.parsed_layout.num_loops)
+        problem = mean_schedule_problem(self.mean_loops_schedule, self.mean_loops_start,
+                                        self.mean_loops_ramp_iters)
+        if problem:
+            raise ConfigError(problem)
+        if self.mean_loops_start is None and self.mean_loops_schedule != "constant":
+            self.mean_loops_start = 1.0
         if self.loop_depth_per != "batch" and self.loop_depth == "fixed":
             raise ConfigError(f"loop_depth_per={self.loop_depth_per!r} draws a depth per "
                               f"{self.loop_depth_per}: it needs a sampled loop_depth "
@@ -350,6 +445,11 @@ class MeshConfig(TransformerConfig):
             raise ConfigError(
                 f"{setting}: state_scheme={self.state_scheme!r} has parameters per loop step, so it "
                 "runs exactly its K steps, all with gradients; use mesh_shared or an injection scheme")
+        if self.mean_loops_schedule != "constant" and self.mean_loops_start > self.mean_loops:
+            # a ramp up to mean_loops: the deepest draw (max_loops, the pipeline's K) bounds it
+            raise ConfigError(f"{setting}: mean_loops_start={self.mean_loops_start} > mean_loops="
+                              f"{self.mean_loops}: a mean_loops_schedule ramps the mean up to "
+                              f"mean_loops, expected mean_loops_start <= mean_loops")
         if self.pipeline_model_parallel_size > 1:
             stages = self.pipeline_model_parallel_size * (self.virtual_pipeline_model_parallel_size or 1)
             problem = self.pipeline_depth_problem(stages, self.pipeline_stage_layers)
@@ -358,7 +458,10 @@ class MeshConfig(TransformerConfig):
 
     def depth_setting(self) -> str:
         per = f" per {self.loop_depth_per}" if self.loop_depth_per != "batch" else ""
-        return (f"loop_depth={self.loop_depth!r}{per}, mean_loops={self.mean_loops}, "
+        ramp = (f" ({self.mean_loops_schedule!r} from {self.mean_loops_start} over "
+                f"{self.mean_loops_ramp_iters} iterations)" if self.mean_loops_schedule != "constant"
+                else "")
+        return (f"loop_depth={self.loop_depth!r}{per}, mean_loops={self.mean_loops}{ramp}, "
                 f"backprop_loops={self.backprop_loops}")
 
     def deepest_draw(self) -> Optional[int]:
@@ -393,8 +496,9 @@ class MeshConfig(TransformerConfig):
     def _check_choices(self) -> None:
         for f in dataclasses.fields(self):
             choices = f.metadata[ROLE].choices if ROLE in f.metadata else ()
-            if choices and getattr(self, f.name) not in choices:
-                raise ConfigError(f"{f.name}={getattr(self, f.name)!r}: expected one of {list(choices)}")
+            value = getattr(self, f.name)
+            if choices and value not in choices and not (value is None and _optional(f)):
+                raise ConfigError(f"{f.name}={value!r}: expected one of {list(choices)}")
 
     def _refuse_low_bit_formats(self) -> None:
         # TransformerEngine keeps fp8/fp4 scaling state (amax history, scales) per module and
@@ -447,6 +551,11 @@ HF_NAMES: Dict[str, str] = {
     if ROLE in f.metadata and f.metadata[ROLE].hf_key(f.name)}
 """MeshConfig field -> its name in an export's Hugging Face config (``Role.hf_name``): what
 hf/mapping.py writes and reads back."""
+
+
+def _optional(f: dataclasses.Field) -> bool:
+    """An Optional field, whose None means "the default of the other fields"."""
+    return f.default is None
 
 
 def _unknown_model_key(key: str) -> str:

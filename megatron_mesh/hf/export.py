@@ -16,38 +16,57 @@ from megatron_mesh.errors import CheckpointError
 from megatron_mesh.config.model import MeshConfig
 from megatron_mesh.data.tokenizer import MODEL_INPUT_NAMES, TokenizerSpecError, hf_tokenizer, tokenizer_source
 from megatron_mesh.fs import OutputExistsError, atomic_directory, check_writable
+from megatron_mesh.hf import llama
+from megatron_mesh.hf.mapping import (gpt_neox_names, gpt_neox_output_name, hf_mesh_config_kwargs,
+                                      megatron_to_hf_mesh)
 
 __all__ = ["CheckpointError", "OutputExistsError", "export"]
 
 
 def build_hf_model(state: Dict[str, torch.Tensor], config: MeshConfig):
-    """GPTNeoXForCausalLM for vanilla layouts (sqrt(d) folded into embed_in), else the
-    megatron-mesh remote-code model; both in fp32 with the trained activation declared."""
-    from megatron_mesh.hf.mapping import (gpt_neox_names, gpt_neox_output_name, hf_mesh_config_kwargs,
-                                          megatron_to_hf_mesh)
+    """A plain transformers model for a vanilla layout (GPTNeoXForCausalLM, LlamaForCausalLM or
+    Qwen2ForCausalLM, sqrt(d) folded into the embeddings), else the megatron-mesh remote-code
+    model; both in fp32 with the trained activation declared."""
+    if config.state_scheme == "vanilla" and config.layer_family == "gpt_neox":
+        return _gpt_neox_model(state, config)
+    if config.state_scheme == "vanilla" and llama.plain_export_problem(config) is None:
+        return _llama_model(state, config)
+    return _twin_model(state, config)
+
+
+def _gpt_neox_model(state: Dict[str, torch.Tensor], config: MeshConfig):
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     kwargs = hf_mesh_config_kwargs(config)
-    if config.state_scheme == "vanilla":
-        from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+    hf_config = GPTNeoXConfig(
+        vocab_size=kwargs["vocab_size"], hidden_size=kwargs["hidden_size"],
+        num_hidden_layers=config.num_layers, num_attention_heads=kwargs["num_attention_heads"],
+        intermediate_size=kwargs["intermediate_size"], hidden_act=kwargs["hidden_act"],
+        rotary_pct=kwargs["rotary_pct"], rotary_emb_base=kwargs["rotary_emb_base"],
+        max_position_embeddings=kwargs["max_position_embeddings"],
+        layer_norm_eps=kwargs["layer_norm_eps"], use_parallel_residual=True,
+        tie_word_embeddings=False, bos_token_id=0, eos_token_id=0)
+    model = GPTNeoXForCausalLM(hf_config)
+    scale = math.sqrt(config.hidden_size) if config.scale_embeddings else 1.0
+    output = gpt_neox_output_name(model.state_dict())
+    model.load_state_dict(gpt_neox_names(state, config.parsed_layout, scale, output), strict=True)
+    return model
 
-        hf_config = GPTNeoXConfig(
-            vocab_size=kwargs["vocab_size"], hidden_size=kwargs["hidden_size"],
-            num_hidden_layers=config.num_layers, num_attention_heads=kwargs["num_attention_heads"],
-            intermediate_size=kwargs["intermediate_size"], hidden_act=kwargs["hidden_act"],
-            rotary_pct=kwargs["rotary_pct"], rotary_emb_base=kwargs["rotary_emb_base"],
-            max_position_embeddings=kwargs["max_position_embeddings"],
-            layer_norm_eps=kwargs["layer_norm_eps"], use_parallel_residual=True,
-            tie_word_embeddings=False, bos_token_id=0, eos_token_id=0)
-        model = GPTNeoXForCausalLM(hf_config)
-        scale = math.sqrt(config.hidden_size) if config.scale_embeddings else 1.0
-        output = gpt_neox_output_name(model.state_dict())
-        model.load_state_dict(gpt_neox_names(state, config.parsed_layout, scale, output), strict=True)
-        return model
+
+def _llama_model(state: Dict[str, torch.Tensor], config: MeshConfig):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(llama.hf_config(config))
+    model.load_state_dict(llama.to_hf_state(state, config), strict=True)
+    return model
+
+
+def _twin_model(state: Dict[str, torch.Tensor], config: MeshConfig):
     from megatron_mesh.hf.configuration_megatron_mesh import MegatronMeshConfig
     from megatron_mesh.hf.modeling_megatron_mesh import MegatronMeshForCausalLM
 
-    model = MegatronMeshForCausalLM(MegatronMeshConfig(**kwargs))
-    model.load_state_dict(megatron_to_hf_mesh(state), strict=True)
+    model = MegatronMeshForCausalLM(MegatronMeshConfig(**hf_mesh_config_kwargs(config)))
+    model.load_state_dict(megatron_to_hf_mesh(state, config), strict=True)
     model.config.register_for_auto_class()
     model.register_for_auto_class("AutoModelForCausalLM")
     return model
@@ -61,7 +80,11 @@ def model_card(config: MeshConfig, common: dict) -> str:
             + (f" (B = {config.buffer_slots})" if config.state_scheme == "mesh" else "") + "\n"
             f"- hidden {config.hidden_size}, heads {config.num_attention_heads}, vocab {config.vocab_size}\n"
             f"- iteration {common.get('iteration')}, training tokens {tokens:,}\n"
-            f"- activation: {'GELU (tanh)' if config.gelu_approximation == 'tanh' else 'GELU (erf)'}\n")
+            f"- layers: {config.layer_family}, activation: {_activation(config)}\n")
+
+
+def _activation(config: MeshConfig) -> str:
+    return {"tanh": "GELU (tanh)", "none": "GELU (erf)"}.get(config.gelu_approximation, "SwiGLU")
 
 
 def export(checkpoint: str, output: str, *, dtype: str = "fp32", tokenizer: Optional[str] = None,

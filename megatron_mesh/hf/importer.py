@@ -1,7 +1,8 @@
 """Hugging Face directory -> a torch_dist checkpoint that ``tools/pretrain_mesh.py`` starts from.
 
-Sources: megatron-mesh exports (``model_type: megatron_mesh``) and GPT-NeoX models such as
-Pythia (``model_type: gpt_neox``). The checkpoint is a Megatron *release* checkpoint
+Sources: megatron-mesh exports (``model_type: megatron_mesh``), GPT-NeoX models such as
+Pythia (``model_type: gpt_neox``) and Llama-style ones (``llama``: Llama 2 and 3, TinyLlama;
+``qwen2``; hf/llama.py). The checkpoint is a Megatron *release* checkpoint
 (``latest_checkpointed_iteration.txt`` says ``release``): the trainer loads its weights and
 starts at iteration 0 with a fresh optimizer and schedule. torch_dist stores every tensor whole,
 so the same checkpoint loads at any tensor/pipeline-parallel size.
@@ -33,6 +34,7 @@ from megatron_mesh.checkpoint.writer import checkpoint_args, save_release_checkp
 from megatron_mesh.config.model import MeshConfig
 from megatron_mesh.data.tokenizer import TokenizerSource, TokenizerSpecError, tokenizer_source
 from megatron_mesh.fs import check_writable
+from megatron_mesh.hf import llama
 from megatron_mesh.hf.mapping import gpt_neox_to_megatron, hf_activation, hf_mesh_section, hf_mesh_to_megatron
 from megatron_mesh.recurrence.layout import Layout, parse_layout
 
@@ -108,7 +110,10 @@ def model_section_from_hf(config: dict) -> dict:
         return hf_mesh_section(config)
     if kind == "gpt_neox":
         return _from_gpt_neox_config(config)
-    raise CheckpointError(f"config.json: model_type={kind!r}: expected 'gpt_neox' or 'megatron_mesh'")
+    if kind in llama.MODEL_TYPES:
+        return llama.section_from_hf(config, _required)
+    raise CheckpointError(f"config.json: model_type={kind!r}: expected one of "
+                          f"{['gpt_neox', *llama.MODEL_TYPES, 'megatron_mesh']}")
 
 
 def _required(config: dict, key: str, kind: type = int):
@@ -155,7 +160,9 @@ def megatron_state_from_hf(hf_config: dict, hf_state: Dict[str, Tensor],
     try:
         if hf_config["model_type"] == "gpt_neox":
             return gpt_neox_to_megatron(hf_state, config.parsed_layout)
-        return hf_mesh_to_megatron(hf_state, list(parameter_shapes(config)))
+        if hf_config["model_type"] in llama.MODEL_TYPES:
+            return llama.from_hf_state(hf_state, config)
+        return hf_mesh_to_megatron(hf_state, list(parameter_shapes(config)), config)
     except KeyError as err:
         raise CheckpointError(f"config.json and the weights disagree: {err.args[0]}") from None
 

@@ -1,4 +1,5 @@
-"""Parameter-name mapping between megatron-mesh and Hugging Face GPT-NeoX.
+"""Parameter-name mapping between megatron-mesh and Hugging Face: GPT-NeoX and the twin
+(``modeling_megatron_mesh``) here, Llama in ``hf/llama.py``.
 
 With parallel residual, 25% rotary and untied embeddings, a megatron-core layer and an HF
 ``GPTNeoXLayer`` hold the same tensors under different names; no QKV permutation is needed
@@ -15,11 +16,12 @@ from torch import Tensor
 from megatron_mesh.config.experiment import type_name, type_ok
 from megatron_mesh.config.model import HF_NAMES, MeshConfig
 from megatron_mesh.errors import CheckpointError
+from megatron_mesh.hf import llama
 from megatron_mesh.recurrence.layout import Layout
 
 HF_ACTIVATIONS = {"tanh": "gelu_pytorch_tanh", "none": "gelu"}
 """MeshConfig.gelu_approximation -> the HF ``hidden_act`` an export declares (the one field
-whose value translates, not just its name)."""
+whose value translates, not just its name); the llama family's (None) is SwiGLU's 'silu'."""
 HF_GELU = {"gelu": "none", "gelu_pytorch_tanh": "tanh", "gelu_new": "tanh", "gelu_fast": "tanh"}
 """HF ``hidden_act`` -> MeshConfig.gelu_approximation, for the activations GPT-NeoX models use."""
 
@@ -106,8 +108,8 @@ def gpt_neox_names(state: Dict[str, Tensor], layout: Layout, embedding_scale: fl
     return out
 
 
-def hf_mesh_name(name: str) -> str:
-    """The ``modeling_megatron_mesh`` name of a MeshGPTModel state-dict entry (any layout)."""
+def _twin_name(name: str) -> str:
+    """The ``modeling_megatron_mesh`` name of a MeshGPTModel entry outside the layers."""
     if name == "embedding.word_embeddings.weight":
         return "model.embed_in.weight"
     if name == "output_layer.weight":
@@ -116,30 +118,69 @@ def hf_mesh_name(name: str) -> str:
         return "model.final_layer_norm." + name.rsplit(".", 1)[1]
     if name.startswith("decoder.scheme."):
         return "model.scheme." + name[len("decoder.scheme."):]
-    parts = name.split(".")  # decoder.{prelude.i | cores.c.i | coda.i}.<layer suffix>
-    depth = 4 if parts[1] == "cores" else 3
-    prefix, suffix = ".".join(parts[1:depth]), ".".join(parts[depth:])
-    return f"model.{prefix}.{LAYER_NAMES[suffix]}"
+    raise KeyError(f"{name}: not a MeshGPTModel tensor outside its layers")
 
 
-def megatron_to_hf_mesh(state: Dict[str, Tensor]) -> Dict[str, Tensor]:
-    """A MeshGPTModel state dict in ``modeling_megatron_mesh`` names (any layout and scheme)."""
-    return {hf_mesh_name(k): v for k, v in state.items() if not k.endswith("_extra_state")}
+def _layer_to_hf(layer: Dict[str, Tensor], config: MeshConfig) -> Dict[str, Tensor]:
+    """One layer's tensors (by suffix) under the twin's names, as the layer family lays them out."""
+    if config.layer_family == "llama":
+        return llama.layer_to_hf(layer, config)
+    return {LAYER_NAMES[k]: v for k, v in layer.items() if k in LAYER_NAMES}
 
 
-def hf_mesh_to_megatron(hf_state: Dict[str, Tensor], names: List[str]) -> Dict[str, Tensor]:
+def _layer_from_hf(layer: Dict[str, Tensor], config: MeshConfig) -> Dict[str, Tensor]:
+    if config.layer_family == "llama":
+        return llama.layer_from_hf(layer, config)
+    names = {hf: ours for ours, hf in LAYER_NAMES.items()}
+    return {names[k]: v for k, v in layer.items() if k in names}
+
+
+def _twin_prefix(prefix: str) -> str:
+    return "model." + prefix[len("decoder."):]  # decoder.cores.0.1 -> model.cores.0.1
+
+
+def megatron_to_hf_mesh(state: Dict[str, Tensor], config: MeshConfig) -> Dict[str, Tensor]:
+    """A MeshGPTModel state dict in ``modeling_megatron_mesh`` names (any layout, scheme and
+    layer family); a tied output layer is the embedding table under both names."""
+    prefixes = megatron_layer_prefixes(config.parsed_layout)
+    out = {}
+    for prefix in prefixes:
+        layer = {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")}
+        out.update({f"{_twin_prefix(prefix)}.{k}": v for k, v in _layer_to_hf(layer, config).items()})
+    in_layers = tuple(p + "." for p in prefixes)
+    out.update({_twin_name(k): v for k, v in state.items()
+                if not k.startswith(in_layers) and not k.endswith("_extra_state")})
+    if config.tie_embeddings:
+        out["embed_out.weight"] = out["model.embed_in.weight"]
+    return out
+
+
+def hf_mesh_to_megatron(hf_state: Dict[str, Tensor], names: List[str],
+                        config: MeshConfig) -> Dict[str, Tensor]:
     """The inverse: ``names`` are the MeshGPTModel entries wanted (its state-dict keys)."""
-    missing = [hf_mesh_name(n) for n in names if hf_mesh_name(n) not in hf_state]
+    prefixes = megatron_layer_prefixes(config.parsed_layout)
+    out: Dict[str, Tensor] = {}
+    for prefix in prefixes:
+        twin = _twin_prefix(prefix) + "."
+        layer = {k[len(twin):]: v for k, v in hf_state.items() if k.startswith(twin)}
+        try:
+            out.update({f"{prefix}.{k}": v for k, v in _layer_from_hf(layer, config).items()})
+        except KeyError as err:
+            raise KeyError(f"the Hugging Face weights lack {twin}{err.args[0]}") from None
+    for name in names:
+        if name not in out and _twin_name(name) in hf_state:
+            out[name] = hf_state[_twin_name(name)]
+    missing = [n for n in names if n not in out]
     if missing:
-        raise KeyError(f"the Hugging Face weights lack {missing[:5]} ({len(missing)} in all)")
-    return {n: hf_state[hf_mesh_name(n)] for n in names}
+        raise KeyError(f"the Hugging Face weights lack the tensors of {missing[:5]} ({len(missing)} in all)")
+    return {n: out[n] for n in names}
 
 
 def hf_mesh_config_kwargs(config: MeshConfig) -> Dict[str, object]:
     """``MegatronMeshConfig`` arguments for a ``MeshConfig``: every field of ``HF_NAMES`` under
     its Hugging Face name (the activation as the HF name of the one the model used)."""
     kwargs = {hf: getattr(config, name) for name, hf in HF_NAMES.items()}
-    kwargs[HF_NAMES["gelu_approximation"]] = HF_ACTIVATIONS[config.gelu_approximation]
+    kwargs[HF_NAMES["gelu_approximation"]] = HF_ACTIVATIONS.get(config.gelu_approximation, "silu")
     return kwargs
 
 
@@ -161,6 +202,8 @@ def hf_mesh_section(hf_config: Dict[str, Any]) -> Dict[str, Any]:
             continue
         value = hf_config[hf]
         if name == "gelu_approximation":
+            if value == "silu" and hf_config.get("layer_family") == "llama":
+                continue  # SwiGLU: the llama family has no GELU to choose
             value = hf_activation(value)
         elif not type_ok(value, hints[name]):
             raise CheckpointError(f"config.json: {hf}={value!r}: expected {type_name(hints[name])}, "

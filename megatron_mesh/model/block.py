@@ -25,7 +25,7 @@ from megatron.core.transformer.utils import sharded_state_dict_default
 from megatron.core.utils import make_viewless_tensor
 
 from megatron_mesh.config.model import MeshConfig, refuse_unsupported
-from megatron_mesh.model.layers import RecursiveBlockSubmodules, default_block_spec
+from megatron_mesh.model.layers import RecursiveBlockSubmodules, default_block_spec, family_layer_spec
 from megatron_mesh.parallel.replicas import TIED_COPY, mark_replica_ids
 from megatron_mesh.recurrence.mesh import LoopState, SchemeOptions
 from megatron_mesh.recurrence.schemes import build_scheme, has_per_step_parameters
@@ -159,6 +159,7 @@ class RecursiveMeshTransformerBlock(MegatronModule):
         super().__init__(config=config)
         _refuse_unsupported(config)
         spec = spec or default_block_spec()
+        layer_spec = family_layer_spec(spec, config)
         self.pg_collection = pg_collection or ProcessGroupCollection.use_mpu_process_groups()
         layout = config.parsed_layout
         self.stage = stage or (0, layout.n_compute)
@@ -166,7 +167,7 @@ class RecursiveMeshTransformerBlock(MegatronModule):
         layer_ops = [op for op in self.ops if op.kind == "layer"]
 
         def build(op: Op) -> nn.Module:
-            return build_module(spec.layer, config=config, layer_number=_layer_number(layout, op),
+            return build_module(layer_spec, config=config, layer_number=_layer_number(layout, op),
                                 add_layer_offset=False, pg_collection=self.pg_collection)
 
         def held(segment: str, module: int = 0) -> nn.ModuleDict:

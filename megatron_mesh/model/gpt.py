@@ -1,4 +1,4 @@
-"""MeshGPTModel: embeddings -> RecursiveMeshTransformerBlock -> untied output layer.
+"""MeshGPTModel: embeddings -> RecursiveMeshTransformerBlock -> output layer (tied or not).
 
 Built on megatron-core's ``LanguageModule`` and its embedding, rotary and parallel-linear
 modules rather than on ``GPTModel``: ``GPTModel`` hard-codes its ``TransformerBlock`` (so a
@@ -30,7 +30,7 @@ from megatron_mesh.parallel import stages
 
 
 class MeshGPTModel(LanguageModule):
-    """GPT-NeoX-style causal LM around the recursive block.
+    """Causal LM (GPT-NeoX or Llama layers: MeshConfig.layer_family) around the recursive block.
 
     Under pipeline parallelism it is one stage of the unrolled graph: model chunk ``vp_stage``
     (virtual pipelining) of this pipeline rank (``megatron_mesh.parallel.stages``, ``.carry``).
@@ -52,7 +52,7 @@ class MeshGPTModel(LanguageModule):
         super().__init__(config=config, pg_collection=pg_collection)
         self.model_type = ModelType.encoder_or_decoder
         self.pre_process, self.post_process = pre_process, post_process
-        self.share_embeddings_and_output_weights = False
+        self.share_embeddings_and_output_weights = config.tie_embeddings
         self.parallel_output = parallel_output
         self.vocab_size = config.vocab_size
         self.input_tensor: Optional[Tensor] = None
@@ -69,6 +69,8 @@ class MeshGPTModel(LanguageModule):
             rotary_percent=config.rotary_percent,
             rotary_interleaved=config.rotary_interleaved,
             rotary_base=config.rotary_base,
+            rope_scaling=config.rope_scaling_factor is not None,
+            rope_scaling_factor=config.rope_scaling_factor or 1.0,
             use_cpu_initialization=config.use_cpu_initialization,
             cp_group=self.pg_collection.cp,
         )
@@ -89,6 +91,7 @@ class MeshGPTModel(LanguageModule):
                 init_method=config.init_method,
                 bias=False,
                 gather_output=not parallel_output,
+                skip_weight_param_allocation=pre_process and config.tie_embeddings,
                 tp_group=self.pg_collection.tp,
             )
         self.setup_embeddings_and_output_layer()
@@ -120,7 +123,9 @@ class MeshGPTModel(LanguageModule):
                          carry=carry, backprop_loops=backprop_loops, step_mask=step_mask)
         if not self.post_process:
             return boundary.pack(h, self.carry_phases[1], self.config)
-        logits, _ = self.output_layer(h)  # [s, b, V/tp]
+        tied = self.share_embeddings_and_output_weights
+        weight = self.shared_embedding_or_output_weight() if tied else None
+        logits, _ = self.output_layer(h, weight=weight)  # [s, b, V/tp]
         if labels is None:
             return logits.transpose(0, 1).contiguous()  # [b, s, V/tp]
         return self.compute_language_model_loss(labels, logits)  # [b, s]

@@ -1,17 +1,24 @@
-"""GPT-NeoX layers for megatron-core: the parallel-residual TransformerLayer and its specs.
+"""The layers of the recursive block, for megatron-core: its layer families and their specs.
 
-GPT-NeoX / Pythia compute ``x + attn(ln1(x)) + mlp(ln2(x))`` (HF ``use_parallel_residual=True``);
-megatron-core's TransformerLayer is sequential (``mlp`` reads ``x + attn(...)``) and has no flag
-for it, so a subclass reorders the same submodules. Everything else (attention, rotary, linear
-layers, bias-dropout-add, layernorm recompute) is megatron-core's, except that the local spec's
-core attention is ``megatron_mesh.model.attention.SDPAttention`` (torch's fused attention) by default.
+Two families (MeshConfig.layer_family), both megatron-core's ``TransformerLayer`` submodules:
+
+- ``gpt_neox`` (Pythia): ``x + attn(ln1(x)) + mlp(ln2(x))`` (HF ``use_parallel_residual=True``).
+  megatron-core's TransformerLayer is sequential (``mlp`` reads ``x + attn(...)``) and has no
+  flag for it, so ``ParallelResidualTransformerLayer`` reorders the same submodules.
+- ``llama``: megatron-core's TransformerLayer as it is (sequential residual); the config makes
+  its norms RMSNorm and its MLP SwiGLU (MeshConfig._set_layer_family).
+
+Everything else (attention, rotary, linear layers, bias-dropout-add, layernorm recompute) is
+megatron-core's, except that the local spec's core attention is
+``megatron_mesh.model.attention.SDPAttention`` (torch's fused attention) by default and its
+torch norms work under sequence parallelism.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Union
+from typing import Optional, Union
 
 import torch
 
@@ -63,39 +70,79 @@ class ParallelResidualTransformerLayer(TransformerLayer):
         return self._forward_post_mlp(mlp_output_with_bias, attn_residual), context
 
 
-class SequenceParallelLayerNorm(torch.nn.LayerNorm):
-    """torch LayerNorm that also works under sequence parallelism.
+def _mark_sequence_parallel(norm: torch.nn.Module, config) -> torch.nn.Module:
+    # Under SP each tensor-parallel rank normalises its own tokens, so the weight and bias
+    # gradients are per-rank partial sums; flagging them ``sequence_parallel`` makes
+    # megatron-core all-reduce them over the TP group (distributed/finalize_model_grads.py),
+    # which is what apex's FusedLayerNorm does. megatron-core's torch fallback
+    # (transformer/torch_norm.py, WrappedTorchNorm) refuses SP instead, which would leave CPU
+    # runs (and every RMSNorm of the local spec) without it.
+    refuse_unsupported({
+        "layernorm_zero_centered_gamma": (config.layernorm_zero_centered_gamma, False),
+        "memory_efficient_layer_norm": (config.memory_efficient_layer_norm, False),
+    }, "the torch norms of the local spec")
+    for param in norm.parameters():
+        setattr(param, "sequence_parallel", config.sequence_parallel)
+    return norm
 
-    Under SP each tensor-parallel rank normalises its own tokens, so the weight and bias
-    gradients are per-rank partial sums; flagging them ``sequence_parallel`` makes megatron-core
-    all-reduce them over the TP group (distributed/finalize_model_grads.py), which is what
-    apex's FusedLayerNorm does. megatron-core's torch fallback (transformer/torch_norm.py:51,
-    WrappedTorchNorm) refuses SP instead, which would leave CPU runs without it.
-    """
+
+class SequenceParallelLayerNorm(torch.nn.LayerNorm):
+    """torch LayerNorm that also works under sequence parallelism (``_mark_sequence_parallel``)."""
 
     def __init__(self, config, hidden_size: int, eps: float = 1e-5, **_unused):
-        refuse_unsupported({
-            "normalization": (config.normalization, "LayerNorm"),
-            "layernorm_zero_centered_gamma": (config.layernorm_zero_centered_gamma, False),
-            "memory_efficient_layer_norm": (config.memory_efficient_layer_norm, False),
-        }, "the torch LayerNorm of the local spec")
+        refuse_unsupported({"normalization": (config.normalization, "LayerNorm")},
+                           "the torch LayerNorm of the local spec")
         super().__init__(hidden_size, eps=eps)
-        for param in self.parameters():
-            setattr(param, "sequence_parallel", config.sequence_parallel)
+        _mark_sequence_parallel(self, config)
+
+
+class SequenceParallelRMSNorm(torch.nn.RMSNorm):
+    """torch RMSNorm (weight only) that also works under sequence parallelism."""
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **_unused):
+        refuse_unsupported({"normalization": (config.normalization, "RMSNorm")},
+                           "the torch RMSNorm of the local spec")
+        super().__init__(hidden_size, eps=eps)
+        _mark_sequence_parallel(self, config)
+
+
+class SequenceParallelNorm:
+    """The local spec's norm: ``SequenceParallelLayerNorm`` or ``SequenceParallelRMSNorm`` as
+    ``config.normalization`` says (a builder, as megatron-core's WrappedTorchNorm)."""
+
+    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **_unused):
+        norm = SequenceParallelRMSNorm if config.normalization == "RMSNorm" else SequenceParallelLayerNorm
+        return norm(config, hidden_size, eps=eps)
 
 
 @dataclass
 class RecursiveBlockSubmodules:
-    """What the recursive block is built from."""
+    """What the recursive block is built from: megatron-core modules, whichever layer family
+    (``family_layer_spec`` picks the layer class and the q/k norms from the config)."""
 
     layer: ModuleSpec
-    """Spec of every transformer layer (prelude, core and coda)."""
+    """Spec of every transformer layer (prelude, core and coda): its submodules."""
     final_layernorm: Union[ModuleSpec, type]
     """Norm after the coda."""
+    qk_norm: Optional[type] = None
+    """Norm of queries and keys per head where the config sets ``qk_layernorm``."""
 
 
-def _with_parallel_residual(spec: ModuleSpec) -> ModuleSpec:
-    return ModuleSpec(module=ParallelResidualTransformerLayer, submodules=spec.submodules)
+LAYER_CLASSES = {"gpt_neox": ParallelResidualTransformerLayer, "llama": TransformerLayer}
+"""MeshConfig.layer_family -> its megatron-core TransformerLayer (class)."""
+
+
+def family_layer_spec(spec: RecursiveBlockSubmodules, config) -> ModuleSpec:
+    """The spec of ``config``'s layers: the layer class of its family, q/k norms if it asks."""
+    submodules = spec.layer.submodules
+    if config.qk_layernorm:
+        if spec.qk_norm is None:
+            raise ValueError("qk_layernorm=True, but this block spec has no qk_norm")
+        attention = submodules.self_attention
+        submodules = dataclasses.replace(submodules, self_attention=dataclasses.replace(
+            attention, submodules=dataclasses.replace(
+                attention.submodules, q_layernorm=spec.qk_norm, k_layernorm=spec.qk_norm)))
+    return ModuleSpec(module=LAYER_CLASSES[config.layer_family], submodules=submodules)
 
 
 CORE_ATTENTION = ("sdpa", "megatron")
@@ -123,19 +170,26 @@ def local_block_spec(core_attention: str = "sdpa") -> RecursiveBlockSubmodules:
         submodules = dataclasses.replace(submodules, self_attention=dataclasses.replace(
             attention, submodules=dataclasses.replace(attention.submodules,
                                                       core_attention=SDPAttention)))
-    if gpt_layer_specs.LNImpl is WrappedTorchNorm:
-        submodules = dataclasses.replace(submodules, input_layernorm=SequenceParallelLayerNorm,
-                                         pre_mlp_layernorm=SequenceParallelLayerNorm)
-    layer = ModuleSpec(module=ParallelResidualTransformerLayer, submodules=submodules)
-    return RecursiveBlockSubmodules(layer=layer, final_layernorm=submodules.input_layernorm)
+    norm = SequenceParallelNorm if gpt_layer_specs.LNImpl is WrappedTorchNorm else _apex_or_torch_norm
+    submodules = dataclasses.replace(submodules, input_layernorm=norm, pre_mlp_layernorm=norm)
+    layer = ModuleSpec(module=TransformerLayer, submodules=submodules)
+    return RecursiveBlockSubmodules(layer=layer, final_layernorm=norm, qk_norm=SequenceParallelNorm)
+
+
+def _apex_or_torch_norm(config, hidden_size: int, eps: float = 1e-5, **kwargs):
+    """apex's FusedLayerNorm where installed, for LayerNorm (it has no RMSNorm)."""
+    if config.normalization != "LayerNorm":
+        return SequenceParallelNorm(config, hidden_size, eps)
+    return gpt_layer_specs.LNImpl(config=config, hidden_size=hidden_size, eps=eps, **kwargs)
 
 
 def te_block_spec() -> RecursiveBlockSubmodules:
-    """TransformerEngine modules (fused layernorm-linear, TE attention). Needs TE importable."""
+    """TransformerEngine modules (fused norm-linear, TE attention; TE reads LayerNorm or RMSNorm
+    from the config). Needs TE importable."""
     from megatron.core.extensions.transformer_engine import TENorm
 
-    layer = _with_parallel_residual(get_gpt_layer_with_transformer_engine_spec())
-    return RecursiveBlockSubmodules(layer=layer, final_layernorm=TENorm)
+    layer = get_gpt_layer_with_transformer_engine_spec()
+    return RecursiveBlockSubmodules(layer=layer, final_layernorm=TENorm, qk_norm=TENorm)
 
 
 def transformer_engine_available() -> bool:

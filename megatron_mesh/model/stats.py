@@ -78,7 +78,8 @@ def applied_matmul_weights(model: MeshGPTModel) -> int:
 def _layer_matmul_weights(cfg: MeshConfig) -> int:
     h, attn = cfg.hidden_size, cfg.num_attention_heads * cfg.kv_channels
     qkv = h * (attn + 2 * cfg.num_query_groups * cfg.kv_channels)
-    return qkv + attn * h + 2 * h * cfg.ffn_hidden_size
+    mlp = (3 if cfg.gated_linear_unit else 2) * h * cfg.ffn_hidden_size  # SwiGLU: gate, up, down
+    return qkv + attn * h + mlp
 
 
 def _scheme_of_config(cfg: MeshConfig) -> Optional[StateScheme]:
@@ -139,8 +140,9 @@ class DepthCost:
 
 
 def expected_depth(cfg: MeshConfig) -> Optional[MeanDepth]:
-    """The mean training depth over the config's loop-depth distribution; None where it is the
-    layout's K every step, all with gradients."""
+    """The mean training depth over the config's loop-depth distribution (under a depth
+    curriculum, the one its ramp ends in); None where it is the layout's K every step, all with
+    gradients."""
     depth = LoopDepth.of(cfg)
     return depth.expected() if depth.varies else None
 

@@ -10,8 +10,8 @@ Pure tensor math, [s, b, h] like mesh.py. With e the prelude output and x(t) the
 with, from the sources (seal-rg/recurrent-pretraining recpre/raven_modeling_minimal.py;
 sandyresearch/parcae parcae_lm/modules/injection.py, models/parcae/parcae.py):
 - additive:  inject = x + e,                      readout = identity;
-- linear (Huginn):   inject = W [x ; e], W: 2h -> h without bias, readout = LayerNorm (Huginn's
-  ln_f reads the last state before the coda);
+- linear (Huginn):   inject = W [x ; e], W: 2h -> h without bias, readout = the layers' norm
+  (LayerNorm or RMSNorm; Huginn's ln_f, an RMSNorm, reads the last state before the coda);
 - diagonal (Parcae): inject = exp(-dt A) * x + dt * (B e), A = exp(A_log), dt = softplus(dt_bias)
   per channel, B a full h x h matrix; A_log = 0 and dt_bias such that exp(-dt A) = sqrt(1/5) at
   init, B = I; readout = C x(K), C: h -> h without bias (Parcae's C), orthogonal at init.
@@ -125,13 +125,19 @@ class AdditiveInjectionScheme(InjectionScheme):
         return cls(AddInjection(), nn.Identity(), options.initial_state, options.initial_state_std)
 
 
+def layer_norm(options: SchemeOptions) -> nn.Module:
+    """A norm over the hidden size of the layers' kind (Huginn's RMSNorm, GPT-NeoX's LayerNorm)."""
+    norm = nn.RMSNorm if options.normalization == "RMSNorm" else nn.LayerNorm
+    return norm(options.hidden_size, eps=options.layernorm_epsilon)
+
+
 class LinearInjectionScheme(InjectionScheme):
     names = ("linear_injection",)
 
     @classmethod
     def build(cls, name, options: SchemeOptions):
         return cls(LinearInjection(options.hidden_size, options.init_method),
-                   nn.LayerNorm(options.hidden_size, eps=options.layernorm_epsilon),
+                   layer_norm(options),
                    options.initial_state, options.initial_state_std)
 
 

@@ -18,9 +18,21 @@ What one draw covers (``MeshConfig.loop_depth_per``, Parcae's ``recurrent_iterat
   updates only the elements still running in that phase (``LoopDraw.active``), the others keep
   their state. Under per-token depth the tokens that stopped are still attended to.
 
-Every draw is a function of (seed, iteration[, g]) only, so every rank of a step (TP, DP, and a
-resumed run) draws the same depth for the same data without communicating, and a sequence gets
-the same depth whichever data-parallel rank and micro-batch it lands in.
+A depth curriculum (``MeshConfig.mean_loops_schedule``, McLeish et al. 2025, "Teaching
+Pretrained Language Models to Think Deeper with Retrofitted Recurrence") ramps the sampler's mean
+over training: at iteration i the draws are made around m(i) (``LoopDepth.mean_at``),
+
+    m(i) = start + (mean - start) * f(min(i / ramp_iters, 1)),
+    f(p) = p ('linear') or 1 - sqrt(1 - p) ('one_minus_sqrt', their '1-sqrt'),
+
+m(i) = mean from iteration ramp_iters on. Their code (train.py, a warmup_stable_decay scheduler of
+transformers whose warmup factor is this f) ramps from 0, clamped to 1, and rounds m(i) up to an
+integer; here m(i) stays a real number (the samplers take any mean >= 1; 'fixed' rounds it per
+step) and starts at ``start`` (default 1, what their first step runs around).
+
+Every draw is a function of (seed, iteration[, g]) only (m(i) too), so every rank of a step (TP,
+DP, and a resumed run) draws the same depth for the same data without communicating, and a
+sequence gets the same depth whichever data-parallel rank and micro-batch it lands in.
 """
 
 from __future__ import annotations
@@ -33,6 +45,12 @@ import numpy as np
 
 DEPTH_SAMPLERS = ("fixed", "poisson_lognormal", "poisson")
 
+MEAN_SCHEDULES = ("constant", "linear", "one_minus_sqrt")
+"""How the sampler's mean moves over training (module docstring)."""
+
+RAMPS = {"linear": lambda p: p, "one_minus_sqrt": lambda p: 1.0 - math.sqrt(1.0 - p)}
+"""f(p) of each ramping schedule: the fraction of the way from start to mean at progress p."""
+
 DEPTH_UNITS = ("batch", "sequence", "token")
 """What one depth draw covers (module docstring)."""
 
@@ -41,6 +59,24 @@ EXPECTED_DRAWS = 20000
 
 HUGINN_SIGMA = 0.5
 """The log-normal's sigma in Huginn's sampler (hard-coded there)."""
+
+
+def mean_schedule_problem(schedule: str, start: Optional[float],
+                          ramp_iters: Optional[int]) -> Optional[str]:
+    """Why MeshConfig's mean_loops_schedule, mean_loops_start and mean_loops_ramp_iters do not go
+    together, or None (the schedule's choices are checked with every field's)."""
+    ramping = " or ".join(repr(name) for name in RAMPS)
+    if schedule == "constant":
+        for name, value in (("mean_loops_start", start), ("mean_loops_ramp_iters", ramp_iters)):
+            if value is not None:
+                return (f"{name}={value} is only used by a ramping mean_loops_schedule ({ramping}), "
+                        f"not 'constant': remove it, or set mean_loops_schedule")
+        return None
+    if ramp_iters is None or ramp_iters < 1:
+        return (f"mean_loops_schedule={schedule!r} ramps the mean loop steps from mean_loops_start "
+                f"to mean_loops over mean_loops_ramp_iters iterations: expected "
+                f"mean_loops_ramp_iters an integer >= 1, got {ramp_iters!r}")
+    return None
 
 
 @dataclass(frozen=True)
@@ -96,38 +132,67 @@ class LoopDepth:
     sigma: float = HUGINN_SIGMA
     per: str = "batch"
     """What one draw covers: DEPTH_UNITS."""
+    schedule: str = "constant"
+    """How the mean moves over training: MEAN_SCHEDULES; 'constant' draws around ``mean``."""
+    start: float = 1.0
+    """A ramping schedule's mean at iteration 0."""
+    ramp_iters: Optional[int] = None
+    """Iterations a ramping schedule takes from ``start`` to ``mean``."""
+
+    def __post_init__(self):
+        if self.schedule != "constant" and (self.schedule not in RAMPS or not self.ramp_iters):
+            raise ValueError(f"schedule={self.schedule!r}, ramp_iters={self.ramp_iters}: expected "
+                             f"one of {list(RAMPS)} and ramp_iters >= 1, or 'constant'")
 
     @classmethod
     def of(cls, config) -> "LoopDepth":
         """From a MeshConfig (its loop_depth, mean_loops, max_loops, backprop_loops,
-        loop_depth_per)."""
+        loop_depth_per and mean_loops_schedule, _start, _ramp_iters)."""
         return cls(config.loop_depth, config.mean_loops, config.num_loops, config.max_loops,
-                   config.backprop_loops, per=config.loop_depth_per)
+                   config.backprop_loops, per=config.loop_depth_per,
+                   schedule=config.mean_loops_schedule, start=config.mean_loops_start,
+                   ramp_iters=config.mean_loops_ramp_iters)
+
+    @property
+    def ramps(self) -> bool:
+        """Whether the mean moves over training (a depth curriculum)."""
+        return self.schedule != "constant"
+
+    def mean_at(self, iteration: int) -> float:
+        """The mean the draws of training step ``iteration`` are made around (module docstring);
+        exactly ``mean`` without a ramp or once it is over, so those draws are the constant's."""
+        if not self.ramps or iteration >= self.ramp_iters:
+            return self.mean
+        progress = iteration / self.ramp_iters
+        return self.start + (self.mean - self.start) * RAMPS[self.schedule](progress)
 
     @property
     def varies(self) -> bool:
         """Whether a step may run another depth than the layout's K, or truncate the backprop."""
-        return (self.sampler != "fixed" or self.backprop is not None
+        return (self.sampler != "fixed" or self.backprop is not None or self.ramps
                 or round(self.mean) != self.trained)
 
     @property
     def grad_steps_vary(self) -> bool:
         """Whether the number of loop steps with gradients changes from step to step: a
-        sampled depth (which may draw 1) with all steps, or with more than the last one."""
-        return self.sampler != "fixed" and (self.backprop is None or self.backprop > 1)
+        sampled or ramping depth (which may run 1 step) with all steps, or with more than the
+        last one."""
+        changes = self.sampler != "fixed" or self.ramps
+        return changes and (self.backprop is None or self.backprop > 1)
 
     def draw(self, seed: int, iteration: int, rows: Sequence[int] = (), seq_length: int = 0,
              graph_steps: Optional[Tuple[int, int]] = None) -> LoopDraw:
         """The depth of training step ``iteration``; per sequence or token, that of the global
         batch's sequences ``rows`` (of ``seq_length`` tokens). ``graph_steps`` (``graph_steps``): laid
         out on a fixed graph, every element masked into it (pipeline parallelism)."""
+        mean = self.mean_at(iteration)
         if self.per == "batch":
-            steps = self._capped(self._steps(np.random.default_rng([seed, iteration])))
+            steps = self._capped(self._steps(np.random.default_rng([seed, iteration]), mean))
             if graph_steps is None:
                 return LoopDraw(int(steps), int(self._grad(steps)))
             steps = np.full(len(rows), steps)
         else:
-            steps = self._element_steps(seed, iteration, rows, seq_length)
+            steps = self._element_steps(seed, iteration, rows, seq_length, mean)
         return LoopDraw.of_elements(steps, self._grad(steps), graph_steps)
 
     @property
@@ -137,20 +202,20 @@ class LoopDepth:
         grad = self.trained if self.backprop is None else min(self.backprop, self.trained)
         return self.trained - grad, grad
 
-    def _element_steps(self, seed: int, iteration: int, rows: Sequence[int],
-                       seq_length: int) -> np.ndarray:
+    def _element_steps(self, seed: int, iteration: int, rows: Sequence[int], seq_length: int,
+                       mean: float) -> np.ndarray:
         """Steps of each sequence ([b]) or token ([b, s]) of the global batch's ``rows``."""
         size = (seq_length,) if self.per == "token" else None
-        return np.stack([self._capped(self._steps(np.random.default_rng([seed, iteration, g]), size))
+        return np.stack([self._capped(self._steps(np.random.default_rng([seed, iteration, g]), mean, size))
                          for g in rows])
 
-    def _steps(self, rng: np.random.Generator, size=None):
+    def _steps(self, rng: np.random.Generator, mean: float, size=None):
         if self.sampler == "fixed":
-            return np.full(size, int(round(self.mean))) if size else int(round(self.mean))
+            return np.full(size, int(round(mean))) if size else int(round(mean))
         if self.sampler == "poisson_lognormal":
-            tau = rng.lognormal(math.log(self.mean) - self.sigma ** 2 / 2, self.sigma, size)
+            tau = rng.lognormal(math.log(mean) - self.sigma ** 2 / 2, self.sigma, size)
             return rng.poisson(tau) + 1
-        return np.maximum(rng.poisson(self.mean, size), 1)
+        return np.maximum(rng.poisson(mean, size), 1)
 
     def _capped(self, steps):
         return steps if self.max is None else np.minimum(steps, self.max)
@@ -160,8 +225,9 @@ class LoopDepth:
 
     def expected(self, draws: int = EXPECTED_DRAWS, seed: int = 0) -> "MeanDepth":
         """Mean steps and mean gradient steps over ``draws`` draws (for the expected cost: per
-        sequence or token the same distribution, counted per element)."""
-        batch = replace(self, per="batch")
+        sequence or token the same distribution, counted per element); under a depth curriculum
+        those around ``mean``, once the ramp is over (what the rest of the run costs)."""
+        batch = replace(self, per="batch", schedule="constant")
         sample = [batch.draw(seed, i) for i in range(draws)]
         return MeanDepth(sum(d.num_loops for d in sample) / draws,
                          sum(d.backprop_loops for d in sample) / draws)

@@ -113,6 +113,8 @@ class SchemeOptions:
     """Injection schemes: the loop's starting state, 'zero' or 'random' (truncated normal)."""
     initial_state_std: float = 0.0
     layernorm_epsilon: float = 1e-5
+    normalization: str = "LayerNorm"
+    """The layers' norm, 'LayerNorm' or 'RMSNorm': the one a scheme's own norm follows."""
 
     @classmethod
     def of(cls, config) -> "SchemeOptions":

@@ -185,16 +185,30 @@ def _model_args(cfg: MeshConfig, given: dict) -> List[str]:
         *_flag("max-position-embeddings", cfg.max_sequence_length),
         *_flag("position-embedding-type", "rope"),
         *_flag("rotary-percent", cfg.rotary_percent),
-        *_flag("rotary-base", cfg.rotary_base),
-        *_flag("normalization", "LayerNorm"),
+        # megatron's flag takes an int; the model reads MeshConfig.rotary_base (--mesh-model)
+        *_flag("rotary-base", int(cfg.rotary_base)),
+        *_flag("normalization", cfg.normalization),
+        *_flag("swiglu", cfg.gated_linear_unit),
+        *_flag("disable-bias-linear", not cfg.add_bias_linear),
+        *_flag("add-qkv-bias", cfg.add_qkv_bias),
+        *_flag("qk-layernorm", cfg.qk_layernorm),
+        *_gqa_args(cfg),
+        *_flag("use-rope-scaling", cfg.rope_scaling_factor is not None),
+        *_flag("rope-scaling-factor", cfg.rope_scaling_factor),
         *_flag("norm-epsilon", cfg.layernorm_epsilon),
         *_flag("init-method-std", cfg.init_method_std),
         *_flag("hidden-dropout", cfg.hidden_dropout),
         *_flag("attention-dropout", cfg.attention_dropout),
-        *_flag("untie-embeddings-and-output-weights", True),
+        *_flag("untie-embeddings-and-output-weights", not cfg.tie_embeddings),
         *_flag("padded-vocab-size", cfg.vocab_size),
         *_flag("mesh-model", section_json(given)),
     ]
+
+
+def _gqa_args(cfg: MeshConfig) -> List[str]:
+    if cfg.num_query_groups == cfg.num_attention_heads:
+        return []
+    return ["--group-query-attention", *_flag("num-query-groups", cfg.num_query_groups)]
 
 
 def _as_list(value):

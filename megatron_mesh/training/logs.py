@@ -10,7 +10,10 @@ For tools that run ``tools/pretrain_mesh.py`` and judge the run from what it pri
 (``lm loss`` is the mean over the interval), and ``training.throughput`` adds
 
     [mesh] iteration 12 | consumed tokens: 6,144 | tokens/s: 758 | TFLOP/s/device: 0.003 |
-        MFU: 41.0% | peak memory: 0.352 GiB (peak RSS) | ETA: 0:00:02
+        MFU: 41.0% | loop depth: 2.50 | mean loops: 2.31 | peak memory: 0.352 GiB (peak RSS) |
+        ETA: 0:00:02
+
+(``loop depth`` under a varying loop depth, ``mean loops`` under a depth curriculum.)
 """
 
 from __future__ import annotations
@@ -65,6 +68,10 @@ class ThroughputLine:
     mfu: Optional[float]
     peak_memory_bytes: Optional[float]
     memory_kind: Optional[str]
+    loop_depth: Optional[float] = None
+    """Loop steps the interval's training steps ran, per element (a varying loop depth)."""
+    mean_loops: Optional[float] = None
+    """The mean those steps were drawn around (a depth curriculum, ``mean_loops_schedule``)."""
 
 
 @dataclass
@@ -101,7 +108,9 @@ def parse_throughput(line: str) -> Optional[ThroughputLine]:
         memory, kind = float(amount) * 2**30, rest.strip(" ()") or None
     return ThroughputLine(iteration=int(match[1]), tokens_per_s=_number(f["tokens/s"]),
                           tflops_per_device=_number(f["TFLOP/s/device"]), mfu=_number(f.get("MFU")),
-                          peak_memory_bytes=memory, memory_kind=kind)
+                          peak_memory_bytes=memory, memory_kind=kind,
+                          loop_depth=_number(f.get("loop depth")),
+                          mean_loops=_number(f.get("mean loops")))
 
 
 def parse_log(text: str) -> TrainerLog:

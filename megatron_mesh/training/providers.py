@@ -93,9 +93,10 @@ class MeshProviders:
 
 
     def loop_draw(self, training: bool, chunk: Optional[int] = None) -> dict:
-        """This training micro-batch's depth, a function of the seed, the iteration and (per
-        sequence or token) the sequences' places in the global batch: the same on every rank
-        holding them; evaluation runs the layout's K steps. Under pipeline parallelism every
+        """This training micro-batch's depth, a function of the seed, the iteration (which also
+        sets a depth curriculum's mean) and (per sequence or token) the sequences' places in the
+        global batch: the same on every rank holding them, and after a resume; evaluation runs
+        the layout's K steps. Under pipeline parallelism every
         stage draws it and masks it into the layout's fixed graph (``LoopDepth.graph_steps``)."""
         if not training or self.depth is None or not self.depth.varies:
             return {}

@@ -2,9 +2,10 @@
 
 Megatron's ``num_floating_point_operations`` is replaced by ``megatron_mesh.model.stats`` (the same
 numbers ``tools/model_stats.py`` prints), and every log interval adds one line:
-consumed tokens, tokens/s, TFLOP/s per device, MFU, peak memory (the largest over all ranks:
-CUDA's max allocated on a GPU, the process's peak RSS on the CPU) and ETA, also sent to
-TensorBoard / W&B. ``tools/gpu_check.py`` reads its throughput rows from this line.
+consumed tokens, tokens/s, TFLOP/s per device, MFU, the loop depth run (a varying depth; under
+a depth curriculum also the mean it was drawn around, ``mean loops``), peak memory (the largest
+over all ranks: CUDA's max allocated on a GPU, the process's peak RSS on the CPU) and ETA, also
+sent to TensorBoard / W&B. ``tools/gpu_check.py`` reads its throughput rows from this line.
 
 MFU divides by ``logging.peak_tflops`` or else the datasheet peak of the device each rank runs
 on (``PEAK_TFLOPS_BF16``), looked up at the first line: ``install`` runs before megatron's
@@ -119,6 +120,9 @@ class RealizedDepth:
 
     tally: DepthTally
     cost: DepthCost
+    sampler: Optional[LoopDepth] = None
+    """What the steps drew from: under a depth curriculum its mean at each iteration is logged
+    beside the depth drawn (a function of the iteration alone: no communication)."""
     _means: Dict[int, MeanDepth] = field(default_factory=dict, init=False, repr=False)
     """Per iteration: megatron counts a step's FLOPs once per step and again in its log line."""
 
@@ -137,6 +141,15 @@ class RealizedDepth:
     def flops_per_token(self, iteration: int) -> float:
         mean = self.mean(iteration)
         return self.cost.at(mean.num_loops, mean.backprop_loops)
+
+    @property
+    def ramps(self) -> bool:
+        """Whether the steps drew around a depth curriculum's moving mean."""
+        return self.sampler is not None and self.sampler.ramps
+
+    def scheduled_mean(self, iteration: int) -> float:
+        """The mean loop steps the draws of ``iteration`` were made around."""
+        return self.sampler.mean_at(iteration)
 
     def forget_before(self, iteration: int) -> None:
         for old in [i for i in self._means if i < iteration]:
@@ -199,6 +212,8 @@ class ThroughputLogger:
             stats["mfu"] = tflops / peak
         if self.depth is not None:
             stats["loop-depth"] = sum(self.depth.loops(i) for i in steps) / len(steps)
+            if self.depth.ramps:  # averaged over the same steps as the depth, to compare
+                stats["mean-loops"] = sum(self.depth.scheduled_mean(i) for i in steps) / len(steps)
             self.depth.forget_before(iteration)
         return stats
 
@@ -212,6 +227,8 @@ def _format(iteration: int, stats: dict) -> str:
         text += f" MFU: {100 * stats['mfu']:.1f}% |"
     if "loop-depth" in stats:
         text += f" loop depth: {stats['loop-depth']:.2f} |"
+    if "mean-loops" in stats:
+        text += f" mean loops: {stats['mean-loops']:.2f} |"
     if "peak-memory-bytes" in stats:
         text += f" peak memory: {stats['peak-memory-bytes'] / 2**30:.3f} GiB ({stats['memory-kind']}) |"
     return text + f" ETA: {int(eta // 3600):d}:{int(eta % 3600 // 60):02d}:{int(eta % 60):02d}"
@@ -230,7 +247,7 @@ def install(config: MeshConfig, args, tally: Optional[DepthTally] = None) -> Thr
         if tally is None:
             raise ValueError(f"{config.depth_setting()}: the throughput log needs the forward "
                              "steps' DepthTally")
-        realized = RealizedDepth(tally, DepthCost.of(config, args.seq_length))
+        realized = RealizedDepth(tally, DepthCost.of(config, args.seq_length), depth)
     logger = ThroughputLogger(train_flops_per_token(config, args.seq_length), args.mesh_peak_tflops,
                               realized)
     training.num_floating_point_operations = logger.num_floating_point_operations

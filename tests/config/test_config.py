@@ -166,5 +166,6 @@ def test_hf_names_are_read_from_the_fields():
         "max_sequence_length": "max_position_embeddings", "rotary_percent": "rotary_pct",
         "rotary_base": "rotary_emb_base", "gelu_approximation": "hidden_act",
         "ffn_hidden_size": "intermediate_size", "init_method_std": "initializer_range",
-        "layernorm_epsilon": "layer_norm_eps"}
+        "layernorm_epsilon": "layer_norm_eps", "num_query_groups": "num_key_value_heads",
+        "tie_embeddings": "tie_word_embeddings"}
     assert {"loop_depth", "cycle_impl", "hidden_dropout", "num_layers"}.isdisjoint(HF_NAMES)

@@ -36,7 +36,7 @@ def test_sentence_split_documents_come_back_whole(tmp_path, megatron_world):
     assert list(read_documents(tmp_path / "set")) == [[5, 6, 7, 8, 9], [1, 2, 3], [4, 4, 0, 2]]
 
 
-def test_jsonl_is_tokenized_and_bad_lines_are_named(tmp_path):
+def test_jsonl_is_tokenized_and_bad_lines_are_named(megatron_world, tmp_path):
     from megatron_mesh.data.documents import read_documents
     from megatron_mesh.data.tokenizer import load_tokenizer
 

@@ -118,6 +118,9 @@ ROUND_TRIP = [
                              scale_embeddings=False, vocab_size=100)),
     ("1+2R2+1", "linear_injection", dict(initial_state="random", initial_state_std=0.3,
                                          hidden_size=32, num_attention_heads=2)),
+    ("1+2R2+1", "mesh", dict(layer_family="llama", num_query_groups=2, add_qkv_bias=True,
+                             qk_layernorm=True, rope_scaling_factor=8.0, tie_embeddings=True,
+                             rotary_base=500000.0)),
 ]
 
 

@@ -20,7 +20,7 @@ def megatron_and_hf(cfg):
         for p in ours.decoder.scheme.parameters() if ours.decoder.scheme else []:
             p.normal_(0.0, 0.5)
     hf = MegatronMeshForCausalLM(MegatronMeshConfig(**hf_mesh_config_kwargs(cfg))).eval()
-    missing, unexpected = hf.load_state_dict(megatron_to_hf_mesh(ours.state_dict()), strict=True)
+    missing, unexpected = hf.load_state_dict(megatron_to_hf_mesh(ours.state_dict(), cfg), strict=True)
     assert not missing and not unexpected
     return ours, hf
 

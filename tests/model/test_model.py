@@ -126,15 +126,19 @@ def test_a_config_disagreeing_with_the_pipeline_group_is_refused(megatron_world)
 
 
 def test_local_spec_is_used_without_transformer_engine():
+    from megatron.core.transformer.transformer_layer import TransformerLayer
+
     from megatron_mesh.model.layers import (
         ParallelResidualTransformerLayer,
         default_block_spec,
+        family_layer_spec,
         transformer_engine_available,
     )
 
     assert not transformer_engine_available()
     spec = default_block_spec()
-    assert spec.layer.module is ParallelResidualTransformerLayer
+    assert family_layer_spec(spec, tiny_config()).module is ParallelResidualTransformerLayer
+    assert family_layer_spec(spec, tiny_config(layer_family="llama")).module is TransformerLayer
     assert spec.final_layernorm is spec.layer.submodules.input_layernorm
 
 
@@ -157,12 +161,12 @@ def test_num_loops_out_of_range_is_a_clear_error(megatron_world):
     ],
 )
 def test_layer_refuses_paths_that_bypass_parallel_residual(megatron_world, overrides, field):
-    from megatron_mesh.model.layers import local_block_spec
+    from megatron_mesh.model.layers import family_layer_spec, local_block_spec
     from megatron.core.transformer.spec_utils import build_module
 
     cfg = tiny_config(**overrides)
     with pytest.raises(ValueError, match=f"{field}.* is not supported by the GPT-NeoX parallel-residual layer"):
-        build_module(local_block_spec().layer, config=cfg, layer_number=1)
+        build_module(family_layer_spec(local_block_spec(), cfg), config=cfg, layer_number=1)
 
 
 def test_tanh_gelu_runs_megatrons_fused_bias_gelu(megatron_world, monkeypatch):

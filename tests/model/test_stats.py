@@ -20,12 +20,17 @@ LOOPED = [("1+2R2+1", name) for name in SCHEME_NAMES if scheme_class(name) is no
 LAYOUTS = [("1+2R3+1", "base"), ("1+1+2+1", "mesh")]
 
 
+LLAMA = dict(layer_family="llama", num_query_groups=2, ffn_hidden_size=96, tie_embeddings=True)
+"""A llama-family shape: SwiGLU, grouped-query attention, tied embeddings."""
+
+
+@pytest.mark.parametrize("family", [{}, LLAMA], ids=["gpt_neox", "llama"])
 @pytest.mark.parametrize("layout, scheme", [("3", "vanilla"), *LAYOUTS, *LOOPED])
-def test_config_matmul_count_equals_the_built_model(megatron_world, layout, scheme):
+def test_config_matmul_count_equals_the_built_model(megatron_world, layout, scheme, family):
     from megatron_mesh.model.gpt import MeshGPTModel
     from megatron_mesh.model.stats import applied_matmul_weights, applied_matmul_weights_of_config
 
-    cfg = tiny_config(layout, scheme, perform_initialization=False)
+    cfg = tiny_config(layout, scheme, perform_initialization=False, **family)
     with torch.device("meta"):
         model = MeshGPTModel(cfg)
     assert applied_matmul_weights(model) == applied_matmul_weights_of_config(cfg)
@@ -62,14 +67,14 @@ VANILLA = [
     # q = 4 * 24 = 96 != hidden 64 (megatron_argv passes model.kv_channels on as --kv-channels)
     ("tiny-cpu.yml", ("model.layout=3", "model.state_scheme=vanilla", "model.kv_channels=24"),
      (), {}),
-    # GQA: not a YAML key, so set on MeshConfig (a TransformerConfig field) and passed through
-    ("tiny-cpu.yml", ("model.layout=2", "model.state_scheme=vanilla"),
-     ("--group-query-attention", "--num-query-groups", "2"), {"num_query_groups": 2}),
+    # the llama family: SwiGLU (3 MLP matrices), GQA, no biases
+    ("tiny-cpu.yml", ("model.layout=2", "model.state_scheme=vanilla", "model.layer_family=llama",
+                      "model.num_query_groups=2", "model.ffn_hidden_size=96"), (), {}),
 ]
 
 
 @pytest.mark.parametrize("name, overrides, passthrough, extra", VANILLA,
-                         ids=["pythia-1.4b", "pythia-160m", "kv_channels", "gqa"])
+                         ids=["pythia-1.4b", "pythia-160m", "kv_channels", "llama-gqa"])
 def test_vanilla_flops_equal_megatron_cores_count(name, overrides, passthrough, extra):
     """Fails for every case under the old convention (12 * s * h per layer, no causal half)."""
     from megatron_mesh.config.yaml_file import load_model_config

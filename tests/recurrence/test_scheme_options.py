@@ -19,7 +19,8 @@ def test_every_option_comes_from_the_config():
     assert _options(mesh) == dict(
         hidden_size=64, num_loops=2, init_method=mesh.init_method, init_method_std=0.05, buffer_slots=7,
         cycle_impl="eager", compile_options=CycleCompile(fallback=True), initial_state="zero",
-        initial_state_std=mesh.initial_state_std, layernorm_epsilon=1e-6)
+        initial_state_std=mesh.initial_state_std, layernorm_epsilon=1e-6, normalization="LayerNorm")
+    assert _options(tiny_config(layer_family="llama"))["normalization"] == "RMSNorm"
     assert _options(injection)["initial_state"] == "random"
     assert _options(injection)["initial_state_std"] == 0.3
 

@@ -52,11 +52,11 @@ def test_export_loads_offline_and_matches_megatron(checkpoint, tmp_path, monkeyp
                                                 dtype="auto").eval()
 
     state, common = load_checkpoint(str(checkpoint))
+    config = saved_model_config(common["args"])
     assert {v.dtype for v in state.values()} == {torch.bfloat16}
-    for name, tensor in megatron_to_hf_mesh(state).items():
+    for name, tensor in megatron_to_hf_mesh(state, config).items():
         assert hf16.state_dict()[name].dtype == torch.bfloat16
         assert torch.equal(hf16.state_dict()[name], tensor), name
-    config = saved_model_config(common["args"])
     ours = MeshGPTModel(config).eval()
     ours.load_state_dict(state, strict=False)
     tokens, positions = random_batch(config, seq=64)

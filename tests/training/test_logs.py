@@ -38,3 +38,14 @@ def test_mesh_line_as_the_trainer_prints_it():
     without = {k: v for k, v in stats.items() if k not in ("mfu", "peak-memory-bytes")}
     (line,) = parse_log(_format(12, without)).throughput
     assert line.mfu is None and line.peak_memory_bytes is None
+
+
+def test_mesh_line_with_a_curriculums_depth():
+    """A varying depth adds the depth run; a depth curriculum the mean it was drawn around."""
+    stats = {"consumed-tokens": 640, "tokens-per-sec": 100.0, "tflops-per-device": 1.5,
+             "eta-seconds": 10, "loop-depth": 2.4567, "mean-loops": 2.125}
+    (line,) = parse_log(_format(10, stats)).throughput
+    assert (line.loop_depth, line.mean_loops) == (2.46, 2.12)  # printed with 2 decimals
+    del stats["mean-loops"]
+    (line,) = parse_log(_format(10, stats)).throughput
+    assert (line.loop_depth, line.mean_loops) == (2.46, None)

@@ -3,6 +3,7 @@ each rank's device (no CUDA query, hence no context on GPU 0, when the logger is
 
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -148,3 +149,53 @@ def test_a_skipped_iteration_leaves_the_log_lines_depth_to_the_steps_that_ran():
     stats = logger.line(args, 3, now=3.0)
     assert stats["loop-depth"] == pytest.approx(3.0)
     assert stats["tflops-per-device"] == pytest.approx(8 / 1.0 * 13.0 / 1e12)
+
+
+def test_a_depth_curriculum_is_counted_and_logged_at_each_steps_drawn_depth(monkeypatch, capsys):
+    """Through the installed trainer hooks: each step's forward steps draw around the ramp's mean
+    (MeshProviders.loop_draw), megatron's FLOP count of the step is the sum over its sequences
+    of the FLOPs at the depth each ran, and the log line shows the depth run beside the mean of
+    the schedule over the same steps."""
+    from megatron.training import training
+
+    from megatron_mesh.model.stats import train_flops_per_token
+    from megatron_mesh.recurrence.loop_depth import LoopDepth, LoopDraw
+    from megatron_mesh.training import providers, throughput
+    from megatron_mesh.training.logs import parse_log
+
+    config = tiny_config("1+2R2+1", "linear_injection", loop_depth="poisson", mean_loops=4.0,
+                         max_loops=6, backprop_loops=2, loop_depth_per="sequence",
+                         mean_loops_schedule="linear", mean_loops_ramp_iters=8)
+    args = SimpleNamespace(seed=1234, seq_length=16, micro_batch_size=2, global_batch_size=4,
+                           pipeline_model_parallel_size=1, world_size=1, mesh_peak_tflops=1.0,
+                           log_interval=10, consumed_train_samples=40, train_iters=100,
+                           curr_iteration=0)
+    monkeypatch.setattr(providers, "get_args", lambda: args)
+    monkeypatch.setattr(providers, "get_num_microbatches", lambda: 2)
+    monkeypatch.setattr(providers.parallel_state, "get_data_parallel_world_size", lambda: 1)
+    monkeypatch.setattr(providers.parallel_state, "get_data_parallel_rank", lambda: 0)
+    monkeypatch.setattr(training, "training_log", lambda *args, **kwargs: None)
+    monkeypatch.setattr(training, "num_floating_point_operations", training.num_floating_point_operations)
+    monkeypatch.setattr(throughput, "peak_memory_over_ranks", lambda: (2**30, "fake"))
+    monkeypatch.setattr(throughput, "time", SimpleNamespace(time=iter(range(100)).__next__))
+    mesh = providers.MeshProviders()
+    mesh.depth = LoopDepth.of(config)
+    throughput.install(config, args, mesh.depth_tally)
+
+    log(training, 0)  # starts the clock
+    counted, want, ran = [], [], []
+    for iteration in range(10):
+        args.curr_iteration = iteration
+        for _ in range(2):  # the step's two micro-batches of two sequences each
+            active = mesh.loop_draw(training=True)["step_mask"].numpy()  # [loop steps, b]
+            steps, grad = active.sum(0), active[len(active) - 2:].sum(0)
+            want += [args.seq_length * train_flops_per_token(config, args.seq_length, LoopDraw(n, k))
+                     for n, k in zip(steps, grad)]
+            ran += list(steps)
+        counted.append(training.num_floating_point_operations(args, args.global_batch_size))
+    log(training, 10)
+    assert sum(counted) == pytest.approx(sum(want), rel=1e-12)
+    (line,) = parse_log(capsys.readouterr().out).throughput
+    assert line.loop_depth == pytest.approx(np.mean(ran), abs=0.005)
+    # m(i) = 1 + 3 i / 8 for i < 8, then 4
+    assert line.mean_loops == pytest.approx(np.mean([1 + 3 * i / 8 for i in range(8)] + [4, 4]), abs=0.005)
