@@ -24,16 +24,22 @@ def parse_layout(layout):
     return parts[0], parts[1:-1], parts[-1], False
 
 
-HF_SETTINGS = ("num_loops", "use_cache", "bos_token_id", "eos_token_id", "tie_word_embeddings")
+HF_SETTINGS = ("num_loops", "use_cache", "bos_token_id", "eos_token_id")
 """The parameters below that are Hugging Face settings, not the exported model's fields: every
-other one is a MeshConfig field under its HF name (megatron_mesh.config.model.HF_NAMES, which
-the export writes in full; tests/hf/test_mapping.py holds the two together)."""
+other one (tie_word_embeddings included: MeshConfig.tie_embeddings) is a MeshConfig field under
+its HF name (megatron_mesh.config.model.HF_NAMES, which the export writes in full;
+tests/hf/test_mapping.py holds the two together)."""
+
+LAYER_FAMILIES = {"gpt_neox": dict(rotary_pct=0.25, hidden_act="gelu_pytorch_tanh"),
+                  "llama": dict(rotary_pct=1.0, hidden_act="silu")}
+"""layer_family -> the defaults it gives rotary_pct and hidden_act when they are None."""
 
 
 class MegatronMeshConfig(PretrainedConfig):
     """The export's model fields, with defaults for those modeling_megatron_mesh.py reads; the
-    export writes every field (max_position_embeddings, kv_channels, ...), which
-    PretrainedConfig keeps as attributes."""
+    export writes every field (max_position_embeddings, ...), which PretrainedConfig keeps as
+    attributes. num_key_value_heads, kv_channels, rotary_pct and hidden_act are stored filled in
+    (None: all heads, hidden_size // num_attention_heads, the layer family's defaults)."""
 
     model_type = "megatron_mesh"
     keys_to_ignore_at_inference = ["past_key_values"]
@@ -44,17 +50,23 @@ class MegatronMeshConfig(PretrainedConfig):
         vocab_size=50304,
         hidden_size=2048,
         num_attention_heads=16,
+        num_key_value_heads=None,
+        kv_channels=None,
         intermediate_size=8192,
+        layer_family="gpt_neox",
         layout="4+8R2+4",
         state_scheme="mesh",
         buffer_slots=None,
         initial_state="zero",
         initial_state_std=0.0,
         scale_embeddings=True,
-        rotary_pct=0.25,
+        rotary_pct=None,
         rotary_emb_base=10000,
+        rope_scaling_factor=None,
         layer_norm_eps=1e-5,
-        hidden_act="gelu_pytorch_tanh",
+        hidden_act=None,
+        qk_layernorm=False,
+        add_qkv_bias=False,
         initializer_range=0.02,
         num_loops=None,
         use_cache=True,
@@ -63,24 +75,46 @@ class MegatronMeshConfig(PretrainedConfig):
         tie_word_embeddings=False,
         **kwargs,
     ):
+        if layer_family not in LAYER_FAMILIES:
+            raise ValueError(f"layer_family={layer_family!r}: expected one of {sorted(LAYER_FAMILIES)}")
+        family = LAYER_FAMILIES[layer_family]
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.num_attention_heads = num_attention_heads
+        self.num_key_value_heads = num_key_value_heads or num_attention_heads  # megatron's num_query_groups
+        self.kv_channels = kv_channels or hidden_size // num_attention_heads  # the head dim
         self.intermediate_size = intermediate_size
+        self.layer_family = layer_family
         self.layout = str(layout)
         self.state_scheme = state_scheme
         self.buffer_slots = buffer_slots
         self.initial_state = initial_state  # injection schemes' x(0): "zero" or "random"
         self.initial_state_std = initial_state_std
         self.scale_embeddings = scale_embeddings
-        self.rotary_pct = rotary_pct
+        self.rotary_pct = family["rotary_pct"] if rotary_pct is None else rotary_pct
         self.rotary_emb_base = rotary_emb_base
-        self.layer_norm_eps = layer_norm_eps
-        self.hidden_act = hidden_act
+        self.rope_scaling_factor = rope_scaling_factor  # Llama-3 scaling of the rotary frequencies
+        self.layer_norm_eps = layer_norm_eps  # LayerNorm's (gpt_neox) or RMSNorm's (llama) epsilon
+        self.hidden_act = family["hidden_act"] if hidden_act is None else hidden_act
+        self.qk_layernorm = qk_layernorm  # llama: per-head RMSNorm of queries and keys
+        self.add_qkv_bias = add_qkv_bias  # llama: biases on the q, k, v projections (Qwen2)
         self.initializer_range = initializer_range
         self.num_loops = num_loops  # read out after fewer loop steps than trained (depth studies)
         self.use_cache = use_cache
         prelude, core, coda, _ = parse_layout(self.layout)
         self.num_hidden_layers = prelude + sum(core) + coda  # one cache slot per application
+        self._check_attention()
         super().__init__(bos_token_id=bos_token_id, eos_token_id=eos_token_id,
                          tie_word_embeddings=tie_word_embeddings, **kwargs)
+
+    def _check_attention(self):
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_key_value_heads={self.num_key_value_heads}: expected a divisor of "
+                             f"num_attention_heads={self.num_attention_heads}")
+        # (add_qkv_bias is megatron's "q/k/v have biases": true of GPT-NeoX, which has them all)
+        llama_only = {"num_key_value_heads": self.num_key_value_heads != self.num_attention_heads,
+                      "qk_layernorm": self.qk_layernorm}
+        used = [name for name, on in llama_only.items() if on]
+        if self.layer_family == "gpt_neox" and used:
+            raise ValueError(f"{used[0]}={getattr(self, used[0])!r} needs layer_family='llama' "
+                             f"(the GPT-NeoX layer has none)")

@@ -1,12 +1,14 @@
 """Hugging Face model of a megatron-mesh Prelude-Recurrent-Coda transformer (MeSH and baselines).
 
 Self-contained: torch + transformers only, copied into every export. The math equals
-``megatron_mesh`` (paper Algorithms 1 and 2): GPT-NeoX parallel-residual layers with 25% rotary,
-embeddings x sqrt(d), a tied (or untied) core applied K times, and between steps the state
-scheme (base / residual / anchor / anchor_star sums, MeSH buffer with per-step routers, the
-E.2 combinations, or the input injection of Huginn / Parcae: megatron_mesh/recurrence/injection.py),
-each a class named in the one table SCHEMES. The KV cache keeps one slot per (loop step, layer)
-application.
+``megatron_mesh`` (paper Algorithms 1 and 2): layers of one family (config.layer_family:
+'gpt_neox', parallel residual, LayerNorm, GELU MLP, biases, 25% rotary; or 'llama', sequential
+residual, RMSNorm, SwiGLU, grouped-query attention, full rotary, optional q/k norms, q/k/v biases
+and Llama-3 rotary scaling), embeddings x sqrt(d), a tied (or untied) core applied K times, an
+output layer optionally tied to the input embeddings, and between steps the state scheme (base /
+residual / anchor / anchor_star sums, MeSH buffer with per-step routers, the E.2 combinations, or
+the input injection of Huginn / Parcae: megatron_mesh/recurrence/injection.py), each a class
+named in the one table SCHEMES. The KV cache keeps one slot per (loop step, layer) application.
 """
 
 import math
@@ -22,50 +24,93 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_megatron_mesh import MegatronMeshConfig, parse_layout
 
+
 def rotate_half(x):
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
 
 
+def apply_rotary(x, cos, sin, r: int):  # x [b, nh, s, hd], cos and sin [b, 1, s, r]
+    """Rotary (rotate_half, non-interleaved) on the first r dims of each head, the rest as is."""
+    return torch.cat((x[..., :r] * cos + rotate_half(x[..., :r]) * sin, x[..., r:]), dim=-1)
+
+
+def llama3_scaled(inv_freq, factor: float, low_freq_factor=1.0, high_freq_factor=4.0, original=8192):
+    """Llama-3's rotary scaling: transformers' _compute_llama3_parameters, megatron-core's
+    RotaryEmbedding._apply_scaling (long wavelengths / factor, short ones kept, between them
+    interpolated)."""
+    low_freq_wavelen, high_freq_wavelen = original / low_freq_factor, original / high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (original / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
 class Rotary(nn.Module):
     # The frequencies are recomputed per call rather than held in a non-persistent buffer:
     # transformers 5 builds models on the meta device and leaves such buffers uninitialised.
-    def __init__(self, dim: int, base: float):
+    def __init__(self, dim: int, base: float, scaling_factor: Optional[float] = None):
         super().__init__()
-        self.dim, self.base = dim, base
+        self.dim, self.base, self.scaling_factor = dim, base, scaling_factor
 
     def forward(self, positions):  # [b, s] -> cos, sin [b, 1, s, dim]
         steps = torch.arange(0, self.dim, 2, device=positions.device).float()
         inv_freq = 1.0 / (self.base ** (steps / self.dim))
+        if self.scaling_factor is not None:
+            inv_freq = llama3_scaled(inv_freq, self.scaling_factor)
         freqs = positions[..., None].float() * inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]
         return emb.cos(), emb.sin()
 
 
-class Attention(nn.Module):
+class RMSNorm(nn.Module):
+    """x * rsqrt(mean(x^2) + eps) * weight, normalised in float32 and cast back (HF LlamaRMSNorm)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):  # [..., dim]
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def family_norm(config: MegatronMeshConfig) -> nn.Module:
+    """The layer family's norm over hidden_size: LayerNorm with bias (gpt_neox) or RMSNorm,
+    weight only (llama)."""
+    if config.layer_family == "llama":
+        return RMSNorm(config.hidden_size, config.layer_norm_eps)
+    return nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+
+class GPTNeoXAttention(nn.Module):
+    """Fused query_key_value laid out per head as [q, k, v], biases, partial rotary."""
+
     def __init__(self, config: MegatronMeshConfig):
         super().__init__()
-        self.heads = config.num_attention_heads
-        self.head_dim = config.hidden_size // self.heads
+        self.heads, self.head_dim = config.num_attention_heads, config.kv_channels
         self.rot = int(self.head_dim * config.rotary_pct)
-        self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size)
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        width = self.heads * self.head_dim
+        self.query_key_value = nn.Linear(config.hidden_size, 3 * width)
+        self.dense = nn.Linear(width, config.hidden_size)
 
     def forward(self, x, cos, sin, mask, cache: Optional[Cache], slot: int):
         b, s, _ = x.shape
         qkv = self.query_key_value(x).view(b, s, self.heads, 3 * self.head_dim).transpose(1, 2)
         q, k, v = qkv.split(self.head_dim, dim=-1)  # [b, nh, s, hd], per head [q, k, v]
-        r = self.rot
         cos, sin = cos.to(q.dtype), sin.to(q.dtype)  # as megatron-core: rotate in the activation dtype
-        q = torch.cat((q[..., :r] * cos + rotate_half(q[..., :r]) * sin, q[..., r:]), dim=-1)
-        k = torch.cat((k[..., :r] * cos + rotate_half(k[..., :r]) * sin, k[..., r:]), dim=-1)
+        q, k = apply_rotary(q, cos, sin, self.rot), apply_rotary(k, cos, sin, self.rot)
         if cache is not None:
             k, v = cache.update(k, v, slot)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.dense(out.transpose(1, 2).reshape(b, s, -1))
 
 
-class Layer(nn.Module):
+class GPTNeoXLayer(nn.Module):
     """GPT-NeoX parallel residual: x + attn(ln1(x)) + mlp(ln2(x))."""
 
     def __init__(self, config: MegatronMeshConfig):
@@ -73,7 +118,7 @@ class Layer(nn.Module):
         h, eps = config.hidden_size, config.layer_norm_eps
         self.input_layernorm = nn.LayerNorm(h, eps=eps)
         self.post_attention_layernorm = nn.LayerNorm(h, eps=eps)
-        self.attention = Attention(config)
+        self.attention = GPTNeoXAttention(config)
         self.mlp = nn.Sequential()
         self.mlp.dense_h_to_4h = nn.Linear(h, config.intermediate_size)
         self.mlp.act = ACT2FN[config.hidden_act]
@@ -82,6 +127,75 @@ class Layer(nn.Module):
     def forward(self, x, cos, sin, mask, cache, slot):
         attn = self.attention(self.input_layernorm(x), cos, sin, mask, cache, slot)
         return x + attn + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaAttention(nn.Module):
+    """q, k, v projections (biases only with add_qkv_bias), grouped-query K/V (query head i reads
+    K/V head i // (heads / kv_heads)), per-head q/k RMSNorm before rotary with qk_layernorm."""
+
+    def __init__(self, config: MegatronMeshConfig):
+        super().__init__()
+        h, bias = config.hidden_size, config.add_qkv_bias
+        self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = config.kv_channels
+        self.rot = int(self.head_dim * config.rotary_pct)
+        self.q_proj = nn.Linear(h, self.heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(h, self.kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(h, self.kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.heads * self.head_dim, h, bias=False)
+        if config.qk_layernorm:  # megatron-core's q_layernorm / k_layernorm
+            self.q_norm = RMSNorm(self.head_dim, config.layer_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.layer_norm_eps)
+        else:
+            self.q_norm = self.k_norm = nn.Identity()
+
+    def forward(self, x, cos, sin, mask, cache: Optional[Cache], slot: int):
+        b, s, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(b, s, self.heads, self.head_dim)).transpose(1, 2)  # [b, nh, s, hd]
+        k = self.k_norm(self.k_proj(x).view(b, s, self.kv_heads, self.head_dim)).transpose(1, 2)  # [b, nkv, s, hd]
+        v = self.v_proj(x).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)  # [b, nkv, s, hd]
+        cos, sin = cos.to(q.dtype), sin.to(q.dtype)
+        q, k = apply_rotary(q, cos, sin, self.rot), apply_rotary(k, cos, sin, self.rot)
+        if cache is not None:  # the cache holds the kv_heads, not their repeats
+            k, v = cache.update(k, v, slot)
+        groups = self.heads // self.kv_heads
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # [b, nh, past+s, hd]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [b, nh, s, hd]
+        return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
+
+
+class LlamaMLP(nn.Module):
+    """SwiGLU (with hidden_act 'silu'): down(act(gate(x)) * up(x)), no biases."""
+
+    def __init__(self, config: MegatronMeshConfig):
+        super().__init__()
+        h, f = config.hidden_size, config.intermediate_size
+        self.gate_proj = nn.Linear(h, f, bias=False)
+        self.up_proj = nn.Linear(h, f, bias=False)
+        self.down_proj = nn.Linear(f, h, bias=False)
+        self.act = ACT2FN[config.hidden_act]
+
+    def forward(self, x):  # [b, s, h] -> [b, s, h]
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaLayer(nn.Module):
+    """Llama sequential residual: h = x + attn(norm1(x)), then h + mlp(norm2(h)), RMSNorms."""
+
+    def __init__(self, config: MegatronMeshConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.layer_norm_eps)
+        self.self_attn = LlamaAttention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.layer_norm_eps)
+        self.mlp = LlamaMLP(config)
+
+    def forward(self, x, cos, sin, mask, cache, slot):  # [b, s, h] -> [b, s, h]
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, slot)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+LAYERS = {"gpt_neox": GPTNeoXLayer, "llama": LlamaLayer}
+"""layer_family -> its layer class."""
 
 
 class Router(nn.Module):
@@ -284,10 +398,10 @@ class AdditiveInjectionScheme(Injection):  # u = x + e
         super().__init__(config, loops, AddInjection(), nn.Identity())
 
 
-class LinearInjectionScheme(Injection):  # Huginn: u = W [x ; e], then ln_f reads the last state
+class LinearInjectionScheme(Injection):  # Huginn: u = W [x ; e], then the family's norm reads x(K)
     def __init__(self, config, loops):
         h = config.hidden_size
-        super().__init__(config, loops, LinearInjection(h), nn.LayerNorm(h, eps=config.layer_norm_eps))
+        super().__init__(config, loops, LinearInjection(h), family_norm(config))
 
 
 class DiagonalInjectionScheme(Injection):  # Parcae: u = exp(-dt A) x + dt B e, C reads it out
@@ -320,7 +434,7 @@ class MegatronMeshPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _supports_sdpa = True
-    _no_split_modules = ["Layer"]
+    _no_split_modules = ["GPTNeoXLayer", "LlamaLayer"]
 
     def _init_weights(self, module):
         std = self.config.initializer_range
@@ -333,6 +447,8 @@ class MegatronMeshPreTrainedModel(PreTrainedModel):
         elif isinstance(module, nn.LayerNorm):
             module.weight.data.fill_(1.0)
             module.bias.data.zero_()
+        elif isinstance(module, RMSNorm):
+            module.weight.data.fill_(1.0)
 
 
 class MegatronMeshModel(MegatronMeshPreTrainedModel):
@@ -340,15 +456,16 @@ class MegatronMeshModel(MegatronMeshPreTrainedModel):
         super().__init__(config)
         prelude, core, coda, tied = parse_layout(config.layout)
         self.loops, self.tied = len(core), tied
+        layer = LAYERS[config.layer_family]
         self.embed_in = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.prelude = nn.ModuleList(Layer(config) for _ in range(prelude))
+        self.prelude = nn.ModuleList(layer(config) for _ in range(prelude))
         cores = core[:1] if tied and core else core
-        self.cores = nn.ModuleList(nn.ModuleList(Layer(config) for _ in range(n)) for n in cores)
-        self.coda = nn.ModuleList(Layer(config) for _ in range(coda))
+        self.cores = nn.ModuleList(nn.ModuleList(layer(config) for _ in range(n)) for n in cores)
+        self.coda = nn.ModuleList(layer(config) for _ in range(coda))
         self.scheme = build_scheme(config, self.loops) if self.loops else None
-        self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        head_dim = config.hidden_size // config.num_attention_heads
-        self.rotary = Rotary(int(head_dim * config.rotary_pct), config.rotary_emb_base)
+        self.final_layer_norm = family_norm(config)
+        self.rotary = Rotary(int(config.kv_channels * config.rotary_pct), config.rotary_emb_base,
+                             config.rope_scaling_factor)
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -418,7 +535,10 @@ def _grow_cache(cache, slots: int) -> None:
 
 
 class MegatronMeshForCausalLM(MegatronMeshPreTrainedModel, GenerationMixin):
-    _tied_weights_keys = []
+    # Tied (config.tie_word_embeddings) output layer = the input table. transformers 5 reads
+    # this {target: source} and ties only when the config says so; 4.x ties through
+    # get_output_embeddings and reads the keys here as the names a save may drop as duplicates.
+    _tied_weights_keys = {"embed_out.weight": "model.embed_in.weight"}
 
     def __init__(self, config: MegatronMeshConfig):
         super().__init__(config)
