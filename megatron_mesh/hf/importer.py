@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -35,6 +36,7 @@ from megatron_mesh.config.model import MeshConfig
 from megatron_mesh.data.tokenizer import TokenizerSource, TokenizerSpecError, tokenizer_source
 from megatron_mesh.fs import check_writable
 from megatron_mesh.hf import llama
+from megatron_mesh.hf.retrofit import RETROFIT_SCHEME, LayerSelection, retrofit_state
 from megatron_mesh.hf.mapping import gpt_neox_to_megatron, hf_activation, hf_mesh_section, hf_mesh_to_megatron
 from megatron_mesh.recurrence.layout import Layout, parse_layout
 
@@ -209,11 +211,7 @@ def hf_to_megatron(source, output, *, layout: Optional[str] = None, state_scheme
                    scale_embeddings: Optional[bool] = None, tokenizer: Optional[str] = None,
                    force: bool = False, seed: int = 1234) -> Path:
     """Convert an HF directory; ``layout``/``state_scheme`` re-shape a vanilla source (module doc)."""
-    check_writable(Path(output), force)
-    if tokenizer:
-        tokenizer = _local_paths_absolute(tokenizer_source(tokenizer, "--tokenizer"))  # before the read
-    hf_config = read_hf_config(source)
-    config = hf_model_config(source, hf_config)  # before the (slow) read of the weights
+    hf_config, config, tokenizer = _open_source(source, output, tokenizer, force)
     state = megatron_state_from_hf(hf_config, _read_weights(Path(source)), config)
     fresh: Tuple[str, ...] = ()
     if layout is not None or state_scheme is not None:
@@ -223,8 +221,64 @@ def hf_to_megatron(source, output, *, layout: Optional[str] = None, state_scheme
     if scale_embeddings is not None and scale_embeddings != config.scale_embeddings:
         config, state = _rescale_embeddings(config, state, scale_embeddings)
     model = build_model(config, state, fresh, seed)
-    return save_release_checkpoint(model, checkpoint_args(config, tokenizer or _tokenizer_of(source)),
-                                   output, force)
+    return save_release_checkpoint(model, checkpoint_args(config, tokenizer), output, force)
+
+
+@dataclass(frozen=True)
+class Retrofitted:
+    """What ``retrofit`` wrote."""
+
+    path: Path
+    selection: LayerSelection
+    dropped: Tuple[int, ...]
+    """The source layers the retrofitted model does without."""
+    exact: bool
+    """Whether at one loop step it computes the source without ``dropped``, exactly (its
+    state scheme starts as a plain layer stack)."""
+
+
+def retrofit(source, output, *, layout: str, layers: Optional[str] = None,
+             state_scheme: str = RETROFIT_SCHEME, buffer_slots: Optional[int] = None,
+             tokenizer: Optional[str] = None, force: bool = False, seed: int = 1234) -> Retrofitted:
+    """A vanilla HF model's layers as the tied layout ``layout`` (hf/retrofit.py): ``layers``
+    chooses them ('0-3,10-17,18-21'), by default the paper's rule (LayerSelection.default)."""
+    hf_config, config, tokenizer = _open_source(source, output, tokenizer, force)
+    if config.state_scheme != "vanilla":
+        raise CheckpointError(f"{source}: --retrofit takes a vanilla model; this one is "
+                              f"layout={config.layout!r} state_scheme={config.state_scheme!r}")
+    target = _tied_layout(layout)
+    selection = LayerSelection.parse(layers) if layers else LayerSelection.default(target, config.num_layers)
+    selection.check(target, config.num_layers)
+    state = retrofit_state(megatron_state_from_hf(hf_config, _read_weights(Path(source)), config), selection)
+    changes = dict(layout=str(target), state_scheme=state_scheme)
+    if buffer_slots is not None:
+        changes["buffer_slots"] = buffer_slots
+    retrofitted = _rebuilt(config, **changes)
+    model = build_model(retrofitted, state, ("decoder.scheme.",), seed)
+    exact = model.decoder.scheme.init_as_layer_stack()
+    path = save_release_checkpoint(model, checkpoint_args(retrofitted, tokenizer), output, force)
+    return Retrofitted(path, selection, selection.dropped(config.num_layers), exact)
+
+
+def _tied_layout(layout: str) -> Layout:
+    try:
+        target = parse_layout(layout)
+    except ValueError as err:
+        raise ConfigError(f"--layout: {err}") from None
+    if not (target.recursive and target.tied):
+        raise ConfigError(f"--layout {layout}: a retrofit makes a tied looped model, expected "
+                          f"'P+CRK+D' such as 4+8R4+4")
+    return target
+
+
+def _open_source(source, output, tokenizer: Optional[str], force: bool) -> Tuple[dict, MeshConfig, Optional[str]]:
+    """(config.json, its MeshConfig, the tokenizer to record) of an HF directory, checked
+    before the (slow) read of its weights; ``output`` checked writable first."""
+    check_writable(Path(output), force)
+    if tokenizer:
+        tokenizer = _local_paths_absolute(tokenizer_source(tokenizer, "--tokenizer"))
+    hf_config = read_hf_config(source)
+    return hf_config, hf_model_config(source, hf_config), tokenizer or _tokenizer_of(source)
 
 
 def _rescale_embeddings(config: MeshConfig, state: Dict[str, Tensor],

@@ -116,13 +116,15 @@ class InjectionScheme(StateScheme):
     def applied_matmul_weights(self, num_loops):
         return num_loops * matmul_weights(self.injection) + matmul_weights(self.readout)
 
-
 class AdditiveInjectionScheme(InjectionScheme):
     names = ("additive_injection",)
 
     @classmethod
     def build(cls, name, options: SchemeOptions):
         return cls(AddInjection(), nn.Identity(), options.initial_state, options.initial_state_std)
+
+    def init_as_layer_stack(self):
+        return self.initial_state == "zero"  # the first core input is 0 + e = e, exactly
 
 
 def layer_norm(options: SchemeOptions) -> nn.Module:

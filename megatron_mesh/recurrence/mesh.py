@@ -41,6 +41,8 @@ SUPPLEMENTS = ("residual", "anchor", "anchor_star")
 COMB_INIT = (1.0, 1.0, 1.0)
 """Initial (alpha_core, alpha_h0, alpha_emb) of the E.2 combinations. The paper does not give an
 init; all ones starts both at the fixed '+anchor+anchor*' sum, the best heuristic of Table 4."""
+LAYER_STACK = (1.0, 0.0, 0.0)
+"""The E.2 coefficients of a loop step that is its core's layers alone: f_core(h), exactly."""
 
 InitMethod = Callable[[Tensor], None]
 
@@ -167,6 +169,13 @@ class StateScheme(nn.Module):
         """Scalars of the scheme's own parameters for the training log (``mesh/scheme/<name>``)."""
         return {}
 
+    @torch.no_grad()
+    def init_as_layer_stack(self) -> bool:
+        """Set the parameters so that one loop step computes what the core's layers alone do:
+        the coda reads f_core(h_pre), h_pre the prelude's output, exactly (retrofitting a
+        pretrained model, hf/importer.py). Returns False where no setting does that."""
+        return False
+
     def applied_matmul_weights(self, num_loops: int) -> int:
         """Matmul weights one token goes through in ``num_loops`` steps (stats.py counts FLOPs
         from it): here every weight once, as per-step routers and coefficients are."""
@@ -205,6 +214,9 @@ class AdditiveScheme(StateScheme):
         parts = name.split("+")
         return tuple(field for part, field in (("anchor", "h0"), ("anchor_star", "h_emb"))
                      if part in parts)
+
+    def init_as_layer_stack(self):
+        return not self.supplements  # 'base': h(t+1) = f_core(h(t)) at every step
 
     def step(self, t, h, h_core, state):
         sources = {"residual": h, "anchor": state.h0, "anchor_star": state.h_emb}
@@ -351,6 +363,11 @@ class StaticCombScheme(StateScheme):
     def applied_matmul_weights(self, num_loops):
         return 0
 
+    @torch.no_grad()
+    def init_as_layer_stack(self):
+        self.coefficients.copy_(torch.tensor([LAYER_STACK] * len(self.coefficients)))
+        return True
+
     def step(self, t, h, h_core, state):
         a = self.coefficients[t].to(h_core.dtype)
         return a[0] * h_core + a[1] * state.h0 + a[2] * state.h_emb, state
@@ -377,6 +394,13 @@ class DynamicCombScheme(StateScheme):
     @classmethod
     def build(cls, name, options):
         return cls(options.hidden_size, options.num_loops)
+
+    @torch.no_grad()
+    def init_as_layer_stack(self):
+        for proj in self.coefficient_proj:  # the static LAYER_STACK whatever h(t)
+            proj.weight.zero_()
+            proj.bias.copy_(torch.tensor(LAYER_STACK))
+        return True
 
     def step(self, t, h, h_core, state):
         a = self.coefficient_proj[t](h).unsqueeze(-1)  # [s, b, 3, 1]

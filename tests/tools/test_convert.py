@@ -177,3 +177,27 @@ def test_trainer_starts_from_a_converted_pythia_model(tmp_path, megatron_world):
         timeout=300)
     assert bad.returncode != 0
     assert "state_scheme: checkpoint 'mesh', config 'base'" in bad.stderr + bad.stdout
+
+
+def test_retrofit_from_the_command_line(tmp_path):
+    """hf-to-megatron --retrofit: the layers it took, the ones it dropped and whether one loop
+    step is the pruned model, then a checkpoint the trainer's model section describes."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96,
+                                 num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
+                                 max_position_embeddings=64)).save_pretrained(tmp_path / "llama")
+    convert = [sys.executable, str(REPO / "tools/convert.py"), "hf-to-megatron", "--hf",
+               str(tmp_path / "llama"), "--retrofit", "--layout", "1+2R3+1"]
+    done = subprocess.run([*convert, "--output", str(tmp_path / "ckpt")], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "retrofit: layers 0,3-4,5 (prelude, core, coda); dropped [1, 2]" in done.stdout
+    assert "at one loop step the model computes the source without the dropped layers" in done.stdout
+    model_yml = (tmp_path / "ckpt" / "model.yml").read_text()
+    assert "layer_family: llama" in model_yml and "state_scheme: additive_injection" in model_yml
+    bad = subprocess.run([*convert[:5], "--layers", "0,1-2,3", "--output", str(tmp_path / "x")],
+                         capture_output=True, text=True, timeout=300)
+    assert (bad.returncode, bad.stderr.strip()) == (
+        2, "error: --layers chooses the layers of a --retrofit: add --retrofit")
