@@ -43,6 +43,34 @@ def test_hf_logits_equal_megatron(megatron_world, scheme, layout):
     assert diff < 1e-4, diff
 
 
+LLAMA = dict(layer_family="llama", num_query_groups=2, qk_layernorm=True, add_qkv_bias=True,
+             rope_scaling_factor=8.0, tie_embeddings=True, ffn_hidden_size=96, max_sequence_length=64)
+"""Every llama-family option at once (a plain transformers Llama has no q/k norm: the twin)."""
+
+
+@pytest.mark.parametrize("layout, scheme", [("3", "vanilla")] + [("1+2R2+1", name) for name in LOOPED])
+def test_llama_family_hf_logits_equal_megatron(megatron_world, layout, scheme):
+    """The export of a llama-family model (hf/export.py build_hf_model) computes what megatron
+    does, norms and q/k/v biases random so that their mapping is tested too."""
+    from megatron_mesh.hf.export import build_hf_model
+    from megatron_mesh.hf.modeling_megatron_mesh import MegatronMeshForCausalLM
+    from megatron_mesh.model.gpt import MeshGPTModel
+
+    cfg = tiny_config(layout, scheme, **LLAMA)
+    torch.manual_seed(0)
+    ours = MeshGPTModel(cfg).eval()
+    with torch.no_grad():
+        for name, param in ours.named_parameters():
+            if "norm" in name or name.endswith("bias") or "scheme" in name:
+                param.normal_(1.0 if "norm" in name else 0.0, 0.3)
+    hf = build_hf_model({k: v for k, v in ours.state_dict().items() if not k.endswith("_extra_state")}, cfg)
+    assert type(hf) is MegatronMeshForCausalLM and hf.get_output_embeddings().weight is hf.get_input_embeddings().weight
+    tokens, positions = random_batch(cfg, seq=64)
+    with torch.no_grad():
+        diff = (ours(tokens, positions) - hf.eval()(tokens, use_cache=False).logits).abs().max().item()
+    assert diff < 1e-4, diff
+
+
 def test_vanilla_and_fewer_loops(megatron_world):
     ours, hf = megatron_and_hf(tiny_config("3", "vanilla"))
     tokens, positions = random_batch(ours.config)
