@@ -64,8 +64,8 @@ def build_stats(config_path, overrides=(), seq_length=None):
 def megatron_flops_per_token(cfg, seq_length: int) -> Optional[float]:
     """megatron-core's own count (``num_floating_point_operations`` on its parsed arguments) for
     a vanilla layout, None for a looped one (which megatron does not model). Only the shape flags
-    are given; every other argument keeps Megatron's default, which is what our runs use (dense
-    GELU MLP: no SwiGLU, MoE, MTP, MLA or linear attention)."""
+    are given (SwiGLU for the llama family); every other argument keeps Megatron's default, which
+    is what our runs use (no MoE, MTP, MLA or linear attention)."""
     if cfg.parsed_layout.recursive:
         return None
     from megatron.training.arguments import add_megatron_arguments
@@ -76,6 +76,8 @@ def megatron_flops_per_token(cfg, seq_length: int) -> Optional[float]:
              "kv-channels": cfg.kv_channels, "seq-length": seq_length,
              "padded-vocab-size": cfg.vocab_size}
     argv = [f"--{name}={value}" for name, value in flags.items()]
+    if cfg.gated_linear_unit:
+        argv.append("--swiglu")
     if cfg.num_query_groups != cfg.num_attention_heads:
         argv += ["--group-query-attention", f"--num-query-groups={cfg.num_query_groups}"]
     args = add_megatron_arguments(argparse.ArgumentParser(allow_abbrev=False)).parse_args(argv)

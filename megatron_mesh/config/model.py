@@ -214,7 +214,7 @@ class MeshConfig(TransformerConfig):
     (Llama-3.1: 8, Llama-3.2: 32); None: unscaled. llama family only."""
 
     tie_embeddings: bool = mesh_field(ARCHITECTURE, False, hf_name="tie_word_embeddings")
-    """The output layer is the input embedding table (Llama-3.2-1B, TinyLlama: untied);
+    """The output layer is the input embedding table (Llama-3.2-1B: tied; TinyLlama: untied);
     llama family only. Under pipeline parallelism megatron keeps the two stages' copies equal."""
 
     gelu_approximation: Optional[str] = mesh_field(ARCHITECTURE, None, GELU_APPROXIMATIONS,
