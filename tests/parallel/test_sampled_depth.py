@@ -6,8 +6,9 @@ with the distributed optimizer and overlapped gradient reduction: every rank dra
 depth (a rank drawing another runs another graph: the collectives stop matching and the run
 fails); a depth per token too (each TP rank masks its own sequence chunk, here with full
 recompute per loop step; each DP rank draws
-its sequences by their place in the global batch, as the single process does), and a run
-resumed from its step-2 checkpoint logs the uninterrupted step 3 bit for bit; and
+its sequences by their place in the global batch, as the single process does), under a depth
+curriculum (the mean ramping linearly, mean_loops_schedule), and a run resumed from its step-2
+checkpoint logs the uninterrupted step 3 bit for bit; and
 megatron-core's DDP copes with a depth that changes every step (without recompute each
 parameter's gradient hook fires once per backward whatever the depth; with full recompute it
 would not, and the trainer refuses that: training/arguments.py). At a fixed depth the
@@ -26,7 +27,10 @@ pytestmark = pytest.mark.slow
 
 DEPTH = {"model.loop_depth": "poisson_lognormal", "model.mean_loops": 3, "model.max_loops": 6,
          "model.backprop_loops": 2}
-PER_TOKEN = {**DEPTH, "model.loop_depth": "poisson", "model.loop_depth_per": "token"}
+# per token, under a depth curriculum: the mean ramps linearly from 1 to 3 over 4 iterations,
+# so every step of these 3-step runs (and the resumed step 3) draws around another mean
+RAMP = {"model.mean_loops_schedule": "linear", "model.mean_loops_ramp_iters": 4}
+PER_TOKEN = {**DEPTH, "model.loop_depth": "poisson", "model.loop_depth_per": "token", **RAMP}
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +75,7 @@ def test_fixed_depth_injection_under_virtual_pipelining_matches_single_process(s
 
 @pytest.fixture(scope="module")
 def single_per_token(start, tmp_path_factory):
-    """A depth per token (Parcae's 'per-token'), saving after every step."""
+    """A depth per token (Parcae's 'per-token') around a ramping mean, saving after every step."""
     tmp = tmp_path_factory.mktemp("single-per-token")
     return {**run(tmp, start, "single", save="single", **PER_TOKEN, **{"checkpointing.interval": 1}),
             "dir": tmp / "single"}
@@ -98,7 +102,8 @@ def test_the_log_reports_the_mean_depth_of_the_global_batchs_tokens(single_per_t
     from megatron_mesh.recurrence.loop_depth import LoopDepth
 
     seed = int(re.search(r"seed \.+ (\d+)", single_per_token["full_log"]).group(1))
-    depth = LoopDepth("poisson", 3.0, trained=2, max=6, backprop=2, per="token")
+    depth = LoopDepth("poisson", 3.0, trained=2, max=6, backprop=2, per="token",
+                      schedule="linear", start=1.0, ramp_iters=4)
     logged = logged_depths(single_per_token["log"])
     # 8 sequences of 64 tokens per step; the line at iteration i covers curr_iteration i - 1
     want = [depth.draw(seed, i, range(8), 64).mean_loops for i in range(1, len(logged) + 1)]
@@ -106,9 +111,18 @@ def test_the_log_reports_the_mean_depth_of_the_global_batchs_tokens(single_per_t
     assert len({round(v, 2) for v in logged}) == 2 and all(v != round(v) for v in logged)
 
 
+def test_the_log_reports_the_scheduled_mean_beside_the_depth(single_per_token):
+    """Under a depth curriculum each line also logs the mean its steps drew around: 1 + 2 i / 4
+    at curr_iteration i (mean_loops_start 1, mean_loops 3, mean_loops_ramp_iters 4)."""
+    means = [float(x) for x in re.findall(r"loop depth: [0-9.]+ \| mean loops: ([0-9.]+) \|",
+                                          single_per_token["log"])]
+    assert means == [1.5, 2.0]
+
+
 def test_a_sampled_depth_run_resumes_exactly(start, single_per_token, tmp_path):
     """Resumed from its step-2 checkpoint, the run draws step 3's depths again (a function of
-    the seed, the iteration and the sequence's place) and logs the uninterrupted step 3."""
+    the seed, the iteration and the sequence's place; the curriculum's mean, 2 there, of the
+    iteration too) and logs the uninterrupted step 3."""
     saved = tmp_path / "resumed"
     shutil.copytree(single_per_token["dir"] / "iter_0000002", saved / "iter_0000002")
     (saved / "latest_checkpointed_iteration.txt").write_text("2")
