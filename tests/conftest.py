@@ -1,3 +1,6 @@
+import argparse
+import contextlib
+import io
 import os
 import sys
 from pathlib import Path
@@ -56,3 +59,20 @@ def model_configs():
 
     files = sorted(Path(REPO, "configs").rglob("*.yml"))
     return [p for p in files if "model" in load_config_tree(p)[0]]
+
+
+def megatron_args(config, overrides=(), passthrough=()):
+    """Megatron's arguments for a YAML config as the trainer builds them: ``megatron_argv``
+    (plus flags passed through after ``--``), Megatron's parser with ours, and ``validate_args``,
+    which fills what the FLOP count reads (kv_channels, num_query_groups, ...)."""
+    from megatron.training.arguments import add_megatron_arguments, validate_args
+
+    from megatron_mesh.config.yaml_file import load_config_tree
+    from megatron_mesh.training.arguments import add_mesh_arguments, megatron_argv
+
+    parser = add_mesh_arguments(add_megatron_arguments(argparse.ArgumentParser(allow_abbrev=False)))
+    args = parser.parse_args(megatron_argv(*load_config_tree(config, overrides)) + list(passthrough))
+    args.rank, args.world_size = 0, 1  # what megatron's parse_args reads from the environment
+    with contextlib.redirect_stdout(io.StringIO()):  # validate_args prints every argument
+        validate_args(args, {})
+    return args

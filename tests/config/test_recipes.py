@@ -3,14 +3,11 @@ is the published Hugging Face model (its config.json read by the importer, its p
 each retrofit keeps exactly the layers its layout names, and every file becomes Megatron
 arguments. Models are built on the meta device: no memory for weights."""
 
-import argparse
-import contextlib
-import io
 
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, megatron_args
 
 RETROFIT = REPO / "configs" / "retrofit"
 
@@ -147,21 +144,6 @@ def test_a_retrofits_depth_curriculum_ends_at_its_training_depth(name, source, l
     # their ramp is a fraction of the run (0.75 or 0.125): it moves with train_iters
     iters = load_config_tree(RETROFIT / name)[0]["training"]["train_iters"]
     assert cfg.mean_loops_ramp_iters / iters in (0.75, 0.125)
-
-
-def megatron_args(path, overrides=(), passthrough=()):
-    """Megatron's parsed and validated arguments of a config, as the trainer builds them."""
-    from megatron.training.arguments import add_megatron_arguments, validate_args
-
-    from megatron_mesh.config.yaml_file import load_config_tree
-    from megatron_mesh.training.arguments import add_mesh_arguments, megatron_argv
-
-    parser = add_mesh_arguments(add_megatron_arguments(argparse.ArgumentParser(allow_abbrev=False)))
-    args = parser.parse_args(megatron_argv(*load_config_tree(path, overrides)) + list(passthrough))
-    args.rank, args.world_size = 0, 1  # what megatron's parse_args reads from the environment
-    with contextlib.redirect_stdout(io.StringIO()):  # validate_args prints every argument
-        validate_args(args, {})
-    return args
 
 
 @pytest.mark.parametrize("path", sorted(RETROFIT.glob("*.yml")), ids=lambda p: p.name)

@@ -2,14 +2,11 @@
 parameters, and follows megatron-core's convention (its own ``num_floating_point_operations`` on
 Megatron's parsed arguments) with every core application of a loop counted."""
 
-import argparse
-import contextlib
-import io
 
 import pytest
 import torch
 
-from conftest import REPO, random_batch, tiny_config
+from conftest import REPO, megatron_args, random_batch, tiny_config
 from megatron_mesh.recurrence.schemes import SCHEME_NAMES, scheme_class
 
 TINY = REPO / "configs/tiny-cpu.yml"
@@ -34,23 +31,6 @@ def test_config_matmul_count_equals_the_built_model(megatron_world, layout, sche
     with torch.device("meta"):
         model = MeshGPTModel(cfg)
     assert applied_matmul_weights(model) == applied_matmul_weights_of_config(cfg)
-
-
-def megatron_args(config, overrides=(), passthrough=()):
-    """Megatron's arguments for a YAML config as the trainer builds them: ``megatron_argv``
-    (plus flags passed through after ``--``), Megatron's parser with ours, and ``validate_args``,
-    which fills what the FLOP count reads (kv_channels, num_query_groups, ...)."""
-    from megatron.training.arguments import add_megatron_arguments, validate_args
-
-    from megatron_mesh.config.yaml_file import load_config_tree
-    from megatron_mesh.training.arguments import add_mesh_arguments, megatron_argv
-
-    parser = add_mesh_arguments(add_megatron_arguments(argparse.ArgumentParser(allow_abbrev=False)))
-    args = parser.parse_args(megatron_argv(*load_config_tree(config, overrides)) + list(passthrough))
-    args.rank, args.world_size = 0, 1  # what megatron's parse_args reads from the environment
-    with contextlib.redirect_stdout(io.StringIO()):  # validate_args prints every argument
-        validate_args(args, {})
-    return args
 
 
 def megatron_flops(args, batch: int) -> float:
