@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_mesh.errors import ConfigError
+from megatron_mesh.recurrence.exit_gate import EXIT_TRAININGS
 from megatron_mesh.recurrence.injection import INITIAL_STATES, InjectionScheme
 from megatron_mesh.recurrence.layout import Layout, parse_layout
 from megatron_mesh.recurrence.loop_depth import (
@@ -183,6 +184,34 @@ class MeshConfig(TransformerConfig):
     'sequence' or each 'token' (Parcae's recurrent_iteration_method). Per sequence or token a
     micro-batch runs the steps its deepest element needs and the others keep their state
     (loop_depth.py); the FLOPs and the logged depth count each element's own steps."""
+
+    exit_gate: bool = mesh_field(ARCHITECTURE, False)
+    """A learned exit (Ouro, arXiv 2510.25741; recurrence/exit_gate.py): a Linear(h -> 1) gate
+    per loop step but the last reads the output layer's input after that step, z(t) =
+    final_norm(coda(end(h(t)))), and gives the chance of exiting there. Training then runs the
+    coda, final norm and output layer after every loop step and trains on exit_training's
+    objective; the log shows 'exit step' and 'exit entropy'. An export's adaptive exit reads
+    the gates (ExitPolicy criterion 'gate'). Needs a recursive layout with K >= 2, the fixed
+    depth (no sampled loop_depth, no backprop_loops) and no pipeline parallelism (the coda and
+    output layer, on the last stage, are needed after every loop step)."""
+
+    exit_training: str = mesh_field(MODEL, "expected_loss", EXIT_TRAININGS)
+    """With exit_gate, what trains: 'expected_loss' (Ouro's stage I) the whole model on
+    sum_t p(t) L(t) - exit_entropy_weight * H(p) per token (a uniform prior over exit steps);
+    'gate_only' (stage II) the gates alone, every other weight frozen, on a binary cross-entropy
+    towards continuing where the next step lowers the loss by more than exit_gate_margin
+    (start it from a stage-I checkpoint: checkpointing.pretrained)."""
+
+    exit_entropy_weight: float = mesh_field(MODEL, 0.1)
+    """beta of exit_training 'expected_loss': the weight of the exit distribution's entropy."""
+
+    exit_gate_sharpness: float = mesh_field(MODEL, 50.0)
+    """k of exit_training 'gate_only': the target P(continue) is sigmoid(k (I - gamma)), I the
+    loss improvement of the next step (Ouro's k = 50)."""
+
+    exit_gate_margin: float = mesh_field(MODEL, 0.005)
+    """gamma of exit_training 'gate_only': the improvement (nats per token) at which continuing
+    and exiting are equally right (Ouro's 0.005)."""
 
     layer_family: str = mesh_field(ARCHITECTURE, "gpt_neox", LAYER_FAMILIES)
     """The transformer layer of prelude, core and coda. 'gpt_neox' (Pythia, the paper's):
@@ -374,6 +403,7 @@ class MeshConfig(TransformerConfig):
             )
         self._validate_slots()
         self._validate_depth()
+        self._validate_exit_gate()
         self._refuse_low_bit_formats()
         if self.hidden_size <= 0 or self.num_attention_heads <= 0:
             raise ConfigError(
@@ -455,6 +485,32 @@ class MeshConfig(TransformerConfig):
             problem = self.pipeline_depth_problem(stages, self.pipeline_stage_layers)
             if problem:
                 raise ConfigError(problem)
+
+    def _validate_exit_gate(self) -> None:
+        if not self.exit_gate:
+            return
+        if not self.parsed_layout.recursive or self.parsed_layout.num_loops < 2:
+            raise ConfigError(f"exit_gate: true chooses among loop steps: it needs a recursive "
+                              f"layout with K >= 2, not layout={self.layout!r}")
+        if LoopDepth.of(self).varies:
+            raise ConfigError(f"exit_gate: true trains every exit of the layout's K loop steps, "
+                              f"all with gradients: it does not combine with {self.depth_setting()}")
+        if self.exit_entropy_weight < 0 or self.exit_gate_sharpness <= 0:
+            raise ConfigError(f"exit_entropy_weight={self.exit_entropy_weight}, exit_gate_sharpness="
+                              f"{self.exit_gate_sharpness}: expected >= 0 and > 0")
+        problem = self.exit_gate_pipeline_problem(self.pipeline_model_parallel_size)
+        if problem:
+            raise ConfigError(problem)
+
+    def exit_gate_pipeline_problem(self, pipeline: int) -> Optional[str]:
+        """Why exit gates cannot train on ``pipeline`` stages, or None (checked before launch
+        by the trainer and where the model is built)."""
+        if not self.exit_gate or pipeline == 1:
+            return None
+        return (f"exit_gate: true under pipeline parallelism ({pipeline} stages) is not "
+                f"supported: every loop step's exit needs the coda, final norm and output layer, "
+                f"which the last stage holds, while the loop steps run on earlier stages; train "
+                f"the exit gates with tensor and data parallelism (parallelism.pipeline: 1)")
 
     def depth_setting(self) -> str:
         per = f" per {self.loop_depth_per}" if self.loop_depth_per != "batch" else ""

@@ -116,8 +116,9 @@ def _twin_name(name: str) -> str:
         return "embed_out.weight"
     if name.startswith("decoder.final_layernorm."):
         return "model.final_layer_norm." + name.rsplit(".", 1)[1]
-    if name.startswith("decoder.scheme."):
-        return "model.scheme." + name[len("decoder.scheme."):]
+    for module in ("scheme", "exit_gate"):  # decoder.exit_gate.gates.0.weight -> model.exit_gate...
+        if name.startswith(f"decoder.{module}."):
+            return "model." + name[len("decoder."):]
     raise KeyError(f"{name}: not a MeshGPTModel tensor outside its layers")
 
 

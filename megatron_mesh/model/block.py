@@ -27,6 +27,7 @@ from megatron.core.utils import make_viewless_tensor
 from megatron_mesh.config.model import MeshConfig, refuse_unsupported
 from megatron_mesh.model.layers import RecursiveBlockSubmodules, default_block_spec, family_layer_spec
 from megatron_mesh.parallel.replicas import TIED_COPY, mark_replica_ids
+from megatron_mesh.recurrence.exit_gate import ExitGate
 from megatron_mesh.recurrence.mesh import LoopState, SchemeOptions
 from megatron_mesh.recurrence.schemes import build_scheme, has_per_step_parameters
 from megatron_mesh.recurrence.unrolled import Carry, Op, stage_ops, unrolled_ops
@@ -140,6 +141,18 @@ class _StepGate:
             return torch.where(keep, h, self.entry.h), state.where(keep, self.entry.state)
 
 
+class _Readouts:
+    """Where ``forward(readouts=[...])`` collects the readouts after loop steps 1..K-1."""
+
+    def __init__(self, outputs: Optional[List[Tensor]], loops: int, ops: List[Op]):
+        self.outputs, self.loops = outputs, loops
+        self.coda_ops = [op for op in ops if op.kind == "layer" and op.segment == "coda"]
+
+    def after(self, op: Op) -> bool:
+        """Whether a readout follows ``op``: every loop step's end but the last one's."""
+        return self.outputs is not None and op.kind == "step" and op.index < self.loops - 1
+
+
 class RecursiveMeshTransformerBlock(MegatronModule):
     """The transformer stack of a Prelude-Recurrent-Coda model. Input and output are [s, b, h].
 
@@ -187,10 +200,15 @@ class RecursiveMeshTransformerBlock(MegatronModule):
         self.cores = nn.ModuleList(held("core", c) for c in range(len(layout.core_modules)))
         self.coda = held("coda")
         self.final_layernorm = None
+        self.exit_gate = None
         if self.is_last_stage:
             self.final_layernorm = build_module(spec.final_layernorm, config=config,
                                                 hidden_size=config.hidden_size,
                                                 eps=config.layernorm_epsilon)
+            if config.exit_gate:  # reads the final norm's output after every loop step
+                with _param_device(config):
+                    self.exit_gate = ExitGate(config.hidden_size, layout.num_loops, config.init_method)
+                _mark_sequence_parallel(self.exit_gate, config.sequence_parallel)
 
     @property
     def is_last_stage(self) -> bool:
@@ -222,6 +240,7 @@ class RecursiveMeshTransformerBlock(MegatronModule):
         carry: Optional[Carry] = None,
         backprop_loops: Optional[int] = None,
         step_mask: Optional[Tensor] = None,
+        readouts: Optional[List[Tensor]] = None,
     ):
         """Run this block's share of the unrolled graph.
 
@@ -233,6 +252,9 @@ class RecursiveMeshTransformerBlock(MegatronModule):
         [num_loops, b] or [num_loops, b, s], per-sequence or per-token depth: loop_depth.py)
         lets loop step t update only the sequences or tokens it marks. ``states``, if a list,
         receives (name, tensor) in execution order for probes and tests (names: ``Recorded``).
+        ``readouts``, if a list, receives final_norm(coda(end(h(t)))) [s, b, h] after each loop
+        step t = 1..K-1 but the last (whose readout is the return value): the exits of a learned
+        exit gate (one stage holding the whole model).
 
         The ops (unrolled.py) run the recurrence
             h(0), state = scheme.begin(h_emb, prelude(h_emb))
@@ -254,9 +276,11 @@ class RecursiveMeshTransformerBlock(MegatronModule):
         if carry is None:
             carry = Carry(h=hidden_states, h_emb=hidden_states)
             record(Recorded.EMBEDDINGS, hidden_states)
+        if readouts is not None and self.stage != (0, self.config.parsed_layout.n_compute):
+            raise ValueError("readouts after every loop step need one stage holding the whole model")
         with self._rng_context():
             carry = self._run_ops(ops, carry, first_backprop_step, (attention_mask, rotary_pos_emb),
-                                  record, gate)
+                                  record, gate, _Readouts(readouts, loops, ops))
         if not self.is_last_stage:
             return carry
         if not self.config.parsed_layout.recursive:
@@ -265,8 +289,15 @@ class RecursiveMeshTransformerBlock(MegatronModule):
         h = self.final_layernorm(carry.h)
         return make_viewless_tensor(h, requires_grad=h.requires_grad, keep_graph=True)
 
+    def _read_out(self, carry: Carry, readouts: "_Readouts", layer_inputs: tuple) -> None:
+        """Append final_norm(coda(end(h(t)))) for the loop step ``carry`` has just finished."""
+        h = self.scheme.end(carry.h, carry.state)
+        if readouts.coda_ops:
+            h = self._run_layers(readouts.coda_ops, h, *layer_inputs)
+        readouts.outputs.append(self.final_layernorm(h))
+
     def _run_ops(self, ops: List[Op], carry: Carry, first_backprop_step: int, layer_inputs: tuple,
-                 record: "_Recorder", gate: "_StepGate") -> Carry:
+                 record: "_Recorder", gate: "_StepGate", readouts: "_Readouts") -> Carry:
         """The ops in order, loop steps before ``first_backprop_step`` without gradients.
 
         Consecutive layer applications run together (the recompute chunks). A frozen layer
@@ -286,6 +317,8 @@ class RecursiveMeshTransformerBlock(MegatronModule):
                 else:
                     for op in run:
                         carry = self._scheme_op(op, carry, record, gate)
+                        if readouts.after(op):
+                            self._read_out(carry, readouts, layer_inputs)
         return carry
 
     def _scheme_op(self, op: Op, carry: Carry, record: "_Recorder", gate: "_StepGate") -> Carry:

@@ -9,8 +9,9 @@ here are the stable building blocks both of them share.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional, Union
 
+import torch
 from torch import Tensor
 
 from megatron.core import tensor_parallel
@@ -27,6 +28,7 @@ from megatron_mesh.model.block import RecursiveMeshTransformerBlock, StateList
 from megatron_mesh.model.layers import RecursiveBlockSubmodules
 from megatron_mesh.parallel import carry as boundary
 from megatron_mesh.parallel import stages
+from megatron_mesh.recurrence.exit_gate import ExitLoss, ExitObjective, exit_loss
 
 
 class MeshGPTModel(LanguageModule):
@@ -36,7 +38,8 @@ class MeshGPTModel(LanguageModule):
     (virtual pipelining) of this pipeline rank (``megatron_mesh.parallel.stages``, ``.carry``).
 
     forward(input_ids [b, s], position_ids [b, s]) returns logits [b, s, V] (vocab-parallel
-    unless ``parallel_output=False``), or, given labels [b, s], the per-token loss [b, s].
+    unless ``parallel_output=False``), or, given labels [b, s], the per-token loss [b, s]; with
+    exit gates (config.exit_gate) and the layout's depth, the per-token ``ExitLoss`` instead.
     """
 
     def __init__(
@@ -95,6 +98,15 @@ class MeshGPTModel(LanguageModule):
                 tp_group=self.pg_collection.tp,
             )
         self.setup_embeddings_and_output_layer()
+        if config.exit_gate and config.exit_training == "gate_only":
+            self._train_exit_gates_only()
+
+    def _train_exit_gates_only(self) -> None:
+        """Ouro's stage II: the language model frozen (megatron's DDP and optimizer leave out
+        parameters without requires_grad), the exit gates trained alone."""
+        gates = {id(p) for p in self.decoder.exit_gate.parameters()} if self.decoder.exit_gate else set()
+        for param in self.parameters():
+            param.requires_grad_(id(param) in gates)
 
     def set_input_tensor(self, input_tensor) -> None:
         """What the previous pipeline stage sent (megatron's schedules call this every step)."""
@@ -112,20 +124,40 @@ class MeshGPTModel(LanguageModule):
         states: StateList = None,
         backprop_loops: Optional[int] = None,
         step_mask: Optional[Tensor] = None,
-    ) -> Tensor:
+    ) -> Union[Tensor, ExitLoss]:
         rotary_pos_emb = self.rotary_pos_emb(input_ids.shape[1])
         if self.pre_process:
             h_emb = self.embedding(input_ids=input_ids, position_ids=position_ids)  # [s, b, h]
             h_emb, carry = h_emb * self.decoder.embedding_scale(), None
         else:  # a later pipeline stage: [s, b, W] from the previous one
             h_emb, carry = None, boundary.unpack(self.input_tensor, self.carry_phases[0], self.config)
+        exits = labels is not None and self.decoder.exit_gate is not None and num_loops is None
+        readouts = [] if exits else None
         h = self.decoder(h_emb, attention_mask, rotary_pos_emb, num_loops=num_loops, states=states,
-                         carry=carry, backprop_loops=backprop_loops, step_mask=step_mask)
+                         carry=carry, backprop_loops=backprop_loops, step_mask=step_mask,
+                         readouts=readouts)
         if not self.post_process:
             return boundary.pack(h, self.carry_phases[1], self.config)
-        tied = self.share_embeddings_and_output_weights
-        weight = self.shared_embedding_or_output_weight() if tied else None
-        logits, _ = self.output_layer(h, weight=weight)  # [s, b, V/tp]
+        if exits:
+            return self._exit_loss([*readouts, h], labels)
+        logits = self._logits(h)  # [s, b, V/tp]
         if labels is None:
             return logits.transpose(0, 1).contiguous()  # [b, s, V/tp]
         return self.compute_language_model_loss(labels, logits)  # [b, s]
+
+    def _logits(self, h: Tensor) -> Tensor:  # [s, b, h] -> [s, b, V/tp]
+        tied = self.share_embeddings_and_output_weights
+        weight = self.shared_embedding_or_output_weight() if tied else None
+        logits, _ = self.output_layer(h, weight=weight)
+        return logits
+
+    def _exit_loss(self, readouts: List[Tensor], labels: Tensor) -> ExitLoss:
+        """The learned-exit objective from the readouts z(1..K) [s(/tp), b, h] (exit_gate.py)."""
+        losses = torch.stack([self.compute_language_model_loss(labels, self._logits(z))
+                              for z in readouts])  # [K, b, s]
+        gate_logits = self.decoder.exit_gate(readouts[:-1])  # [K - 1, s(/tp), b]
+        if self.config.sequence_parallel:  # each rank gated its own tokens: gather them all
+            gate_logits = tensor_parallel.gather_from_sequence_parallel_region(
+                gate_logits.transpose(0, 1), tensor_parallel_output_grad=False,
+                group=self.pg_collection.tp).transpose(0, 1)
+        return exit_loss(gate_logits.transpose(1, 2), losses, ExitObjective.of(self.config))

@@ -109,13 +109,27 @@ def train_flops_per_token(cfg: MeshConfig, seq_length: int, draw: Optional[LoopD
     layout = cfg.parsed_layout
     if draw is None:  # the layout's own K steps, all with gradients
         routing = scheme.applied_matmul_weights(layout.num_loops) if scheme is not None else 0
-        return float(3 * (cfg.num_layers * layer + 2 * routing + logits))
+        forward = cfg.num_layers * layer + 2 * routing + logits
+        if cfg.exit_gate:
+            return float(_with_exit_readouts(cfg, forward, layout.coda * layer + logits))
+        return float(3 * forward)
     once, per_step = scheme.applied_matmul_weights(0), scheme.applied_matmul_weights(1)
     per_step -= once
     step = layout.core[0] * layer + 2 * per_step  # one loop step (a tied core), forward
     outside = (layout.prelude + layout.coda) * layer + 2 * once + logits
     frozen = draw.num_loops - draw.backprop_loops
     return float(3 * (outside + draw.backprop_loops * step) + frozen * step)
+
+
+def _with_exit_readouts(cfg: MeshConfig, forward: float, readout: float) -> float:
+    """Training FLOPs with exit gates: the readouts (coda, output layer) after loop steps
+    1..K-1 and the K-1 gates on top of ``forward``; 'gate_only' runs everything but the gates
+    forward only (the frozen model needs no backward pass)."""
+    gates = 2 * cfg.hidden_size * (cfg.num_loops - 1)
+    forward += (cfg.num_loops - 1) * readout + gates
+    if cfg.exit_training == "gate_only":
+        return forward + 2 * gates
+    return 3 * forward
 
 
 @dataclass(frozen=True)

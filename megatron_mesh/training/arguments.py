@@ -30,6 +30,7 @@ def _parsed(tree: dict, origins: Dict[str, str]) -> Tuple[Experiment, MeshConfig
     cfg = model_config(tree, origins, use_cpu_initialization=True)  # validates the section
     _check_pipeline(exp, cfg, origins)
     _check_loop_depth(exp, cfg, origins)
+    _check_exit_gate(exp, cfg, origins)
     if (exp.training.train_iters is None) == (exp.training.train_tokens is None):
         raise ConfigError("set exactly one of 'training.train_iters' and 'training.train_tokens'")
     _check_wandb(exp.logging, origins)
@@ -119,6 +120,14 @@ def _check_loop_depth(exp: Experiment, cfg: MeshConfig, origins: Dict[str, str])
             "hook fired as often as in the first step (param_and_grad_buffer.py, "
             "golden_per_param_grad_ready_counts) and fails otherwise. Set model.backprop_loops: 1 "
             "(always one step with gradients), or drop overlap_grad_reduce or the recompute")
+
+
+def _check_exit_gate(exp: Experiment, cfg: MeshConfig, origins: Dict[str, str]) -> None:
+    """Exit gates under pipeline parallelism: refused before launch, naming the keys."""
+    problem = cfg.exit_gate_pipeline_problem(exp.parallelism.pipeline)
+    if problem:
+        where = origins.get("model.exit_gate", "?")
+        raise ConfigError(f"{where} with {origins.get('parallelism.pipeline', '?')}: {problem}")
 
 
 def _check_wandb(log: Logging, origins: Dict[str, str]) -> None:

@@ -27,6 +27,7 @@ from megatron_mesh.config.model import DERIVED_FIELDS, MeshConfig
 from megatron_mesh.model.gpt import MeshGPTModel
 from megatron_mesh.model.layers import local_block_spec, te_block_spec
 from megatron_mesh.parallel import carry, replicas
+from megatron_mesh.recurrence.exit_gate import ExitLoss
 from megatron_mesh.recurrence.loop_depth import LoopDepth
 from megatron_mesh.training.router_log import RouterLog
 from megatron_mesh.training.throughput import DepthTally, rank_device
@@ -89,6 +90,8 @@ class MeshProviders:
         output = model(tokens, position_ids, None, labels=labels, states=states,
                        **self.loop_draw(model.training, _chunk(model)))  # [b, s] token loss
         self.router_log.write(model, states)
+        if isinstance(output, ExitLoss):  # exit gates (config.exit_gate): the objective trains
+            return output.objective, partial(exit_loss_func, loss_mask, output)
         return output, partial(loss_func, loss_mask)
 
 
@@ -168,6 +171,22 @@ def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     num_tokens = mask.sum().clone().detach().to(torch.int)
     report = torch.cat([loss.clone().detach().view(1), num_tokens.view(1)])
     return loss, num_tokens, {"lm loss": report}
+
+
+def exit_loss_func(loss_mask: torch.Tensor, exits: ExitLoss, output_tensor: torch.Tensor):
+    """``loss_func`` of the exit objective, reporting beside it (each a masked token mean):
+    'lm loss', the expected loss over the gates' exits; 'lm loss at K', after all K loop steps;
+    'exit step', the expected loop steps; 'exit entropy', of the exit distribution (nats)."""
+    loss, num_tokens, report = loss_func(loss_mask, output_tensor)
+    mask = loss_mask.view(-1).float()
+
+    def mean_of(values: torch.Tensor) -> torch.Tensor:
+        return torch.stack([torch.sum(values.detach().view(-1).float() * mask), mask.sum()])
+
+    report = {"lm loss": mean_of(exits.expected_loss), "exit objective": report["lm loss"],
+              "lm loss at K": mean_of(exits.final_loss), "exit step": mean_of(exits.exit_step),
+              "exit entropy": mean_of(exits.entropy)}
+    return loss, num_tokens, report
 
 
 def _check_data(args) -> None:

@@ -117,7 +117,7 @@ ROUND_TRIP = [
                              ffn_hidden_size=96, kv_channels=8, max_sequence_length=48,
                              scale_embeddings=False, vocab_size=100)),
     ("1+2R2+1", "linear_injection", dict(initial_state="random", initial_state_std=0.3,
-                                         hidden_size=32, num_attention_heads=2)),
+                                         hidden_size=32, num_attention_heads=2, exit_gate=True)),
     ("1+2R2+1", "mesh", dict(layer_family="llama", num_query_groups=2, add_qkv_bias=True,
                              qk_layernorm=True, rope_scaling_factor=8.0, tie_embeddings=True,
                              rotary_base=500000.0)),
