@@ -140,6 +140,11 @@ class Schedule:
     min_lr_ratio: float = key(0.1, "final learning rate as a fraction of optimizer.lr", bounds=FRACTION)
     decay_iters: Optional[int] = key(None, "iterations of the decay (default: all of training)",
                                      bounds=AT_LEAST_1)
+    wsd_decay_iters: Optional[int] = key(None, "style WSD (warmup-stable-decay): iterations of the final "
+                                         "decay, the last of decay_iters (required for WSD)",
+                                         "lr-wsd-decay-iters", bounds=AT_LEAST_1)
+    wsd_decay_style: str = key("exponential", "style WSD: the shape of the final decay", "lr-wsd-decay-style",
+                               ("exponential", "linear", "cosine", "minus_sqrt"))
 
 
 @dataclass

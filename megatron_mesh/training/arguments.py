@@ -38,17 +38,26 @@ def _parsed(tree: dict, origins: Dict[str, str]) -> Tuple[Experiment, MeshConfig
     if len(betas) != 2 or not all(type_ok(b, float) and 0 <= b < 1 for b in betas):
         raise ConfigError(f"{origins.get('optimizer.betas', '?')}: optimizer.betas={betas!r}: "
                           f"expected [beta1, beta2], each 0 <= beta < 1")
-    _check_warmup(exp, origins)
+    _check_schedule(exp, origins)
     return exp, cfg
 
 
-def _check_warmup(exp: Experiment, origins: Dict[str, str]) -> None:
-    """megatron's scheduler asserts warmup < decay steps (optimizer_param_scheduler.py:160)."""
+def _check_schedule(exp: Experiment, origins: Dict[str, str]) -> None:
+    """What megatron's scheduler asserts (optimizer_param_scheduler.py): warmup < decay steps
+    (:160), WSD given its decay steps (:164)."""
     warmup, decay = exp.schedule.warmup_iters, exp.schedule.decay_iters or train_iters(exp.training)
     if warmup is not None and warmup >= decay:
         raise ConfigError(f"{origins.get('schedule.warmup_iters', '?')}: schedule.warmup_iters={warmup}: "
                           f"expected fewer than the {decay} decay iterations (schedule.decay_iters, "
                           f"default training.train_iters)")
+    wsd = exp.schedule.wsd_decay_iters
+    where = origins.get("schedule.wsd_decay_iters", origins.get("schedule.style", "?"))
+    if exp.schedule.style == "WSD" and wsd is None:  # megatron's scheduler asserts it (:164)
+        raise ConfigError(f"{where}: schedule.style=WSD needs schedule.wsd_decay_iters, the "
+                          f"iterations of its final decay (e.g. a fifth of the {decay})")
+    if exp.schedule.style == "WSD" and wsd > decay:
+        raise ConfigError(f"{where}: schedule.wsd_decay_iters={wsd}: expected at most the {decay} "
+                          f"decay iterations (schedule.decay_iters, default training.train_iters)")
 
 
 HF_TOKENIZER = "HuggingFaceTokenizer"

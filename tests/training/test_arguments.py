@@ -108,6 +108,8 @@ def test_passthrough_wins_and_yaml_floats_are_numbers(tmp_path):
         ("schedule.min_lr_ratio=2", "schedule.min_lr_ratio=2: expected 0 <= value <= 1"),
         ("schedule.warmup_iters=40", "schedule.warmup_iters=40: expected fewer than the 40 decay iterations"),
         ("optimizer.betas=[0.9, 1.5]", "optimizer.betas=[0.9, 1.5]: expected [beta1, beta2], each 0 <= beta < 1"),
+        # megatron's scheduler: assert self.wsd_decay_steps is not None
+        ("schedule.style=WSD", "schedule.style=WSD needs schedule.wsd_decay_iters"),
     ],
 )
 def test_bad_values_fail_clearly(override, message):
@@ -312,3 +314,14 @@ def test_the_tokenizer_is_checked_before_megatron_starts(tmp_path):
         assert f"--tokenizer-model {usable}" in " ".join(megatron_argv(*tokenizer_tree(tmp_path, usable)))
     with pytest.raises(ConfigError, match="tokenizer.type=TikTokenizer needs the path of an existing"):
         megatron_argv(*load_config_tree(REPO / "configs/tiny-cpu.yml", ["tokenizer.type=TikTokenizer"]))
+
+
+def test_wsd_schedule_maps_to_megatron():
+    args = parsed(REPO / "configs/tiny-cpu.yml", ["schedule.style=WSD", "schedule.wsd_decay_iters=3",
+                                                  "schedule.wsd_decay_style=cosine"])
+    assert (args.lr_decay_style, args.lr_wsd_decay_iters, args.lr_wsd_decay_style) == ("WSD", 3, "cosine")
+    from megatron_mesh.training.arguments import megatron_argv
+
+    with pytest.raises(ConfigError, match="wsd_decay_iters=99: expected at most the"):
+        megatron_argv(*load_config_tree(REPO / "configs/tiny-cpu.yml", [
+            "schedule.style=WSD", "schedule.wsd_decay_iters=99", "training.train_iters=20"]))
