@@ -19,6 +19,7 @@ from torch import Tensor
 
 from megatron_mesh.config.model import MeshConfig
 from megatron_mesh.errors import CheckpointError
+from megatron_mesh.hf.names import under
 
 LAYER_NAMES = {  # megatron-core TransformerLayer suffix -> HF LlamaDecoderLayer suffix
     "input_layernorm.weight": "input_layernorm.weight",
@@ -174,7 +175,7 @@ def to_hf_state(state: Dict[str, Tensor], config: MeshConfig) -> Dict[str, Tenso
            "lm_head.weight": table if config.tie_embeddings else state["output_layer.weight"]}
     for i in range(config.num_layers):
         prefix = f"decoder.prelude.{i}."
-        layer = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        layer = under(state, prefix)
         out.update({f"model.layers.{i}.{k}": v for k, v in layer_to_hf(layer, config).items()})
     return out
 
@@ -191,6 +192,6 @@ def from_hf_state(hf_state: Dict[str, Tensor], config: MeshConfig) -> Dict[str, 
         out["output_layer.weight"] = hf_state["lm_head.weight"]
     for i in range(config.num_layers):
         prefix = f"model.layers.{i}."
-        layer = {k[len(prefix):]: v for k, v in hf_state.items() if k.startswith(prefix)}
+        layer = under(hf_state, prefix)
         out.update({f"decoder.prelude.{i}.{k}": v for k, v in layer_from_hf(layer, config).items()})
     return out

@@ -17,6 +17,7 @@ from megatron_mesh.config.experiment import type_name, type_ok
 from megatron_mesh.config.model import HF_NAMES, MeshConfig
 from megatron_mesh.errors import CheckpointError
 from megatron_mesh.hf import llama
+from megatron_mesh.hf.names import under
 from megatron_mesh.recurrence.layout import Layout
 
 HF_ACTIVATIONS = {"tanh": "gelu_pytorch_tanh", "none": "gelu"}
@@ -146,7 +147,7 @@ def megatron_to_hf_mesh(state: Dict[str, Tensor], config: MeshConfig) -> Dict[st
     prefixes = megatron_layer_prefixes(config.parsed_layout)
     out = {}
     for prefix in prefixes:
-        layer = {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")}
+        layer = under(state, prefix + ".")
         out.update({f"{_twin_prefix(prefix)}.{k}": v for k, v in _layer_to_hf(layer, config).items()})
     in_layers = tuple(p + "." for p in prefixes)
     out.update({_twin_name(k): v for k, v in state.items()
@@ -163,7 +164,7 @@ def hf_mesh_to_megatron(hf_state: Dict[str, Tensor], names: List[str],
     out: Dict[str, Tensor] = {}
     for prefix in prefixes:
         twin = _twin_prefix(prefix) + "."
-        layer = {k[len(twin):]: v for k, v in hf_state.items() if k.startswith(twin)}
+        layer = under(hf_state, twin)
         try:
             out.update({f"{prefix}.{k}": v for k, v in _layer_from_hf(layer, config).items()})
         except KeyError as err:

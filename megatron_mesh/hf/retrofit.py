@@ -17,6 +17,7 @@ from typing import Dict, Tuple
 from torch import Tensor
 
 from megatron_mesh.errors import ConfigError
+from megatron_mesh.hf.names import under
 from megatron_mesh.recurrence.layout import Layout
 
 RETROFIT_SCHEME = "additive_injection"
@@ -100,6 +101,5 @@ def retrofit_state(state: Dict[str, Tensor], selection: LayerSelection) -> Dict[
     for segment, sources in segments:
         for j, source in enumerate(sources):
             prefix = f"decoder.prelude.{source}."
-            out.update({f"{segment}.{j}.{k[len(prefix):]}": v for k, v in state.items()
-                        if k.startswith(prefix)})
+            out.update({f"{segment}.{j}.{k}": v for k, v in under(state, prefix).items()})
     return out
