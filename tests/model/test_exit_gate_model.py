@@ -65,7 +65,7 @@ def test_one_forward_equals_the_t_step_reference(megatron_world, scheme, trainin
     assert got_grads.keys() == want_grads.keys()
     for name in got_grads:
         torch.testing.assert_close(got_grads[name], want_grads[name], rtol=1e-4, atol=1e-5,
-                                   msg=lambda m: f"{name}: {m}")
+                                   msg=lambda m, name=name: f"{name}: {m}")
     # the K-step loss reported beside it is the plain forward's
     torch.testing.assert_close(out.final_loss, model(tokens, positions, labels=labels, num_loops=3))
     assert ((out.exit_step >= 1) & (out.exit_step <= 3)).all()
