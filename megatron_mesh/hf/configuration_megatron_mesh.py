@@ -24,7 +24,7 @@ def parse_layout(layout):
     return parts[0], parts[1:-1], parts[-1], False
 
 
-HF_SETTINGS = ("num_loops", "use_cache", "bos_token_id", "eos_token_id")
+HF_SETTINGS = ("num_loops", "exit_policy", "use_cache", "bos_token_id", "eos_token_id")
 """The parameters below that are Hugging Face settings, not the exported model's fields: every
 other one (tie_word_embeddings included: MeshConfig.tie_embeddings) is a MeshConfig field under
 its HF name (megatron_mesh.config.model.HF_NAMES, which the export writes in full;
@@ -68,7 +68,9 @@ class MegatronMeshConfig(PretrainedConfig):
         qk_layernorm=False,
         add_qkv_bias=False,
         initializer_range=0.02,
+        exit_gate=False,
         num_loops=None,
+        exit_policy=None,
         use_cache=True,
         bos_token_id=0,
         eos_token_id=0,
@@ -99,11 +101,14 @@ class MegatronMeshConfig(PretrainedConfig):
         self.qk_layernorm = qk_layernorm  # llama: per-head RMSNorm of queries and keys
         self.add_qkv_bias = add_qkv_bias  # llama: biases on the q, k, v projections (Qwen2)
         self.initializer_range = initializer_range
+        self.exit_gate = exit_gate  # Ouro's learned exit: model.exit_gate.gates, one per loop step but the last
         self.num_loops = num_loops  # read out after fewer loop steps than trained (depth studies)
+        self.exit_policy = exit_policy  # the forward's default ExitPolicy, as a dict of its fields
         self.use_cache = use_cache
         prelude, core, coda, _ = parse_layout(self.layout)
         self.num_hidden_layers = prelude + sum(core) + coda  # one cache slot per application
         self._check_attention()
+        self._check_exit()
         super().__init__(bos_token_id=bos_token_id, eos_token_id=eos_token_id,
                          tie_word_embeddings=tie_word_embeddings, **kwargs)
 
@@ -118,3 +123,13 @@ class MegatronMeshConfig(PretrainedConfig):
         if self.layer_family == "gpt_neox" and used:
             raise ValueError(f"{used[0]}={getattr(self, used[0])!r} needs layer_family='llama' "
                              f"(the GPT-NeoX layer has none)")
+
+    def _check_exit(self):
+        """exit_policy is kept as a plain dict so that config.json holds it (the model code reads
+        it with ExitPolicy.of, which checks its fields); a fixed num_loops contradicts it."""
+        if self.exit_policy is not None and not isinstance(self.exit_policy, dict):
+            raise ValueError(f"exit_policy: expected a dict of ExitPolicy fields or None, "
+                             f"got {type(self.exit_policy).__name__}")
+        if self.exit_policy is not None and self.num_loops is not None:
+            raise ValueError(f"num_loops={self.num_loops} and exit_policy={self.exit_policy}: set one "
+                             f"(a fixed depth or an adaptive exit)")
