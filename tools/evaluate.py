@@ -30,12 +30,24 @@ only for tied cores without per-step parameters): the t-loop read-out, the coda 
 final norm + output layer on h(t)) and the direct lens (final norm + output layer on h(t)),
 with the same windows as ppl. --output (or --output-dir) DIR writes depth.json and depth.png.
 
+    python tools/evaluate.py exit --model M --data D [--kl 1e-3,1e-2] [--entropy 2,3] \
+        [--gate 0.5,0.9] [--max-steps T] [--generate-tokens 32 --prompts 4] [--output-dir DIR] ...
+
+exit measures test-time compute: held-out loss against mean loop steps per token for fixed
+depths 1..T, per-token KL exit (default thresholds 1e-4..0.1), entropy exit (--entropy) and,
+for models trained with exit gates, the learned gate (exit CDF thresholds, default 0.3..0.9),
+through the HF recursive model (an export, or a Megatron checkpoint converted in memory). It
+prints the table, the steps each policy saves against the cheapest fixed depth as good, and
+(--generate-tokens N) greedy decoding's tokens/s and steps per generated token at batch 1.
+--output-dir DIR writes exit.json and exit.png.
+
 Models are labelled with --name, else after their run (runs/demo/checkpoints: 'demo',
 runs/demo/hf: 'demo/hf'). ppl and depth print progress lines to stderr (documents done, tokens/s,
 ETA; --no-progress: none); stdout holds only the table and what was written.
 """
 
 import argparse
+import itertools
 from pathlib import Path
 
 from _bootstrap import cli
@@ -84,7 +96,39 @@ def parse_args(argv=None) -> argparse.Namespace:
                        help="read out after 0..T iterations (default: the trained K)")
     cli.add_output(depth, "--output-dir", default=None,
                    help="directory for depth.json and depth.png (default: print only)")
+
+    exits = sub.add_parser("exit", help="loss vs loop steps per token: fixed depth, KL exit, learned gate",
+                           description=CONTEXT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    exits.add_argument("--model", required=True, help="Megatron checkpoint or HF export directory")
+    exits.add_argument("--name", default=None, help="label in the figure (default: the run)")
+    _data_args(exits, many=False)
+    exits.add_argument("--kl", default=None, help="comma-separated KL thresholds in nats "
+                       "(default 1e-4,1e-3,3e-3,1e-2,3e-2,0.1; 'none': no KL exit)")
+    exits.add_argument("--entropy", default="none", help="comma-separated entropy thresholds in nats "
+                       "(default none)")
+    exits.add_argument("--gate", default=None, help="comma-separated exit-CDF thresholds of the "
+                       "learned gate (default 0.3,0.5,0.7,0.9 for models with exit gates)")
+    exits.add_argument("--max-steps", type=int, default=None,
+                       help="most loop steps per token, and fixed depths 1..T (default: the trained K)")
+    exits.add_argument("--generate-tokens", type=int, default=0,
+                       help="time greedy decoding of this many tokens per prompt (default 0: no timing)")
+    exits.add_argument("--prompts", type=int, default=4,
+                       help="prompts for --generate-tokens: the first windows of the data (default 4)")
+    cli.add_output(exits, "--output-dir", default=None,
+                   help="directory for exit.json and exit.png (default: print only)")
     return parser.parse_args(argv)
+
+
+def _thresholds(text, flag: str, default=None):
+    """Comma-separated floats of ``flag``; 'none' is no thresholds, None the default."""
+    if text is None:
+        return default
+    if text.strip().lower() == "none":
+        return ()
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        cli.fail(f"{flag} {text}: expected comma-separated numbers, or 'none'")
 
 
 CONTEXT_HELP = """Context: each document is scored on its own. Its inputs (all tokens but the last) are
@@ -123,7 +167,8 @@ def main(argv=None):
     import megatron_mesh  # CPU shims before megatron.core
 
     megatron_mesh.compat.silence_known_megatron_warnings()  # its notes on absent kernels
-    {"lm-eval": lm_eval_main, "ppl": ppl_main, "depth": depth_main}[args.command](args)
+    {"lm-eval": lm_eval_main, "ppl": ppl_main, "depth": depth_main,
+     "exit": exit_main}[args.command](args)
 
 
 def lm_eval_main(args):
@@ -239,6 +284,49 @@ def depth_main(args):
         downstream.save(report, out / "depth.json")
         depth.plot(report, out / "depth.png")
         print(f"wrote {out / 'depth.json'} and {out / 'depth.png'}")
+
+
+def exit_main(args):
+    _check_inputs(args, [args.model], [args.data])
+    if args.max_steps is not None and args.max_steps < 1:
+        cli.fail(f"--max-steps {args.max_steps}: expected >= 1")
+    if args.generate_tokens < 0 or args.prompts < 1:
+        cli.fail("--generate-tokens must be >= 0 and --prompts >= 1")
+    kl = _thresholds(args.kl, "--kl")
+    entropy = _thresholds(args.entropy, "--entropy")
+    gate = _thresholds(args.gate, "--gate")
+    from megatron_mesh.data.documents import count_documents
+    from megatron_mesh.evaluation import downstream, exits, perplexity
+    from megatron_mesh.evaluation.names import model_name
+
+    progress = _progress(args)
+    progress.note(f"loading {args.model}")
+    model, tokenizer = exits.twin_model(args.model, _device(args), verify_hashes=not args.no_verify)
+    name = args.name or model_name(Path(args.model))
+    points = exits.default_points(model, args.max_steps, kl=exits.DEFAULT_KL if kl is None else kl,
+                                  entropy=entropy, gate=gate)
+    seq_length = perplexity.check_seq_length(args.seq_length, model.config.max_position_embeddings, name)
+    documents = list(itertools.islice(_documents(args, args.data, tokenizer), args.max_documents))
+    report = exits.frontier(model, documents, seq_length, points, max_steps=args.max_steps,
+                            batch_size=args.batch_size, max_documents=args.max_documents,
+                            source=args.data, progress=progress,
+                            total_documents=count_documents(args.data))
+    report["name"] = name
+    print(exits.table(report))
+    for line in exits.savings(report):
+        print(line)
+    if args.generate_tokens:
+        prompts = [inputs[:1] for inputs, _ in perplexity.window_batches(documents[:args.prompts],
+                                                                         seq_length, 1)][:args.prompts]
+        report["generation"] = exits.generation(model, prompts, points, args.generate_tokens,
+                                                args.max_steps)
+        print(exits.generation_table(report["generation"]))
+    if args.output:
+        out = Path(args.output)
+        out.mkdir(parents=True, exist_ok=True)
+        downstream.save(report, out / "exit.json")
+        exits.plot(report, out / "exit.png", title=f"{name}: loss vs test-time compute")
+        print(f"wrote {out / 'exit.json'} and {out / 'exit.png'}")
 
 
 if __name__ == "__main__":

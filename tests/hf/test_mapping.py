@@ -170,3 +170,29 @@ def test_an_unknown_activation_or_a_mistyped_field_is_named():
         model_section_from_hf({"model_type": "megatron_mesh", "rotary_pct": "0.5"})
     with pytest.raises(CheckpointError, match="buffer_slots=4.5: expected int, got float"):
         model_section_from_hf({"model_type": "megatron_mesh", "buffer_slots": 4.5})
+
+
+def test_exit_gates_export_to_the_twin(megatron_world):
+    """The twin's gates read what megatron's do (the final norm's output after t loop steps)
+    and have its weights: lambda(t) equal for every token and step."""
+    from megatron_mesh.hf.export import build_hf_model
+    from megatron_mesh.model.gpt import MeshGPTModel
+
+    cfg = tiny_config("1+1R3+1", "mesh", exit_gate=True)
+    torch.manual_seed(0)
+    ours = MeshGPTModel(cfg).eval()
+    with torch.no_grad():
+        for p in ours.decoder.exit_gate.parameters():
+            p.normal_(0.0, 0.5)
+    hf = build_hf_model(ours.state_dict(), cfg).eval()
+    tokens, positions = random_batch(cfg)
+    readouts = []
+    hook = ours.decoder.final_layernorm.register_forward_hook(lambda m, i, out: readouts.append(out))
+    with torch.no_grad():
+        for t in (1, 2):
+            ours(tokens, positions, num_loops=t)
+            z = hf.model(tokens, num_loops=t)[0]  # [b, s, h], the final norm's output
+            want = torch.sigmoid(ours.decoder.exit_gate.gates[t - 1](readouts[-1]).squeeze(-1)).t()
+            got = torch.sigmoid(hf.model.exit_gate.gates[t - 1](z).squeeze(-1))
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    hook.remove()

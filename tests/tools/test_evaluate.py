@@ -47,10 +47,14 @@ def files(tmp_path_factory):
     ckpt = save_release_checkpoint(build_model(config, {}, ("",), 0), checkpoint_args(config, tok),
                                    tmp / "ckpt")
     hf = export(str(ckpt), str(tmp / "hf"))
+    gated = MeshConfig.from_section({**SECTION, "layout": "1+1R3+1", "exit_gate": True})
+    gated_ckpt = save_release_checkpoint(build_model(gated, {}, ("",), 0),
+                                         checkpoint_args(gated, tok), tmp / "gated" / "ckpt")
     (tmp / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[30:33]))
     encoder = load_tokenizer(tok)
     write_indexed_dataset([encoder.encode(t) for t in texts[33:]], str(tmp / "docs"), 512)
-    return {"tmp": tmp, "ckpt": ckpt, "hf": hf, "jsonl": tmp / "docs.jsonl", "indexed": tmp / "docs"}
+    return {"tmp": tmp, "ckpt": ckpt, "hf": hf, "gated": gated_ckpt, "jsonl": tmp / "docs.jsonl",
+            "indexed": tmp / "docs"}
 
 
 def test_ppl_report(files):
@@ -108,6 +112,36 @@ def test_depth_report_and_figure(files):
     assert [row[0] for row in rows] == ["0", "1", "2 (K)"]
     assert rows[1][1:3] == [f"{report['rows'][1]['read_out_loss']:.4f}",
                             f"{report['rows'][1]['read_out_ppl']:.3f}"]
+
+
+def test_exit_frontier_report_and_figure(files):
+    """Fixed depths, KL exit and the learned gate of a gated checkpoint (run as the HF twin,
+    converted in memory): the fixed-K row is what megatron's own model scores (ppl)."""
+    out = files["tmp"] / "exit"
+    run = evaluate("exit", "--model", files["gated"], "--data", files["indexed"], "--seq-length", 32,
+                   "--kl", "1e-3,10", "--gate", "0.5", "--generate-tokens", 3, "--prompts", 2,
+                   "--output-dir", out)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads((out / "exit.json").read_text())
+    rows = {r["label"]: r for r in report["rows"]}
+    assert list(rows) == ["fixed 1", "fixed 2", "fixed 3", "kl 0.001", "kl 10", "gate 0.5"]
+    assert rows["kl 10"]["mean_steps"] == 2  # KL needs two steps; a huge threshold exits at once
+    assert 1 <= rows["gate 0.5"]["mean_steps"] <= 3
+    ppl = evaluate("ppl", "--model", files["gated"], "--data", files["indexed"], "--seq-length", 32,
+                   "--output", out / "ppl.json")
+    assert ppl.returncode == 0, ppl.stderr[-3000:]
+    megatron = json.loads((out / "ppl.json").read_text())["results"][0]
+    assert report["tokens"] == megatron["tokens"]
+    assert rows["fixed 3"]["mean_nll"] == pytest.approx(megatron["mean_nll"], rel=1e-5)
+    assert [g["label"] for g in report["generation"]] == list(rows)
+    assert all(g["tokens"] == 6 for g in report["generation"])
+    assert (out / "exit.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    header, _, *table = table_rows(run.stdout, "policy")
+    assert header == ["policy", "mean NLL", "ppl", "steps/token", "layers/token"]
+    assert [row[0] for row in table[:6]] == list(rows)
+    assert "steps saved" in run.stdout or "lower than every fixed depth" in run.stdout
+    plain = evaluate("exit", "--model", files["ckpt"], "--data", files["indexed"], "--gate", "0.5")
+    assert plain.returncode == 2 and "exit_gate" in plain.stderr, plain.stderr[-2000:]
 
 
 def test_bad_input(files):
