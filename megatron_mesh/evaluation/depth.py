@@ -30,7 +30,7 @@ from torch import Tensor
 
 from megatron_mesh.errors import ConfigError, DataError
 from megatron_mesh.evaluation.loading import LoadedModel
-from megatron_mesh.evaluation.perplexity import check_ids, expected_documents, window_batches
+from megatron_mesh.evaluation.perplexity import Counted, check_ids, expected_documents, window_batches
 from megatron_mesh.model.block import Recorded
 from megatron_mesh.progress import SILENT, Progress
 
@@ -114,7 +114,7 @@ def study(loaded: LoadedModel, documents: Iterable[List[int]], seq_length: int, 
     model = loaded.model
     device = model.output_layer.weight.device
     sums = {c: [0.0] * (T + 1) for c in CURVES}
-    tokens, docs = 0, _Counted(itertools.islice(documents, max_documents))
+    tokens, docs = 0, Counted(itertools.islice(documents, max_documents))
     progress.start(f"{loaded.name} on {Path(source).name}, t = 0..{T}",
                    expected_documents(total_documents, max_documents))
     for inputs, labels in window_batches(docs, seq_length, batch_size):
@@ -134,20 +134,6 @@ def study(loaded: LoadedModel, documents: Iterable[List[int]], seq_length: int, 
             "trained_loops": K, "max_loops": T, "data": str(source), "seq_length": seq_length,
             "tokens": tokens, "rows": rows}
 
-
-class _Counted:
-    """Iterates ``items``, counting how many it has handed out."""
-
-    def __init__(self, items: Iterable):
-        self.items, self.count = iter(items), 0
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        item = next(self.items)
-        self.count += 1
-        return item
 
 
 @contextlib.contextmanager

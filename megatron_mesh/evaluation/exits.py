@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from megatron_mesh.errors import ConfigError, DataError
-from megatron_mesh.evaluation.perplexity import check_ids, expected_documents, nll_sum, window_batches
+from megatron_mesh.evaluation.perplexity import Counted, check_ids, expected_documents, nll_sum, window_batches
 from megatron_mesh.progress import SILENT, Progress
 
 FORWARD_SEED = 0
@@ -133,7 +133,7 @@ def frontier(model, documents: Iterable[List[int]], seq_length: int, points: Seq
     """Mean NLL and mean loop steps per token of every point on ``documents``."""
     device = model.embed_out.weight.device
     nll, steps = [0.0] * len(points), [0.0] * len(points)
-    tokens, docs = 0, list(itertools.islice(documents, max_documents))
+    tokens, docs = 0, Counted(itertools.islice(documents, max_documents))
     progress.start(f"exits on {Path(source).name}, {len(points)} policies",
                    expected_documents(total_documents, max_documents))
     for inputs, labels in window_batches(docs, seq_length, batch_size):
@@ -144,17 +144,17 @@ def frontier(model, documents: Iterable[List[int]], seq_length: int, points: Seq
             nll[i] += nll_sum(logits, labels)
             steps[i] += used.double().sum().item()
         tokens += labels.numel()
-        progress.update(len(docs), tokens)
+        progress.update(docs.count, tokens)
     if not tokens:
         raise DataError(f"{source}: no document with at least 2 tokens to score")
-    progress.finish(len(docs), tokens)
+    progress.finish(docs.count, tokens)
     rows = []
     for point, total, spent in zip(points, nll, steps):
         mean_steps = spent / tokens
         rows.append({**asdict(point), "label": point.label, "mean_nll": total / tokens,
                      "perplexity": math.exp(total / tokens), "mean_steps": mean_steps,
                      "layer_applications": layer_applications(model, point, mean_steps)})
-    return {"data": str(source), "documents": len(docs), "tokens": tokens,
+    return {"data": str(source), "documents": docs.count, "tokens": tokens,
             "seq_length": seq_length, "trained_loops": model.model.loops, "rows": rows}
 
 

@@ -167,6 +167,21 @@ class Result:
                 "mean_nll": mean, "perplexity": math.exp(mean), "bits_per_token": mean / math.log(2)}
 
 
+class Counted:
+    """Iterates ``items``, counting how many it has handed out."""
+
+    def __init__(self, items: Iterable):
+        self.items, self.count = iter(items), 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        item = next(self.items)
+        self.count += 1
+        return item
+
+
 def check_ids(tokens: Tensor, vocab_size: int, source: str) -> None:
     """Token ids the model has no embedding for: the data was tokenized for another model."""
     top = int(tokens.max())
@@ -189,21 +204,17 @@ def evaluate(scorer: Scorer, documents: Iterable[List[int]], seq_length: int, *,
              total_documents: Optional[int] = None) -> Result:
     """Score ``documents`` (lists of token ids) with ``scorer`` in windows of ``seq_length``;
     ``progress`` hears of every batch (``total_documents``: how many ``documents`` holds)."""
-    result = Result()
-
-    def counted(docs: Iterable[List[int]]) -> Iterator[List[int]]:
-        for doc in itertools.islice(docs, max_documents):
-            result.documents += 1
-            yield doc
-
+    result, docs = Result(), Counted(itertools.islice(documents, max_documents))
     progress.start(f"{scorer.name} on {Path(source).name}",
                    expected_documents(total_documents, max_documents))
-    for inputs, labels in window_batches(counted(documents), seq_length, batch_size):
+    for inputs, labels in window_batches(docs, seq_length, batch_size):
         check_ids(torch.cat([inputs, labels[:, -1:]], 1), scorer.vocab_size, source)
         logits = scorer.logits(inputs.to(scorer.device))  # [b, s, V]
         result.nll += nll_sum(logits, labels.to(scorer.device))
         result.tokens += labels.numel()
+        result.documents = docs.count
         progress.update(result.documents, result.tokens)
+    result.documents = docs.count
     if not result.tokens:
         raise DataError(f"{source}: no document with at least 2 tokens to score")
     progress.finish(result.documents, result.tokens)
