@@ -51,13 +51,14 @@ def test_pythia_to_megatron_and_back_is_bit_identical(tmp_path, megatron_world):
         assert (ours(tokens, positions) - hf(tokens).logits).abs().max() < 1e-4
 
 
-def test_mesh_export_converts_back_to_the_same_tensors(tmp_path, megatron_world):
+@pytest.mark.parametrize("gates", [False, True], ids=["mesh", "mesh-exit-gates"])
+def test_mesh_export_converts_back_to_the_same_tensors(tmp_path, megatron_world, gates):
     from megatron_mesh.checkpoint.reader import load_checkpoint
     from megatron_mesh.hf.export import build_hf_model
     from megatron_mesh.hf.importer import hf_to_megatron
     from megatron_mesh.model.gpt import MeshGPTModel
 
-    config = tiny_config("1+2R2+1", "mesh")
+    config = tiny_config("1+2R2+1", "mesh", exit_gate=gates)
     torch.manual_seed(3)
     original = {k: v for k, v in MeshGPTModel(config).state_dict().items() if not k.endswith("_extra_state")}
     build_hf_model(original, config).save_pretrained(tmp_path / "hf")
