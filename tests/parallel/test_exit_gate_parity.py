@@ -14,7 +14,7 @@ optimizer. 'lm loss' is the expected loss over the exits; the log also carries '
 
 import pytest
 
-from batch import tiny_section
+from batch import release_checkpoint, tiny_section
 from test_parity import DISTOPT, SP, STEPS, TOLERANCE, assert_same_run, run
 
 pytestmark = pytest.mark.slow  # real subprocesses (torchrun, the tools): make test-fast skips them
@@ -26,14 +26,7 @@ REPORTS = ("exit step", "exit entropy", "exit objective", "lm loss at K")
 @pytest.fixture(scope="module")
 def start(tmp_path_factory, megatron_world):
     """A release checkpoint of a random tiny-cpu.yml MeSH model with exit gates."""
-    from megatron_mesh.checkpoint.reader import build_model
-    from megatron_mesh.checkpoint.writer import checkpoint_args, save_release_checkpoint
-    from megatron_mesh.config.model import MeshConfig
-
-    config = MeshConfig.from_section({**tiny_section("mesh"), **EXIT})
-    out = tmp_path_factory.mktemp("start-exit") / "ckpt"
-    save_release_checkpoint(build_model(config, {}, ("",), seed=5), checkpoint_args(config, None), out)
-    return "mesh", out
+    return "mesh", release_checkpoint(tmp_path_factory, "start-exit", {**tiny_section("mesh"), **EXIT})
 
 
 def exit_run(tmp_path, start, name, nproc=1, training="expected_loss", **settings):

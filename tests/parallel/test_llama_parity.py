@@ -32,7 +32,7 @@ rank silently computing in fp32.
 
 import pytest
 
-from batch import tiny_section
+from batch import release_checkpoint, tiny_section
 from test_parity import DISTOPT, TP2_PP2, assert_same_run, run
 
 pytestmark = pytest.mark.slow  # real subprocesses (torchrun, the tools): make test-fast skips them
@@ -45,14 +45,7 @@ LLAMA = {"layer_family": "llama", "num_query_groups": 2, "qk_layernorm": True,
 @pytest.fixture(scope="module")
 def start(tmp_path_factory, megatron_world):
     """A release checkpoint of a random looped Llama-style model (tiny-cpu.yml, mesh)."""
-    from megatron_mesh.checkpoint.reader import build_model
-    from megatron_mesh.checkpoint.writer import checkpoint_args, save_release_checkpoint
-    from megatron_mesh.config.model import MeshConfig
-
-    config = MeshConfig.from_section({**tiny_section("mesh"), **LLAMA})
-    out = tmp_path_factory.mktemp("start-llama") / "ckpt"
-    save_release_checkpoint(build_model(config, {}, ("",), seed=5), checkpoint_args(config, None), out)
-    return "mesh", out
+    return "mesh", release_checkpoint(tmp_path_factory, "start-llama", {**tiny_section("mesh"), **LLAMA})
 
 
 def llama_run(tmp_path, start, name, nproc=1, dtype="fp32", **settings):

@@ -38,7 +38,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from batch import tiny_section
+from batch import release_checkpoint, tiny_section
 from trainer import train
 
 pytestmark = pytest.mark.slow  # real subprocesses (torchrun, the tools): make test-fast skips them
@@ -49,14 +49,8 @@ STEPS = 3
 @pytest.fixture(scope="module", params=["mesh", "anchor"])
 def start(request, tmp_path_factory, megatron_world):
     """A release checkpoint of a random tiny-cpu.yml model with the given scheme."""
-    from megatron_mesh.checkpoint.reader import build_model
-    from megatron_mesh.checkpoint.writer import checkpoint_args, save_release_checkpoint
-    from megatron_mesh.config.model import MeshConfig
-
-    scheme, config = request.param, MeshConfig.from_section(tiny_section(request.param))
-    out = tmp_path_factory.mktemp(f"start-{scheme}") / "ckpt"
-    save_release_checkpoint(build_model(config, {}, ("",), seed=5), checkpoint_args(config, None), out)
-    return scheme, out
+    scheme = request.param
+    return scheme, release_checkpoint(tmp_path_factory, f"start-{scheme}", tiny_section(scheme))
 
 
 def scalars(tb_dir):

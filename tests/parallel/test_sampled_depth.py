@@ -20,7 +20,7 @@ import shutil
 
 import pytest
 
-from batch import tiny_section
+from batch import release_checkpoint, tiny_section
 from test_parity import DISTOPT, DISTOPT_PP, PP2_VP2, SP, assert_same_run, run
 
 pytestmark = pytest.mark.slow
@@ -36,14 +36,8 @@ PER_TOKEN = {**DEPTH, "model.loop_depth": "poisson", "model.loop_depth_per": "to
 @pytest.fixture(scope="module")
 def start(tmp_path_factory, megatron_world):
     """A release checkpoint of a tiny linear-injection (Huginn-style) model."""
-    from megatron_mesh.checkpoint.reader import build_model
-    from megatron_mesh.checkpoint.writer import checkpoint_args, save_release_checkpoint
-    from megatron_mesh.config.model import MeshConfig
-
-    config = MeshConfig.from_section(tiny_section("linear_injection"))
-    out = tmp_path_factory.mktemp("start-linear") / "ckpt"
-    save_release_checkpoint(build_model(config, {}, ("",), seed=5), checkpoint_args(config, None), out)
-    return "linear_injection", out
+    return "linear_injection", release_checkpoint(tmp_path_factory, "start-linear",
+                                                  tiny_section("linear_injection"))
 
 
 @pytest.fixture(scope="module")
@@ -148,14 +142,8 @@ PP2_VP2_STEPS = {"parallelism.pipeline": 2, "parallelism.virtual_pipeline": 2,
 @pytest.fixture(scope="module")
 def start_k4(megatron_world, tmp_path_factory):
     """The linear-injection model of ``start`` with a 4-step loop."""
-    from megatron_mesh.checkpoint.reader import build_model
-    from megatron_mesh.checkpoint.writer import checkpoint_args, save_release_checkpoint
-    from megatron_mesh.config.model import MeshConfig
-
-    config = MeshConfig.from_section(dict(tiny_section("linear_injection"), layout="1+2R4+1"))
-    out = tmp_path_factory.mktemp("start-linear-k4") / "ckpt"
-    save_release_checkpoint(build_model(config, {}, ("",), seed=5), checkpoint_args(config, None), out)
-    return "linear_injection", out
+    return "linear_injection", release_checkpoint(
+        tmp_path_factory, "start-linear-k4", dict(tiny_section("linear_injection"), layout="1+2R4+1"))
 
 
 def test_a_sampled_depth_under_virtual_pipelining_matches_single_process(start_k4, tmp_path):
