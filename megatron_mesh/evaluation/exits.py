@@ -130,9 +130,12 @@ def frontier(model, documents: Iterable[List[int]], seq_length: int, points: Seq
              max_steps: Optional[int] = None, batch_size: int = 8,
              max_documents: Optional[int] = None, source: str = "data",
              progress: Progress = SILENT, total_documents: Optional[int] = None) -> dict:
-    """Mean NLL and mean loop steps per token of every point on ``documents``."""
+    """Mean NLL and mean loop steps per token of every point on ``documents``, and how many
+    tokens ran 1, 2, .., T steps (``tokens_per_steps``)."""
     device = model.embed_out.weight.device
     nll, steps = [0.0] * len(points), [0.0] * len(points)
+    T = max_steps or model.model.loops
+    histograms = [torch.zeros(T + 1, dtype=torch.long) for _ in points]  # tokens per step count
     tokens, docs = 0, Counted(itertools.islice(documents, max_documents))
     progress.start(f"exits on {Path(source).name}, {len(points)} policies",
                    expected_documents(total_documents, max_documents))
@@ -143,17 +146,19 @@ def frontier(model, documents: Iterable[List[int]], seq_length: int, points: Seq
             logits, used = _forward(model, inputs, point, max_steps)
             nll[i] += nll_sum(logits, labels)
             steps[i] += used.double().sum().item()
+            histograms[i] += torch.bincount(used.flatten().cpu(), minlength=T + 1)[:T + 1]
         tokens += labels.numel()
         progress.update(docs.count, tokens)
     if not tokens:
         raise DataError(f"{source}: no document with at least 2 tokens to score")
     progress.finish(docs.count, tokens)
     rows = []
-    for point, total, spent in zip(points, nll, steps):
+    for point, total, spent, histogram in zip(points, nll, steps, histograms):
         mean_steps = spent / tokens
         rows.append({**asdict(point), "label": point.label, "mean_nll": total / tokens,
                      "perplexity": math.exp(total / tokens), "mean_steps": mean_steps,
-                     "layer_applications": layer_applications(model, point, mean_steps)})
+                     "layer_applications": layer_applications(model, point, mean_steps),
+                     "tokens_per_steps": histogram[1:].tolist()})
     return {"data": str(source), "documents": docs.count, "tokens": tokens,
             "seq_length": seq_length, "trained_loops": model.model.loops, "rows": rows}
 
@@ -207,11 +212,17 @@ def _decode(model, prompt: Tensor, point: Point, new_tokens: int, max_steps: Opt
 
 
 def table(report: dict) -> str:
-    """Policy | mean NLL | perplexity | steps/token | layer applications/token."""
-    header = ["policy", "mean NLL", "ppl", "steps/token", "layers/token"]
+    """Policy | mean NLL | perplexity | steps/token | layer applications/token | the percent of
+    tokens that ran 1, 2, .., T steps."""
+    header = ["policy", "mean NLL", "ppl", "steps/token", "layers/token", "% of tokens at 1..T steps"]
     rows = [[r["label"], f"{r['mean_nll']:.4f}", f"{r['perplexity']:.3f}", f"{r['mean_steps']:.3f}",
-             f"{r['layer_applications']:.2f}"] for r in report["rows"]]
+             f"{r['layer_applications']:.2f}", _percents(r["tokens_per_steps"])] for r in report["rows"]]
     return _grid(header, rows)
+
+
+def _percents(counts: List[int]) -> str:
+    total = sum(counts) or 1
+    return "/".join(f"{100 * n / total:.0f}" for n in counts)
 
 
 def generation_table(rows: List[dict]) -> str:

@@ -50,6 +50,11 @@ def test_fixed_depths_and_policies_that_always_or_never_fire():
     assert rows["entropy -1"]["mean_nll"] == pytest.approx(rows["fixed 3"]["mean_nll"], rel=1e-6)
     assert rows["entropy -1"]["mean_steps"] == 3
     assert 2 <= rows["kl 0.001"]["mean_steps"] <= 3  # KL compares two steps: none exits at 1
+    assert rows["fixed 3"]["tokens_per_steps"] == [0, 0, 29]
+    assert rows["entropy 1e+09"]["tokens_per_steps"] == [29, 0, 0]
+    kl = rows["kl 0.001"]
+    assert kl["tokens_per_steps"][0] == 0 and sum(kl["tokens_per_steps"]) == 29
+    assert sum(n * t for t, n in enumerate(kl["tokens_per_steps"], 1)) / 29 == pytest.approx(kl["mean_steps"])
     # 1 prelude + 3 steps x 1 core layer + the coda once, or once per step for a policy
     assert rows["fixed 3"]["layer_applications"] == 1 + 3 + 1
     assert rows["entropy -1"]["layer_applications"] == 1 + 3 + 3

@@ -137,7 +137,8 @@ def test_exit_frontier_report_and_figure(files):
     assert all(g["tokens"] == 6 for g in report["generation"])
     assert (out / "exit.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     header, _, *table = table_rows(run.stdout, "policy")
-    assert header == ["policy", "mean NLL", "ppl", "steps/token", "layers/token"]
+    assert header == ["policy", "mean NLL", "ppl", "steps/token", "layers/token", "% of tokens at 1..T steps"]
+    assert table[2][5] == "0/0/100"  # fixed 3
     assert [row[0] for row in table[:6]] == list(rows)
     assert "steps saved" in run.stdout or "lower than every fixed depth" in run.stdout
     plain = evaluate("exit", "--model", files["ckpt"], "--data", files["indexed"], "--gate", "0.5")
