@@ -63,3 +63,19 @@ def test_the_microbatch_counter_gives_each_rank_its_rows_of_the_global_batch(mon
     assert rows == [range(3, 6), range(9, 12), range(3, 6), range(9, 12)]
     assert counter.rows(5, 3, chunk=1) == range(3, 6)
     assert counter.rows(6, 3) == range(3, 6)
+
+
+def test_exit_loss_reports_masked_token_means():
+    """The exit objective trains; the log reports each exit quantity as a masked token mean."""
+    from megatron_mesh.recurrence.exit_gate import ExitLoss
+    from megatron_mesh.training.providers import exit_loss_func
+
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    exits = ExitLoss(objective=torch.tensor([[1.0, 3.0, 100.0]]), expected_loss=torch.tensor([[2.0, 4.0, 9.0]]),
+                     exit_step=torch.tensor([[1.0, 2.0, 9.0]]), entropy=torch.tensor([[0.5, 0.7, 9.0]]),
+                     final_loss=torch.tensor([[1.5, 3.5, 9.0]]))
+    loss, tokens, report = exit_loss_func(mask, exits, exits.objective)
+    assert loss.item() == 4.0 and tokens.item() == 2
+    means = {k: (v[0] / v[1]).item() for k, v in report.items()}
+    assert means == pytest.approx({"lm loss": 3.0, "exit objective": 2.0, "lm loss at K": 2.5,
+                                   "exit step": 1.5, "exit entropy": 0.6})
