@@ -94,6 +94,14 @@ def parse_args(argv=None):
     return args
 
 
+def training_loss(output):
+    """The mean token loss a training step backpropagates: the per-token loss [b, s], or with
+    exit gates (model.exit_gate) the exit objective of the ExitLoss."""
+    from megatron_mesh.recurrence.exit_gate import ExitLoss
+
+    return (output.objective if isinstance(output, ExitLoss) else output).mean()
+
+
 def saved_activation_bytes(model, tokens, positions, autocast=contextlib.nullcontext) -> int:
     """Bytes autograd keeps for backward after one forward (distinct storages, no parameters)."""
     import torch
@@ -109,7 +117,7 @@ def saved_activation_bytes(model, tokens, positions, autocast=contextlib.nullcon
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         with autocast():
-            loss = model(tokens, positions, labels=tokens).mean()
+            loss = training_loss(model(tokens, positions, labels=tokens))
     loss.backward()
     model.zero_grad(set_to_none=True)
     return sum(storages.values())
@@ -203,7 +211,7 @@ def time_steps(cfg, opt_settings, *, batch, seq, iters, warmup, device, autocast
     for i in range(warmup + iters):
         t0 = clock()
         with autocast():
-            loss = model(tokens, positions, labels=tokens).mean()
+            loss = training_loss(model(tokens, positions, labels=tokens))
         t1 = clock()
         loss.backward()
         t2 = clock()

@@ -47,7 +47,7 @@ ETA; --no-progress: none); stdout holds only the table and what was written.
 """
 
 import argparse
-import itertools
+import math
 from pathlib import Path
 
 from _bootstrap import cli
@@ -113,7 +113,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     exits.add_argument("--generate-tokens", type=int, default=0,
                        help="time greedy decoding of this many tokens per prompt (default 0: no timing)")
     exits.add_argument("--prompts", type=int, default=4,
-                       help="prompts for --generate-tokens: the first windows of the data (default 4)")
+                       help="prompts for --generate-tokens: the first documents of the data (default 4)")
+    exits.add_argument("--prompt-length", type=int, default=None,
+                       help="tokens of each prompt, at most the model's length less --generate-tokens "
+                            "(default 64, or less where the model is shorter)")
     cli.add_output(exits, "--output-dir", default=None,
                    help="directory for exit.json and exit.png (default: print only)")
     return parser.parse_args(argv)
@@ -126,9 +129,12 @@ def _thresholds(text, flag: str, default=None):
     if text.strip().lower() == "none":
         return ()
     try:
-        return tuple(float(v) for v in text.split(",") if v.strip())
+        values = tuple(float(v) for v in text.split(",") if v.strip())
     except ValueError:
+        values = (math.nan,)
+    if not values or any(math.isnan(v) for v in values):
         cli.fail(f"{flag} {text}: expected comma-separated numbers, or 'none'")
+    return values
 
 
 CONTEXT_HELP = """Context: each document is scored on its own. Its inputs (all tokens but the last) are
@@ -290,8 +296,8 @@ def exit_main(args):
     _check_inputs(args, [args.model], [args.data])
     if args.max_steps is not None and args.max_steps < 1:
         cli.fail(f"--max-steps {args.max_steps}: expected >= 1")
-    if args.generate_tokens < 0 or args.prompts < 1:
-        cli.fail("--generate-tokens must be >= 0 and --prompts >= 1")
+    if args.generate_tokens < 0 or args.prompts < 1 or (args.prompt_length or 1) < 1:
+        cli.fail("--generate-tokens must be >= 0, --prompts and --prompt-length >= 1")
     kl = _thresholds(args.kl, "--kl")
     entropy = _thresholds(args.entropy, "--entropy")
     gate = _thresholds(args.gate, "--gate")
@@ -305,19 +311,23 @@ def exit_main(args):
     name = args.name or model_name(Path(args.model))
     points = exits.default_points(model, args.max_steps, kl=exits.DEFAULT_KL if kl is None else kl,
                                   entropy=entropy, gate=gate)
-    seq_length = perplexity.check_seq_length(args.seq_length, model.config.max_position_embeddings, name)
-    documents = list(itertools.islice(_documents(args, args.data, tokenizer), args.max_documents))
-    report = exits.frontier(model, documents, seq_length, points, max_steps=args.max_steps,
-                            batch_size=args.batch_size, max_documents=args.max_documents,
-                            source=args.data, progress=progress,
+    exits.check_points(model, points, args.max_steps)
+    max_length = model.config.max_position_embeddings
+    seq_length = perplexity.check_seq_length(args.seq_length, max_length, name)
+    prompt_length = args.prompt_length or max(1, min(64, max_length - args.generate_tokens))
+    if args.generate_tokens and prompt_length + args.generate_tokens > max_length:
+        cli.fail(f"--prompt-length {prompt_length} + --generate-tokens {args.generate_tokens}: "
+                 f"expected at most the model's {max_length} positions")
+    report = exits.frontier(model, _documents(args, args.data, tokenizer), seq_length, points,
+                            max_steps=args.max_steps, batch_size=args.batch_size,
+                            max_documents=args.max_documents, source=args.data, progress=progress,
                             total_documents=count_documents(args.data))
     report["name"] = name
     print(exits.table(report))
     for line in exits.savings(report):
         print(line)
     if args.generate_tokens:
-        prompts = [inputs[:1] for inputs, _ in perplexity.window_batches(documents[:args.prompts],
-                                                                         seq_length, 1)][:args.prompts]
+        prompts = exits.prompts_of(_documents(args, args.data, tokenizer), args.prompts, prompt_length)
         report["generation"] = exits.generation(model, prompts, points, args.generate_tokens,
                                                 args.max_steps)
         print(exits.generation_table(report["generation"]))

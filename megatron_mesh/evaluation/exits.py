@@ -100,6 +100,19 @@ def default_points(model, max_steps: Optional[int] = None, kl: Sequence[float] =
     return points + [Point("gate", v) for v in gate]
 
 
+def check_points(model, points: Sequence[Point], max_steps: Optional[int]) -> None:
+    """ConfigError naming the first point the model cannot run (a depth past its loop's
+    limit, a threshold out of range), before anything is scored."""
+    for point in points:
+        try:
+            if point.kind == "fixed":
+                model.model.depth(num_loops=int(point.value))
+            else:
+                model.model.depth(exit_policy=_policy(point, max_steps))
+        except ValueError as err:
+            raise ConfigError(f"{point.label}: {err}") from None
+
+
 def _policy(point: Point, max_steps: Optional[int]):
     from megatron_mesh.hf.modeling_megatron_mesh import ExitPolicy
 
@@ -123,6 +136,12 @@ def layer_applications(model, point: Point, mean_steps: float) -> float:
     core = sum(len(c) for c in m.cores) / len(m.cores)
     codas = 1 if point.kind == "fixed" else mean_steps
     return len(m.prelude) + mean_steps * core + codas * len(m.coda)
+
+
+def output_layer_applications(point: Point, mean_steps: float) -> float:
+    """Output layers (h x V) per token: once, or for 'kl' and 'entropy' at most once more per
+    step (their criteria need the next-token distribution; the gate reads z(t) itself)."""
+    return 1 + mean_steps if point.kind in ("kl", "entropy") else 1
 
 
 @torch.no_grad()
@@ -158,6 +177,7 @@ def frontier(model, documents: Iterable[List[int]], seq_length: int, points: Seq
         rows.append({**asdict(point), "label": point.label, "mean_nll": total / tokens,
                      "perplexity": math.exp(total / tokens), "mean_steps": mean_steps,
                      "layer_applications": layer_applications(model, point, mean_steps),
+                     "output_layer_applications": output_layer_applications(point, mean_steps),
                      "tokens_per_steps": histogram[1:].tolist()})
     return {"data": str(source), "documents": docs.count, "tokens": tokens,
             "seq_length": seq_length, "trained_loops": model.model.loops, "rows": rows}
@@ -184,39 +204,65 @@ def savings(report: dict) -> List[str]:
 @torch.no_grad()
 def generation(model, prompts: List[Tensor], points: Sequence[Point], new_tokens: int,
                max_steps: Optional[int] = None) -> List[dict]:
-    """Greedy decoding with the per-step KV cache, one prompt at a time (batch 1): tokens/s
-    and mean loop steps of the generated tokens, per point."""
+    """Greedy decoding with the per-step KV cache, one prompt at a time (batch 1): tokens/s of
+    the decoding after each prompt's prefill (which is not timed) and mean loop steps of the
+    generated tokens, per point."""
+    if not prompts or new_tokens < 1:
+        raise DataError("generation needs at least one prompt and one new token")
     rows = []
     for point in points:
-        start, steps = time.perf_counter(), []
+        elapsed, steps = 0.0, []
         for prompt in prompts:
             torch.manual_seed(FORWARD_SEED)
-            steps += _decode(model, prompt, point, new_tokens, max_steps)
-        elapsed = time.perf_counter() - start
+            seconds, new = _decode(model, prompt, point, new_tokens, max_steps)
+            elapsed, steps = elapsed + seconds, steps + new
         rows.append({**asdict(point), "label": point.label, "tokens": len(steps),
                      "tokens_per_s": len(steps) / elapsed, "mean_steps": sum(steps) / len(steps)})
     return rows
 
 
-def _decode(model, prompt: Tensor, point: Point, new_tokens: int, max_steps: Optional[int]) -> List[int]:
-    """Greedy decode ``new_tokens`` after ``prompt`` [1, n]: the loop steps of each new token."""
+def _decode(model, prompt: Tensor, point: Point, new_tokens: int, max_steps: Optional[int]
+            ) -> Tuple[float, List[int]]:
+    """Greedy decode ``new_tokens`` after ``prompt`` [1, n]: (seconds the decoding took, the
+    loop steps of each new token)."""
     kwargs = ({"num_loops": int(point.value)} if point.kind == "fixed"
               else {"exit_policy": _policy(point, max_steps)})
     out = model(input_ids=prompt, use_cache=True, **kwargs)
-    steps = []
+    _synchronize(prompt.device)
+    start, steps = time.perf_counter(), []
     for _ in range(new_tokens):
         token = out.logits[:, -1:].argmax(-1)  # [1, 1]
         out = model(input_ids=token, past_key_values=out.past_key_values, use_cache=True, **kwargs)
         steps.append(int(point.value) if point.kind == "fixed" else int(out.exit_steps[0, -1]))
-    return steps
+    _synchronize(prompt.device)
+    return time.perf_counter() - start, steps
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def prompts_of(documents: Iterable[List[int]], count: int, length: int) -> List[Tensor]:
+    """The first ``length`` tokens of the first ``count`` documents with at least 2 tokens,
+    each [1, n]."""
+    out = []
+    for doc in documents:
+        if len(doc) >= 2:
+            out.append(torch.tensor([doc[:length]], dtype=torch.long))
+        if len(out) == count:
+            break
+    return out
 
 
 def table(report: dict) -> str:
-    """Policy | mean NLL | perplexity | steps/token | layer applications/token | the percent of
-    tokens that ran 1, 2, .., T steps."""
-    header = ["policy", "mean NLL", "ppl", "steps/token", "layers/token", "% of tokens at 1..T steps"]
+    """Policy | mean NLL | perplexity | steps/token | layer and output-layer applications per
+    token | the percent of tokens that ran 1, 2, .., T steps."""
+    header = ["policy", "mean NLL", "ppl", "steps/token", "layers/token", "output layers/token",
+              "% of tokens at 1..T steps"]
     rows = [[r["label"], f"{r['mean_nll']:.4f}", f"{r['perplexity']:.3f}", f"{r['mean_steps']:.3f}",
-             f"{r['layer_applications']:.2f}", _percents(r["tokens_per_steps"])] for r in report["rows"]]
+             f"{r['layer_applications']:.2f}", f"{r['output_layer_applications']:.2f}",
+             _percents(r["tokens_per_steps"])] for r in report["rows"]]
     return _grid(header, rows)
 
 

@@ -130,6 +130,9 @@ class MegatronMeshConfig(PretrainedConfig):
         if self.exit_policy is not None and not isinstance(self.exit_policy, dict):
             raise ValueError(f"exit_policy: expected a dict of ExitPolicy fields or None, "
                              f"got {type(self.exit_policy).__name__}")
+        if self.exit_policy is not None and "record" in self.exit_policy:
+            raise ValueError("exit_policy: 'record' is a list one call collects steps in, not a "
+                             "setting a config.json can hold: pass ExitPolicy(record=...) to the call")
         if self.exit_policy is not None and self.num_loops is not None:
             raise ValueError(f"num_loops={self.num_loops} and exit_policy={self.exit_policy}: set one "
                              f"(a fixed depth or an adaptive exit)")

@@ -19,8 +19,8 @@ every later attention reads its last computed K/V in each core and coda layer (H
 "latest" lookup); the loop stops once every token of the forward has exited. Two caches
 (ExitLayout): 'per_step', a slot per (step, layer) application, readouts included, where an
 exited token's later slots repeat its latest K/V, so a cached decode equals the full uncached
-forward; 'latest', fixed memory, one slot per layer overwritten by each step, where a new token
-sees the earlier ones at their final step (a forward reads its positions one at a time).
+forward; 'latest', fixed memory, one slot per layer holding each token's final K/V, where a new
+token sees the earlier ones at their final step (a forward reads its positions one at a time).
 """
 
 import math

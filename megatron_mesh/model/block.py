@@ -207,7 +207,7 @@ class RecursiveMeshTransformerBlock(MegatronModule):
                                                 eps=config.layernorm_epsilon)
             if config.exit_gate:  # reads the final norm's output after every loop step
                 with _param_device(config):
-                    self.exit_gate = ExitGate(config.hidden_size, layout.num_loops, config.init_method)
+                    self.exit_gate = ExitGate(config.hidden_size, layout.num_loops)
                 _mark_sequence_parallel(self.exit_gate, config.sequence_parallel)
 
     @property

@@ -123,12 +123,13 @@ def train_flops_per_token(cfg: MeshConfig, seq_length: int, draw: Optional[LoopD
 
 def _with_exit_readouts(cfg: MeshConfig, forward: float, readout: float) -> float:
     """Training FLOPs with exit gates: the readouts (coda, output layer) after loop steps
-    1..K-1 and the K-1 gates on top of ``forward``; 'gate_only' runs everything but the gates
-    forward only (the frozen model needs no backward pass)."""
+    1..K-1 and the K-1 gates on top of ``forward``; 'gate_only' runs everything forward only
+    and the gates' weight gradients (the frozen model needs no backward pass, the gates' inputs
+    no gradient)."""
     gates = 2 * cfg.hidden_size * (cfg.num_loops - 1)
     forward += (cfg.num_loops - 1) * readout + gates
     if cfg.exit_training == "gate_only":
-        return forward + 2 * gates
+        return forward + gates
     return 3 * forward
 
 

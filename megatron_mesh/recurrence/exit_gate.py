@@ -76,15 +76,16 @@ class ExitLoss:
 class ExitGate(nn.Module):
     """One Linear(h -> 1) per loop step but the last: gates[t - 1] reads z(t)."""
 
-    def __init__(self, hidden_size: int, loops: int, init_method):
+    def __init__(self, hidden_size: int, loops: int):
         super().__init__()
         if loops < 2:
             raise ValueError(f"an exit gate needs K >= 2 loop steps to choose from, got K={loops}")
         self.gates = nn.ModuleList(nn.Linear(hidden_size, 1) for _ in range(loops - 1))
         for t, gate in enumerate(self.gates, start=1):
-            init_method(gate.weight)
-            # lambda(t) = 1 / (K - t + 1) makes p uniform over the K steps: the prior stage I
-            # pulls towards, so training starts without a preference
+            # zero weights and lambda(t) = 1 / (K - t + 1): p is uniform over the K steps for
+            # every token, the prior stage I pulls towards, so training starts without a
+            # preference (random weights would add per-token noise of ~std * sqrt(h) to a(t))
+            nn.init.zeros_(gate.weight)
             nn.init.constant_(gate.bias, -math.log(loops - t))
 
     def forward(self, readouts: List[Tensor]) -> Tensor:  # K - 1 of [s, b, h] -> [K - 1, s, b]

@@ -102,9 +102,9 @@ def test_stage_two_targets_continue_where_the_next_step_helps():
 
 
 def test_gate_starts_uniform_and_refuses_one_step():
-    gate = ExitGate(8, 4, torch.nn.init.zeros_)
+    gate = ExitGate(8, 4)
     z = [torch.randn(3, 2, 8) for _ in range(3)]
     p = exit_log_probs(gate(z)).exp()  # [4, 3, 2]
     torch.testing.assert_close(p, torch.full_like(p, 0.25))
     with pytest.raises(ValueError, match="K >= 2"):
-        ExitGate(8, 1, torch.nn.init.zeros_)
+        ExitGate(8, 1)

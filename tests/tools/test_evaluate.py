@@ -137,12 +137,18 @@ def test_exit_frontier_report_and_figure(files):
     assert all(g["tokens"] == 6 for g in report["generation"])
     assert (out / "exit.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     header, _, *table = table_rows(run.stdout, "policy")
-    assert header == ["policy", "mean NLL", "ppl", "steps/token", "layers/token", "% of tokens at 1..T steps"]
-    assert table[2][5] == "0/0/100"  # fixed 3
+    assert header == ["policy", "mean NLL", "ppl", "steps/token", "layers/token", "output layers/token",
+                      "% of tokens at 1..T steps"]
+    assert table[2][6] == "0/0/100"  # fixed 3
     assert [row[0] for row in table[:6]] == list(rows)
     assert "steps saved" in run.stdout or "lower than every fixed depth" in run.stdout
     plain = evaluate("exit", "--model", files["ckpt"], "--data", files["indexed"], "--gate", "0.5")
     assert plain.returncode == 2 and "exit_gate" in plain.stderr, plain.stderr[-2000:]
+    for flags, message in [(("--max-steps", 4), "fixed 4: num_loops=4: expected 0..3"),
+                           (("--gate", "1.5"), "gate 1.5: ExitPolicy.threshold=1.5: expected 0..1"),
+                           (("--kl", "nan"), "--kl nan: expected comma-separated numbers")]:
+        bad = evaluate("exit", "--model", files["gated"], "--data", files["indexed"], *flags)
+        assert bad.returncode == 2 and f"error: {message}" in bad.stderr, bad.stderr[-2000:]
 
 
 def test_bad_input(files):
