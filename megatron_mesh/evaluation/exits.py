@@ -195,9 +195,10 @@ def savings(report: dict) -> List[str]:
                          f"steps/token, lower than every fixed depth")
             continue
         saved = 1 - row["mean_steps"] / match["mean_steps"]
+        verdict = f"{saved:.1%} fewer steps" if saved >= 0 else f"{-saved:.1%} more steps"
         lines.append(f"{row['label']}: loss {row['mean_nll']:.4f} at {row['mean_steps']:.2f} "
                      f"steps/token; {match['label']} (loss {match['mean_nll']:.4f}) is the "
-                     f"cheapest fixed depth as good: {saved:+.1%} steps saved")
+                     f"cheapest fixed depth as good: {verdict}")
     return lines
 
 

@@ -76,8 +76,11 @@ def test_savings_name_the_cheapest_fixed_depth_as_good():
         {"kind": "gate", "label": "gate 0.5", "mean_nll": 1.9, "mean_steps": 3.0},
     ]}
     lines = exits.savings(report)
-    assert lines[0].endswith("fixed 4 (loss 2.0000) is the cheapest fixed depth as good: +37.5% steps saved")
+    assert lines[0].endswith("fixed 4 (loss 2.0000) is the cheapest fixed depth as good: 37.5% fewer steps")
     assert lines[1].endswith("lower than every fixed depth")
+    report["rows"].append({"kind": "kl", "label": "kl 1", "mean_nll": 2.9, "mean_steps": 2.4})
+    assert exits.savings(report)[-1].endswith("fixed 2 (loss 2.5000) is the cheapest fixed depth as good: "
+                                              "20.0% more steps")
 
 
 def test_generation_reports_steps_and_speed():

@@ -141,7 +141,8 @@ def test_exit_frontier_report_and_figure(files):
                       "% of tokens at 1..T steps"]
     assert table[2][6] == "0/0/100"  # fixed 3
     assert [row[0] for row in table[:6]] == list(rows)
-    assert "steps saved" in run.stdout or "lower than every fixed depth" in run.stdout
+    verdicts = ("fewer steps", "more steps", "lower than every fixed depth")
+    assert sum(line.endswith(verdicts) for line in run.stdout.splitlines()) == 3  # kl x 2, gate
     plain = evaluate("exit", "--model", files["ckpt"], "--data", files["indexed"], "--gate", "0.5")
     assert plain.returncode == 2 and "exit_gate" in plain.stderr, plain.stderr[-2000:]
     for flags, message in [(("--max-steps", 4), "fixed 4: num_loops=4: expected 0..3"),
