@@ -31,7 +31,7 @@ final norm + output layer on h(t)) and the direct lens (final norm + output laye
 with the same windows as ppl. --output (or --output-dir) DIR writes depth.json and depth.png.
 
     python tools/evaluate.py exit --model M --data D [--kl 1e-3,1e-2] [--entropy 2,3] \
-        [--gate 0.5,0.9] [--max-steps T] [--generate-tokens 32 --prompts 4] [--output-dir DIR] ...
+        [--gate 0.5,0.9] [--max-steps T] [--generate-tokens 32 --prompts 4] [--output DIR] ...
 
 exit measures test-time compute: held-out loss against mean loop steps per token for fixed
 depths 1..T, per-token KL exit (default thresholds 1e-4..0.1), entropy exit (--entropy) and,
@@ -39,7 +39,7 @@ for models trained with exit gates, the learned gate (exit CDF thresholds, defau
 through the HF recursive model (an export, or a Megatron checkpoint converted in memory). It
 prints the table, the steps each policy saves against the cheapest fixed depth as good, and
 (--generate-tokens N) greedy decoding's tokens/s and steps per generated token at batch 1.
---output-dir DIR writes exit.json and exit.png.
+--output (or --output-dir) DIR writes exit.json and exit.png.
 
 Models are labelled with --name, else after their run (runs/demo/checkpoints: 'demo',
 runs/demo/hf: 'demo/hf'). ppl and depth print progress lines to stderr (documents done, tokens/s,
