@@ -31,6 +31,7 @@ from torch import Tensor
 from megatron_mesh.errors import ConfigError, DataError
 from megatron_mesh.evaluation.loading import LoadedModel
 from megatron_mesh.evaluation.perplexity import Counted, check_ids, expected_documents, window_batches
+from megatron_mesh.evaluation.tables import text_table
 from megatron_mesh.model.block import Recorded
 from megatron_mesh.progress import SILENT, Progress
 
@@ -155,10 +156,7 @@ def table(report: dict) -> str:
     rows = [[f"{r['t']}" + (" (K)" if r["t"] == report["trained_loops"] else ""),
              f"{r['read_out_loss']:.4f}", f"{r['read_out_ppl']:.3f}", f"{r['coda_lens_ppl']:.3f}",
              f"{r['direct_lens_ppl']:.3f}"] for r in report["rows"]]
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    lines = [" | ".join(v.ljust(w) for v, w in zip(row, widths)) for row in [header, *rows]]
-    lines.insert(1, "-|-".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return text_table(header, rows)
 
 
 CURVE_STYLES = {

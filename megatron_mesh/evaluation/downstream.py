@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 from megatron_mesh.errors import CheckpointError, ConfigError
+from megatron_mesh.evaluation.tables import text_table
 
 
 @dataclass(frozen=True)
@@ -109,10 +110,7 @@ def table(report: dict, name: Optional[str] = None) -> str:
     header = ["Model", "Variant", *labels, "Avg."]
     rows = [[name, f"{n}-shot", *(f"{100 * r['values'][k]:.2f}" for k in labels),
              f"{100 * r['average']:.2f}"] for n, r in report["shots"].items()]
-    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
-    lines = [" | ".join(str(v).ljust(w) for v, w in zip(row, widths)) for row in [header, *rows]]
-    lines.insert(1, "-|-".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return text_table(header, rows)
 
 
 def save(report: dict, path) -> None:

@@ -33,6 +33,7 @@ from torch import Tensor
 
 from megatron_mesh.errors import ConfigError, DataError
 from megatron_mesh.evaluation.perplexity import Counted, check_ids, expected_documents, nll_sum, window_batches
+from megatron_mesh.evaluation.tables import text_table
 from megatron_mesh.progress import SILENT, Progress
 
 FORWARD_SEED = 0
@@ -264,7 +265,7 @@ def table(report: dict) -> str:
     rows = [[r["label"], f"{r['mean_nll']:.4f}", f"{r['perplexity']:.3f}", f"{r['mean_steps']:.3f}",
              f"{r['layer_applications']:.2f}", f"{r['output_layer_applications']:.2f}",
              _percents(r["tokens_per_steps"])] for r in report["rows"]]
-    return _grid(header, rows)
+    return text_table(header, rows)
 
 
 def _percents(counts: List[int]) -> str:
@@ -273,16 +274,9 @@ def _percents(counts: List[int]) -> str:
 
 
 def generation_table(rows: List[dict]) -> str:
-    return _grid(["policy", "tokens", "tokens/s", "steps/token"],
+    return text_table(["policy", "tokens", "tokens/s", "steps/token"],
                  [[r["label"], str(r["tokens"]), f"{r['tokens_per_s']:.1f}", f"{r['mean_steps']:.3f}"]
                   for r in rows])
-
-
-def _grid(header: List[str], rows: List[List[str]]) -> str:
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    lines = [" | ".join(v.ljust(w) for v, w in zip(row, widths)) for row in [header, *rows]]
-    lines.insert(1, "-|-".join("-" * w for w in widths))
-    return "\n".join(lines)
 
 
 def plot(report: dict, path: Path, title: str = "") -> None:

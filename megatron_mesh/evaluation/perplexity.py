@@ -31,6 +31,7 @@ from torch import Tensor
 
 from megatron_mesh.errors import CheckpointError, ConfigError, DataError
 from megatron_mesh.evaluation.names import model_name
+from megatron_mesh.evaluation.tables import text_table
 from megatron_mesh.progress import SILENT, Progress
 
 Window = Tuple[List[int], List[int]]
@@ -229,7 +230,4 @@ def table(records: List[dict]) -> str:
     names = {r["model"]: r["name"] for r in records}
     header = ["model", *(Path(d).name for d in data)]
     rows = [[names[m], *(cell.get((m, d), "-") for d in data)] for m in models]
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    lines = [" | ".join(v.ljust(w) for v, w in zip(row, widths)) for row in [header, *rows]]
-    lines.insert(1, "-|-".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return text_table(header, rows)
