@@ -62,7 +62,7 @@ def twin_model(path, device: str = "cpu", verify_hashes: bool = True) -> Tuple[A
     """(the HF recursive model, ``MegatronMeshForCausalLM`` in fp32 and eval mode; its
     tokenizer, if it names one) of an export directory or, converted in memory, of a Megatron
     checkpoint (``verify_hashes``: against its manifest); ConfigError for a model without a loop."""
-    from megatron_mesh.evaluation.loading import is_megatron_checkpoint
+    from megatron_mesh.evaluation.loading import checkpoint_tokenizer, directory_tokenizer, is_megatron_checkpoint
     from megatron_mesh.hf.auto import load_causal_lm
     from megatron_mesh.hf.modeling_megatron_mesh import MegatronMeshForCausalLM
 
@@ -73,11 +73,9 @@ def twin_model(path, device: str = "cpu", verify_hashes: bool = True) -> Tuple[A
 
         state, common = load_checkpoint(str(path), verify_hashes=verify_hashes)
         args = common.get("args")
-        model = build_hf_model(state, saved_model_config(args))
-        tokenizer = getattr(args, "tokenizer_model", None)
+        model, tokenizer = build_hf_model(state, saved_model_config(args)), checkpoint_tokenizer(args)
     else:
-        model = load_causal_lm(path)
-        tokenizer = str(path.resolve()) if (path / "tokenizer.json").is_file() else None
+        model, tokenizer = load_causal_lm(path), directory_tokenizer(path)
     if not isinstance(model, MegatronMeshForCausalLM) or not model.model.loops:
         raise ConfigError(f"{path}: not a recursive model (its layout has no loop): exits need "
                           f"a layout such as 1+2R3+1")

@@ -68,6 +68,17 @@ def load_model(path, iteration: Optional[int] = None, device: str = "cpu",
     return LoadedModel(model, model_name(path), tokenizer)
 
 
+def directory_tokenizer(path: Path) -> Optional[str]:
+    """The tokenizer an HF model directory holds (its tokenizer.json), if it holds one."""
+    return str(path.resolve()) if (path / "tokenizer.json").is_file() else None
+
+
+def checkpoint_tokenizer(args) -> Optional[str]:
+    """The tokenizer a Megatron checkpoint's saved args name (a path or hub name); None for
+    e.g. NullTokenizer."""
+    return getattr(args, "tokenizer_model", None)
+
+
 def _check_device(device: str) -> None:
     """megatron-core puts rotary tables and its process group on the current CUDA device
     whenever CUDA exists, so a CPU run needs CUDA hidden and a GPU run its device current."""
@@ -86,8 +97,7 @@ def _from_megatron(path: Path, iteration: Optional[int], verify_hashes: bool):
     state, common = load_checkpoint(str(path), iteration, verify_hashes)
     args = common.get("args")
     config = saved_model_config(args)  # build_model checks every tensor's name and shape
-    tokenizer = getattr(args, "tokenizer_model", None)  # a path or hub name; None for e.g. NullTokenizer
-    return build_model(config, state), tokenizer
+    return build_model(config, state), checkpoint_tokenizer(args)
 
 
 def _from_hf(path: Path):
@@ -97,5 +107,4 @@ def _from_hf(path: Path):
     hf_config, hf_state = read_hf_directory(path)
     config = hf_model_config(path, hf_config)
     state = megatron_state_from_hf(hf_config, hf_state, config)
-    tokenizer = str(path.resolve()) if (path / "tokenizer.json").is_file() else None
-    return build_model(config, state), tokenizer
+    return build_model(config, state), directory_tokenizer(path)
