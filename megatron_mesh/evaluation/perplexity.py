@@ -96,7 +96,9 @@ def _hf_scorer(path: Path, device: str, name: Optional[str] = None,
     def logits(tokens: Tensor) -> Tensor:  # [b, s] -> [b, s, V]
         return model(input_ids=tokens, use_cache=False).logits
 
-    tokenizer = str(path.resolve()) if (path / "tokenizer.json").is_file() else None
+    from megatron_mesh.evaluation.loading import directory_tokenizer
+
+    tokenizer = directory_tokenizer(path)
     return Scorer(name or model_name(path), "hf", logits, model.config.max_position_embeddings,
                   model.config.vocab_size, tokenizer, device)
 
@@ -213,8 +215,7 @@ def evaluate(scorer: Scorer, documents: Iterable[List[int]], seq_length: int, *,
         logits = scorer.logits(inputs.to(scorer.device))  # [b, s, V]
         result.nll += nll_sum(logits, labels.to(scorer.device))
         result.tokens += labels.numel()
-        result.documents = docs.count
-        progress.update(result.documents, result.tokens)
+        progress.update(docs.count, result.tokens)
     result.documents = docs.count
     if not result.tokens:
         raise DataError(f"{source}: no document with at least 2 tokens to score")

@@ -104,7 +104,7 @@ class MeshGPTModel(LanguageModule):
     def _train_exit_gates_only(self) -> None:
         """Ouro's stage II: the language model frozen (megatron's DDP and optimizer leave out
         parameters without requires_grad), the exit gates trained alone."""
-        gates = {id(p) for p in self.decoder.exit_gate.parameters()} if self.decoder.exit_gate else set()
+        gates = {id(p) for p in self.decoder.exit_gate.parameters()}  # no pipeline: always built
         for param in self.parameters():
             param.requires_grad_(id(param) in gates)
 
