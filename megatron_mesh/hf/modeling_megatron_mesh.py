@@ -762,8 +762,7 @@ class MegatronMeshModel(MegatronMeshPreTrainedModel):
                                   output_hidden_states)
         b, s = input_ids.shape
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
-        if position_ids is None:
-            position_ids = torch.arange(past, past + s, device=input_ids.device).expand(b, s)
+        position_ids = self._positions(position_ids, input_ids, past)
         cos, sin = self.rotary(position_ids)
         mask = self._mask(attention_mask, b, s, past, input_ids.device)
         ctx = (cos, sin, mask, past_key_values if use_cache else None)
@@ -804,8 +803,7 @@ class MegatronMeshModel(MegatronMeshPreTrainedModel):
         cache = DynamicCache() if cache is None else cache
         b, s = input_ids.shape
         past = cache.get_seq_length()
-        if position_ids is None:
-            position_ids = torch.arange(past, past + s, device=input_ids.device).expand(b, s)
+        position_ids = self._positions(position_ids, input_ids, past)
         runs = [self._exit_forward(input_ids[:, i:i + 1],
                                    None if attention_mask is None else attention_mask[:, :past + i + 1],
                                    position_ids[:, i:i + 1], cache, policy, layout, lm_head, want_states)
@@ -819,8 +817,7 @@ class MegatronMeshModel(MegatronMeshPreTrainedModel):
         """Prelude, then loop steps with a readout after each until every token has exited."""
         b, s = input_ids.shape
         past = cache.get_seq_length() if cache is not None else 0
-        if position_ids is None:
-            position_ids = torch.arange(past, past + s, device=input_ids.device).expand(b, s)
+        position_ids = self._positions(position_ids, input_ids, past)
         cos, sin = self.rotary(position_ids)
         kv = ExitKV(cache, layout)
         ctx = (cos, sin, self._mask(attention_mask, b, s, past, input_ids.device), kv)
@@ -874,6 +871,14 @@ class MegatronMeshModel(MegatronMeshPreTrainedModel):
         for index, layer in enumerate(layers):
             h = layer(h, *ctx, (kind, index))
         return h
+
+    @staticmethod
+    def _positions(position_ids, input_ids, past: int):
+        """The given position_ids, else past .. past + s - 1 for every row: [b, s]."""
+        if position_ids is not None:
+            return position_ids
+        b, s = input_ids.shape
+        return torch.arange(past, past + s, device=input_ids.device).expand(b, s)
 
     @staticmethod
     def _mask(attention_mask, b, s, past, device):
